@@ -1,0 +1,34 @@
+"""Converters, one module per format, each `convert(source, step, dest) -> Artifact`.
+
+They are imported only when used, so a missing optional backend fails with the extra to install.
+"""
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeport.errors import EdgeportError
+
+# format -> (module, the pip extra that brings its backend)
+CONVERTERS = {"mlx": ("edgeport.convert.mlx", "mlx")}
+
+
+@dataclass
+class Artifact:
+    format: str
+    quantization: str
+    path: Path  # the folder the converter wrote
+    engine: str  # the library that made it, with its version
+    details: dict = field(default_factory=dict)
+
+
+def converter(fmt: str):
+    """The converter module for `fmt`, or a clear error naming the extra its backend comes with."""
+    if fmt not in CONVERTERS:
+        raise EdgeportError(f"no converter for {fmt} in this version of edgeport (available: {', '.join(CONVERTERS)})")
+    module, extra = CONVERTERS[fmt]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise EdgeportError(f"the {fmt} converter needs its backend ({e.name} is missing): "
+                            f"pip install 'edgeport[{extra}]'") from e

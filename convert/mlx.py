@@ -1,0 +1,42 @@
+"""Causal LM -> MLX through mlx-lm's own convert: float, affine 8/6/5/4/3/2-bit, or a mixed recipe."""
+
+import contextlib
+import io
+from pathlib import Path
+
+import mlx_lm
+
+from edgeport import quantization
+from edgeport.convert import Artifact
+from edgeport.errors import EdgeportError
+from edgeport.plan import Step
+from edgeport.source import Source
+
+
+def convert(source: Source, step: Step, dest: Path) -> Artifact:
+    """Write `source` as an MLX model folder at `dest` (which must not exist), loadable by `mlx_lm.load`."""
+    if source.family != "causal-lm":
+        raise EdgeportError(f"{source.ref}: the MLX converter handles causal LMs, not {source.model_type}")
+    quant = quantization.get(step.quantization, "mlx")
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # mlx-lm prints its progress; we keep it for the record
+            mlx_lm.convert(
+                str(source.path),
+                str(dest),
+                quantize=not quant.is_float,
+                q_bits=quant.bits,
+                q_group_size=quant.group_size,
+                dtype=quant.dtype,
+                quant_predicate=quant.recipe,
+                trust_remote_code=source.trust_remote_code,
+            )
+    except (ValueError, KeyError) as e:
+        raise EdgeportError(f"{source.ref}: mlx-lm could not convert it to {quant.name} ({e})") from e
+    return Artifact(
+        format="mlx",
+        quantization=quant.name,
+        path=dest,
+        engine=f"mlx-lm {mlx_lm.__version__}",
+        details={"mlx_lm_log": log.getvalue().strip().splitlines()},
+    )

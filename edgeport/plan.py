@@ -1,0 +1,204 @@
+"""Source x Target -> Plan: what to build for a device, and what it will cost there.
+
+Every prediction is one formula in this module (the README's "How the plan predicts" spells them out):
+- weight bytes  = matrix weights x bits per weight / 8 + norms in fp16
+- KV bytes      = 2 (K and V) x layers x KV heads x head dim x 2 bytes x the target's context length
+- peak memory   = weights + KV cache + one prefill chunk of activations (fp32 logits dominate)
+- decode tok/s  = memory bandwidth / bytes read per token (active weights + KV cache of the prompt): a roofline
+- prefill tok/s = unit throughput / (2 x active parameters): a compute roofline
+- TTFT          = budget prompt length / prefill tok/s
+Mixture-of-experts models hold every expert in memory but read only the routed ones per token.
+"""
+
+from dataclasses import asdict, dataclass
+
+from edgeport import quantization
+from edgeport.errors import EdgeportError
+from edgeport.source import Source
+from edgeport.targets import Target
+
+KV_BYTES_PER_VALUE = 2  # fp16 KV cache
+NORM_BYTES_PER_VALUE = 2
+PREFILL_CHUNK = 512  # tokens whose activations are alive at once during prefill
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int  # every weight
+    active_params: int  # weights used per decoded token (MoE: only the routed experts)
+    matrix_params: int  # weights in matrices (embeddings, projections, experts): what gets quantized
+    active_matrix_params: int
+    high_share: float  # share of matrix weights a mixed-precision recipe keeps at its high bits
+    kv_bytes_per_token: int
+    activation_bytes_per_token: int
+
+
+@dataclass
+class Step:
+    format: str
+    quantization: str
+    unit: str
+    weight_bytes: int
+    kv_bytes: int
+    peak_bytes: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    fits: bool
+    verdict: str  # why it fits or does not, in words
+    largest_fitting: str | None  # the largest quantization of this format that fits
+
+
+@dataclass
+class Plan:
+    source: str
+    model_type: str
+    params: int
+    active_params: int
+    target: str
+    ram_gb: float
+    usable_ram_gb: float
+    bandwidth_gbs: float
+    context_length: int
+    prompt_tokens: int
+    steps: list[Step]
+
+    @property
+    def fits(self) -> bool:
+        return any(step.fits for step in self.steps)
+
+    def step(self, fmt: str) -> Step:
+        return next(s for s in self.steps if s.format == fmt)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return cls(**{**data, "steps": [Step(**s) for s in data["steps"]]})
+
+
+def make_plan(
+    source: Source, target: Target, formats: list[str] | None = None, quant: str | None = None
+) -> Plan:
+    """Plan `source` for `target`: the target's formats (or `formats`), each at its preferred quantization
+    (or `quant` wherever that quantization exists)."""
+    if source.family != "causal-lm":
+        raise EdgeportError(f"{source.ref}: planning {source.model_type} models is not supported yet; only causal LMs")
+    size = model_size(source.text_config)
+    preferences = [f for f in target.formats if formats is None or f.name in formats]
+    if not preferences:
+        offered = ", ".join(f.name for f in target.formats)
+        raise EdgeportError(f"--formats {','.join(formats or [])}: {target.name} runs {offered}")
+    quant_formats = quantization.QUANTIZATIONS[quant].formats if quant in quantization.QUANTIZATIONS else ()
+    if quant and not any(pref.name in quant_formats for pref in preferences):
+        valid = sorted({q.name for q in quantization.QUANTIZATIONS.values() for p in preferences if p.name in q.formats})
+        raise EdgeportError(f"--quant {quant}: not available for {', '.join(p.name for p in preferences)}; "
+                            f"choose one of: {', '.join(valid)}")
+    steps = [
+        _step(size, target, pref.name, quant if pref.name in quant_formats else pref.quantization, pref.unit)
+        for pref in preferences
+    ]
+    return Plan(
+        source=source.ref,
+        model_type=source.model_type,
+        params=size.params,
+        active_params=size.active_params,
+        target=target.name,
+        ram_gb=target.ram_gb,
+        usable_ram_gb=round(target.usable_ram_gb, 2),
+        bandwidth_gbs=target.bandwidth_gbs,
+        context_length=target.context_length,
+        prompt_tokens=target.budget.prompt_tokens,
+        steps=steps,
+    )
+
+
+def model_size(config: dict) -> ModelSize:
+    """Parameter counts from a transformers config alone (no weights needed)."""
+    try:
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        heads, vocab = config["num_attention_heads"], config["vocab_size"]
+    except KeyError as e:
+        raise EdgeportError(f"config.json lacks {e.args[0]}, which the plan needs") from e
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    intermediate = config.get("intermediate_size", 0)
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    if experts:
+        expert_intermediate = config.get("moe_intermediate_size") or intermediate
+        routed = config["num_experts_per_tok"]
+        shared = 3 * hidden * config.get("shared_expert_intermediate_size", 0)
+        router = hidden * experts
+        mlp = experts * 3 * hidden * expert_intermediate + router + shared
+        active_mlp = routed * 3 * hidden * expert_intermediate + router + shared
+        down = experts * hidden * expert_intermediate
+        active_intermediate = routed * expert_intermediate
+    else:
+        mlp = active_mlp = 3 * hidden * intermediate
+        down, active_intermediate = hidden * intermediate, intermediate
+    embedding = vocab * hidden
+    lm_head = 0 if config.get("tie_word_embeddings", False) else vocab * hidden
+    norms = (2 * layers + 1) * hidden
+    matrix = embedding + lm_head + layers * (attention + mlp)
+    # Decoding reads the output projection in full (the embedding itself when tied) but one embedding row.
+    active_matrix = (lm_head or embedding) + layers * (attention + active_mlp)
+    # mlx-lm's mixed recipes raise v_proj and down_proj in these layers, and an untied lm_head.
+    upgraded = sum(1 for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2)
+    high = upgraded * (hidden * kv_heads * head_dim + down) + lm_head
+    return ModelSize(
+        params=matrix + norms,
+        active_params=active_matrix + norms,
+        matrix_params=matrix,
+        active_matrix_params=active_matrix,
+        high_share=high / matrix,
+        kv_bytes_per_token=2 * layers * kv_heads * head_dim * KV_BYTES_PER_VALUE,
+        activation_bytes_per_token=(vocab + 4 * hidden + 2 * active_intermediate) * 4,
+    )
+
+
+def _step(size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
+    quant = quantization.get(quant_name, fmt)
+    weight_bytes, kv_bytes, peak_bytes = _memory(size, target, quant)
+    bits = quant.bits_per_weight(size.high_share)
+    bytes_per_token = size.active_matrix_params * bits / 8 + size.kv_bytes_per_token * target.budget.prompt_tokens
+    decode_tps = target.bandwidth_gbs * GB / bytes_per_token
+    prefill_tps = target.tflops[unit] * 1e12 / (2 * size.active_params)
+    usable = target.usable_ram_gb * GB
+    fits = peak_bytes <= usable
+    largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, target, quantization.get(q, fmt))[2] <= usable),
+                   None)
+    return Step(
+        format=fmt,
+        quantization=quant_name,
+        unit=unit,
+        weight_bytes=weight_bytes,
+        kv_bytes=kv_bytes,
+        peak_bytes=peak_bytes,
+        prefill_tps=round(prefill_tps, 1),
+        decode_tps=round(decode_tps, 1),
+        ttft_s=round(target.budget.prompt_tokens / prefill_tps, 3),
+        fits=fits,
+        verdict=_verdict(fits, peak_bytes, decode_tps, target, largest),
+        largest_fitting=largest,
+    )
+
+
+def _memory(size: ModelSize, target: Target, quant: quantization.Quantization) -> tuple[int, int, int]:
+    norms = size.params - size.matrix_params
+    weights = int(size.matrix_params * quant.bits_per_weight(size.high_share) / 8 + norms * NORM_BYTES_PER_VALUE)
+    kv = size.kv_bytes_per_token * target.context_length
+    activations = size.activation_bytes_per_token * min(PREFILL_CHUNK, target.context_length)
+    return weights, kv, weights + kv + activations
+
+
+def _verdict(fits: bool, peak: int, decode_tps: float, target: Target, largest: str | None) -> str:
+    room = f"{peak / GB:.2f} GB of the {target.usable_ram_gb:.1f} GB an app may use on {target.ram_gb:g} GB"
+    if not fits:
+        fallback = f"; {largest} would fit" if largest else "; no quantization of this format fits"
+        return f"does not fit: needs {room}{fallback}"
+    slow = target.budget.decode_tps and decode_tps < target.budget.decode_tps
+    speed = f", but decode ≤ {decode_tps:.0f} tok/s misses the {target.budget.decode_tps:g} tok/s budget" if slow else ""
+    return f"fits: {room}{speed}"

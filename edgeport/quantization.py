@@ -1,0 +1,69 @@
+"""Every quantization edgeport knows, for which formats, and what it costs in bits per weight."""
+
+from dataclasses import dataclass
+
+from edgeport.errors import EdgeportError
+
+
+@dataclass(frozen=True)
+class Quantization:
+    name: str
+    formats: tuple[str, ...]
+    bits: int | None  # weight bits; None keeps weights in `dtype`
+    group_size: int | None = None  # weights sharing one scale; None: one scale per output channel
+    dtype: str = "float16"  # the float type of everything not quantized
+    recipe: str | None = None  # an mlx-lm mixed-precision recipe: `bits` for most weights, `high_bits` for some
+    high_bits: int | None = None
+    scale_bits: int = 16  # bits of scale (and bias, for MLX affine) stored per group
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits is None
+
+    def bits_per_weight(self, high_share: float = 0.0) -> float:
+        """Average stored bits per matrix weight; `high_share` is the share a mixed recipe keeps at high_bits."""
+        if self.bits is None:
+            return 16.0 if self.dtype in ("float16", "bfloat16") else 32.0
+        bits = self.bits + (self.high_bits - self.bits) * high_share if self.high_bits else self.bits
+        return bits + (self.scale_bits / self.group_size if self.group_size else 0.0)
+
+
+def _mlx(bits: int) -> Quantization:
+    # mlx-lm affine quantization: a float16 scale and bias per group of 64
+    return Quantization(f"q{bits}", ("mlx",), bits, group_size=64, scale_bits=32)
+
+
+def _mixed(low: int, high: int) -> Quantization:
+    name = f"mixed_{low}_{high}"
+    return Quantization(name, ("mlx",), low, group_size=64, recipe=name, high_bits=high, scale_bits=32)
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q
+    for q in (
+        Quantization("fp16", ("mlx", "coreml", "onnx"), None),
+        Quantization("bf16", ("mlx",), None, dtype="bfloat16"),
+        *(_mlx(bits) for bits in (8, 6, 5, 4, 3, 2)),
+        *(_mixed(low, high) for low, high in ((4, 6), (3, 6), (3, 4), (2, 6))),
+        Quantization("int8-channel", ("coreml",), 8),
+        Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
+        Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
+        Quantization("w8a16", ("onnx",), 8),
+        Quantization("w4a16", ("onnx",), 4),
+    )
+}
+
+# For "the largest quantization that fits": each format's choices from most to fewest bits.
+LADDERS: dict[str, tuple[str, ...]] = {
+    "mlx": ("fp16", "q8", "q6", "q5", "q4", "q3", "q2"),
+    "coreml": ("fp16", "int8-channel", "int4-block32"),
+    "onnx": ("fp16", "w8a16", "w4a16"),
+}
+
+
+def get(name: str, fmt: str) -> Quantization:
+    quant = QUANTIZATIONS.get(name)
+    if quant is None or fmt not in quant.formats:
+        valid = ", ".join(q.name for q in QUANTIZATIONS.values() if fmt in q.formats)
+        raise EdgeportError(f"quantization '{name}' is not available for {fmt}; choose one of: {valid}")
+    return quant

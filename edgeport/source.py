@@ -1,0 +1,278 @@
+"""Open a model source — a Hugging Face folder or hub id, or a GGUF file — as a `Source` in HF layout.
+
+Weights are only ever read from safetensors (checked for truncation first) or GGUF (read by the `gguf`
+package through transformers). Pickle checkpoints are refused unless the user passes --allow-pickle, and
+even then they are read with `torch.load(weights_only=True)` and rewritten as safetensors once.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeport.errors import EdgeportError
+from edgeport.staging import cache_dir, staged_folder
+
+# Causal LM architectures that mlx-lm converts and transformers runs as the parity reference.
+CAUSAL_LM_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "llama",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+)
+WHISPER_TYPES = ("whisper",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+@dataclass
+class Source:
+    """A model in Hugging Face layout, and where it came from."""
+
+    ref: str  # what the user named
+    kind: str  # "hf-folder" | "hf-hub" | "gguf"
+    config: dict
+    path: Path | None = None  # the HF-layout folder; None when opened for its config only
+    revision: str | None = None
+    origin_files: list[Path] = field(default_factory=list)  # the user's weight files, hashed in the manifest
+    trust_remote_code: bool = False
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def family(self) -> str:
+        return "whisper" if self.model_type in WHISPER_TYPES else "causal-lm"
+
+    @property
+    def text_config(self) -> dict:
+        """The language model's own config (multimodal configs nest it under text_config)."""
+        return self.config.get("text_config", self.config)
+
+    @property
+    def name(self) -> str:
+        stem = Path(self.ref.rstrip("/")).name
+        return stem.split(".")[0] if self.kind == "gguf" else stem
+
+    def origin_sha256(self) -> dict[str, str]:
+        return {f.name: sha256_file(f) for f in self.origin_files}
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+
+    def load_reference(self):
+        """The source model in transformers on the CPU in float32: the parity reference."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=self.trust_remote_code
+        )
+        return model.eval()
+
+
+def open_source(
+    ref: str,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    config_only: bool = False,
+) -> Source:
+    """Open `ref` (folder, .gguf file or hub id). With `config_only`, read nothing but the config."""
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        source = _open_gguf(path, config_only)
+    elif path.is_dir():
+        source = _open_folder(path, allow_pickle, config_only)
+    elif path.exists():
+        raise EdgeportError(f"{ref}: not a model folder or a .gguf file")
+    elif HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        source = _open_hub(ref, revision, allow_pickle, config_only)
+    else:
+        raise EdgeportError(f"{ref}: no such file or folder (give a model folder, a .gguf file or a hub id org/name)")
+    source.trust_remote_code = trust_remote_code
+    _check_architecture(source)
+    return source
+
+
+def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str = "hf-folder") -> Source:
+    config = read_config(folder)
+    source = Source(ref=str(folder), kind=kind, config=config, path=folder)
+    if config_only:
+        return source
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if safetensors:
+        for f in safetensors:
+            check_safetensors(f)
+        source.origin_files = safetensors
+        return source
+    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise EdgeportError(f"{folder}: no weights found (expected *.safetensors next to config.json)")
+    if not allow_pickle:
+        raise EdgeportError(
+            f"{folder}: only pickle weights ({pickles[0].name}); pickle can run code when loaded, so it is "
+            "refused. Convert it to safetensors, or pass --allow-pickle if you trust its author"
+        )
+    source.origin_files = pickles
+    source.path = _pickle_to_safetensors(folder, pickles)
+    return source
+
+
+def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_only: bool) -> Source:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        if config_only:
+            config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+            return Source(ref=repo_id, kind="hf-hub", config=read_config(config_file.parent))
+        patterns = HUB_PATTERNS + ([f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise EdgeportError(
+            f"{repo_id}: could not get it from the Hugging Face Hub or its local cache "
+            f"({type(e).__name__}); check the id and --revision, or pass a local folder"
+        ) from e
+    source = _open_folder(folder, allow_pickle, config_only=False, kind="hf-hub")
+    source.ref, source.revision = repo_id, folder.name  # the snapshot folder is named by its commit
+    return source
+
+
+def _open_gguf(file: Path, config_only: bool) -> Source:
+    config = _gguf_config(file)
+    source = Source(ref=str(file), kind="gguf", config=config, origin_files=[file])
+    if config_only:
+        return source
+    source.path = _gguf_to_hf(file)
+    return source
+
+
+def _gguf_config(file: Path) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise EdgeportError(f"{file}: cannot read this GGUF file ({e})") from e
+    return with_rope_theta(config.to_dict())
+
+
+def _gguf_to_hf(file: Path) -> Path:
+    """Dequantize a GGUF model to float16 safetensors in HF layout, once; later runs reuse the cache."""
+    folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_folder(folder, force=True) as staging:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+            loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float16)
+        except (ValueError, KeyError, OSError) as e:
+            raise EdgeportError(f"{file}: cannot load this GGUF model ({e})") from e
+        # transformers refuses to save a model loaded from GGUF, so its weights move into a fresh one.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float16)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config = with_rope_theta(read_config(staging))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def with_rope_theta(config: dict) -> dict:
+    """transformers 5 writes rope_parameters; mlx-lm and older readers want a top-level rope_theta."""
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config = {**config, "rope_theta": rope["rope_theta"]}
+    return config
+
+
+def _pickle_to_safetensors(folder: Path, pickles: list[Path]) -> Path:
+    """Rewrite trusted pickle weights as safetensors beside a copy of the folder's other files."""
+    import torch
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256("".join(sha256_file(f) for f in pickles).encode()).hexdigest()[:16]
+    out = cache_dir() / "pickle" / f"{folder.name}-{digest}"
+    if (out / "model.safetensors").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out, force=True) as staging:
+        tensors = {}
+        for f in pickles:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            tensors.update({k: v.contiguous().clone() for k, v in state.items()})
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix not in PICKLE_SUFFIXES and not f.name.endswith(".index.json"):
+                shutil.copy2(f, staging / f.name)
+    return out
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise EdgeportError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeportError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise EdgeportError(f"{file}: has no model_type, so the architecture is unknown")
+    return config
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file whose header or data does not fit in the file (truncated, padded, corrupt)."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise EdgeportError(f"{file}: not a valid safetensors file (bad header length); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+            spans = [t["data_offsets"] for k, t in header.items() if k != "__metadata__"]
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise EdgeportError(f"{file}: not a valid safetensors file (bad header); re-download it") from e
+    data_len = size - 8 - header_len
+    end = max((stop for _, stop in spans), default=0)
+    if end != data_len or any(not 0 <= start <= stop for start, stop in spans):
+        raise EdgeportError(
+            f"{file}: truncated or corrupt (header says {end} bytes of tensors, file holds {data_len}); re-download it"
+        )
+
+
+def sha256_file(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_architecture(source: Source) -> None:
+    model_type = source.model_type
+    if model_type in CAUSAL_LM_TYPES or model_type in WHISPER_TYPES:
+        return
+    supported = ", ".join(CAUSAL_LM_TYPES + WHISPER_TYPES)
+    raise EdgeportError(f"{source.ref}: architecture '{model_type}' is not supported; supported: {supported}")

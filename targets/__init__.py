@@ -1,0 +1,215 @@
+"""Target devices: one TOML file each beside this module, validated on load.
+
+`host` is this machine: its RAM and cores are read, its memory bandwidth and matmul throughput are
+measured once and cached.
+"""
+
+import difflib
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+from edgeport import quantization
+from edgeport.errors import EdgeportError
+from edgeport.staging import cache_dir
+
+UNITS = ("cpu", "gpu", "npu")
+FORMATS = ("mlx", "coreml", "onnx")
+
+
+@dataclass(frozen=True)
+class FormatPreference:
+    name: str  # mlx | coreml | onnx
+    quantization: str  # the quantization this device wants for it (plan.QUANTIZATIONS)
+    unit: str  # the compute unit it runs on: cpu | gpu | npu
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a user of this device expects; None means no budget for that figure."""
+
+    prompt_tokens: int  # the prompt length the TTFT budget is set for
+    ttft_s: float | None
+    decode_tps: float | None
+    rtf: float | None
+    peak_memory_gb: float | None  # None: the RAM an app may use
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    ram_gb: float
+    ram_options_gb: tuple[float, ...]
+    usable_ram_fraction: float  # share of RAM one app may hold before the OS stops it
+    bandwidth_gbs: float
+    tflops: dict[str, float]  # dense fp16 throughput per unit (NPU: vendor TOPS)
+    context_length: int
+    formats: tuple[FormatPreference, ...]
+    budget: Budget
+    measured: bool = False  # figures measured on this machine rather than taken from a spec sheet
+
+    @property
+    def usable_ram_gb(self) -> float:
+        return self.ram_gb * self.usable_ram_fraction
+
+    @property
+    def peak_memory_budget_gb(self) -> float:
+        return self.budget.peak_memory_gb or self.usable_ram_gb
+
+    def with_ram(self, ram_gb: float | None) -> "Target":
+        if ram_gb is None:
+            return self
+        if ram_gb not in self.ram_options_gb:
+            options = ", ".join(f"{r:g}" for r in self.ram_options_gb)
+            raise EdgeportError(f"--ram {ram_gb:g}: {self.name} comes with {options} GB")
+        return replace(self, ram_gb=ram_gb)
+
+
+def names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in _profiles().iterdir() if p.name.endswith(".toml"))
+
+
+def load(name: str, ram_gb: float | None = None) -> Target:
+    """The target called `name`; a misspelt name gets the closest one and the list."""
+    known = names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise EdgeportError(f"unknown target '{name}': {hint}known targets: {', '.join(known)}")
+    file = _profiles() / f"{name}.toml"
+    target = parse(tomllib.loads(file.read_text()), source=f"targets/{name}.toml")
+    if name == "host":
+        target = _measure_host(target)
+    return target.with_ram(ram_gb)
+
+
+def parse(data: dict, source: str) -> Target:
+    """Validate one profile; every problem names the file and the field."""
+
+    def need(table: dict, key: str, kind: type | tuple, where: str = ""):
+        value = table.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise EdgeportError(f"{source}: field {where}{key} is missing or not a {_kind_name(kind)}")
+        return value
+
+    number = (int, float)
+    ram_options = tuple(float(r) for r in need(data, "ram_gb", list))
+    default_ram = float(need(data, "default_ram_gb", number))
+    if default_ram not in ram_options:
+        raise EdgeportError(f"{source}: default_ram_gb {default_ram:g} is not one of ram_gb")
+    fraction = float(need(data, "usable_ram_fraction", number))
+    if not 0 < fraction <= 1:
+        raise EdgeportError(f"{source}: usable_ram_fraction must be in (0, 1]")
+    tflops = need(data, "tflops", dict)
+    if not tflops or set(tflops) - set(UNITS) or not all(isinstance(v, number) for v in tflops.values()):
+        raise EdgeportError(f"{source}: tflops must map some of {', '.join(UNITS)} to numbers")
+    formats = []
+    for i, entry in enumerate(need(data, "formats", list)):
+        where = f"formats[{i}]."
+        fmt = FormatPreference(need(entry, "name", str, where), need(entry, "quantization", str, where),
+                               need(entry, "unit", str, where))
+        if fmt.name not in FORMATS:
+            raise EdgeportError(f"{source}: {where}name '{fmt.name}' is not one of {', '.join(FORMATS)}")
+        if fmt.quantization not in quantization.QUANTIZATIONS or fmt.name not in quantization.QUANTIZATIONS[
+            fmt.quantization
+        ].formats:
+            raise EdgeportError(f"{source}: {where}quantization '{fmt.quantization}' is not one for {fmt.name}")
+        if fmt.unit not in tflops:
+            raise EdgeportError(f"{source}: {where}unit '{fmt.unit}' has no tflops figure")
+        formats.append(fmt)
+    if not formats:
+        raise EdgeportError(f"{source}: formats is empty")
+    budget = need(data, "budget", dict)
+
+    def optional(key: str) -> float | None:
+        value = budget.get(key)
+        if value is not None and (not isinstance(value, number) or value <= 0):
+            raise EdgeportError(f"{source}: budget.{key} must be a positive number")
+        return None if value is None else float(value)
+
+    return Target(
+        name=need(data, "name", str),
+        description=need(data, "description", str),
+        ram_gb=default_ram,
+        ram_options_gb=ram_options,
+        usable_ram_fraction=fraction,
+        bandwidth_gbs=float(need(data, "bandwidth_gbs", number)),
+        tflops={unit: float(v) for unit, v in tflops.items()},
+        context_length=need(data, "context_length", int),
+        formats=tuple(formats),
+        budget=Budget(
+            prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
+            ttft_s=optional("ttft_s"),
+            decode_tps=optional("decode_tps"),
+            rtf=optional("rtf"),
+            peak_memory_gb=optional("peak_memory_gb"),
+        ),
+    )
+
+
+def _measure_host(target: Target) -> Target:
+    import psutil
+
+    facts = host_facts()
+    ram = round(psutil.virtual_memory().total / 2**30, 1)
+    return replace(
+        target,
+        ram_gb=ram,
+        ram_options_gb=(ram,),
+        bandwidth_gbs=facts["bandwidth_gbs"],
+        tflops={"cpu": facts["cpu_tflops"]},
+        measured=True,
+        description=f"{target.description} ({os.cpu_count()} cores, {ram:g} GB)",
+    )
+
+
+def host_facts() -> dict:
+    """Memory bandwidth and fp32 matmul throughput of this machine, measured once and cached."""
+    import platform
+
+    import numpy as np
+
+    cache = cache_dir() / "host.json"
+    key = f"{platform.node()}-{platform.machine()}-{os.cpu_count()}"
+    if cache.is_file():
+        facts = json.loads(cache.read_text())
+        if facts.get("key") == key:
+            return facts
+    src = np.ones(2**27, dtype=np.float32)  # 512 MiB
+    dst = np.empty_like(src)
+    copy_s = _best_of(3, lambda: np.copyto(dst, src))
+    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
+    matmul_s = _best_of(5, lambda: a @ a)
+    facts = {
+        "key": key,
+        "bandwidth_gbs": round(2 * src.nbytes / copy_s / 1e9, 1),  # a copy reads and writes each byte
+        "cpu_tflops": round(2 * 1024**3 / matmul_s / 1e12, 3),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(facts, indent=2))
+    return facts
+
+
+def _best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _profiles() -> Path:
+    return Path(str(resources.files(__name__)))
+
+
+def _kind_name(kind: type | tuple) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"int": "number", "float": "number", "str": "string", "list": "list", "dict": "table"}[k.__name__]
+                       for k in kinds)
