@@ -30,5 +30,6 @@ def converter(fmt: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise EdgeportError(f"the {fmt} converter needs its backend ({e.name} is missing): "
-                            f"pip install 'edgeport[{extra}]'") from e
+        raise EdgeportError(
+            f"the {fmt} converter needs its backend ({e.name} is missing): pip install 'edgeport[{extra}]'"
+        ) from e

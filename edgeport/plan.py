@@ -79,9 +79,7 @@ class Plan:
         return cls(**{**data, "steps": [Step(**s) for s in data["steps"]]})
 
 
-def make_plan(
-    source: Source, target: Target, formats: list[str] | None = None, quant: str | None = None
-) -> Plan:
+def make_plan(source: Source, target: Target, formats: list[str] | None = None, quant: str | None = None) -> Plan:
     """Plan `source` for `target`: the target's formats (or `formats`), each at its preferred quantization
     (or `quant` wherever that quantization exists)."""
     if source.family != "causal-lm":
@@ -93,9 +91,13 @@ def make_plan(
         raise EdgeportError(f"--formats {','.join(formats or [])}: {target.name} runs {offered}")
     quant_formats = quantization.QUANTIZATIONS[quant].formats if quant in quantization.QUANTIZATIONS else ()
     if quant and not any(pref.name in quant_formats for pref in preferences):
-        valid = sorted({q.name for q in quantization.QUANTIZATIONS.values() for p in preferences if p.name in q.formats})
-        raise EdgeportError(f"--quant {quant}: not available for {', '.join(p.name for p in preferences)}; "
-                            f"choose one of: {', '.join(valid)}")
+        valid = sorted(
+            {q.name for q in quantization.QUANTIZATIONS.values() for p in preferences if p.name in q.formats}
+        )
+        raise EdgeportError(
+            f"--quant {quant}: not available for {', '.join(p.name for p in preferences)}; "
+            f"choose one of: {', '.join(valid)}"
+        )
     steps = [
         _step(size, target, pref.name, quant if pref.name in quant_formats else pref.quantization, pref.unit)
         for pref in preferences
@@ -168,8 +170,9 @@ def _step(size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str)
     prefill_tps = target.tflops[unit] * 1e12 / (2 * size.active_params)
     usable = target.usable_ram_gb * GB
     fits = peak_bytes <= usable
-    largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, target, quantization.get(q, fmt))[2] <= usable),
-                   None)
+    largest = next(
+        (q for q in quantization.LADDERS[fmt] if _memory(size, target, quantization.get(q, fmt))[2] <= usable), None
+    )
     return Step(
         format=fmt,
         quantization=quant_name,
@@ -200,5 +203,7 @@ def _verdict(fits: bool, peak: int, decode_tps: float, target: Target, largest: 
         fallback = f"; {largest} would fit" if largest else "; no quantization of this format fits"
         return f"does not fit: needs {room}{fallback}"
     slow = target.budget.decode_tps and decode_tps < target.budget.decode_tps
-    speed = f", but decode ≤ {decode_tps:.0f} tok/s misses the {target.budget.decode_tps:g} tok/s budget" if slow else ""
+    speed = (
+        f", but decode ≤ {decode_tps:.0f} tok/s misses the {target.budget.decode_tps:g} tok/s budget" if slow else ""
+    )
     return f"fits: {room}{speed}"

@@ -111,13 +111,15 @@ def parse(data: dict, source: str) -> Target:
     formats = []
     for i, entry in enumerate(need(data, "formats", list)):
         where = f"formats[{i}]."
-        fmt = FormatPreference(need(entry, "name", str, where), need(entry, "quantization", str, where),
-                               need(entry, "unit", str, where))
+        fmt = FormatPreference(
+            need(entry, "name", str, where), need(entry, "quantization", str, where), need(entry, "unit", str, where)
+        )
         if fmt.name not in FORMATS:
             raise EdgeportError(f"{source}: {where}name '{fmt.name}' is not one of {', '.join(FORMATS)}")
-        if fmt.quantization not in quantization.QUANTIZATIONS or fmt.name not in quantization.QUANTIZATIONS[
-            fmt.quantization
-        ].formats:
+        if (
+            fmt.quantization not in quantization.QUANTIZATIONS
+            or fmt.name not in quantization.QUANTIZATIONS[fmt.quantization].formats
+        ):
             raise EdgeportError(f"{source}: {where}quantization '{fmt.quantization}' is not one for {fmt.name}")
         if fmt.unit not in tflops:
             raise EdgeportError(f"{source}: {where}unit '{fmt.unit}' has no tflops figure")
@@ -211,5 +213,7 @@ def _profiles() -> Path:
 
 def _kind_name(kind: type | tuple) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"int": "number", "float": "number", "str": "string", "list": "list", "dict": "table"}[k.__name__]
-                       for k in kinds)
+    return " or ".join(
+        {"int": "number", "float": "number", "str": "string", "list": "list", "dict": "table"}[k.__name__]
+        for k in kinds
+    )

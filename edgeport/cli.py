@@ -1,0 +1,276 @@
+"""edgeport's command line: convert, plan, bench, check, targets, inspect."""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeport import __version__, manifest, targets
+from edgeport.errors import EdgeportError
+from edgeport.runtime import report
+
+# MLX's CPU build runs quantized matmuls at about a token per second (shared/TOOLCHAIN.md): off a Mac the
+# default summarization workload is cut to what finishes in minutes, and the bench says so.
+FULL_WORKLOAD = {"prompt_tokens": "512,2048", "max_tokens": 128, "runs": 3}
+CPU_MLX_WORKLOAD = {"prompt_tokens": "48", "max_tokens": 4, "runs": 1}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(__version__, prog_name="edgeport")
+def cli(debug: bool) -> None:
+    """Plan, convert, check and bench a Hugging Face model for a device."""
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        report.err.print("[red]interrupted[/]: nothing was written")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EdgeportError as e:
+        if debug:
+            raise
+        report.err.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        report.err.print(
+            f"[red]error:[/] unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+            soft_wrap=True,
+            highlight=False,
+        )
+        sys.exit(1)
+
+
+def source_options(command):
+    for option in reversed(
+        [
+            click.option("--revision", help="Hub revision (branch, tag or commit) of a hub id."),
+            click.option("--allow-pickle", is_flag=True, help="Read pickle weights (only from authors you trust)."),
+            click.option("--trust-remote-code", is_flag=True, help="Let transformers run the checkpoint's own code."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def target_options(command):
+    command = click.option("--ram", type=float, help="RAM variant of the target in GB (e.g. 8 for an 8 GB M2 Air).")(
+        command
+    )
+    return click.option("--target", "-t", "target_name", required=True, help="Target device (see `edgeport targets`).")(
+        command
+    )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+
+
+@cli.command("targets")
+@json_option
+def targets_command(as_json: bool) -> None:
+    """List the target devices."""
+    loaded = [targets.load(name) for name in targets.names()]
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json([asdict(t) for t in loaded])
+    else:
+        report.out.print(report.targets_table(loaded))
+
+
+@cli.command()
+@click.argument("model")
+@target_options
+@click.option("--formats", help="Comma-separated formats to plan (default: all the target runs).")
+@click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
+@source_options
+@json_option
+def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_remote_code, as_json) -> None:
+    """Predict memory and speed of MODEL on a target, from its config alone."""
+    from edgeport.plan import make_plan
+    from edgeport.source import open_source
+
+    target = targets.load(target_name, ram)
+    source = open_source(
+        model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, config_only=True
+    )
+    result = make_plan(source, target, _split(formats), quant)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        report.out.print(report.plan_table(result))
+
+
+@cli.command()
+@click.argument("model")
+@target_options
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (default: out/<model>-<target>).")
+@click.option("--formats", help="Comma-separated formats to build (default: all the target runs).")
+@click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--allow-parity-fail", is_flag=True, help="Exit 0 even when an artifact fails parity.")
+@source_options
+@json_option
+def convert(
+    model,
+    target_name,
+    ram,
+    out,
+    formats,
+    quant,
+    force,
+    allow_parity_fail,
+    revision,
+    allow_pickle,
+    trust_remote_code,
+    as_json,
+) -> None:
+    """Build every artifact of MODEL that the target runs, check each against the source, write a manifest."""
+    from edgeport.build import build
+    from edgeport.plan import make_plan
+    from edgeport.source import open_source
+
+    target = targets.load(target_name, ram)
+    with report.step(f"Opening {model}"):
+        source = open_source(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    out = out or Path("out") / f"{source.name}-{target.name}"
+    if out.exists() and not force:
+        raise EdgeportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    the_plan = make_plan(source, target, _split(formats), quant)
+    if not as_json:
+        report.out.print(report.plan_table(the_plan))
+    result = build(source, target, the_plan, out, force=force)
+    if as_json:
+        _print_json(result)
+    else:
+        report.out.print(report.artifacts_table(result))
+        report.out.print(f"Wrote {out}")
+    failed = [a for a in result["artifacts"] if a["parity"]["status"] == "failed"]
+    if failed and not allow_parity_fail:
+        names = ", ".join(f"{a['format']} {a['quantization']} ({'; '.join(a['parity']['failures'])})" for a in failed)
+        raise EdgeportError(
+            f"parity failed for {names}; {out} is kept and marked failed (pass --allow-parity-fail to accept it)"
+        )
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", help="Which artifact to bench (default: the first the manifest lists).")
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text to summarize (default: Python's own reference on its execution model).",
+)
+@click.option("--prompt-tokens", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
+@click.option("--max-tokens", type=int, help="New tokens per run (default 128; 4 for MLX off a Mac).")
+@click.option("--runs", type=int, help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).")
+@json_option
+def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
+    """Measure an artifact of OUT summarizing: TTFT, prefill and decode tok/s, peak memory."""
+    from edgeport.runtime import summarize
+    from edgeport.runtime.runners import bench_runner
+    from edgeport.texts import default_article
+
+    found = manifest.read(out)
+    artifact = _pick_artifact(found, fmt, out)
+    slow_cpu = artifact["format"] == "mlx" and sys.platform != "darwin"
+    workload = CPU_MLX_WORKLOAD if slow_cpu else FULL_WORKLOAD
+    lengths = [int(n) for n in _split(prompt_tokens or workload["prompt_tokens"])]
+    with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
+        runner = bench_runner(artifact["format"], out / artifact["path"])
+    with report.step("Summarization bench") as progress:
+        result = summarize.bench(
+            runner,
+            text.read_text() if text else default_article(),
+            lengths,
+            max_tokens or workload["max_tokens"],
+            runs or workload["runs"],
+            progress,
+        )
+    result.update(format=artifact["format"], quantization=artifact["quantization"], artifact=artifact["path"])
+    if slow_cpu and not (prompt_tokens and max_tokens and runs):
+        result["note"] = (
+            "workload cut for MLX's CPU build off a Mac (quantized matmuls at about 1 token/s); "
+            "a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs"
+        )
+    _write_json(out / "bench.json", result)
+    if as_json:
+        _print_json(result)
+    else:
+        report.out.print(
+            report.bench_table(result, f"Summarize with {out.name} ({artifact['format']} {artifact['quantization']})")
+        )
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@target_options
+@json_option
+def check(out, target_name, ram, as_json) -> None:
+    """Compare OUT's bench results with a target's budget; exit 0 only when every line is met."""
+    from edgeport.runtime.check import check as judge
+    from edgeport.runtime.check import passed, to_dicts
+    from edgeport.runtime.summarize import machine
+
+    manifest.read(out)
+    bench_file = out / "bench.json"
+    if not bench_file.is_file():
+        raise EdgeportError(f"{out}: no bench results; run `edgeport bench {out}` first")
+    target = targets.load(target_name, ram)
+    lines = judge(json.loads(bench_file.read_text()), target, machine())
+    if as_json:
+        _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
+    else:
+        report.out.print(report.check_table(lines, target.name))
+    sys.exit(0 if passed(lines) else 1)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@json_option
+def inspect(out, as_json) -> None:
+    """Print OUT's manifest and verify its files against their recorded hashes."""
+    found = manifest.read(out)
+    problems = manifest.verify_files(found, out)
+    if as_json:
+        _print_json({**found, "verification": problems or "ok"})
+    else:
+        from edgeport.plan import Plan
+
+        report.out.print(report.plan_table(Plan.from_dict(found["plan"])))
+        report.out.print(report.artifacts_table(found))
+        tools = ", ".join(f"{k} {v}" for k, v in found["tools"].items())
+        report.out.print(f"source sha256: {found['source']['sha256']}\ntools: {tools}")
+        report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
+    if problems:
+        sys.exit(1)
+
+
+def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
+    candidates = [a for a in found["artifacts"] if fmt is None or a["format"] == fmt]
+    if not candidates:
+        have = ", ".join(a["format"] for a in found["artifacts"]) or "none"
+        raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
+    return candidates[0]
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _write_json(file: Path, data: dict) -> None:
+    staging = file.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(data, indent=2) + "\n")
+    staging.replace(file)

@@ -1,0 +1,1 @@
+"""Load an artifact, measure it, judge it against a target's budget."""

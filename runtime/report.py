@@ -1,0 +1,134 @@
+"""What a person reads: rich tables on stdout, progress on stderr."""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+GB = 1e9
+
+
+@contextmanager
+def step(description: str) -> Iterator:
+    """A spinner with the elapsed time while a long step runs; a tick and its duration when it ends."""
+    start = time.perf_counter()
+    with err.status(f"{description}…") as status:
+        yield lambda detail: status.update(f"{description}: {detail} ({time.perf_counter() - start:.0f} s)")
+    err.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
+def targets_table(targets: list) -> Table:
+    table = Table(title="Targets")
+    for column in ("name", "device", "RAM GB", "app may use", "GB/s", "compute TFLOPS/TOPS", "formats", "budget"):
+        table.add_column(column)
+    for t in targets:
+        table.add_row(
+            t.name,
+            t.description,
+            "/".join(f"{r:g}" for r in t.ram_options_gb),
+            f"{t.usable_ram_fraction:.0%}",
+            f"{t.bandwidth_gbs:g}" + (" (measured)" if t.measured else ""),
+            ", ".join(f"{unit} {v:g}" for unit, v in t.tflops.items()),
+            ", ".join(f"{f.name} {f.quantization}" for f in t.formats),
+            f"TTFT ≤ {t.budget.ttft_s:g} s, decode ≥ {t.budget.decode_tps:g} tok/s, RTF ≤ {t.budget.rtf:g}",
+        )
+    return table
+
+
+def plan_table(plan) -> Table:
+    table = Table(
+        title=f"Plan: {plan.source} ({plan.model_type}, {plan.params / 1e6:.1f}M parameters"
+        + (f", {plan.active_params / 1e6:.1f}M active" if plan.active_params < plan.params else "")
+        + f") on {plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)",
+        caption=f"KV cache at {plan.context_length} tokens; TTFT at {plan.prompt_tokens} prompt tokens; "
+        "speeds are rooflines (upper bounds)",
+    )
+    for column in (
+        "format",
+        "quant",
+        "unit",
+        "weights",
+        "KV cache",
+        "peak",
+        "prefill tok/s",
+        "decode tok/s",
+        "TTFT",
+        "verdict",
+    ):
+        table.add_column(column, justify="right" if column not in ("format", "quant", "unit", "verdict") else "left")
+    for s in plan.steps:
+        table.add_row(
+            s.format,
+            s.quantization,
+            s.unit,
+            f"{s.weight_bytes / GB:.2f} GB",
+            f"{s.kv_bytes / GB:.2f} GB",
+            f"{s.peak_bytes / GB:.2f} GB",
+            f"{s.prefill_tps:,.0f}",
+            f"{s.decode_tps:,.0f}",
+            f"{s.ttft_s:.2f} s",
+            ("[green]" if s.fits else "[red]") + s.verdict,
+        )
+    return table
+
+
+def artifacts_table(manifest: dict) -> Table:
+    table = Table(title=f"Artifacts of {manifest['source']['ref']} for {manifest['target']['name']}")
+    for column in ("format", "quant", "size", "parity", "top-1", "KL", "cosine", "ppl src → art", "notes"):
+        table.add_column(column)
+    for a in manifest["artifacts"]:
+        p, m = a["parity"], a["parity"]["metrics"]
+        colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
+        table.add_row(
+            a["format"],
+            a["quantization"],
+            f"{a['bytes'] / 1e6:.1f} MB",
+            f"[{colour}]{p['status']}[/]",
+            f"{m['top1_agreement']:.3f}" if m else "—",
+            f"{m['kl_mean']:.4f}" if m else "—",
+            f"{m['cosine_mean']:.4f}" if m else "—",
+            f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})" if m else "—",
+            "; ".join(p["failures"] + [f"not checked: {n}" for n in p["not_checked"]]),
+        )
+    for skipped in manifest["not_built"]:
+        table.add_row(
+            skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", "", "", "", "", skipped["reason"]
+        )
+    return table
+
+
+def bench_table(bench: dict, title: str) -> Table:
+    machine = bench["machine"]
+    table = Table(
+        title=title,
+        caption=f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
+        f"median of {bench['runs']} runs after a warm-up; {bench['max_tokens']} new tokens"
+        + (f"; {bench['note']}" if bench.get("note") else ""),
+    )
+    for column in ("prompt tokens", "new tokens", "TTFT", "prefill tok/s", "decode tok/s", "engine peak", "peak RSS"):
+        table.add_column(column, justify="right")
+    for r in bench["results"]:
+        table.add_row(
+            str(r["prompt_tokens"]),
+            str(r["new_tokens"]),
+            f"{r['ttft_s']:.2f} s",
+            f"{r['prefill_tps']:.1f}",
+            f"{r['decode_tps']:.1f}",
+            f"{r['peak_memory_gb'] * 1000:.0f} MB",
+            f"{r['peak_rss_gb'] * 1000:.0f} MB",
+        )
+    return table
+
+
+def check_table(lines: list, target: str) -> Table:
+    table = Table(title=f"Budget of {target}")
+    for column in ("budget", "limit", "measured", "status", "why"):
+        table.add_column(column)
+    for line in lines:
+        colour = {"met": "green", "missed": "red"}.get(line.status, "yellow")
+        table.add_row(line.budget, line.limit, line.measured, f"[{colour}]{line.status}[/]", line.reason)
+    return table

@@ -1,0 +1,125 @@
+"""The summarization workload: the chat template asking for a summary of real text at set prompt lengths.
+
+Reports time to first token, prefill and decode tokens/s and peak memory, each the median of the runs
+after one warm-up run.
+"""
+
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from edgeport.errors import EdgeportError
+from edgeport.texts import chat_ids
+
+INSTRUCTION = "Summarize the following text in a few sentences.\n\n"
+
+
+@dataclass
+class Measurement:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    prefill_tps: float
+    decode_tps: float
+    peak_memory_gb: float  # as the engine reports it
+    peak_rss_gb: float  # the process's peak resident memory, as the OS sees it
+
+
+def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: int, progress=None) -> dict:
+    """Measure `runner` on a summary prompt of each length; `progress(message)` is told of each run."""
+    results = []
+    for length in prompt_lengths:
+        prompt = summary_prompt(runner.tokenizer, text, length)
+        samples = []
+        for i in range(runs + 1):  # the first run warms up caches and kernels and is not counted
+            if progress:
+                progress(f"{len(prompt)}-token prompt: {'warm-up' if i == 0 else f'run {i}/{runs}'}")
+            sample = run_once(runner, prompt, max_tokens)
+            if i:
+                samples.append(sample)
+        results.append(_median(samples))
+    return {
+        "workload": "summarize",
+        "engine": runner.engine,
+        "machine": machine(),
+        "max_tokens": max_tokens,
+        "runs": runs,
+        "results": [asdict(r) for r in results],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def summary_prompt(tokenizer, text: str, length: int) -> list[int]:
+    """The longest summary request over a prefix of `text` that stays within `length` tokens."""
+    words = text.split()
+    low, high = 1, len(words)
+    if len(chat_ids(tokenizer, INSTRUCTION + words[0])) > length:
+        raise EdgeportError(f"a {length}-token prompt cannot hold the summary instruction; use a longer one")
+    while low < high:  # binary search on the number of words
+        mid = (low + high + 1) // 2
+        if len(chat_ids(tokenizer, INSTRUCTION + " ".join(words[:mid]))) <= length:
+            low = mid
+        else:
+            high = mid - 1
+    return chat_ids(tokenizer, INSTRUCTION + " ".join(words[:low]))
+
+
+def run_once(runner, prompt: list[int], max_tokens: int) -> Measurement:
+    first = last = None
+    for token in runner.generate(prompt, max_tokens):
+        first = first or token
+        last = token
+    if last is None:
+        raise EdgeportError("the model produced no token")
+    return Measurement(
+        prompt_tokens=last.prompt_tokens,
+        new_tokens=last.generated,
+        ttft_s=round(first.elapsed_s, 4),
+        prefill_tps=round(last.prompt_tps, 2),
+        decode_tps=round(last.generation_tps, 2),
+        peak_memory_gb=round(last.peak_memory_gb, 4),
+        peak_rss_gb=round(peak_rss_bytes() / 1e9, 4),
+    )
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def machine() -> dict:
+    """What the figures were measured on, so `check` knows whether they speak for a target."""
+    return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu_name(), "node": platform.node()}
+
+
+def cpu_name() -> str:
+    if sys.platform == "darwin":
+        import subprocess
+
+        return subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+        ).stdout.strip()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _median(samples: list[Measurement]) -> Measurement:
+    def median(name: str) -> float:
+        return statistics.median(getattr(s, name) for s in samples)
+
+    return Measurement(
+        prompt_tokens=samples[0].prompt_tokens,
+        new_tokens=int(median("new_tokens")),
+        ttft_s=median("ttft_s"),
+        prefill_tps=median("prefill_tps"),
+        decode_tps=median("decode_tps"),
+        peak_memory_gb=median("peak_memory_gb"),
+        peak_rss_gb=median("peak_rss_gb"),
+    )
