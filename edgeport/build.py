@@ -3,6 +3,7 @@
 Everything is written into a staging folder beside `out` and renamed into place only when complete.
 """
 
+import time
 from pathlib import Path
 
 from edgeport import manifest, quantization
@@ -41,8 +42,11 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
     built = []
     with staged_folder(out, force=force) as staging:
         for step in buildable:
+            start = time.perf_counter()
             with report.step(f"Converting to {step.format} {step.quantization}"):
                 artifact = modules[step.format].convert(source, step, staging / step.format)
+            artifact.details["convert_seconds"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
             with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
                 if reference is None:
                     progress("running the source in transformers")
@@ -50,7 +54,9 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
                 progress(f"running the {step.format} artifact")
                 quantized = not quantization.get(step.quantization, step.format).is_float
                 runner, not_checked = parity_runner(step.format, artifact.path, quantized)
-                built.append((artifact, measure(reference, runner, step.quantization, not_checked)))
+                parity = measure(reference, runner, step.quantization, not_checked)
+            parity.seconds = round(time.perf_counter() - start, 2)
+            built.append((artifact, parity))
         result = manifest.build(source, target, plan, built, not_built, staging)
         manifest.write(result, staging)
     return result

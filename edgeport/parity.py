@@ -58,6 +58,7 @@ class Parity:
     metrics: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)  # what this platform could not run
+    seconds: float = 0.0  # wall time of the check, the source's reference run included
 
     def to_dict(self) -> dict:
         return asdict(self)

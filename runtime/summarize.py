@@ -1,7 +1,7 @@
 """The summarization workload: the chat template asking for a summary of real text at set prompt lengths.
 
 Reports time to first token, prefill and decode tokens/s and peak memory, each the median of the runs
-after one warm-up run.
+after a short warm-up run.
 """
 
 import platform
@@ -14,6 +14,7 @@ from edgeport.errors import EdgeportError
 from edgeport.texts import chat_ids
 
 INSTRUCTION = "Summarize the following text in a few sentences.\n\n"
+WARMUP_TOKENS = 16  # a short warm-up run exercises the prefill and decode kernels before the measured runs
 
 
 @dataclass
@@ -32,13 +33,14 @@ def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: i
     results = []
     for length in prompt_lengths:
         prompt = summary_prompt(runner.tokenizer, text, length)
+        if progress:
+            progress(f"{len(prompt)}-token prompt: warm-up")
+        run_once(runner, prompt[:WARMUP_TOKENS], 2)  # loads and compiles the kernels; not counted
         samples = []
-        for i in range(runs + 1):  # the first run warms up caches and kernels and is not counted
+        for i in range(1, runs + 1):
             if progress:
-                progress(f"{len(prompt)}-token prompt: {'warm-up' if i == 0 else f'run {i}/{runs}'}")
-            sample = run_once(runner, prompt, max_tokens)
-            if i:
-                samples.append(sample)
+                progress(f"{len(prompt)}-token prompt: run {i}/{runs}")
+            samples.append(run_once(runner, prompt, max_tokens))
         results.append(_median(samples))
     return {
         "workload": "summarize",
@@ -52,18 +54,28 @@ def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: i
 
 
 def summary_prompt(tokenizer, text: str, length: int) -> list[int]:
-    """The longest summary request over a prefix of `text` that stays within `length` tokens."""
+    """Token ids of the summary request that fits in `length` tokens."""
+    return chat_ids(tokenizer, summary_request(tokenizer, text, length))
+
+
+def summary_request(tokenizer, text: str, length: int) -> str:
+    """The user's message: the instruction and the longest prefix of `text` that keeps the chat prompt
+    within `length` tokens."""
     words = text.split()
-    low, high = 1, len(words)
-    if len(chat_ids(tokenizer, INSTRUCTION + words[0])) > length:
+
+    def request(n: int) -> str:
+        return INSTRUCTION + " ".join(words[:n])
+
+    if len(chat_ids(tokenizer, request(1))) > length:
         raise EdgeportError(f"a {length}-token prompt cannot hold the summary instruction; use a longer one")
+    low, high = 1, len(words)
     while low < high:  # binary search on the number of words
         mid = (low + high + 1) // 2
-        if len(chat_ids(tokenizer, INSTRUCTION + " ".join(words[:mid]))) <= length:
+        if len(chat_ids(tokenizer, request(mid))) <= length:
             low = mid
         else:
             high = mid - 1
-    return chat_ids(tokenizer, INSTRUCTION + " ".join(words[:low]))
+    return request(low)
 
 
 def run_once(runner, prompt: list[int], max_tokens: int) -> Measurement:

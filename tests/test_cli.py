@@ -1,0 +1,84 @@
+"""What a user sees: one clear line, a non-zero exit, no traceback, nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    assert code != 0
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_path(tmp_path):
+    code, out, err = run_cli("convert", str(tmp_path / "nope"), "-t", "m2-air", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "no such file or folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_target(tiny_llama):
+    code, out, err = run_cli("plan", str(tiny_llama), "-t", "m2-ari")
+    assert_one_line_error(code, out, err, "unknown target 'm2-ari'", "did you mean 'm2-air'")
+
+
+def test_unknown_architecture(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    code, out, err = run_cli("convert", str(folder), "-t", "host", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "architecture 'mamba' is not supported")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pickle_only_checkpoint(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    code, out, err = run_cli("convert", str(folder), "-t", "host", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "--allow-pickle")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    code, out, err = run_cli("convert", str(folder), "-t", "host", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "truncated or corrupt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tiny_llama, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    code, out, err = run_cli("convert", str(tiny_llama), "-t", "host", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "already exists", "--force")
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="no such file or folder"):
+        run_cli("--debug", "plan", str(tmp_path / "nope"), "-t", "m2-air")
+
+
+def test_inspect_and_bench_on_a_folder_that_is_not_an_output(tmp_path):
+    code, out, err = run_cli("inspect", str(tmp_path))
+    assert_one_line_error(code, out, err, "no manifest.json")
+    code, out, err = run_cli("bench", str(tmp_path))
+    assert_one_line_error(code, out, err, "no manifest.json")
+
+
+def test_targets_and_plan_print_json(tiny_llama):
+    code, out, _ = run_cli("targets", "--json")
+    assert code == 0 and "m2-air" in {t["name"] for t in json.loads(out)}
+    code, out, _ = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--ram", "8", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["ram_gb"] == 8 and [s["format"] for s in plan["steps"]] == ["mlx", "coreml"]

@@ -1,0 +1,138 @@
+"""MLX conversion for real (MLX's CPU build), on tiny models built from configs."""
+
+import hashlib
+import json
+
+import mlx_lm
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from edgeport import manifest
+from edgeport.runtime.runners import MLXRunner
+
+
+def convert(model, out, *extra):
+    code, stdout, err = run_cli("convert", str(model), "-t", "host", "--out", str(out), "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+@pytest.fixture(scope="module")
+def q4_output(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "tiny-q4"
+    return out, convert(tiny_llama, out)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_fp16_artifact_loads_in_mlx_lm_and_matches_the_source(fixture, request, tmp_path):
+    out = tmp_path / "out"
+    result = convert(request.getfixturevalue(fixture), out, "--quant", "fp16")
+    (artifact,) = result["artifacts"]
+    assert (artifact["format"], artifact["quantization"], artifact["path"]) == ("mlx", "fp16", "mlx")
+    assert artifact["parity"]["status"] == "passed"
+    assert artifact["parity"]["metrics"]["top1_agreement"] >= 0.98  # a random tiny model has near-ties
+    assert artifact["parity"]["not_checked"] == ["MLX on Metal (measured on MLX's CPU backend)"]
+    model, tokenizer = mlx_lm.load(str(out / "mlx"))
+    assert mlx_lm.generate(model, tokenizer, "It was the best", max_tokens=3) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
+
+
+def test_manifest_is_valid_and_its_hashes_are_right(q4_output, tiny_llama):
+    out, result = q4_output
+    assert manifest.read(out) == result
+    assert (
+        result["source"]["sha256"]["model.safetensors"]
+        == hashlib.sha256((tiny_llama / "model.safetensors").read_bytes()).hexdigest()
+    )
+    (artifact,) = result["artifacts"]
+    for entry in artifact["files"]:
+        data = (out / entry["path"]).read_bytes()
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+    assert result["not_built"] == []
+    assert {"torch", "transformers", "mlx", "mlx-lm"} <= set(result["tools"])
+
+
+def test_planned_weight_bytes_match_the_artifact(q4_output):
+    out, result = q4_output
+    files = (out / "mlx").glob("*.safetensors")
+    weights = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in files)  # less headers
+    assert result["plan"]["steps"][0]["weight_bytes"] == pytest.approx(weights, rel=0.05)
+
+
+def test_dequantized_parity_equals_mlx_quantized_kernels(q4_output):
+    """Off a Mac parity runs the dequantized weights in float32; this checks that it computes what the
+    quantized kernels compute."""
+    out, _ = q4_output
+    ids = list(range(5, 40))
+    kernels = MLXRunner(out / "mlx").logits(ids)
+    dequantized = MLXRunner(out / "mlx", dequantize=True).logits(ids)
+    assert np.abs(kernels - dequantized).max() < 2e-2 * np.abs(dequantized).max()
+    assert (kernels.argmax(-1) == dequantized.argmax(-1)).mean() > 0.95
+
+
+def test_q4_parity_is_measured_and_judged_by_the_table(q4_output):
+    _, result = q4_output
+    parity = result["artifacts"][0]["parity"]
+    assert parity["bounds"] == {"top1_agreement": 0.5, "kl_mean": 1.2, "ppl_delta": 0.6}
+    assert parity["status"] == ("failed" if parity["failures"] else "passed")
+    assert "dequantized" in parity["not_checked"][0]
+
+
+def test_inspect_verifies_and_catches_a_changed_file(q4_output, tmp_path):
+    import shutil
+
+    out, _ = q4_output
+    copy = shutil.copytree(out, tmp_path / "copy")
+    code, stdout, _ = run_cli("inspect", str(copy))
+    assert code == 0 and "files verified" in stdout
+    (copy / "mlx" / "config.json").write_text("{}")
+    code, stdout, _ = run_cli("inspect", str(copy))
+    assert code == 1 and "mlx/config.json: changed since conversion" in stdout
+
+
+def test_mixed_recipe(tiny_llama, tmp_path):
+    result = convert(tiny_llama, tmp_path / "out", "--quant", "mixed_3_6")
+    config = json.loads((tmp_path / "out" / "mlx" / "config.json").read_text())
+    bits = {v["bits"] for v in config["quantization"].values() if isinstance(v, dict)}
+    assert bits == {3, 6} and result["artifacts"][0]["quantization"] == "mixed_3_6"
+
+
+def test_force_replaces_and_an_interrupted_run_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert(tiny_llama, out, "--quant", "fp16")
+    convert(tiny_llama, out, "--quant", "q8", "--force")
+    assert manifest.read(out)["artifacts"][0]["quantization"] == "q8"
+
+    import edgeport.convert.mlx as mlx_converter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_converter.mlx_lm, "convert", interrupted)
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--out", str(tmp_path / "new"))
+    assert code == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bench_then_check_against_host(q4_output, tmp_path):
+    import shutil
+
+    out = shutil.copytree(q4_output[0], tmp_path / "o")
+    code, stdout, err = run_cli(
+        "bench", str(out), "--prompt-tokens", "96", "--max-tokens", "8", "--runs", "2", "--json"
+    )
+    assert code == 0, err
+    bench = json.loads(stdout)
+    (result,) = bench["results"]
+    assert result["prompt_tokens"] <= 96 and result["new_tokens"] == 8
+    assert result["ttft_s"] > 0 and result["prefill_tps"] > 0 and result["decode_tps"] > 0
+    assert result["peak_rss_gb"] > 0 and bench["machine"]["system"]
+    assert json.loads((out / "bench.json").read_text()) == bench
+
+    code, stdout, _ = run_cli("check", str(out), "-t", "host", "--json")
+    verdict = json.loads(stdout)
+    assert code == (0 if verdict["met"] else 1)
+    statuses = {line["budget"]: line["status"] for line in verdict["lines"]}
+    assert statuses["time to first token"] == "not checked"  # a 96-token bench cannot vouch for 512 tokens
+    assert statuses["peak memory"] == "met" and code == 1

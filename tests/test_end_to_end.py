@@ -1,0 +1,59 @@
+"""The real fixture (SmolLM2-135M-Instruct, GGUF Q4_1) through convert, inspect, bench and check."""
+
+import hashlib
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def converted(fixture_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "smollm2-m2-air"
+    code, stdout, err = run_cli("convert", str(fixture_gguf), "--target", "m2-air", "--out", str(out), "--json")
+    assert code == 0, err
+    return out, json.loads(stdout)
+
+
+def test_convert_for_m2_air_builds_4bit_mlx_within_parity_bounds(converted, fixture_gguf):
+    _, result = converted
+    (artifact,) = result["artifacts"]
+    assert (artifact["format"], artifact["quantization"]) == ("mlx", "q4")
+    parity = artifact["parity"]
+    assert parity["status"] == "passed", parity["failures"]
+    assert parity["metrics"]["top1_agreement"] >= parity["bounds"]["top1_agreement"]
+    assert parity["metrics"]["ppl_source"] < 30  # the source itself reads English well
+    assert result["not_built"] == [
+        {
+            "format": "coreml",
+            "quantization": "int4-block32",
+            "reason": "no coreml converter in this version of edgeport",
+        }
+    ]
+    digest = hashlib.sha256(fixture_gguf.read_bytes()).hexdigest()
+    assert result["source"]["sha256"] == {fixture_gguf.name: digest}
+    assert result["plan"]["params"] == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_inspect_verifies_every_file(converted):
+    out, _ = converted
+    code, stdout, _ = run_cli("inspect", str(out))
+    assert code == 0 and "files verified" in stdout
+
+
+def test_bench_measures_and_check_decides(converted):
+    out, _ = converted
+    code, stdout, err = run_cli("bench", str(out), "--json")
+    assert code == 0, err
+    bench = json.loads(stdout)
+    (result,) = bench["results"]
+    assert result["ttft_s"] > 0 and result["prefill_tps"] > 0 and result["decode_tps"] > 0
+    assert result["new_tokens"] >= 1 and result["peak_rss_gb"] > 0.1
+    assert "workload cut" in bench.get("note", "") or bench["machine"]["system"] == "Darwin"
+
+    code, stdout, _ = run_cli("check", str(out), "--target", "host", "--json")
+    verdict = json.loads(stdout)
+    assert code == (0 if verdict["met"] else 1)
+    assert {line["budget"] for line in verdict["lines"]} == {"time to first token", "decode", "peak memory"}

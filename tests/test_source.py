@@ -1,0 +1,86 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgeport.errors import EdgeportError
+from edgeport.source import open_source, sha256_file
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / folder.name)
+
+
+def test_opens_a_folder_with_its_family_and_hashes(tiny_llama):
+    source = open_source(str(tiny_llama))
+    assert (source.kind, source.family, source.model_type) == ("hf-folder", "causal-lm", "llama")
+    weights = tiny_llama / "model.safetensors"
+    assert source.origin_sha256() == {"model.safetensors": sha256_file(weights)}
+
+
+def test_plan_needs_only_config_json(tiny_llama, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    source = open_source(str(tmp_path), config_only=True)
+    assert source.path == tmp_path and source.config["num_hidden_layers"] == 2
+    with pytest.raises(EdgeportError, match="no weights found"):
+        open_source(str(tmp_path))
+
+
+def test_missing_path_says_what_to_give():
+    with pytest.raises(EdgeportError, match="no such file or folder"):
+        open_source("./no/such/model")
+
+
+def test_unknown_architecture_lists_the_supported_ones(tiny_llama, tmp_path):
+    folder = copy_of(tiny_llama, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "rwkv"}))
+    with pytest.raises(EdgeportError, match=r"architecture 'rwkv' is not supported; supported: .*llama.*qwen2"):
+        open_source(str(folder))
+
+
+def test_truncated_safetensors_is_refused(tiny_llama, tmp_path):
+    folder = copy_of(tiny_llama, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(EdgeportError, match="truncated or corrupt"):
+        open_source(str(folder))
+
+
+def test_garbage_safetensors_is_refused(tiny_llama, tmp_path):
+    folder = copy_of(tiny_llama, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(EdgeportError, match="not a valid safetensors file"):
+        open_source(str(folder))
+
+
+def test_pickle_is_refused_unless_allowed_and_then_read_safely(tiny_llama, tmp_path):
+    folder = copy_of(tiny_llama, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(EdgeportError, match="--allow-pickle"):
+        open_source(str(folder))
+
+    source = open_source(str(folder), allow_pickle=True)
+    assert source.path != folder and list(source.origin_sha256()) == ["pytorch_model.bin"]
+    rewritten = load_file(source.path / "model.safetensors")
+    assert rewritten.keys() == weights.keys()
+    assert all(torch.equal(rewritten[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_gguf_becomes_a_hugging_face_folder_that_answers(fixture_gguf):
+    source = open_source(str(fixture_gguf))
+    assert (source.kind, source.model_type, source.name) == ("gguf", "llama", "SmolLM2-135M-Instruct")
+    assert source.config["rope_theta"] == 100000.0  # mlx-lm reads the top-level key
+    model = source.load_reference()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    tokenizer = source.load_tokenizer()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    assert "Paris" in tokenizer.decode(answer)
+    assert open_source(str(fixture_gguf)).path == source.path  # converted once, then reused

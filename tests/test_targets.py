@@ -1,0 +1,56 @@
+import tomllib
+
+import pytest
+
+from edgeport import targets
+from edgeport.errors import EdgeportError
+
+REQUIRED = {
+    "host",
+    "m1",
+    "m2-air",
+    "m3-pro",
+    "m4-max",
+    "iphone-15-pro",
+    "iphone-16-pro",
+    "snapdragon-8-gen-3",
+    "snapdragon-8-elite",
+    "snapdragon-x-elite",
+}
+
+
+def test_every_profile_loads_and_cites_its_figures():
+    assert set(targets.names()) >= REQUIRED
+    for name in targets.names():
+        target = targets.load(name)
+        assert target.usable_ram_gb < target.ram_gb + 1e-9 and target.formats
+        text = (targets._profiles() / f"{name}.toml").read_text()
+        assert name == "host" or "https://" in text, f"{name}.toml cites no source for its figures"
+
+
+def test_ram_variants():
+    assert targets.load("m2-air", ram_gb=8).ram_gb == 8
+    assert targets.load("m2-air").ram_gb == 16
+    with pytest.raises(EdgeportError, match="m2-air comes with 8, 16, 24 GB"):
+        targets.load("m2-air", ram_gb=12)
+
+
+def test_misspelt_target_gets_the_closest_name_and_the_list():
+    with pytest.raises(EdgeportError, match=r"did you mean 'm2-air'.*known targets: host"):
+        targets.load("m2air")
+
+
+def test_host_is_measured():
+    host = targets.load("host")
+    assert host.measured and host.bandwidth_gbs > 1 and host.tflops["cpu"] > 0.001 and host.ram_gb > 1
+
+
+def test_a_bad_profile_names_the_file_and_field():
+    data = tomllib.loads((targets._profiles() / "m2-air.toml").read_text())
+    data["formats"][0]["quantization"] = "q7"
+    with pytest.raises(EdgeportError, match=r"targets/x.toml: formats\[0\].quantization 'q7' is not one for mlx"):
+        targets.parse(data, "targets/x.toml")
+    data["formats"][0]["quantization"] = "q4"
+    del data["bandwidth_gbs"]
+    with pytest.raises(EdgeportError, match="field bandwidth_gbs is missing"):
+        targets.parse(data, "targets/x.toml")
