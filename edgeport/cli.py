@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgeport import __version__, manifest, targets
 from edgeport.errors import EdgeportError
 from edgeport.runtime import report
 
-# MLX's CPU build runs quantized matmuls at about a token per second (shared/TOOLCHAIN.md): off a Mac the
+# MLX's CPU build runs quantized matmuls at well under a token per second (shared/TOOLCHAIN.md): off a Mac the
 # default summarization workload is cut to what finishes in minutes, and the bench says so.
 FULL_WORKLOAD = {"prompt_tokens": "512,2048", "max_tokens": 128, "runs": 3}
 CPU_MLX_WORKLOAD = {"prompt_tokens": "48", "max_tokens": 4, "runs": 1}
@@ -36,40 +37,39 @@ def main() -> None:
     except EdgeportError as e:
         if debug:
             raise
-        report.err.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        report.err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(1)
     except Exception as e:
         if debug:
             raise
         report.err.print(
-            f"[red]error:[/] unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+            f"[red]error:[/] unexpected {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
             soft_wrap=True,
             highlight=False,
         )
         sys.exit(1)
 
 
-def source_options(command):
-    for option in reversed(
-        [
-            click.option("--revision", help="Hub revision (branch, tag or commit) of a hub id."),
-            click.option("--allow-pickle", is_flag=True, help="Read pickle weights (only from authors you trust)."),
-            click.option("--trust-remote-code", is_flag=True, help="Let transformers run the checkpoint's own code."),
-        ]
-    ):
-        command = option(command)
-    return command
+def options(*decorators):
+    """Several click options as one decorator, in the order given."""
+
+    def decorate(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
 
 
-def target_options(command):
-    command = click.option("--ram", type=float, help="RAM variant of the target in GB (e.g. 8 for an 8 GB M2 Air).")(
-        command
-    )
-    return click.option("--target", "-t", "target_name", required=True, help="Target device (see `edgeport targets`).")(
-        command
-    )
-
-
+source_options = options(
+    click.option("--revision", help="Hub revision (branch, tag or commit) of a hub id."),
+    click.option("--allow-pickle", is_flag=True, help="Read pickle weights (only from authors you trust)."),
+    click.option("--trust-remote-code", is_flag=True, help="Let transformers run the checkpoint's own code."),
+)
+target_options = options(
+    click.option("--target", "-t", "target_name", required=True, help="Target device (see `edgeport targets`)."),
+    click.option("--ram", type=float, help="RAM variant of the target in GB (e.g. 8 for an 8 GB M2 Air)."),
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
 
@@ -139,11 +139,12 @@ def convert(
     from edgeport.source import open_source
 
     target = targets.load(target_name, ram)
+    if out:
+        _refuse_existing(out, force)  # before the source is read, which can take minutes
     with report.step(f"Opening {model}"):
         source = open_source(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     out = out or Path("out") / f"{source.name}-{target.name}"
-    if out.exists() and not force:
-        raise EdgeportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    _refuse_existing(out, force)
     the_plan = make_plan(source, target, _split(formats), quant)
     if not as_json:
         report.out.print(report.plan_table(the_plan))
@@ -170,8 +171,12 @@ def convert(
     help="Text to summarize (default: Python's own reference on its execution model).",
 )
 @click.option("--prompt-tokens", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
-@click.option("--max-tokens", type=int, help="New tokens per run (default 128; 4 for MLX off a Mac).")
-@click.option("--runs", type=int, help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac).")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).",
+)
 @json_option
 def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
     """Measure an artifact of OUT summarizing: TTFT, prefill and decode tok/s, peak memory."""
@@ -183,7 +188,7 @@ def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
     artifact = _pick_artifact(found, fmt, out)
     slow_cpu = artifact["format"] == "mlx" and sys.platform != "darwin"
     workload = CPU_MLX_WORKLOAD if slow_cpu else FULL_WORKLOAD
-    lengths = [int(n) for n in _split(prompt_tokens or workload["prompt_tokens"])]
+    lengths = _token_counts(prompt_tokens or workload["prompt_tokens"])
     with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
         runner = bench_runner(artifact["format"], out / artifact["path"])
     with report.step("Summarization bench") as progress:
@@ -198,7 +203,7 @@ def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
     result.update(format=artifact["format"], quantization=artifact["quantization"], artifact=artifact["path"])
     if slow_cpu and not (prompt_tokens and max_tokens and runs):
         result["note"] = (
-            "workload cut for MLX's CPU build off a Mac (quantized matmuls at about 1 token/s); "
+            "workload cut for MLX's CPU build off a Mac (quantized matmuls at well under 1 token/s); "
             "a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs"
         )
     _write_json(out / "bench.json", result)
@@ -260,6 +265,18 @@ def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
         have = ", ".join(a["format"] for a in found["artifacts"]) or "none"
         raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
     return candidates[0]
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise EdgeportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+
+
+def _token_counts(value: str) -> list[int]:
+    counts = _split(value) or []
+    if not counts or not all(c.isdigit() and int(c) > 0 for c in counts):
+        raise EdgeportError(f"--prompt-tokens {value}: expected positive numbers separated by commas, e.g. 512,2048")
+    return [int(c) for c in counts]
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -5,6 +5,7 @@ package through transformers). Pickle checkpoints are refused unless the user pa
 even then they are read with `torch.load(weights_only=True)` and rewritten as safetensors once.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -155,12 +156,12 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:
-    config = _gguf_config(file)
-    source = Source(ref=str(file), kind="gguf", config=config, origin_files=[file])
-    if config_only:
-        return source
-    source.path = _gguf_to_hf(file)
-    return source
+    folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}"
+    if not config_only and not (folder / "config.json").exists():
+        _gguf_to_hf(file, folder)
+    # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
+    config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
+    return Source(ref=str(file), kind="gguf", config=config, path=None if config_only else folder, origin_files=[file])
 
 
 def _gguf_config(file: Path) -> dict:
@@ -173,11 +174,8 @@ def _gguf_config(file: Path) -> dict:
     return with_rope_theta(config.to_dict())
 
 
-def _gguf_to_hf(file: Path) -> Path:
-    """Dequantize a GGUF model to float16 safetensors in HF layout, once; later runs reuse the cache."""
-    folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}"
-    if (folder / "config.json").exists():
-        return folder
+def _gguf_to_hf(file: Path, folder: Path) -> None:
+    """Dequantize a GGUF model to float16 safetensors in HF layout at `folder`, the cache later runs reuse."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,7 +193,6 @@ def _gguf_to_hf(file: Path) -> Path:
         tokenizer.save_pretrained(staging)
         config = with_rope_theta(read_config(staging))
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 def with_rope_theta(config: dict) -> dict:
@@ -263,8 +260,15 @@ def check_safetensors(file: Path) -> None:
 
 
 def sha256_file(file: Path) -> str:
+    """The file's sha256, computed once per path, size and modification time."""
+    stat = file.stat()
+    return _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with file.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(2**20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -78,8 +78,9 @@ def plan_table(plan) -> Table:
 
 def artifacts_table(manifest: dict) -> Table:
     table = Table(title=f"Artifacts of {manifest['source']['ref']} for {manifest['target']['name']}")
-    for column in ("format", "quant", "size", "parity", "top-1", "KL", "cosine", "ppl src → art", "notes"):
+    for column in ("format", "quant", "size", "parity", "top-1", "KL", "cosine", "perplexity src → artifact"):
         table.add_column(column)
+    notes = []
     for a in manifest["artifacts"]:
         p, m = a["parity"], a["parity"]["metrics"]
         colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
@@ -88,16 +89,18 @@ def artifacts_table(manifest: dict) -> Table:
             a["quantization"],
             f"{a['bytes'] / 1e6:.1f} MB",
             f"[{colour}]{p['status']}[/]",
-            f"{m['top1_agreement']:.3f}" if m else "—",
-            f"{m['kl_mean']:.4f}" if m else "—",
-            f"{m['cosine_mean']:.4f}" if m else "—",
-            f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})" if m else "—",
-            "; ".join(p["failures"] + [f"not checked: {n}" for n in p["not_checked"]]),
+            f"{m['top1_agreement']:.3f}",
+            f"{m['kl_mean']:.4f}",
+            f"{m['cosine_mean']:.4f}",
+            f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})",
         )
+        notes += [f"{a['format']} {a['quantization']}: {f}" for f in p["failures"]]
+        notes += [f"{a['format']} {a['quantization']}: not checked: {n}" for n in p["not_checked"]]
     for skipped in manifest["not_built"]:
-        table.add_row(
-            skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", "", "", "", "", skipped["reason"]
-        )
+        table.add_row(skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", "", "", "", "")
+        notes.append(f"{skipped['format']} {skipped['quantization']}: not built: {skipped['reason']}")
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
     return table
 
 

@@ -62,6 +62,8 @@ def summary_request(tokenizer, text: str, length: int) -> str:
     """The user's message: the instruction and the longest prefix of `text` that keeps the chat prompt
     within `length` tokens."""
     words = text.split()
+    if not words:
+        raise EdgeportError("the text to summarize is empty")
 
     def request(n: int) -> str:
         return INSTRUCTION + " ".join(words[:n])

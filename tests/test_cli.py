@@ -82,3 +82,23 @@ def test_targets_and_plan_print_json(tiny_llama):
     code, out, _ = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--ram", "8", "--json")
     plan = json.loads(out)
     assert code == 0 and plan["ram_gb"] == 8 and [s["format"] for s in plan["steps"]] == ["mlx", "coreml"]
+
+
+def test_bad_bench_options(fp16_output):
+    out = fp16_output
+    code, stdout, err = run_cli("bench", str(out), "--prompt-tokens", "lots")
+    assert_one_line_error(code, stdout, err, "--prompt-tokens lots: expected positive numbers")
+    empty = out.parent / "empty.txt"
+    empty.write_text("  \n")
+    code, stdout, err = run_cli("bench", str(out), "--text", str(empty), "--prompt-tokens", "96")
+    assert_one_line_error(code, stdout, err, "the text to summarize is empty")
+    code, _, err = run_cli("bench", str(out), "--runs", "0")
+    assert code == 2 and "Invalid value for '--runs'" in err
+
+
+@pytest.fixture(scope="module")
+def fp16_output(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("o") / "fp16"
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out))
+    assert code == 0, err
+    return out

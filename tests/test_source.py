@@ -84,3 +84,21 @@ def test_gguf_becomes_a_hugging_face_folder_that_answers(fixture_gguf):
     answer = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(answer)
     assert open_source(str(fixture_gguf)).path == source.path  # converted once, then reused
+
+
+def test_a_cached_hub_id_opens_offline_with_its_revision(tiny_llama, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+    source = open_source("tiny-org/tiny-llama")
+    assert (source.kind, source.revision, source.model_type) == ("hf-hub", commit, "llama")
+    assert source.ref == "tiny-org/tiny-llama" and (source.path / "model.safetensors").is_file()
+    assert open_source("tiny-org/tiny-llama", config_only=True).config["num_hidden_layers"] == 2
+    with pytest.raises(EdgeportError, match="could not get it from the Hugging Face Hub or its local cache"):
+        open_source("tiny-org/not-cached")
