@@ -9,12 +9,12 @@ from pathlib import Path
 from edgeport import manifest, quantization
 from edgeport.convert import CONVERTERS, converter
 from edgeport.errors import EdgeportError
+from edgeport.files import staged_folder
 from edgeport.parity import Reference, measure
 from edgeport.plan import Plan
 from edgeport.runtime import report
 from edgeport.runtime.runners import TorchRunner, parity_runner
 from edgeport.source import Source
-from edgeport.staging import staged_folder
 from edgeport.targets import Target
 
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from edgeport import __version__, manifest, targets
 from edgeport.errors import EdgeportError
+from edgeport.files import read_json
 from edgeport.runtime import report
 
 # MLX's CPU build runs quantized matmuls at well under a token per second (shared/TOOLCHAIN.md): off a Mac the
@@ -226,11 +227,9 @@ def check(out, target_name, ram, as_json) -> None:
     from edgeport.runtime.summarize import machine
 
     manifest.read(out)
-    bench_file = out / "bench.json"
-    if not bench_file.is_file():
-        raise EdgeportError(f"{out}: no bench results; run `edgeport bench {out}` first")
+    bench = read_json(out / "bench.json", f"run `edgeport bench {out}` first")
     target = targets.load(target_name, ram)
-    lines = judge(json.loads(bench_file.read_text()), target, machine())
+    lines = judge(bench, target, machine())
     if as_json:
         _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import edgeport
 from edgeport.errors import EdgeportError
+from edgeport.files import read_json
 from edgeport.source import sha256_file
 
 SCHEMA_VERSION = 1
@@ -64,12 +65,7 @@ def write(manifest: dict, folder: Path) -> None:
 
 def read(folder: Path) -> dict:
     file = Path(folder) / FILENAME
-    if not file.is_file():
-        raise EdgeportError(f"{folder}: no {FILENAME} (is this an `edgeport convert` output folder?)")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeportError(f"{file}: not valid JSON ({e})") from e
+    manifest = read_json(file, "is this an `edgeport convert` output folder?")
     validate(manifest, file)
     return manifest
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeport.errors import EdgeportError
-from edgeport.staging import cache_dir, staged_folder
+from edgeport.files import cache_dir, read_json, staged_folder
 
 # Causal LM architectures that mlx-lm converts and transformers runs as the parity reference.
 CAUSAL_LM_TYPES = (
@@ -227,12 +227,7 @@ def _pickle_to_safetensors(folder: Path, pickles: list[Path]) -> Path:
 
 def read_config(folder: Path) -> dict:
     file = folder / "config.json"
-    if not file.is_file():
-        raise EdgeportError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeportError(f"{file}: not valid JSON ({e})") from e
+    config = read_json(file, "is this a Hugging Face model folder?")
     if not isinstance(config, dict) or "model_type" not in config:
         raise EdgeportError(f"{file}: has no model_type, so the architecture is unknown")
     return config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgeport import quantization
 from edgeport.errors import EdgeportError
-from edgeport.staging import cache_dir
+from edgeport.files import cache_dir
 
 UNITS = ("cpu", "gpu", "npu")
 FORMATS = ("mlx", "coreml", "onnx")

@@ -96,6 +96,11 @@ def test_bad_bench_options(fp16_output):
     assert code == 2 and "Invalid value for '--runs'" in err
 
 
+def test_check_before_any_bench(fp16_output):
+    code, stdout, err = run_cli("check", str(fp16_output), "-t", "host")
+    assert_one_line_error(code, stdout, err, "no bench.json", "run `edgeport bench")
+
+
 @pytest.fixture(scope="module")
 def fp16_output(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("o") / "fp16"

@@ -1,5 +1,6 @@
-"""Write a folder in full beside its destination, then rename it into place."""
+"""Files on disk: outputs staged and renamed into place, the cache, JSON read with clear errors."""
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -37,3 +38,13 @@ def staged_folder(dest: Path, *, force: bool = False) -> Iterator[Path]:
 def cache_dir() -> Path:
     """Where converted sources are kept between runs: $EDGEPORT_CACHE, else ~/.cache/edgeport."""
     return Path(os.environ.get("EDGEPORT_CACHE", Path.home() / ".cache" / "edgeport"))
+
+
+def read_json(file: Path, missing: str):
+    """The parsed JSON of `file`; `missing` says what to do when it is not there."""
+    if not file.is_file():
+        raise EdgeportError(f"{file.parent}: no {file.name} ({missing})")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeportError(f"{file}: not valid JSON ({e})") from e
