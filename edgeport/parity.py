@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from edgeport.quantization import lookup
 from edgeport.texts import chat_ids, reference_paragraph
 
 # Chat prompts every causal LM is checked on, with the perplexity text below.
@@ -92,7 +93,7 @@ def measure(reference: Reference, runner, quantization: str, not_checked: str | 
         "ppl_artifact": round(ppl_artifact, 3),
         "ppl_delta": round((ppl_artifact - ppl_source) / ppl_source, 4),
     }
-    bounds = BOUNDS[quantization]
+    bounds = BOUNDS[lookup(quantization).bounds_key]
     failures = [
         f"{name} {metrics[name]} {'<' if name == 'top1_agreement' else '>'} {limit}"
         for name, limit in asdict(bounds).items()

@@ -89,7 +89,8 @@ def make_plan(source: Source, target: Target, formats: list[str] | None = None, 
     if not preferences:
         offered = ", ".join(f.name for f in target.formats)
         raise EdgeportError(f"--formats {','.join(formats or [])}: {target.name} runs {offered}")
-    quant_formats = quantization.QUANTIZATIONS[quant].formats if quant in quantization.QUANTIZATIONS else ()
+    chosen = quantization.lookup(quant) if quant else None
+    quant_formats = chosen.formats if chosen else ()
     if quant and not any(pref.name in quant_formats for pref in preferences):
         valid = sorted(
             {q.name for q in quantization.QUANTIZATIONS.values() for p in preferences if p.name in q.formats}

@@ -1,6 +1,7 @@
 """Every quantization edgeport knows, for which formats, and what it costs in bits per weight."""
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from edgeport.errors import EdgeportError
 
@@ -15,6 +16,11 @@ class Quantization:
     recipe: str | None = None  # an mlx-lm mixed-precision recipe: `bits` for most weights, `high_bits` for some
     high_bits: int | None = None
     scale_bits: int = 16  # bits of scale (and bias, for MLX affine) stored per group
+    judged_as: str | None = None  # the parity bounds that apply, when not this quantization's own
+
+    @property
+    def bounds_key(self) -> str:
+        return self.judged_as or self.name
 
     @property
     def is_float(self) -> bool:
@@ -61,9 +67,20 @@ LADDERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def lookup(name: str) -> Quantization | None:
+    """A quantization by name; MLX affine ones also come with another group size, e.g. q4-g32 or q8-g128."""
+    if name in QUANTIZATIONS:
+        return QUANTIZATIONS[name]
+    grouped = re.fullmatch(r"(q[234568])-g(32|64|128)", name)
+    if grouped:
+        return replace(QUANTIZATIONS[grouped[1]], name=name, group_size=int(grouped[2]), judged_as=grouped[1])
+    return None
+
+
 def get(name: str, fmt: str) -> Quantization:
-    quant = QUANTIZATIONS.get(name)
+    quant = lookup(name)
     if quant is None or fmt not in quant.formats:
         valid = ", ".join(q.name for q in QUANTIZATIONS.values() if fmt in q.formats)
-        raise EdgeportError(f"quantization '{name}' is not available for {fmt}; choose one of: {valid}")
+        extra = " (MLX: also q4-g32, q8-g128, … for another group size)" if fmt == "mlx" else ""
+        raise EdgeportError(f"quantization '{name}' is not available for {fmt}; choose one of: {valid}{extra}")
     return quant

@@ -116,10 +116,8 @@ def parse(data: dict, source: str) -> Target:
         )
         if fmt.name not in FORMATS:
             raise EdgeportError(f"{source}: {where}name '{fmt.name}' is not one of {', '.join(FORMATS)}")
-        if (
-            fmt.quantization not in quantization.QUANTIZATIONS
-            or fmt.name not in quantization.QUANTIZATIONS[fmt.quantization].formats
-        ):
+        known = quantization.lookup(fmt.quantization)
+        if known is None or fmt.name not in known.formats:
             raise EdgeportError(f"{source}: {where}quantization '{fmt.quantization}' is not one for {fmt.name}")
         if fmt.unit not in tflops:
             raise EdgeportError(f"{source}: {where}unit '{fmt.unit}' has no tflops figure")

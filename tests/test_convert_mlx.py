@@ -136,3 +136,27 @@ def test_bench_then_check_against_host(q4_output, tmp_path):
     statuses = {line["budget"]: line["status"] for line in verdict["lines"]}
     assert statuses["time to first token"] == "not checked"  # a 96-token bench cannot vouch for 512 tokens
     assert statuses["peak memory"] == "met" and code == 1
+
+
+def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path, monkeypatch):
+    from edgeport import parity
+
+    monkeypatch.setitem(parity.BOUNDS, "fp16", parity.Bounds(top1_agreement=1.01, kl_mean=0.0, ppl_delta=0.0))
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out))
+    assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
+    assert manifest.read(out)["artifacts"][0]["parity"]["status"] == "failed"
+    code, _, _ = run_cli(
+        "convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out), "--force", "--allow-parity-fail"
+    )
+    assert code == 0
+
+
+def test_another_group_size(tiny_llama, tmp_path):
+    result = convert(tiny_llama, tmp_path / "out", "--quant", "q4-g32")
+    config = json.loads((tmp_path / "out" / "mlx" / "config.json").read_text())
+    assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
+    artifact = result["artifacts"][0]
+    assert artifact["quantization"] == "q4-g32" and artifact["parity"]["bounds"]["top1_agreement"] == 0.5
+    code, _, err = run_cli("plan", str(tiny_llama), "-t", "host", "--quant", "q4-g48")
+    assert code == 1 and "--quant q4-g48: not available for mlx" in err
