@@ -64,10 +64,6 @@ class Plan:
     prompt_tokens: int
     steps: list[Step]
 
-    @property
-    def fits(self) -> bool:
-        return any(step.fits for step in self.steps)
-
     def step(self, fmt: str) -> Step:
         return next(s for s in self.steps if s.format == fmt)
 

@@ -34,7 +34,7 @@ def targets_table(targets: list) -> Table:
             f"{t.bandwidth_gbs:g}" + (" (measured)" if t.measured else ""),
             ", ".join(f"{unit} {v:g}" for unit, v in t.tflops.items()),
             ", ".join(f"{f.name} {f.quantization}" for f in t.formats),
-            f"TTFT ≤ {t.budget.ttft_s:g} s, decode ≥ {t.budget.decode_tps:g} tok/s, RTF ≤ {t.budget.rtf:g}",
+            _budget_text(t.budget),
         )
     return table
 
@@ -135,3 +135,13 @@ def check_table(lines: list, target: str) -> Table:
         colour = {"met": "green", "missed": "red"}.get(line.status, "yellow")
         table.add_row(line.budget, line.limit, line.measured, f"[{colour}]{line.status}[/]", line.reason)
     return table
+
+
+def _budget_text(budget) -> str:
+    parts = [
+        ("TTFT ≤ {} s", budget.ttft_s),
+        ("decode ≥ {} tok/s", budget.decode_tps),
+        ("RTF ≤ {}", budget.rtf),
+        ("peak ≤ {} GB", budget.peak_memory_gb),
+    ]
+    return ", ".join(text.format(f"{value:g}") for text, value in parts if value is not None) or "none"
