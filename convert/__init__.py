@@ -1,4 +1,4 @@
-"""Converters, one module per format, each `convert(source, step, dest) -> Artifact`.
+"""Converters, one module per format, each `convert(source, step, target, dest) -> Artifact`.
 
 They are imported only when used, so a missing optional backend fails with the extra to install.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeport.errors import EdgeportError
 
 # format -> (module, the pip extra that brings its backend)
-CONVERTERS = {"mlx": ("edgeport.convert.mlx", "mlx")}
+CONVERTERS = {"mlx": ("edgeport.convert.mlx", "mlx"), "onnx": ("edgeport.convert.onnx", "onnx")}
 
 
 @dataclass

@@ -11,9 +11,10 @@ from edgeport.convert import Artifact
 from edgeport.errors import EdgeportError
 from edgeport.plan import Step
 from edgeport.source import Source
+from edgeport.targets import Target
 
 
-def convert(source: Source, step: Step, dest: Path) -> Artifact:
+def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as an MLX model folder at `dest` (which must not exist), loadable by `mlx_lm.load`."""
     if source.family != "causal-lm":
         raise EdgeportError(f"{source.ref}: the MLX converter handles causal LMs, not {source.model_type}")

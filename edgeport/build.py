@@ -18,8 +18,9 @@ from edgeport.source import Source
 from edgeport.targets import Target
 
 
-def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = False) -> dict:
-    """Build every step of `plan` that fits and has a converter; return the manifest written to `out`."""
+def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = False, aihub: bool = False) -> dict:
+    """Build every step of `plan` that fits and has a converter; return the manifest written to `out`.
+    With `aihub`, the ONNX NPU graphs are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
     buildable, not_built = [], []
     for step in plan.steps:
         reason = (
@@ -37,6 +38,7 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
         reasons = "; ".join(f"{n['format']} {n['quantization']}: {n['reason']}" for n in not_built)
         raise EdgeportError(f"nothing to build for {target.name}: {reasons}")
     modules = {step.format: converter(step.format) for step in buildable}  # a missing backend fails before any work
+    hub_skipped = _aihub_skipped(target, buildable) if aihub else None
 
     reference = None
     built = []
@@ -44,7 +46,7 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
         for step in buildable:
             start = time.perf_counter()
             with report.step(f"Converting to {step.format} {step.quantization}"):
-                artifact = modules[step.format].convert(source, step, staging / step.format)
+                artifact = modules[step.format].convert(source, step, target, staging / step.format)
             artifact.details["convert_seconds"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
@@ -56,7 +58,38 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
                 runner, not_checked = parity_runner(step.format, artifact.path, quantized)
                 parity = measure(reference, runner, step.quantization, not_checked)
             parity.seconds = round(time.perf_counter() - start, 2)
+            if aihub and _npu_shape(step):
+                artifact.details["aihub"] = hub_skipped or _on_aihub(artifact, target, reference, step)
             built.append((artifact, parity))
         result = manifest.build(source, target, plan, built, not_built, staging)
         manifest.write(result, staging)
+    return result
+
+
+def _npu_shape(step) -> bool:
+    return step.format == "onnx" and bool(quantization.get(step.quantization, "onnx").activation_bits)
+
+
+def _aihub_skipped(target: Target, steps: list) -> dict | None:
+    """Checked before any work: bad --aihub input is an error; an unconfigured client only skips AI Hub."""
+    from edgeport.convert import aihub
+
+    if not target.aihub_device:
+        raise EdgeportError(f"--aihub: {target.name} names no Qualcomm AI Hub device (aihub_device in its profile)")
+    if not any(_npu_shape(step) for step in steps):
+        raise EdgeportError("--aihub: nothing for an NPU in this plan (AI Hub compiles the ONNX w8a16/w4a16 shape)")
+    reason = aihub.available(target.aihub_device)
+    if reason:
+        report.err.print(f"[yellow]{reason}; building the local artifacts only[/]")
+        return {"status": "not run", "device": target.aihub_device, "reason": reason}
+    return None
+
+
+def _on_aihub(artifact, target: Target, reference, step) -> dict:
+    from edgeport.convert import aihub
+
+    with report.step(f"Qualcomm AI Hub: {target.aihub_device}") as progress:
+        result = aihub.run(artifact.path, target.aihub_device, reference, step.quantization, progress)
+    if result["status"] != "passed":
+        report.err.print(f"[yellow]AI Hub: {result.get('reason') or 'device outputs outside the parity bounds'}[/]")
     return result

@@ -90,7 +90,7 @@ def targets_command(as_json: bool) -> None:
 @cli.command()
 @click.argument("model")
 @target_options
-@click.option("--formats", help="Comma-separated formats to plan (default: all the target runs).")
+@click.option("--formats", "-f", help="Comma-separated formats to plan (default: all the target runs).")
 @click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
 @source_options
 @json_option
@@ -114,10 +114,15 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
 @click.argument("model")
 @target_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (default: out/<model>-<target>).")
-@click.option("--formats", help="Comma-separated formats to build (default: all the target runs).")
+@click.option("--formats", "-f", help="Comma-separated formats to build (default: all the target runs).")
 @click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-parity-fail", is_flag=True, help="Exit 0 even when an artifact fails parity.")
+@click.option(
+    "--aihub",
+    is_flag=True,
+    help="Also compile, profile and run the NPU graphs on the target's Qualcomm AI Hub device (needs qai-hub configured).",
+)
 @source_options
 @json_option
 def convert(
@@ -129,6 +134,7 @@ def convert(
     quant,
     force,
     allow_parity_fail,
+    aihub,
     revision,
     allow_pickle,
     trust_remote_code,
@@ -149,7 +155,7 @@ def convert(
     the_plan = make_plan(source, target, _split(formats), quant)
     if not as_json:
         report.out.print(report.plan_table(the_plan))
-    result = build(source, target, the_plan, out, force=force)
+    result = build(source, target, the_plan, out, force=force, aihub=aihub)
     if as_json:
         _print_json(result)
     else:
@@ -182,7 +188,7 @@ def convert(
 def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
     """Measure an artifact of OUT summarizing: TTFT, prefill and decode tok/s, peak memory."""
     from edgeport.runtime import summarize
-    from edgeport.runtime.runners import bench_runner
+    from edgeport.runtime.runners import QNN_ABSENT, bench_runner
     from edgeport.texts import default_article
 
     found = manifest.read(out)
@@ -207,6 +213,8 @@ def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
             "workload cut for MLX's CPU build off a Mac (quantized matmuls at well under 1 token/s); "
             "a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs"
         )
+    if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
+        result["note"] = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
     _write_json(out / "bench.json", result)
     if as_json:
         _print_json(result)
@@ -263,6 +271,8 @@ def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
     if not candidates:
         have = ", ".join(a["format"] for a in found["artifacts"]) or "none"
         raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
+    if fmt is None and sys.platform != "darwin":  # off a Mac the ONNX CPU shape is the fast engine at hand
+        return next((a for a in candidates if a["details"].get("shape") == "cpu"), candidates[0])
     return candidates[0]
 
 

@@ -17,6 +17,7 @@ class Quantization:
     high_bits: int | None = None
     scale_bits: int = 16  # bits of scale (and bias, for MLX affine) stored per group
     judged_as: str | None = None  # the parity bounds that apply, when not this quantization's own
+    activation_bits: int | None = None  # set for static (QDQ) quantization of activations too, as NPUs run
 
     @property
     def bounds_key(self) -> str:
@@ -54,8 +55,8 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("int8-channel", ("coreml",), 8),
         Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
         Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
-        Quantization("w8a16", ("onnx",), 8),
-        Quantization("w4a16", ("onnx",), 4),
+        Quantization("w8a16", ("onnx",), 8, activation_bits=16),  # per-channel weights, 16-bit activations
+        Quantization("w4a16", ("onnx",), 4, activation_bits=16),
     )
 }
 

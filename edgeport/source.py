@@ -75,13 +75,16 @@ class Source:
 
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
-    def load_reference(self):
-        """The source model in transformers on the CPU in float32: the parity reference."""
+    def load_reference(self, **options):
+        """The source model in transformers on the CPU in float32: the parity reference. `options` go to
+        `from_pretrained` (e.g. attn_implementation)."""
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()  # edgeport's own spinner reports the step
         model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=self.trust_remote_code
+            self.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=self.trust_remote_code, **options
         )
         return model.eval()
 
@@ -156,7 +159,7 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:
-    folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}"
+    folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}-fp16"
     if not config_only and not (folder / "config.json").exists():
         _gguf_to_hf(file, folder)
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
@@ -192,6 +195,7 @@ def _gguf_to_hf(file: Path, folder: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         config = with_rope_theta(read_config(staging))
+        config.pop("quantization_config", None)  # the weights are float16 now; other tools would take them as GGUF
         (staging / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -1,5 +1,6 @@
 """One runner per format: next-token logits for parity, and a streamed generate for the bench."""
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
+
+CPU, QNN = "CPUExecutionProvider", "QNNExecutionProvider"
+QNN_ABSENT = "QNN execution provider not available"
 
 
 @dataclass
@@ -85,6 +89,170 @@ class MLXRunner:
             )
 
 
+class ONNXRunner:
+    """The ONNX CPU shape: onnxruntime-genai's generator for the bench, the bare graph on onnxruntime for logits."""
+
+    def __init__(self, path: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as e:
+            raise EdgeportError(f"running ONNX artifacts needs onnxruntime-genai: pip install 'edgeport[onnx]' ({e})") from e
+        self.path, self.og = path, og
+        self.model = og.Model(str(path))
+        self.tokenizer = _hf_tokenizer(path)
+        self.engine = f"onnxruntime-genai {og.__version__} (CPU)"
+        self._session = None
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import onnxruntime as ort
+
+        decoder = json.loads((self.path / "genai_config.json").read_text())["model"]["decoder"]
+        if self._session is None:
+            self._session = ort.InferenceSession(str(self.path / decoder["filename"]), providers=[CPU])
+        empty_past = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+        feeds = {}
+        for i in self._session.get_inputs():
+            dtype = np.float16 if "float16" in i.type else np.float32
+            if i.name == "input_ids":
+                feeds[i.name] = np.array([ids], np.int64)
+            elif i.name == "attention_mask":
+                feeds[i.name] = np.ones((1, len(ids)), np.int64)
+            elif i.name == "position_ids":
+                feeds[i.name] = np.arange(len(ids), dtype=np.int64)[None]
+            else:
+                feeds[i.name] = np.zeros(empty_past, dtype)
+        return self._session.run(["logits"], feeds)[0][0].astype(np.float32)
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + max_tokens, do_sample=False)
+        start = time.perf_counter()
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(prompt)
+        stream = _TokenClock(len(prompt), start)
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield stream.token(self.tokenizer.decode([token]))
+            if stream.generated >= max_tokens:
+                break
+
+
+class StaticKVRunner:
+    """The ONNX NPU shape: `prefill.onnx` over a fixed chunk and `decode.onnx` over one token, both reading the
+    fixed-length KV cache this loop keeps, as an app on the device does. With `npu`, onnxruntime's QNN EP (HTP
+    backend) runs it where onnxruntime-qnn provides one; the CPU EP otherwise, and always here."""
+
+    def __init__(self, path: Path, npu: bool = False):
+        import onnxruntime as ort
+
+        npu = json.loads((path / "npu.json").read_text())
+        self.prefill_chunk, self.context = npu["prefill_chunk"], npu["context_length"]
+        self.layers, self.mask_value = npu["layers"], npu["mask_value"]
+        self.cache_shape = (npu["layers"], 2, 1, npu["kv_heads"], npu["context_length"], npu["head_dim"])
+        providers = [CPU]
+        if npu and QNN in ort.get_available_providers():
+            backend = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
+            providers.insert(0, (QNN, {"backend_path": backend}))
+        self.sessions = {
+            self.prefill_chunk: ort.InferenceSession(str(path / "prefill.onnx"), providers=providers),
+            1: ort.InferenceSession(str(path / "decode.onnx"), providers=providers),
+        }
+        self.providers = self.sessions[1].get_providers()  # what onnxruntime actually took
+        self.tokenizer = _hf_tokenizer(path)
+        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]}), static KV cache"
+        self.record = None  # calibration: told (width, feeds) of every call
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.reset()
+        return np.concatenate([self._call(ids[i : i + self.prefill_chunk], self.prefill_chunk)
+                               for i in range(0, len(ids), self.prefill_chunk)])
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        self.reset()
+        start = time.perf_counter()
+        for i in range(0, len(prompt), self.prefill_chunk):
+            logits = self._call(prompt[i : i + self.prefill_chunk], self.prefill_chunk)
+        stream = _TokenClock(len(prompt), start)
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            yield stream.token(self.tokenizer.decode([token]))
+            if token == self.tokenizer.eos_token_id or stream.generated >= max_tokens:
+                break
+            logits = self._call([token], 1)
+
+    def feeds(self, tokens: list[int], width: int) -> dict[str, np.ndarray]:
+        """The inputs of the graph of `width` for `tokens` (padded to it) after the cache's filled positions."""
+        n = self.filled
+        if n + width > self.context:
+            raise EdgeportError(f"the static KV cache holds {self.context} tokens; this call needs {n + width}")
+        past = self.context - width
+        mask = np.full((1, 1, width, self.context), self.mask_value, np.float32)
+        mask[..., :n] = 0  # the tokens already in the cache
+        mask[0, 0][:, past:] = np.where(np.tri(width, dtype=bool), 0, self.mask_value)  # causal among the new
+        feeds = {
+            "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
+            "position_ids": np.arange(n, n + width, dtype=np.int32)[None],
+            "attention_mask": mask,
+        }
+        for layer in range(self.layers):
+            feeds[f"past_key_{layer}"] = self.cache[layer, 0, ..., :past, :]
+            feeds[f"past_value_{layer}"] = self.cache[layer, 1, ..., :past, :]
+        return feeds
+
+    def _call(self, tokens: list[int], width: int) -> np.ndarray:
+        """Run the graph of `width` on `tokens`; write their keys and values into the cache."""
+        feeds = self.feeds(tokens, width)
+        if self.record:
+            self.record(width, {k: v.copy() for k, v in feeds.items()})
+        logits, *new = self.sessions[width].run(None, feeds)
+        n, real = self.filled, len(tokens)
+        for layer in range(self.layers):
+            self.cache[layer, 0, ..., n : n + real, :] = new[2 * layer][..., :real, :]
+            self.cache[layer, 1, ..., n : n + real, :] = new[2 * layer + 1][..., :real, :]
+        self.filled += real
+        return logits[0, :real]
+
+    def reset(self) -> None:
+        self.cache = np.zeros(self.cache_shape, np.float32)
+        self.filled = 0
+
+
+class _TokenClock:
+    """Turns a stream of generated tokens into Tokens with TTFT, prefill and decode rates; memory is the
+    process's peak RSS (onnxruntime reports none of its own)."""
+
+    def __init__(self, prompt_tokens: int, start: float):
+        self.prompt_tokens, self.start = prompt_tokens, start
+        self.generated = 0
+        self.first_at = 0.0
+
+    def token(self, text: str) -> Token:
+        from edgeport.runtime.summarize import peak_rss_bytes
+
+        elapsed = time.perf_counter() - self.start
+        self.generated += 1
+        if self.generated == 1:
+            self.first_at = elapsed
+        decode_time = elapsed - self.first_at
+        return Token(
+            text,
+            elapsed,
+            self.prompt_tokens,
+            self.prompt_tokens / self.first_at if self.first_at else 0.0,
+            self.generated,
+            (self.generated - 1) / decode_time if decode_time > 0 else 0.0,
+            peak_rss_bytes() / 1e9,
+        )
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def parity_runner(artifact_format: str, path: Path, quantized: bool):
     """The runner parity uses for an artifact on this platform, and what that leaves unchecked here."""
     if artifact_format == "mlx":
@@ -96,10 +264,19 @@ def parity_runner(artifact_format: str, path: Path, quantized: bool):
                 "measured dequantized to float32 on MLX's CPU backend)"
             )
         return MLXRunner(path), "MLX on Metal (measured on MLX's CPU backend)"
+    if artifact_format == "onnx":
+        if not (path / "npu.json").exists():
+            return ONNXRunner(path), None
+        runner = StaticKVRunner(path, npu=True)
+        if runner.providers[0] != QNN:
+            return runner, f"{QNN_ABSENT} (the QDQ graphs ran on onnxruntime's CPU EP, the numerics QNN reproduces)"
+        return runner, None
     raise EdgeportError(f"no runner for {artifact_format} artifacts in this version")
 
 
 def bench_runner(artifact_format: str, path: Path):
     if artifact_format == "mlx":
         return MLXRunner(path)
+    if artifact_format == "onnx":
+        return StaticKVRunner(path, npu=True) if (path / "npu.json").exists() else ONNXRunner(path)
     raise EdgeportError(f"no runner for {artifact_format} artifacts in this version")

@@ -52,6 +52,7 @@ class Target:
     formats: tuple[FormatPreference, ...]
     budget: Budget
     measured: bool = False  # figures measured on this machine rather than taken from a spec sheet
+    aihub_device: str | None = None  # the Qualcomm AI Hub device that stands for this target
 
     @property
     def usable_ram_gb(self) -> float:
@@ -142,6 +143,7 @@ def parse(data: dict, source: str) -> Target:
         tflops={unit: float(v) for unit, v in tflops.items()},
         context_length=need(data, "context_length", int),
         formats=tuple(formats),
+        aihub_device=_optional_string(data, "aihub_device", source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),
@@ -150,6 +152,13 @@ def parse(data: dict, source: str) -> Target:
             peak_memory_gb=optional("peak_memory_gb"),
         ),
     )
+
+
+def _optional_string(data: dict, key: str, source: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise EdgeportError(f"{source}: field {key} must be a string")
+    return value
 
 
 def _measure_host(target: Target) -> Target:

@@ -104,6 +104,6 @@ def test_check_before_any_bench(fp16_output):
 @pytest.fixture(scope="module")
 def fp16_output(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("o") / "fp16"
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out))
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
     assert code == 0, err
     return out

@@ -13,7 +13,9 @@ from edgeport.runtime.runners import MLXRunner
 
 
 def convert(model, out, *extra):
-    code, stdout, err = run_cli("convert", str(model), "-t", "host", "--out", str(out), "--json", *extra)
+    code, stdout, err = run_cli(
+        "convert", str(model), "-t", "host", "--formats", "mlx", "--out", str(out), "--json", *extra
+    )
     assert code == 0, err
     return json.loads(stdout)
 
@@ -110,7 +112,7 @@ def test_force_replaces_and_an_interrupted_run_leaves_nothing(tiny_llama, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mlx_converter.mlx_lm, "convert", interrupted)
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--out", str(tmp_path / "new"))
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--out", str(tmp_path / "new"))
     assert code == 130 and "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -143,11 +145,11 @@ def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path
 
     monkeypatch.setitem(parity.BOUNDS, "fp16", parity.Bounds(top1_agreement=1.01, kl_mean=0.0, ppl_delta=0.0))
     out = tmp_path / "out"
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out))
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
     assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
     assert manifest.read(out)["artifacts"][0]["parity"]["status"] == "failed"
     code, _, _ = run_cli(
-        "convert", str(tiny_llama), "-t", "host", "--quant", "fp16", "--out", str(out), "--force", "--allow-parity-fail"
+        "convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out), "--force", "--allow-parity-fail"
     )
     assert code == 0
 
@@ -159,4 +161,4 @@ def test_another_group_size(tiny_llama, tmp_path):
     artifact = result["artifacts"][0]
     assert artifact["quantization"] == "q4-g32" and artifact["parity"]["bounds"]["top1_agreement"] == 0.5
     code, _, err = run_cli("plan", str(tiny_llama), "-t", "host", "--quant", "q4-g48")
-    assert code == 1 and "--quant q4-g48: not available for mlx" in err
+    assert code == 1 and "--quant q4-g48: not available for onnx, mlx" in err

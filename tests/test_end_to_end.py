@@ -57,3 +57,17 @@ def test_bench_measures_and_check_decides(converted):
     verdict = json.loads(stdout)
     assert code == (0 if verdict["met"] else 1)
     assert {line["budget"] for line in verdict["lines"]} == {"time to first token", "decode", "peak memory"}
+
+
+@pytest.mark.parametrize("target, quant", [("host", "int4-block32"), ("snapdragon-8-gen-3", "w8a16")])
+def test_onnx_artifacts_of_the_fixture_are_within_parity_bounds(target, quant, fixture_gguf, tmp_path):
+    out = tmp_path / target
+    code, stdout, err = run_cli("convert", str(fixture_gguf), "-t", target, "-f", "onnx", "--out", str(out), "--json")
+    assert code == 0, err
+    (artifact,) = json.loads(stdout)["artifacts"]
+    assert (artifact["format"], artifact["quantization"]) == ("onnx", quant)
+    assert artifact["parity"]["status"] == "passed", artifact["parity"]["failures"]
+    code, stdout, err = run_cli("bench", str(out), "--prompt-tokens", "256", "--max-tokens", "16", "--runs", "1", "--json")
+    assert code == 0, err
+    (result,) = json.loads(stdout)["results"]
+    assert result["decode_tps"] > 1 and result["new_tokens"] == 16

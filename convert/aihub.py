@@ -1,0 +1,125 @@
+"""Qualcomm AI Hub for the ONNX NPU shape: compile each graph to a QNN context binary for the target's device,
+profile it there, and run the parity prompts on the device against the source's logits.
+
+Everything goes through the `qai_hub` client, configured by the user (`qai-hub configure --api_token ...`
+writes ~/.qai_hub/client.ini). edgeport never reads, prints or stores the token.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import qai_hub as hub
+
+from edgeport.errors import EdgeportError
+from edgeport.parity import BOUNDS, kl_divergence
+from edgeport.quantization import lookup
+
+GRAPHS = ("prefill", "decode")
+COMPILE_OPTIONS = "--target_runtime qnn_context_binary"
+NOT_CONFIGURED = (
+    "Qualcomm AI Hub is not configured: run `qai-hub configure --api_token <your token>` "
+    "(from https://aihub.qualcomm.com, Account > Settings) and convert again with --aihub"
+)
+
+
+def available(device_name: str) -> str | None:
+    """None when the client is configured and knows `device_name`; otherwise why AI Hub cannot be used."""
+    try:
+        devices = hub.get_devices(name=device_name)
+    except hub.UserError:
+        return NOT_CONFIGURED  # the client's own message may quote its configuration: not repeated
+    except Exception as e:  # the client wraps network failures in several types
+        return f"Qualcomm AI Hub could not be reached ({type(e).__name__})"
+    if not devices:
+        return f"Qualcomm AI Hub has no device named '{device_name}'"
+    return None
+
+
+def run(artifact_dir: Path, device_name: str, reference, quantization: str, progress) -> dict:
+    """Compile, profile and run the NPU graphs in `artifact_dir` on `device_name`; the binaries are downloaded
+    into `artifact_dir/aihub/`. Returns what the manifest records, a failed job included."""
+    result = {"device": device_name, "status": "failed", "jobs": {}, "profile": {}, "binaries": []}
+    try:
+        _run(artifact_dir, hub.Device(device_name), reference, quantization, progress, result)
+    except EdgeportError as e:  # the local artifact stands; the manifest says what happened on AI Hub
+        result["reason"] = str(e)
+    return result
+
+
+def _run(artifact_dir: Path, device, reference, quantization: str, progress, result: dict) -> None:
+    from edgeport.runtime.runners import StaticKVRunner
+
+    device_name = device.name
+    out = artifact_dir / "aihub"
+    out.mkdir()
+    targets = {}
+    for graph in GRAPHS:
+        progress(f"AI Hub: compiling {graph} for {device_name}")
+        job = hub.submit_compile_job(
+            model=str(artifact_dir / f"{graph}.onnx"),
+            device=device,
+            name=f"edgeport {artifact_dir.parent.name} {graph}",
+            options=COMPILE_OPTIONS,
+        )
+        result["jobs"][f"compile_{graph}"] = _job(job)
+        _wait(job, f"compiling {graph}")
+        targets[graph] = job.get_target_model()
+        binary = out / f"{graph}.bin"
+        targets[graph].download(str(binary))
+        result["binaries"].append(str(binary.relative_to(artifact_dir)))
+
+        progress(f"AI Hub: profiling {graph} on {device_name}")
+        job = hub.submit_profile_job(model=targets[graph], device=device, name=f"edgeport {graph} profile")
+        result["jobs"][f"profile_{graph}"] = _job(job)
+        _wait(job, f"profiling {graph}")
+        result["profile"][graph] = _profile_summary(job.download_profile())
+
+    progress(f"AI Hub: running the parity prompts on {device_name}")
+    runner = StaticKVRunner(artifact_dir)
+    inputs, lengths = {}, []
+    for ids in reference.inputs:
+        runner.reset()
+        tokens = ids[: runner.prefill_chunk]
+        lengths.append(len(tokens))
+        for name, value in runner.feeds(tokens, runner.prefill_chunk).items():
+            inputs.setdefault(name, []).append(value)
+    job = hub.submit_inference_job(model=targets["prefill"], device=device, inputs=inputs, name="edgeport parity")
+    result["jobs"]["inference_prefill"] = _job(job)
+    _wait(job, "running the parity prompts")
+    outputs = job.download_output_data()
+    result["inference"] = _compare(outputs["logits"], reference.logits, lengths, quantization)
+    result["status"] = result["inference"]["status"]
+
+
+def _job(job) -> dict:
+    return {"id": job.job_id, "url": job.url}
+
+
+def _wait(job, what: str) -> None:
+    status = job.wait()
+    if not status.success:
+        raise EdgeportError(f"AI Hub job {job.job_id} failed {what}: {status.message} (see {job.url})")
+
+
+def _profile_summary(profile: dict) -> dict:
+    summary = profile.get("execution_summary", {})
+    units = Counter(layer.get("compute_unit", "unknown") for layer in profile.get("execution_detail", []))
+    peak = summary.get("inference_memory_peak_range")
+    latency_us = summary.get("estimated_inference_time")
+    return {
+        "latency_ms": latency_us / 1000 if isinstance(latency_us, int | float) else None,
+        "peak_memory_mb": [round(v / 1e6, 1) for v in peak] if isinstance(peak, tuple | list) else None,
+        "layers_per_compute_unit": dict(units),
+    }
+
+
+def _compare(device_logits: list, reference_logits: list, lengths: list[int], quantization: str) -> dict:
+    """The device's logits against the source's on the same prompts, judged by the parity table."""
+    ref = np.concatenate([r[:n] for r, n in zip(reference_logits, lengths)])
+    got = np.concatenate([np.asarray(d)[0, :n] for d, n in zip(device_logits, lengths)]).astype(np.float32)
+    top1 = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
+    kl = round(float(np.mean(kl_divergence(ref, got))), 5)
+    bounds = BOUNDS[lookup(quantization).bounds_key]
+    passed = top1 >= bounds.top1_agreement and kl <= bounds.kl_mean
+    return {"tokens": int(ref.shape[0]), "top1_agreement": top1, "kl_mean": kl, "status": "passed" if passed else "failed"}

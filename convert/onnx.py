@@ -1,0 +1,332 @@
+"""Causal LM -> ONNX, in the shape the target's compute unit runs.
+
+- CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
+  MatMulNBits weights and the genai_config.json its generator runs.
+- NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported twice from transformers,
+  as `prefill.onnx` over PREFILL_CHUNK tokens and `decode.onnx` over one, both reading a fixed-length KV cache
+  that the app keeps (the graphs return only the new keys and values). Both are then QDQ-quantized for QNN with
+  onnxruntime's QNN helpers, calibrated on real text. `npu.json` records the shapes and names.
+"""
+
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from importlib.metadata import version
+from importlib.util import find_spec
+from pathlib import Path
+
+import onnxruntime
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+from transformers import DynamicCache
+
+from edgeport import quantization
+from edgeport.convert import Artifact
+from edgeport.errors import EdgeportError
+from edgeport.plan import Step
+from edgeport.source import Source
+from edgeport.targets import Target
+
+OPSET = 21
+PREFILL_CHUNK = 128  # tokens per prefill call of the NPU shape
+MASK_VALUE = -100.0  # additive mask for hidden positions: small enough to vanish in softmax, kind to 16-bit scales
+CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
+CALIBRATION_DECODE_STEPS = 16
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
+
+
+def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
+    """Write `source` as ONNX at `dest` (which must not exist): the NPU shape for a w*a16 quantization, else the
+    CPU shape."""
+    if source.family != "causal-lm":
+        raise EdgeportError(f"{source.ref}: the ONNX converter handles causal LMs, not {source.model_type}")
+    quant = quantization.get(step.quantization, "onnx")
+    if quant.activation_bits:
+        details = _npu_shape(source, quant, target.context_length, dest)
+    else:
+        details = _cpu_shape(source, quant, dest)
+    import onnxruntime
+
+    details.update(onnxruntime=onnxruntime.__version__)
+    return Artifact("onnx", quant.name, dest, _engine(quant), details)
+
+
+def _engine(quant) -> str:
+    if quant.activation_bits:
+        return f"torch.onnx {torch.__version__} + onnxruntime.quantization {onnxruntime.__version__} (QNN QDQ)"
+    return f"onnxruntime-genai builder {version('onnxruntime-genai')}"
+
+
+def _cpu_shape(source: Source, quant, dest: Path) -> dict:
+    """onnxruntime-genai's model builder, run as its own process: it keeps its memory out of ours, and its
+    command line is its documented interface."""
+    if find_spec("onnxruntime_genai") is None:
+        raise EdgeportError("the ONNX CPU shape needs onnxruntime-genai's builder: pip install 'edgeport[onnx]'")
+    options = ["hf_token=false", f"hf_remote={'true' if source.trust_remote_code else 'false'}"]
+    if quant.bits:
+        options += [f"block_size={quant.group_size}", "accuracy_level=4"]  # int8 activations in the CPU kernels
+    with tempfile.TemporaryDirectory(prefix="edgeport-ortgenai-") as cache:
+        command = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(source.path),
+            "-o",
+            str(dest),
+            "-p",
+            BUILDER_PRECISION[quant.name],
+            "-e",
+            "cpu",
+            "-c",
+            cache,
+            "--extra_options",
+            *options,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+    log = (done.stdout + done.stderr).strip().splitlines()
+    if done.returncode != 0:
+        last = next((line for line in reversed(log) if line.strip()), "no output")
+        raise EdgeportError(f"{source.ref}: onnxruntime-genai's builder could not convert it ({last.strip()})")
+    return {"shape": "cpu", "opset": _opset(dest / "model.onnx"), "builder_log_tail": log[-5:]}
+
+
+def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers import qnn
+
+    from edgeport.runtime.runners import StaticKVRunner
+
+    if context_length <= PREFILL_CHUNK:
+        raise EdgeportError(f"a static KV cache needs a context longer than the {PREFILL_CHUNK}-token prefill chunk")
+    weight_type = QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4
+    dest.mkdir()
+    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, _quiet():  # the quantizer's advice
+        float_dir = Path(tmp)
+        npu = _export_static(source, context_length, float_dir)
+        _copy_tokenizer(source.path, float_dir)
+        calibration = _calibration_feeds(StaticKVRunner(float_dir))
+        for graph, width in (("prefill", npu["prefill_chunk"]), ("decode", 1)):
+            exported, prepared = float_dir / f"{graph}.onnx", float_dir / f"{graph}.prepared.onnx"
+            if not qnn.qnn_preprocess_model(exported, prepared):  # it writes only what it changed
+                prepared = exported
+            config = qnn.get_qnn_qdq_config(
+                prepared,
+                _Reader(calibration[width]),
+                activation_type=QuantType.QUInt16,
+                weight_type=weight_type,
+                per_channel=True,
+                init_overrides=_sensitive_layers(prepared, quant),
+                stride=1,  # one calibration sample in memory at a time
+            )
+            quantize(prepared, dest / f"{graph}.onnx", config)
+    _copy_tokenizer(source.path, dest)
+    npu.update(
+        weights=f"{quant.bits}-bit per channel" + (", output projection 8-bit" if quant.bits < 8 else ""),
+        activations=f"{quant.activation_bits}-bit",
+        opset=_opset(dest / "decode.onnx"),
+    )
+    (dest / "npu.json").write_text(json.dumps(npu, indent=2))
+    return {
+        "shape": "npu",
+        "calibration": f"{CALIBRATION_CHUNKS} prefill chunks and {CALIBRATION_DECODE_STEPS} decode steps of "
+        "Python's reference docs",
+        **npu,
+    }
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's tracer warnings and the quantizer's advice go to the log, not the user's terminal."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _export_static(source: Source, context_length: int, folder: Path) -> dict:
+    """Export the float prefill and decode graphs into `folder`; return the description both share."""
+    model = source.load_reference(attn_implementation="eager")  # plain MatMul/Softmax: what QNN maps well
+    _fuse_rms_norms(model)
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    new = [f"new_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    step = StaticStep(model)
+    for graph, width in (("prefill", PREFILL_CHUNK), ("decode", 1)):
+        example = (
+            torch.zeros(1, width, dtype=torch.int32),
+            torch.zeros(1, width, dtype=torch.int32),
+            torch.zeros(1, 1, width, context_length),
+            *[torch.zeros(1, kv_heads, context_length - width, head_dim) for _ in past],
+        )
+        with torch.no_grad(), _quiet():  # tracer warnings about transformers' cache internals
+            torch.onnx.export(
+                step,
+                example,
+                str(folder / f"{graph}.onnx"),
+                input_names=["input_ids", "position_ids", "attention_mask", *past],
+                output_names=["logits", *new],
+                opset_version=OPSET,
+                dynamo=False,  # the TorchScript exporter keeps the static shapes as given
+            )
+        _annotate_shapes(folder / f"{graph}.onnx")
+    npu = {
+        "prefill_chunk": PREFILL_CHUNK,
+        "context_length": context_length,
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": config.vocab_size,
+        "mask_value": MASK_VALUE,
+        "inputs": ["input_ids", "position_ids", "attention_mask", "past_{key,value}_<layer>"],
+        "outputs": ["logits", "new_{key,value}_<layer>"],
+        "cache": "the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
+        "first context_length - W positions and returns W new ones to write after the n already filled",
+    }
+    (folder / "npu.json").write_text(json.dumps(npu, indent=2))
+    return npu
+
+
+def _annotate_shapes(model_file: Path) -> None:
+    """Record every tensor's type and shape in the graph: the calibrator picks the tensors it measures from them,
+    and ONNX's own inference stops at SimplifiedLayerNormalization, which onnxruntime's inference knows."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(model_file, load_external_data=False)
+    onnx.save(SymbolicShapeInference.infer_shapes(model, auto_merge=True), model_file)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    @staticmethod
+    def symbolic(g, x, weight, eps):
+        out = g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        return out.setType(x.type())  # ONNX's shape inference does not know the op; the quantizer needs the type
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """transformers' RMSNorm exported as one SimplifiedLayerNormalization node, which onnxruntime's CPU and QNN EPs
+    run. Left as Pow/ReduceMean/Sqrt, its squared activations span a range no 16-bit scale holds."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, float(norm.variance_epsilon)
+
+    def forward(self, x):
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+def _fuse_rms_norms(model: torch.nn.Module) -> None:
+    """Swap every Llama-style RMSNorm (weight x normalized input) for FusedRMSNorm, in place."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, FusedRMSNorm(module))
+
+
+class StaticStep(torch.nn.Module):
+    """transformers' model over a given past: the cache is filled from the inputs, the new entries returned."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(
+            input_ids=input_ids.long(),
+            position_ids=position_ids.long(),
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        width = input_ids.shape[1]
+        new = [t[:, :, -width:] for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *new)
+
+
+def _calibration_feeds(runner) -> dict[int, list[dict]]:
+    """The inputs each float graph sees while prefilling a real summary request and decoding from it, by call
+    width. The chat template matters: its first tokens carry the largest activations (attention sinks), and a
+    range calibrated without them would clip them."""
+    from edgeport.runtime.summarize import summary_prompt
+    from edgeport.texts import default_article
+
+    chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
+    prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
+    feeds: dict[int, list[dict]] = {}
+    runner.record = lambda width, feed: feeds.setdefault(width, []).append(feed)
+    for _ in runner.generate(prompt, CALIBRATION_DECODE_STEPS + 1):
+        pass
+    runner.record = None
+    return feeds
+
+
+class _Reader(CalibrationDataReader):
+    """Recorded feeds as onnxruntime's calibration reader, a `stride` of them at a time."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+        self.pending = iter(feeds)
+
+    def get_next(self) -> dict | None:
+        return next(self.pending, None)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.pending = iter(self.feeds[start_index:end_index])
+
+
+def _sensitive_layers(model_file: Path, quant) -> dict:
+    """At 4 bits the output projection keeps 8-bit weights: it is the layer that hurts most when squeezed."""
+    if quant.bits >= 8:
+        return {}
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+
+    graph = onnx.load(model_file, load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    head = next((n for n in graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")), None)
+    weights = [name for name in (head.input if head else []) if name in initializers]
+    return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
+
+
+def _opset(model_file: Path) -> int:
+    import onnx
+
+    model = onnx.load(model_file, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _copy_tokenizer(model_folder: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (model_folder / name).exists():
+            shutil.copy2(model_folder / name, dest / name)

@@ -1,0 +1,162 @@
+"""`convert --aihub` against a fake `qai_hub` module: the client boundary is replaced, everything else is real.
+
+The fake records every call, returns job objects shaped like the client's, and answers the inference job by
+running the uploaded QDQ graph with onnxruntime, so the device comparison is computed for real.
+"""
+
+import json
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import qai_hub
+from conftest import run_cli
+
+from edgeport.convert import aihub
+
+SECRET = "qaihub-secret-token-0123456789"
+
+
+class FakeStatus:
+    def __init__(self, success=True, message=""):
+        self.success, self.message = success, message
+
+
+class FakeJob:
+    def __init__(self, hub, kind, model, fail=False):
+        hub.count += 1
+        self.job_id, self.url = f"j{kind[0]}{hub.count}", f"https://app.aihub.qualcomm.com/jobs/j{hub.count}/"
+        self.model, self.fail, self.outputs = model, fail, None
+
+    def wait(self):
+        return FakeStatus(not self.fail, "compilation failed: op not supported" if self.fail else "")
+
+    def get_target_model(self):
+        return FakeTargetModel(self.model)
+
+    def download_profile(self):
+        return {
+            "execution_summary": {"estimated_inference_time": 12345, "inference_memory_peak_range": (10_000_000, 20_000_000)},
+            "execution_detail": [{"name": "a", "compute_unit": "NPU"}, {"name": "b", "compute_unit": "NPU"},
+                                 {"name": "c", "compute_unit": "CPU"}],
+        }
+
+    def download_output_data(self):
+        return self.outputs
+
+
+class FakeTargetModel:
+    def __init__(self, onnx_file):
+        self.onnx_file = onnx_file
+
+    def download(self, filename):
+        with open(filename, "wb") as f:
+            f.write(b"QNN context binary for " + self.onnx_file.encode())
+        return filename
+
+
+def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (Family)",)):
+    hub = types.SimpleNamespace(count=0, calls=[], UserError=qai_hub.UserError)
+
+    def get_devices(name=""):
+        hub.calls.append(("get_devices", name))
+        if not configured:
+            raise qai_hub.UserError(f"Failed to load client configuration file (api_token = {SECRET})")
+        return [types.SimpleNamespace(name=d) for d in devices if d == name]
+
+    def submit_compile_job(model, device, name, options):
+        hub.calls.append(("compile", model, device.name, options))
+        return FakeJob(hub, "compile", model, fail=fail_compile)
+
+    def submit_profile_job(model, device, name):
+        hub.calls.append(("profile", model.onnx_file, device.name))
+        return FakeJob(hub, "profile", model.onnx_file)
+
+    def submit_inference_job(model, device, inputs, name):
+        hub.calls.append(("inference", model.onnx_file, device.name))
+        job = FakeJob(hub, "inference", model.onnx_file)
+        session = ort.InferenceSession(model.onnx_file)
+        count = len(inputs["input_ids"])
+        job.outputs = {"logits": [session.run(["logits"], {k: v[i] for k, v in inputs.items()})[0] for i in range(count)]}
+        return job
+
+    hub.get_devices = get_devices
+    hub.submit_compile_job = submit_compile_job
+    hub.submit_profile_job = submit_profile_job
+    hub.submit_inference_job = submit_inference_job
+    hub.Device = lambda name: types.SimpleNamespace(name=name)
+    return hub
+
+
+def convert(model, out, *extra):
+    return run_cli("convert", str(model), "-t", "snapdragon-8-gen-3", "--out", str(out), "--aihub", "--json", *extra)
+
+
+def test_compiles_profiles_and_runs_each_graph_on_the_targets_device(tiny_llama, tmp_path, monkeypatch):
+    hub = fake_hub()
+    monkeypatch.setattr(aihub, "hub", hub)
+    code, stdout, err = convert(tiny_llama, tmp_path / "o")
+    assert code == 0, err
+    (artifact,) = json.loads(stdout)["artifacts"]
+    result = artifact["details"]["aihub"]
+    assert result["status"] == "passed" and result["device"] == "Samsung Galaxy S24 (Family)"
+    kinds = [c[0] for c in hub.calls]
+    assert kinds == ["get_devices", "compile", "profile", "compile", "profile", "inference"]
+    compiles = [c for c in hub.calls if c[0] == "compile"]
+    assert [c[1].rsplit("/", 1)[1] for c in compiles] == ["prefill.onnx", "decode.onnx"]
+    assert all(c[3] == "--target_runtime qnn_context_binary" for c in compiles)
+    assert set(result["jobs"]) == {"compile_prefill", "profile_prefill", "compile_decode", "profile_decode", "inference_prefill"}
+    assert result["profile"]["decode"] == {
+        "latency_ms": 12.345,
+        "peak_memory_mb": [10.0, 20.0],
+        "layers_per_compute_unit": {"NPU": 2, "CPU": 1},
+    }
+    assert result["inference"]["top1_agreement"] > 0.9 and result["inference"]["tokens"] > 10
+    files = {f["path"] for f in artifact["files"]}
+    assert {"onnx/aihub/prefill.bin", "onnx/aihub/decode.bin"} <= files  # downloaded and hashed
+
+
+def test_without_a_configured_client_the_local_artifacts_are_still_built(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(aihub, "hub", fake_hub(configured=False))
+    code, stdout, err = convert(tiny_llama, tmp_path / "o")
+    assert code == 0, err
+    assert "qai-hub configure --api_token" in err and SECRET not in err + stdout
+    (artifact,) = json.loads(stdout)["artifacts"]
+    assert artifact["details"]["aihub"]["status"] == "not run"
+    assert SECRET not in (tmp_path / "o" / "manifest.json").read_text()
+    assert (tmp_path / "o" / "onnx" / "prefill.onnx").exists()
+
+
+def test_the_real_client_without_configuration_is_reported_not_raised(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "missing.ini"))
+    assert aihub.available("Samsung Galaxy S24 (Family)") == aihub.NOT_CONFIGURED
+
+
+def test_a_failed_job_is_recorded_and_the_build_kept(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(aihub, "hub", fake_hub(fail_compile=True))
+    code, stdout, err = convert(tiny_llama, tmp_path / "o")
+    assert code == 0, err
+    result = json.loads(stdout)["artifacts"][0]["details"]["aihub"]
+    assert result["status"] == "failed" and "op not supported" in result["reason"]
+    assert "compile_prefill" in result["jobs"]
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [("m2-air", "names no Qualcomm AI Hub device"), ("snapdragon-8-gen-3", "has no device named")],
+)
+def test_bad_aihub_requests(target, message, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(aihub, "hub", fake_hub(devices=()))
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", target, "--out", str(tmp_path / "o"), "--aihub")
+    if target == "m2-air":
+        assert code == 1 and message in err and not (tmp_path / "o").exists()
+    else:
+        assert code == 0 and message in err
+
+
+def test_device_logits_outside_the_bounds_fail():
+    ref = [np.eye(5, dtype=np.float32)[[0, 1, 2]] * 10]
+    wrong = [np.eye(5, dtype=np.float32)[[3, 4, 3]][None] * 10]
+    assert aihub._compare(wrong, ref, [3], "w8a16")["status"] == "failed"
+    assert aihub._compare([ref[0][None]], ref, [3], "w8a16")["status"] == "passed"

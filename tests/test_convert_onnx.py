@@ -1,0 +1,165 @@
+"""ONNX conversion for real on tiny models: the CPU shape through onnxruntime-genai's builder, the static NPU shape
+exported from transformers and QDQ-quantized for QNN, both run on onnxruntime's CPU EP."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_cli
+from transformers import AutoModelForCausalLM
+
+from edgeport import manifest
+from edgeport.convert import onnx as onnx_convert
+from edgeport.runtime.runners import QNN_ABSENT, ONNXRunner, StaticKVRunner
+from edgeport.source import open_source
+
+
+def convert(model, out, target, *extra):
+    code, stdout, err = run_cli("convert", str(model), "-t", target, "--out", str(out), "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+@pytest.fixture(scope="module")
+def cpu_output(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "cpu"
+    return out, convert(tiny_llama, out, "host", "--formats", "onnx")
+
+
+@pytest.fixture(scope="module", params=["w8a16", "w4a16"])
+def npu_output(request, tiny_llama, tmp_path_factory):
+    target = {"w8a16": "snapdragon-8-gen-3", "w4a16": "snapdragon-8-elite"}[request.param]
+    out = tmp_path_factory.mktemp("onnx") / request.param
+    return out, convert(tiny_llama, out, target)
+
+
+@pytest.fixture(scope="module")
+def float_static(tiny_llama, tmp_path_factory):
+    """The float prefill and decode graphs before quantization, at a short context."""
+    folder = tmp_path_factory.mktemp("static")
+    onnx_convert._export_static(open_source(str(tiny_llama)), 256, folder)
+    onnx_convert._copy_tokenizer(tiny_llama, folder)
+    return folder
+
+
+def reference_logits(model_folder, ids):
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_cpu_shape_is_the_genai_builders_model_and_matches_the_source(cpu_output):
+    out, result = cpu_output
+    (artifact,) = result["artifacts"]
+    assert (artifact["format"], artifact["quantization"], artifact["details"]["shape"]) == ("onnx", "int4-block32", "cpu")
+    assert artifact["engine"].startswith("onnxruntime-genai builder")
+    assert artifact["parity"]["status"] == "passed" and artifact["parity"]["not_checked"] == []
+    graph = onnx.load(out / "onnx" / "model.onnx", load_external_data=False).graph
+    # per layer: fused qkv, o, gate, up, down; and the output projection
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 5 + 1
+    nbits = next(n for n in graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: a.i for a in nbits.attribute}["block_size"] == 32
+    assert artifact["details"]["opset"] >= 17 and artifact["details"]["onnxruntime"]
+    assert manifest.verify_files(result, out) == []
+
+
+def test_cpu_runner_generates_what_the_logits_predict(cpu_output, tiny_llama):
+    out, _ = cpu_output
+    runner = ONNXRunner(out / "onnx")
+    prompt = runner.tokenizer.encode("It was the best of times")
+    tokens = list(runner.generate(prompt, 6))
+    assert len(tokens) == 6 and tokens[-1].generated == 6 and tokens[-1].prompt_tokens == len(prompt)
+    assert tokens[0].elapsed_s > 0 and tokens[-1].generation_tps > 0
+    first = int(np.argmax(runner.logits(prompt)[-1]))  # greedy: the first token is the logits' argmax
+    assert tokens[0].text == runner.tokenizer.decode([first])
+
+
+def test_static_graphs_have_fixed_shapes_and_match_transformers(float_static, tiny_llama):
+    for graph, width in (("prefill", 128), ("decode", 1)):
+        model = onnx.load(float_static / f"{graph}.onnx")
+        for tensor in [*model.graph.input, *model.graph.output]:
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.type.tensor_type.shape.dim]
+            assert all(isinstance(d, int) and d > 0 for d in dims), (graph, tensor.name, dims)
+        assert [d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim] == [1, 1, width, 256]
+    runner = StaticKVRunner(float_static)
+    ids = runner.tokenizer.encode("It was the best of times, it was the worst of times. " * 20)[:200]
+    expected = reference_logits(tiny_llama, ids)
+    np.testing.assert_allclose(runner.logits(ids), expected, atol=1e-4)  # two prefill chunks, the second padded
+
+
+def test_static_decode_loop_is_greedy_generation(float_static, tiny_llama):
+    runner = StaticKVRunner(float_static)
+    prompt = runner.tokenizer.encode("It was the age of wisdom")
+    ours = [t.text for t in runner.generate(prompt, 8)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)  # stops at EOS too
+    assert "".join(ours) == runner.tokenizer.decode(theirs[0, len(prompt) :])
+
+
+def test_static_cache_refuses_to_overflow(float_static):
+    runner = StaticKVRunner(float_static)
+    with pytest.raises(Exception, match="static KV cache holds 256 tokens"):
+        runner.logits(list(range(1, 300)))
+
+
+def test_npu_shape_is_qdq_at_the_planned_precision(npu_output):
+    out, result = npu_output
+    (artifact,) = result["artifacts"]
+    quant = artifact["quantization"]
+    details = artifact["details"]
+    assert details["shape"] == "npu" and details["context_length"] == 4096 and details["opset"] >= 21
+    for graph in ("prefill", "decode"):
+        model = onnx.load(out / "onnx" / f"{graph}.onnx")
+        initializers = {i.name: i for i in model.graph.initializer}
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("DequantizeLinear") > 20 and "MatMulNBits" not in ops
+        weight_types = set()
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+                weight_types.add(initializers[node.input[0]].data_type)
+        bits_type = onnx.TensorProto.UINT8 if quant == "w8a16" else onnx.TensorProto.INT4
+        assert bits_type in weight_types
+        activations = {
+            i.data_type for n in model.graph.node if n.op_type == "QuantizeLinear" for i in initializers.values()
+            if i.name == n.input[2]
+        }
+        assert activations == {onnx.TensorProto.UINT16}
+        if quant == "w4a16":  # the output projection keeps 8-bit weights
+            assert onnx.TensorProto.UINT8 in weight_types
+
+
+def test_npu_parity_runs_the_qdq_graphs_on_cpu_and_says_qnn_did_not(npu_output):
+    out, result = npu_output
+    (artifact,) = result["artifacts"]
+    parity = artifact["parity"]
+    assert parity["status"] == "passed", parity["failures"]
+    assert parity["not_checked"] and parity["not_checked"][0].startswith(QNN_ABSENT)
+    assert "CPUExecutionProvider" in parity["method"]
+
+
+def test_bench_on_both_shapes(cpu_output, npu_output):
+    for out, _ in (cpu_output, npu_output):
+        code, stdout, err = run_cli("bench", str(out), "--prompt-tokens", "140", "--max-tokens", "4", "--runs", "1", "--json")
+        assert code == 0, err
+        bench = json.loads(stdout)
+        (row,) = bench["results"]
+        assert row["new_tokens"] == 4 and row["decode_tps"] > 0 and row["peak_memory_gb"] > 0
+    assert "not NPU figures" in bench["note"]  # the last one is the NPU shape on the CPU EP
+
+
+def test_host_bench_defaults_to_the_onnx_cpu_artifact(tiny_llama, tmp_path):
+    out = tmp_path / "both"
+    result = convert(tiny_llama, out, "host")
+    assert [a["format"] for a in result["artifacts"]] == ["onnx", "mlx"]
+    code, stdout, err = run_cli("bench", str(out), "--prompt-tokens", "64", "--max-tokens", "2", "--runs", "1", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["engine"].startswith("onnxruntime-genai")
+
+
+def test_fp16_cpu_shape(tiny_qwen2, tmp_path):
+    result = convert(tiny_qwen2, tmp_path / "o", "host", "-f", "onnx", "--quant", "fp16")
+    (artifact,) = result["artifacts"]
+    assert artifact["details"]["shape"] == "cpu" and artifact["parity"]["status"] == "passed"
+    assert artifact["parity"]["metrics"]["top1_agreement"] >= 0.98
