@@ -116,10 +116,15 @@ def _profile_summary(profile: dict) -> dict:
 
 def _compare(device_logits: list, reference_logits: list, lengths: list[int], quantization: str) -> dict:
     """The device's logits against the source's on the same prompts, judged by the parity table."""
-    ref = np.concatenate([r[:n] for r, n in zip(reference_logits, lengths)])
-    got = np.concatenate([np.asarray(d)[0, :n] for d, n in zip(device_logits, lengths)]).astype(np.float32)
+    ref = np.concatenate([r[:n] for r, n in zip(reference_logits, lengths, strict=True)])
+    got = np.concatenate([np.asarray(d)[0, :n] for d, n in zip(device_logits, lengths, strict=True)]).astype(np.float32)
     top1 = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
     kl = round(float(np.mean(kl_divergence(ref, got))), 5)
     bounds = BOUNDS[lookup(quantization).bounds_key]
     passed = top1 >= bounds.top1_agreement and kl <= bounds.kl_mean
-    return {"tokens": int(ref.shape[0]), "top1_agreement": top1, "kl_mean": kl, "status": "passed" if passed else "failed"}
+    return {
+        "tokens": int(ref.shape[0]),
+        "top1_agreement": top1,
+        "kl_mean": kl,
+        "status": "passed" if passed else "failed",
+    }

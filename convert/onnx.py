@@ -20,17 +20,23 @@ from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
 
+import onnx
 import onnxruntime
 import torch
-from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+from onnxruntime.quantization.execution_providers import qnn
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from transformers import DynamicCache
 
 from edgeport import quantization
 from edgeport.convert import Artifact
 from edgeport.errors import EdgeportError
 from edgeport.plan import Step
+from edgeport.runtime.runners import StaticKVRunner
+from edgeport.runtime.summarize import summary_prompt
 from edgeport.source import Source
 from edgeport.targets import Target
+from edgeport.texts import default_article
 
 OPSET = 21
 PREFILL_CHUNK = 128  # tokens per prefill call of the NPU shape
@@ -57,8 +63,6 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         details = _npu_shape(source, quant, target.context_length, dest)
     else:
         details = _cpu_shape(source, quant, dest)
-    import onnxruntime
-
     details.update(onnxruntime=onnxruntime.__version__)
     return Artifact("onnx", quant.name, dest, _engine(quant), details)
 
@@ -104,10 +108,6 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
 
 
 def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
-    from onnxruntime.quantization import QuantType, quantize
-    from onnxruntime.quantization.execution_providers import qnn
-
-    from edgeport.runtime.runners import StaticKVRunner
 
     if context_length <= PREFILL_CHUNK:
         raise EdgeportError(f"a static KV cache needs a context longer than the {PREFILL_CHUNK}-token prefill chunk")
@@ -210,9 +210,6 @@ def _export_static(source: Source, context_length: int, folder: Path) -> dict:
 def _annotate_shapes(model_file: Path) -> None:
     """Record every tensor's type and shape in the graph: the calibrator picks the tensors it measures from them,
     and ONNX's own inference stops at SimplifiedLayerNormalization, which onnxruntime's inference knows."""
-    import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     model = onnx.load(model_file, load_external_data=False)
     onnx.save(SymbolicShapeInference.infer_shapes(model, auto_merge=True), model_file)
 
@@ -275,8 +272,6 @@ def _calibration_feeds(runner) -> dict[int, list[dict]]:
     """The inputs each float graph sees while prefilling a real summary request and decoding from it, by call
     width. The chat template matters: its first tokens carry the largest activations (attention sinks), and a
     range calibrated without them would clip them."""
-    from edgeport.runtime.summarize import summary_prompt
-    from edgeport.texts import default_article
 
     chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
     prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
@@ -309,9 +304,6 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     """At 4 bits the output projection keeps 8-bit weights: it is the layer that hurts most when squeezed."""
     if quant.bits >= 8:
         return {}
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize
-
     graph = onnx.load(model_file, load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
     head = next((n for n in graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")), None)
@@ -320,8 +312,6 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
 
 
 def _opset(model_file: Path) -> int:
-    import onnx
-
     model = onnx.load(model_file, load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 

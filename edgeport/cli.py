@@ -121,7 +121,8 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
 @click.option(
     "--aihub",
     is_flag=True,
-    help="Also compile, profile and run the NPU graphs on the target's Qualcomm AI Hub device (needs qai-hub configured).",
+    help="Also compile, profile and run the NPU graphs on the target's Qualcomm AI Hub device "
+    "(needs qai-hub configured).",
 )
 @source_options
 @json_option

@@ -20,6 +20,7 @@ class Token:
     """One streamed token and the engine's running figures."""
 
     text: str
+    id: int
     elapsed_s: float  # since generate was called
     prompt_tokens: int
     prompt_tps: float
@@ -80,6 +81,7 @@ class MLXRunner:
         ):
             yield Token(
                 r.text,
+                r.token,
                 time.perf_counter() - start,
                 r.prompt_tokens,
                 r.prompt_tps,
@@ -96,10 +98,13 @@ class ONNXRunner:
         try:
             import onnxruntime_genai as og
         except ImportError as e:
-            raise EdgeportError(f"running ONNX artifacts needs onnxruntime-genai: pip install 'edgeport[onnx]' ({e})") from e
+            raise EdgeportError(
+                f"running ONNX artifacts needs onnxruntime-genai: pip install 'edgeport[onnx]' ({e})"
+            ) from e
         self.path, self.og = path, og
         self.model = og.Model(str(path))
-        self.tokenizer = _hf_tokenizer(path)
+        self.tokenizer = _hf_tokenizer(path)  # chat templates, as every runner's
+        self.og_tokenizer = og.Tokenizer(self.model)  # streaming detokenization in C++, off the decode loop's back
         self.engine = f"onnxruntime-genai {og.__version__} (CPU)"
         self._session = None
 
@@ -130,12 +135,12 @@ class ONNXRunner:
         start = time.perf_counter()
         generator = og.Generator(self.model, params)
         generator.append_tokens(prompt)
-        stream = _TokenClock(len(prompt), start)
+        clock, text = _TokenClock(len(prompt), start), self.og_tokenizer.create_stream()
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
-            yield stream.token(self.tokenizer.decode([token]))
-            if stream.generated >= max_tokens:
+            yield clock.token(text.decode(token), token)
+            if clock.generated >= max_tokens:
                 break
 
 
@@ -166,19 +171,23 @@ class StaticKVRunner:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.reset()
-        return np.concatenate([self._call(ids[i : i + self.prefill_chunk], self.prefill_chunk)
-                               for i in range(0, len(ids), self.prefill_chunk)])
+        return np.concatenate(
+            [
+                self._call(ids[i : i + self.prefill_chunk], self.prefill_chunk)
+                for i in range(0, len(ids), self.prefill_chunk)
+            ]
+        )
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
         self.reset()
         start = time.perf_counter()
         for i in range(0, len(prompt), self.prefill_chunk):
             logits = self._call(prompt[i : i + self.prefill_chunk], self.prefill_chunk)
-        stream = _TokenClock(len(prompt), start)
+        clock = _TokenClock(len(prompt), start)
         for _ in range(max_tokens):
             token = int(np.argmax(logits[-1]))
-            yield stream.token(self.tokenizer.decode([token]))
-            if token == self.tokenizer.eos_token_id or stream.generated >= max_tokens:
+            yield clock.token(self.tokenizer.decode([token]), token)
+            if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens:
                 break
             logits = self._call([token], 1)
 
@@ -228,9 +237,7 @@ class _TokenClock:
         self.generated = 0
         self.first_at = 0.0
 
-    def token(self, text: str) -> Token:
-        from edgeport.runtime.summarize import peak_rss_bytes
-
+    def token(self, text: str, token_id: int) -> Token:
         elapsed = time.perf_counter() - self.start
         self.generated += 1
         if self.generated == 1:
@@ -238,13 +245,20 @@ class _TokenClock:
         decode_time = elapsed - self.first_at
         return Token(
             text,
+            token_id,
             elapsed,
             self.prompt_tokens,
             self.prompt_tokens / self.first_at if self.first_at else 0.0,
             self.generated,
             (self.generated - 1) / decode_time if decode_time > 0 else 0.0,
-            peak_rss_bytes() / 1e9,
+            _peak_rss_bytes() / 1e9,
         )
+
+
+def _peak_rss_bytes() -> int:
+    from edgeport.runtime.summarize import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def _hf_tokenizer(path: Path):

@@ -37,9 +37,15 @@ class FakeJob:
 
     def download_profile(self):
         return {
-            "execution_summary": {"estimated_inference_time": 12345, "inference_memory_peak_range": (10_000_000, 20_000_000)},
-            "execution_detail": [{"name": "a", "compute_unit": "NPU"}, {"name": "b", "compute_unit": "NPU"},
-                                 {"name": "c", "compute_unit": "CPU"}],
+            "execution_summary": {
+                "estimated_inference_time": 12345,
+                "inference_memory_peak_range": (10_000_000, 20_000_000),
+            },
+            "execution_detail": [
+                {"name": "a", "compute_unit": "NPU"},
+                {"name": "b", "compute_unit": "NPU"},
+                {"name": "c", "compute_unit": "CPU"},
+            ],
         }
 
     def download_output_data(self):
@@ -78,7 +84,9 @@ def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (
         job = FakeJob(hub, "inference", model.onnx_file)
         session = ort.InferenceSession(model.onnx_file)
         count = len(inputs["input_ids"])
-        job.outputs = {"logits": [session.run(["logits"], {k: v[i] for k, v in inputs.items()})[0] for i in range(count)]}
+        job.outputs = {
+            "logits": [session.run(["logits"], {k: v[i] for k, v in inputs.items()})[0] for i in range(count)]
+        }
         return job
 
     hub.get_devices = get_devices
@@ -106,7 +114,13 @@ def test_compiles_profiles_and_runs_each_graph_on_the_targets_device(tiny_llama,
     compiles = [c for c in hub.calls if c[0] == "compile"]
     assert [c[1].rsplit("/", 1)[1] for c in compiles] == ["prefill.onnx", "decode.onnx"]
     assert all(c[3] == "--target_runtime qnn_context_binary" for c in compiles)
-    assert set(result["jobs"]) == {"compile_prefill", "profile_prefill", "compile_decode", "profile_decode", "inference_prefill"}
+    assert set(result["jobs"]) == {
+        "compile_prefill",
+        "profile_prefill",
+        "compile_decode",
+        "profile_decode",
+        "inference_prefill",
+    }
     assert result["profile"]["decode"] == {
         "latency_ms": 12.345,
         "peak_memory_mb": [10.0, 20.0],

@@ -149,7 +149,18 @@ def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path
     assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
     assert manifest.read(out)["artifacts"][0]["parity"]["status"] == "failed"
     code, _, _ = run_cli(
-        "convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out), "--force", "--allow-parity-fail"
+        "convert",
+        str(tiny_llama),
+        "-t",
+        "host",
+        "-f",
+        "mlx",
+        "--quant",
+        "fp16",
+        "--out",
+        str(out),
+        "--force",
+        "--allow-parity-fail",
     )
     assert code == 0
 

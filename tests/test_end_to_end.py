@@ -67,7 +67,9 @@ def test_onnx_artifacts_of_the_fixture_are_within_parity_bounds(target, quant, f
     (artifact,) = json.loads(stdout)["artifacts"]
     assert (artifact["format"], artifact["quantization"]) == ("onnx", quant)
     assert artifact["parity"]["status"] == "passed", artifact["parity"]["failures"]
-    code, stdout, err = run_cli("bench", str(out), "--prompt-tokens", "256", "--max-tokens", "16", "--runs", "1", "--json")
+    code, stdout, err = run_cli(
+        "bench", str(out), "--prompt-tokens", "256", "--max-tokens", "16", "--runs", "1", "--json"
+    )
     assert code == 0, err
     (result,) = json.loads(stdout)["results"]
     assert result["decode_tps"] > 1 and result["new_tokens"] == 16
