@@ -10,7 +10,11 @@ from pathlib import Path
 from edgeport.errors import EdgeportError
 
 # format -> (module, the pip extra that brings its backend)
-CONVERTERS = {"mlx": ("edgeport.convert.mlx", "mlx"), "onnx": ("edgeport.convert.onnx", "onnx")}
+CONVERTERS = {
+    "mlx": ("edgeport.convert.mlx", "mlx"),
+    "coreml": ("edgeport.convert.coreml", "coreml"),
+    "onnx": ("edgeport.convert.onnx", "onnx"),
+}
 
 
 @dataclass

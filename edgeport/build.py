@@ -55,7 +55,7 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
                     reference = Reference(source, TorchRunner(source))
                 progress(f"running the {step.format} artifact")
                 quantized = not quantization.get(step.quantization, step.format).is_float
-                runner, not_checked = parity_runner(step.format, artifact.path, quantized)
+                runner, not_checked = parity_runner(step.format, artifact.path, quantized, source)
                 parity = measure(reference, runner, step.quantization, not_checked)
             parity.seconds = round(time.perf_counter() - start, 2)
             if aihub and _npu_shape(step):

@@ -13,6 +13,7 @@ from edgeport.errors import EdgeportError
 
 CPU, QNN = "CPUExecutionProvider", "QNNExecutionProvider"
 QNN_ABSENT = "QNN execution provider not available"
+COREML_NEEDS_MACOS = "Core ML prediction needs macOS"
 
 
 @dataclass
@@ -228,6 +229,86 @@ class StaticKVRunner:
         self.filled = 0
 
 
+class CoreMLRunner:
+    """A Core ML package on macOS: a stateful prefill and decode loop through coremltools' prediction API."""
+
+    def __init__(self, path: Path):
+        if sys.platform != "darwin":
+            raise EdgeportError(f"{path}: {COREML_NEEDS_MACOS}; bench it on a Mac (macOS 15 or later)")
+        import coremltools as ct
+
+        self.details = json.loads((path / "coreml.json").read_text())
+        units = getattr(ct.ComputeUnit, self.details["compute_units"])
+        package, self.context = str(path / "model.mlpackage"), self.details["context_length"]
+        if self.details["prefill_chunk"]:  # the Neural Engine shape: static prefill and decode functions
+            self.decoder = ct.models.MLModel(package, compute_units=units, function_name="decode")
+            self.prefiller = ct.models.MLModel(package, compute_units=units, function_name="prefill")
+            self.chunk = self.details["prefill_chunk"]
+        else:
+            self.decoder = self.prefiller = ct.models.MLModel(package, compute_units=units)
+            self.chunk = None
+        self.tokenizer = _hf_tokenizer(path)
+        self.engine = f"Core ML (coremltools {ct.__version__}, {self.details['compute_units']})"
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        state = self.decoder.make_state()
+        return np.concatenate(list(self._prefill(ids, state)))
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        start = time.perf_counter()
+        state = self.decoder.make_state()
+        logits = list(self._prefill(prompt, state))[-1]
+        clock, position = _TokenClock(len(prompt), start), len(prompt)
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            yield clock.token(self.tokenizer.decode([token]), token)
+            if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens or position >= self.context:
+                break
+            logits = self._predict(self.decoder, [token], position, 1, state)
+            position += 1
+
+    def _prefill(self, ids: list[int], state) -> Iterator[np.ndarray]:
+        width = self.chunk or len(ids)
+        for start in range(0, len(ids), width):
+            chunk = ids[start : start + width]
+            yield self._predict(self.prefiller, chunk, start, width, state)[: len(chunk)]
+
+    def _predict(self, model, tokens: list[int], position: int, width: int, state) -> np.ndarray:
+        attended = self.context if self.chunk else position + width
+        mask = np.full((1, 1, width, attended), -np.inf, np.float16)
+        for row in range(width):
+            mask[0, 0, row, : position + row + 1] = 0
+        ids = np.array([tokens + [0] * (width - len(tokens))], np.int32)
+        inputs = {"input_ids": ids, "causal_mask": mask, "position": np.array([position], np.int32)}
+        return model.predict(inputs, state=state)["logits"][0].astype(np.float32)
+
+
+class PackageWeightsRunner(TorchRunner):
+    """The source's architecture in transformers with a Core ML package's weights, decompressed: what the
+    compression did to the weights, measurable where the package itself cannot run."""
+
+    def __init__(self, source, path: Path):
+        from edgeport.convert.coreml import read_weights
+
+        super().__init__(source)
+        parameters = dict(self.model.named_parameters())  # tied weights appear once
+        weights = read_weights(path / "model.mlpackage", list(parameters))
+        missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
+        if missing:
+            raise EdgeportError(f"{path}: the package has no weight for {', '.join(missing[:3])}")
+        torch = self.torch
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                if name in weights:
+                    parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+                else:  # a norm scale the converter folded away: stored in fp16, as the package computes
+                    parameter.copy_(parameter.to(torch.float16).to(torch.float32))
+        self.engine = (
+            f"transformers (torch, CPU, float32) with the package's weights: {len(weights)} of {len(parameters)} "
+            "read back and decompressed, the other (norm scales) rounded to fp16 as the package stores them"
+        )
+
+
 class _TokenClock:
     """Turns a stream of generated tokens into Tokens with TTFT, prefill and decode rates; memory is the
     process's peak RSS (onnxruntime reports none of its own)."""
@@ -267,8 +348,14 @@ def _hf_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def parity_runner(artifact_format: str, path: Path, quantized: bool):
+def parity_runner(artifact_format: str, path: Path, quantized: bool, source=None):
     """The runner parity uses for an artifact on this platform, and what that leaves unchecked here."""
+    if artifact_format == "coreml":
+        if sys.platform == "darwin":
+            return CoreMLRunner(path), None
+        return PackageWeightsRunner(source, path), (
+            f"{COREML_NEEDS_MACOS} (the package's weights were read back, decompressed and run in transformers)"
+        )
     if artifact_format == "mlx":
         if sys.platform == "darwin":
             return MLXRunner(path), None
@@ -289,6 +376,8 @@ def parity_runner(artifact_format: str, path: Path, quantized: bool):
 
 
 def bench_runner(artifact_format: str, path: Path):
+    if artifact_format == "coreml":
+        return CoreMLRunner(path)
     if artifact_format == "mlx":
         return MLXRunner(path)
     if artifact_format == "onnx":

@@ -53,6 +53,7 @@ class Target:
     budget: Budget
     measured: bool = False  # figures measured on this machine rather than taken from a spec sheet
     aihub_device: str | None = None  # the Qualcomm AI Hub device that stands for this target
+    coreml_deployment: str | None = None  # the oldest OS an app ships to, e.g. iOS18: what Core ML may use
 
     @property
     def usable_ram_gb(self) -> float:
@@ -144,6 +145,7 @@ def parse(data: dict, source: str) -> Target:
         context_length=need(data, "context_length", int),
         formats=tuple(formats),
         aihub_device=_optional_string(data, "aihub_device", source),
+        coreml_deployment=_optional_string(data, "coreml_deployment", source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),
