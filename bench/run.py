@@ -4,6 +4,8 @@ bench/overhead.json  decode tok/s of `edgeport bench` vs `mlx_lm generate` on th
                      alternated so that both see the same machine load.
 bench/convert.json   wall time and peak RSS of `edgeport convert` vs mlx-lm's own convert of the same
                      source, with parity (which mlx-lm does not do) reported separately.
+bench/coreml.json    per Core ML compression of the fixture (m2-air's package): conversion wall time and peak
+                     RSS, package size against the fp16 package, and the parity of the weights read back.
 bench/onnx.json      prefill and decode tok/s of `edgeport bench` on the ONNX int4 CPU artifact vs
                      onnxruntime-genai's generator called directly vs llama.cpp on the fixture GGUF, same
                      prompt and threads, alternated; decode as a share of the plan's bandwidth roofline.
@@ -44,6 +46,7 @@ def main() -> None:
         write("convert", bench_convert(gguf, source.path, scratch))
         write("overhead", bench_overhead(gguf, scratch))
         write("onnx", bench_onnx(gguf, scratch))
+        write("coreml", bench_coreml(gguf, scratch))
 
 
 def bench_convert(gguf: Path, hf_folder: Path, scratch: Path) -> dict:
@@ -51,7 +54,9 @@ def bench_convert(gguf: Path, hf_folder: Path, scratch: Path) -> dict:
     rows = {"edgeport convert": [], "mlx_lm.convert": []}
     for i in range(ROUNDS):
         out = scratch / f"edgeport-{i}"
-        wall, rss = measure([str(BIN / "edgeport"), "convert", str(gguf), "-t", "m2-air", "--out", str(out)])
+        wall, rss = measure(
+            [str(BIN / "edgeport"), "convert", str(gguf), "-t", "m2-air", "-f", "mlx", "--out", str(out)]
+        )
         details = json.loads((out / "manifest.json").read_text())["artifacts"][0]
         rows["edgeport convert"].append(
             {
@@ -109,7 +114,21 @@ def bench_convert(gguf: Path, hf_folder: Path, scratch: Path) -> dict:
 def bench_overhead(gguf: Path, scratch: Path) -> dict:
     """Decode tok/s of `edgeport bench` vs `mlx_lm generate`: same artifact, same prompt, alternated."""
     out = scratch / "overhead"
-    run([str(BIN / "edgeport"), "convert", str(gguf), "-t", "host", "--quant", OVERHEAD["quant"], "--out", str(out)])
+    run(
+        [
+            str(BIN / "edgeport"),
+            "convert",
+            str(gguf),
+            "-t",
+            "host",
+            "-f",
+            "mlx",
+            "--quant",
+            OVERHEAD["quant"],
+            "--out",
+            str(out),
+        ]
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "mlx")
@@ -122,6 +141,8 @@ def bench_overhead(gguf: Path, scratch: Path) -> dict:
                     str(BIN / "edgeport"),
                     "bench",
                     str(out),
+                    "--format",
+                    "mlx",
                     "--prompt-tokens",
                     str(OVERHEAD["prompt_tokens"]),
                     "--max-tokens",
@@ -221,6 +242,8 @@ def bench_onnx(gguf: Path, scratch: Path) -> dict:
                     str(BIN / "edgeport"),
                     "bench",
                     str(out),
+                    "--format",
+                    "mlx",
                     "--prompt-tokens",
                     str(len(prompt)),
                     "--max-tokens",
@@ -260,6 +283,52 @@ def bench_onnx(gguf: Path, scratch: Path) -> dict:
         f"{result['runner_overhead']:+.1%} (goal ≤ 3 %); {result['decode_share_of_roofline']:.0%} of the "
         f"{step['decode_tps']:.0f} tok/s bandwidth roofline"
     )
+    console.print(table)
+    return result
+
+
+def bench_coreml(gguf: Path, scratch: Path) -> dict:
+    """edgeport convert -f coreml for m2-air at each compression: time, memory, size, weight parity."""
+    rows = {}
+    for quant in ("fp16", "int8-channel", "int4-block32", "palettize4"):
+        out = scratch / f"coreml-{quant}"
+        command = [str(BIN / "edgeport"), "convert", str(gguf), "-t", "m2-air", "-f", "coreml", "--quant", quant]
+        wall, rss = measure([*command, "--out", str(out), "--allow-parity-fail"])
+        (artifact,) = json.loads((out / "manifest.json").read_text())["artifacts"]
+        package = sum(f["bytes"] for f in artifact["files"] if f["path"].startswith("coreml/model.mlpackage/"))
+        metrics = artifact["parity"]["metrics"]
+        rows[quant] = {
+            "wall_s": wall,
+            "convert_s": artifact["details"]["convert_seconds"],
+            "parity_s": artifact["parity"]["seconds"],
+            "peak_rss_mb": rss,
+            "package_mb": round(package / 1e6, 1),
+            "weights": artifact["details"]["weight_matrices_by_storage"],
+            "parity": artifact["parity"]["status"],
+            **{k: metrics[k] for k in ("top1_agreement", "kl_mean", "ppl_delta")},
+        }
+        shutil.rmtree(out)
+    for row in rows.values():
+        row["size_vs_fp16"] = round(row["package_mb"] / rows["fp16"]["package_mb"], 3)
+    result = {
+        "what": "SmolLM2-135M-Instruct -> Core ML for m2-air (macOS 15, flexible shape, KV cache as state); parity "
+        "of the weights read back from the package, in transformers (prediction needs macOS)",
+        "runs": rows,
+    }
+    table = Table(title=f"bench/coreml: {result['what']}")
+    for column in ("compression", "wall s", "peak RSS MB", "package MB", "vs fp16", "top-1", "KL", "ppl delta"):
+        table.add_column(column, justify="right")
+    for quant, r in rows.items():
+        table.add_row(
+            quant,
+            f"{r['wall_s']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['package_mb']:.0f}",
+            f"{r['size_vs_fp16']:.2f}",
+            f"{r['top1_agreement']:.3f}",
+            f"{r['kl_mean']:.3f}",
+            f"{r['ppl_delta']:+.1%}",
+        )
     console.print(table)
     return result
 

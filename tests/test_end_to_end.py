@@ -17,21 +17,22 @@ def converted(fixture_gguf, tmp_path_factory):
     return out, json.loads(stdout)
 
 
-def test_convert_for_m2_air_builds_4bit_mlx_within_parity_bounds(converted, fixture_gguf):
+def test_convert_for_m2_air_builds_4bit_mlx_and_core_ml_within_parity_bounds(converted, fixture_gguf):
     _, result = converted
-    (artifact,) = result["artifacts"]
-    assert (artifact["format"], artifact["quantization"]) == ("mlx", "q4")
-    parity = artifact["parity"]
-    assert parity["status"] == "passed", parity["failures"]
-    assert parity["metrics"]["top1_agreement"] >= parity["bounds"]["top1_agreement"]
-    assert parity["metrics"]["ppl_source"] < 30  # the source itself reads English well
-    assert result["not_built"] == [
-        {
-            "format": "coreml",
-            "quantization": "int4-block32",
-            "reason": "no coreml converter in this version of edgeport",
-        }
-    ]
+    mlx, coreml = result["artifacts"]
+    assert (mlx["format"], mlx["quantization"]) == ("mlx", "q4")
+    assert (coreml["format"], coreml["quantization"]) == ("coreml", "int4-block32")
+    for artifact in (mlx, coreml):
+        parity = artifact["parity"]
+        assert parity["status"] == "passed", parity["failures"]
+        assert parity["metrics"]["top1_agreement"] >= parity["bounds"]["top1_agreement"]
+        assert parity["metrics"]["ppl_source"] < 30  # the source itself reads English well
+    assert result["not_built"] == []
+    # every projection of the 30 layers and the tied embedding: int4 in blocks of 32
+    assert coreml["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": 30 * 7 + 1}
+    assert coreml["details"]["sdpa_ops"] == 30
+    (main,) = coreml["details"]["functions"].values()
+    assert [s["shape"] for s in main["states"]] == [[30, 1, 3, 4096, 64]] * 2
     digest = hashlib.sha256(fixture_gguf.read_bytes()).hexdigest()
     assert result["source"]["sha256"] == {fixture_gguf.name: digest}
     assert result["plan"]["params"] == pytest.approx(134.5e6, rel=0.01)
