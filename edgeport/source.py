@@ -75,16 +75,20 @@ class Source:
 
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
-    def load_reference(self, dtype=None, **options):
-        """The source model in transformers on the CPU, float32 unless `dtype`: the parity reference. `options` go
-        to `from_pretrained` (e.g. attn_implementation)."""
+    def load_reference(self, **options):
+        """The source model in transformers on the CPU in float32: the parity reference. `options` go to
+        `from_pretrained` (e.g. attn_implementation)."""
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # edgeport's own spinner reports the step
         model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=self.trust_remote_code, **options
+            self.path,
+            dtype=torch.float32,
+            use_safetensors=True,
+            trust_remote_code=self.trust_remote_code,
+            **options,
         )
         return model.eval()
 

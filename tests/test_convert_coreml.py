@@ -62,7 +62,7 @@ def test_neural_engine_shape_is_two_static_functions_over_one_state(ane_package)
 
 @pytest.mark.parametrize("package", ["gpu_package", "ane_package"])
 def test_every_matrix_is_int4_blocks_and_the_app_has_what_it_needs(package, request):
-    out, artifact = request.getfixturevalue(package)
+    _, artifact = request.getfixturevalue(package)
     # 2 layers x 7 projections, the embedding and the output head: all int4 in blocks of 32, none left in fp16
     assert artifact["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": 16}
     files = {f["path"].split("/", 1)[1] for f in artifact["files"]}
