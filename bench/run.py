@@ -135,24 +135,7 @@ def bench_overhead(gguf: Path, scratch: Path) -> dict:
     request = summary_request(tokenizer, default_article(), OVERHEAD["prompt_tokens"])
     rows = {"edgeport bench": [], "mlx_lm generate": []}
     for _ in range(ROUNDS):
-        ours = json.loads(
-            run(
-                [
-                    str(BIN / "edgeport"),
-                    "bench",
-                    str(out),
-                    "--format",
-                    "mlx",
-                    "--prompt-tokens",
-                    str(OVERHEAD["prompt_tokens"]),
-                    "--max-tokens",
-                    str(OVERHEAD["max_tokens"]),
-                    "--runs",
-                    "1",
-                    "--json",
-                ]
-            )
-        )["results"][0]
+        ours = edgeport_bench(out, "mlx", OVERHEAD["prompt_tokens"], OVERHEAD["max_tokens"])
         rows["edgeport bench"].append({"prefill_tps": ours["prefill_tps"], "decode_tps": ours["decode_tps"]})
         theirs = run(
             [
@@ -236,24 +219,7 @@ def bench_onnx(gguf: Path, scratch: Path) -> dict:
     rows = {"edgeport bench": [], "onnxruntime-genai direct": [], "llama.cpp (llama-cpp-python)": []}
     onnxruntime_genai(), llama_cpp()  # warm both
     for _ in range(ROUNDS):
-        ours = json.loads(
-            run(
-                [
-                    str(BIN / "edgeport"),
-                    "bench",
-                    str(out),
-                    "--format",
-                    "mlx",
-                    "--prompt-tokens",
-                    str(len(prompt)),
-                    "--max-tokens",
-                    str(ONNX["max_tokens"]),
-                    "--runs",
-                    "1",
-                    "--json",
-                ]
-            )
-        )["results"][0]
+        ours = edgeport_bench(out, "onnx", len(prompt), ONNX["max_tokens"])
         rows["edgeport bench"].append(
             {"prefill_tps": ours["prefill_tps"], "decode_tps": ours["decode_tps"], "tokens": ours["new_tokens"]}
         )
@@ -331,6 +297,13 @@ def bench_coreml(gguf: Path, scratch: Path) -> dict:
         )
     console.print(table)
     return result
+
+
+def edgeport_bench(out: Path, fmt: str, prompt_tokens: int, max_tokens: int) -> dict:
+    """One run of `edgeport bench` in its own process, as a user runs it."""
+    command = ["bench", str(out), "--format", fmt, "--prompt-tokens", str(prompt_tokens), "--max-tokens"]
+    output = run([str(BIN / "edgeport"), *command, str(max_tokens), "--runs", "1", "--json"])
+    return json.loads(output)["results"][0]
 
 
 def measure(command: list[str]) -> tuple[float, float]:

@@ -4,6 +4,7 @@ They are imported only when used, so a missing optional backend fails with the e
 """
 
 import importlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,3 +38,21 @@ def converter(fmt: str):
         raise EdgeportError(
             f"the {fmt} converter needs its backend ({e.name} is missing): pip install 'edgeport[{extra}]'"
         ) from e
+
+
+# What an app needs beside the model to turn text into tokens and back, and to generate as the author meant.
+APP_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def copy_app_files(model_folder: Path, dest: Path) -> None:
+    """Copy the source's tokenizer, chat template, generation settings and config beside an artifact."""
+    for name in APP_FILES:
+        if (model_folder / name).exists():
+            shutil.copy2(model_folder / name, dest / name)

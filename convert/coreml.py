@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import re
-import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -34,22 +33,20 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from edgeport import quantization  # noqa: E402
-from edgeport.convert import Artifact  # noqa: E402
+from edgeport.convert import Artifact, copy_app_files  # noqa: E402
 from edgeport.errors import EdgeportError  # noqa: E402
 from edgeport.plan import Step  # noqa: E402
 from edgeport.source import Source  # noqa: E402
 from edgeport.targets import Target  # noqa: E402
 
 PREFILL_CHUNK = 64  # tokens per prefill call of the Neural Engine shape
-DEPLOYMENT_TARGETS = {"iOS18": ct.target.iOS18, "macOS15": ct.target.macOS15}  # states need iOS 18 / macOS 15
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "config.json",
-)
+DEPLOYMENT_TARGETS = {
+    "iOS17": ct.target.iOS17,
+    "macOS14": ct.target.macOS14,
+    "iOS18": ct.target.iOS18,
+    "macOS15": ct.target.macOS15,
+}
+WITH_STATE = {"iOS18", "macOS15"}  # Core ML state, fused SDPA, int4 blocks and multifunction packages start here
 COMPRESSED_OPS = ("linear", "gather")  # the matrices: projections, output head and embedding; norms stay fp16
 MIN_WEIGHTS = 256  # coremltools' default threshold (2048 elements) would leave small models' projections in fp16
 
@@ -59,13 +56,18 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     if source.family != "causal-lm":
         raise EdgeportError(f"{source.ref}: the Core ML converter handles causal LMs, not {source.model_type}")
     quant = quantization.get(step.quantization, "coreml")
-    deployment = target.coreml_deployment
+    deployment = target.coreml_deployment or "iOS18"
     if deployment not in DEPLOYMENT_TARGETS:
         raise EdgeportError(
-            f"{target.name}: Core ML deployment target {deployment} is not supported; the KV cache as state needs "
-            f"one of {', '.join(DEPLOYMENT_TARGETS)}"
+            f"{target.name}: coreml_deployment {deployment} is not one of {', '.join(DEPLOYMENT_TARGETS)}"
         )
-    neural_engine = step.unit == "npu"
+    stateful = deployment in WITH_STATE
+    if not stateful and quant.group_size:
+        raise EdgeportError(
+            f"{target.name}: {quant.name} needs iOS 18 / macOS 15 and the target deploys to {deployment}; "
+            "use --quant int8-channel or palettize4"
+        )
+    neural_engine = step.unit == "npu" and stateful  # static prefill/decode functions need a multifunction package
     AttentionInterface.register("edgeport_fused_sdpa", fused_sdpa)
     model = source.load_reference(attn_implementation="edgeport_fused_sdpa")  # float32; Core ML computes in fp16
     context = target.context_length
@@ -76,19 +78,19 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
             descriptor = ct.utils.MultiFunctionDescriptor()
             for name, width in (("prefill", PREFILL_CHUNK), ("decode", 1)):
                 part = Path(tmp) / f"{name}.mlpackage"
-                _compress(_convert(model, context, width, deployment), quant).save(str(part))
+                _compress(_convert(model, context, width, deployment), quant, stateful).save(str(part))
                 descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
             descriptor.default_function_name = "decode"
             ct.utils.save_multifunction(descriptor, str(package))
         else:
-            _compress(_convert(model, context, None, deployment), quant).save(str(package))
-    for name in TOKENIZER_FILES:
-        if (source.path / name).exists():
-            shutil.copy2(source.path / name, dest / name)
+            _compress(_convert(model, context, None, deployment), quant, stateful).save(str(package))
+    copy_app_files(source.path, dest)
     runtime = {
         "compute_units": "CPU_AND_NE" if neural_engine else "CPU_AND_GPU",
         "prefill_chunk": PREFILL_CHUNK if neural_engine else None,
         "context_length": context,
+        "kv_cache": "state" if stateful else "inputs and outputs",
+        "cache_shape": list(StatefulCausalLM.cache_shape(model.config, context)),
     }
     (dest / "coreml.json").write_text(json.dumps(runtime, indent=2))  # what a runner needs beside the package
     details = {
@@ -106,8 +108,9 @@ def fused_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key.to(query.dtype), groups), repeat_kv(value.to(query.dtype), groups)  # the cache is fp16
     default = scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-6
+    causal = attention_mask is None and query.shape[2] > 1  # no mask given: transformers leaves causality to us
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=None if default else scaling
+        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=None if default else scaling
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -125,17 +128,27 @@ def _quiet():
 
 
 class _SliceCache:
-    """What transformers' attention asks of a cache, over the wrapper's state: the new keys and values are written
-    in place at `position`, and the first `end` positions are read back."""
+    """What transformers' attention asks of a cache, over the wrapper's caches: the new keys and values go in at
+    `position` and the first `end` positions are read back. Over Core ML state the write is in place; over caches
+    passed in (before iOS 18) each layer's cache is rebuilt around the new entries, which converts without the
+    index tensors an in-place write to an input would need."""
 
-    def __init__(self, keys, values, position, end):
-        self.keys, self.values, self.position, self.end = keys, values, position, end
+    def __init__(self, keys, values, position, end, in_place: bool):
+        self.keys, self.values, self.position, self.end, self.in_place = keys, values, position, end, in_place
+        self.updated: dict[int, tuple] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        width = key_states.shape[-2]
-        self.keys[layer_idx, :, :, self.position : self.position + width, :] = key_states.to(self.keys.dtype)
-        self.values[layer_idx, :, :, self.position : self.position + width, :] = value_states.to(self.values.dtype)
-        return self.keys[layer_idx, :, :, : self.end, :], self.values[layer_idx, :, :, : self.end, :]
+        new = []
+        for cache, states in ((self.keys, key_states), (self.values, value_states)):
+            start, stop = self.position, self.position + states.shape[-2]
+            if self.in_place:
+                cache[layer_idx, :, :, start:stop, :] = states.to(cache.dtype)
+                new.append(cache[layer_idx])
+            else:
+                layer = cache[layer_idx]
+                new.append(torch.cat([layer[:, :, :start], states.to(cache.dtype), layer[:, :, stop:]], dim=-2))
+        self.updated[layer_idx] = tuple(new)
+        return new[0][:, :, : self.end, :], new[1][:, :, : self.end, :]
 
     def get_seq_length(self, layer_idx=0):
         return self.position
@@ -143,70 +156,96 @@ class _SliceCache:
 
 class StatefulCausalLM(torch.nn.Module):
     """input_ids [1, q], causal_mask [1, 1, q, end] (additive: 0 where a token may attend, -inf elsewhere) and
-    position [1] (tokens already in the cache) -> logits [1, q, vocab]; keyCache and valueCache are Core ML state."""
+    position [1] (tokens already in the cache) -> logits [1, q, vocab]; keyCache and valueCache are Core ML state.
+    Before iOS 18 / macOS 15 there is no state: the caches are passed in and the updated ones returned."""
 
     def __init__(self, model, context_length: int):
         super().__init__()
         self.model = model
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads or config.num_attention_heads
-        shape = (config.num_hidden_layers, 1, kv_heads, context_length, head_dim)
+        shape = self.cache_shape(model.config, context_length)
         self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
 
-    def forward(self, input_ids, causal_mask, position):
+    @staticmethod
+    def cache_shape(config, context_length: int) -> tuple[int, ...]:
+        """layers, batch, KV heads, context, head dim"""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        return (config.num_hidden_layers, 1, kv_heads, context_length, head_dim)
+
+    def forward(self, input_ids, causal_mask, position, key_cache=None, value_cache=None):
         width, end = input_ids.shape[-1], causal_mask.shape[-1]
         past = position[0]
-        cache = _SliceCache(self.keyCache, self.valueCache, past, end)
+        stateless = key_cache is not None
+        keys, values = (key_cache, value_cache) if stateless else (self.keyCache, self.valueCache)
+        cache = _SliceCache(keys, values, past, end, in_place=not stateless)
         position_ids = (torch.arange(width) + past).unsqueeze(0)
-        return self.model(
+        logits = self.model(
             input_ids=input_ids,
             attention_mask=causal_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
         ).logits
+        if not stateless:
+            return logits
+        layers = [cache.updated[i] for i in range(len(cache.updated))]
+        return logits, torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
 def _convert(model, context: int, width: int | None, deployment: str):
     """Trace and convert; `width` None is the flexible shape, else a static one over the whole cache."""
     wrapper = StatefulCausalLM(model, context).eval()
+    stateful = deployment in WITH_STATE
     example_width = width or 2
     example = (
         torch.zeros(1, example_width, dtype=torch.int32),
         torch.zeros(1, 1, example_width, context if width else example_width + 1),
         torch.tensor([context - example_width if width else 1], dtype=torch.int32),
     )
+    cache = ct.TensorType(shape=tuple(wrapper.keyCache.shape), dtype=np.float16)
+    if not stateful:
+        example += (wrapper.keyCache, wrapper.valueCache)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     if width:
         query, attended = width, context
     else:
         query, attended = ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1)
-    state_type = ct.TensorType(shape=tuple(wrapper.keyCache.shape), dtype=np.float16)
+    inputs = [
+        ct.TensorType("input_ids", shape=(1, query), dtype=np.int32),
+        ct.TensorType("causal_mask", shape=(1, 1, query, attended), dtype=np.float16),
+        ct.TensorType("position", shape=(1,), dtype=np.int32),
+    ]
+    outputs = [ct.TensorType("logits", dtype=np.float16)]
+    if stateful:
+        states = [ct.StateType(cache, name="keyCache"), ct.StateType(cache, name="valueCache")]
+    else:
+        states = None
+        inputs += [
+            ct.TensorType("keyCache", shape=cache.shape, dtype=np.float16),
+            ct.TensorType("valueCache", shape=cache.shape, dtype=np.float16),
+        ]
+        outputs += [ct.TensorType("keyCacheOut", dtype=np.float16), ct.TensorType("valueCacheOut", dtype=np.float16)]
     return ct.convert(
         traced,
-        inputs=[
-            ct.TensorType("input_ids", shape=(1, query), dtype=np.int32),
-            ct.TensorType("causal_mask", shape=(1, 1, query, attended), dtype=np.float16),
-            ct.TensorType("position", shape=(1,), dtype=np.int32),
-        ],
-        outputs=[ct.TensorType("logits", dtype=np.float16)],
-        states=[ct.StateType(state_type, name="keyCache"), ct.StateType(state_type, name="valueCache")],
+        inputs=inputs,
+        outputs=outputs,
+        states=states,
         minimum_deployment_target=DEPLOYMENT_TARGETS[deployment],
         compute_precision=ct.precision.FLOAT16,
         skip_model_load=True,  # loading compiles the model, which only macOS can
     )
 
 
-def _compress(mlmodel, quant):
+def _compress(mlmodel, quant, stateful: bool):
     if quant.is_float:
         return mlmodel
-    if quant.name == "palettize4":
-        op = cto.OpPalettizerConfig(
-            nbits=4, mode="kmeans", granularity="per_grouped_channel", group_size=16, weight_threshold=MIN_WEIGHTS
+    if quant.name == "palettize4":  # a table per 16 output channels from iOS 18, one per tensor before
+        grouped = (
+            {"granularity": "per_grouped_channel", "group_size": 16} if stateful else {"granularity": "per_tensor"}
         )
+        op = cto.OpPalettizerConfig(nbits=4, mode="kmeans", weight_threshold=MIN_WEIGHTS, **grouped)
         compress = cto.palettize_weights
     else:
         op = cto.OpLinearQuantizerConfig(

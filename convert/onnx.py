@@ -11,7 +11,6 @@
 import contextlib
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from transformers import DynamicCache
 
 from edgeport import quantization
-from edgeport.convert import Artifact
+from edgeport.convert import Artifact, copy_app_files
 from edgeport.errors import EdgeportError
 from edgeport.plan import Step
 from edgeport.runtime.runners import StaticKVRunner
@@ -43,13 +42,6 @@ PREFILL_CHUNK = 128  # tokens per prefill call of the NPU shape
 MASK_VALUE = -100.0  # additive mask for hidden positions: small enough to vanish in softmax, kind to 16-bit scales
 CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
 CALIBRATION_DECODE_STEPS = 16
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
 
 
@@ -116,11 +108,12 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, _quiet():  # the quantizer's advice
         float_dir = Path(tmp)
         npu = _export_static(source, context_length, float_dir)
-        _copy_tokenizer(source.path, float_dir)
+        copy_app_files(source.path, float_dir)
         calibration = _calibration_feeds(StaticKVRunner(float_dir))
         for graph, width in (("prefill", npu["prefill_chunk"]), ("decode", 1)):
             exported, prepared = float_dir / f"{graph}.onnx", float_dir / f"{graph}.prepared.onnx"
-            if not qnn.qnn_preprocess_model(exported, prepared):  # it writes only what it changed
+            large = sum(f.stat().st_size for f in float_dir.iterdir()) > 2**31  # protobuf's limit
+            if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=large):  # writes only changes
                 prepared = exported
             config = qnn.get_qnn_qdq_config(
                 prepared,
@@ -131,10 +124,14 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
                 init_overrides=_sensitive_layers(prepared, quant),
                 stride=1,  # one calibration sample in memory at a time
             )
+            if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
+                config.extra_options["BlockSize"] = quant.group_size
             quantize(prepared, dest / f"{graph}.onnx", config)
-    _copy_tokenizer(source.path, dest)
+    copy_app_files(source.path, dest)
     npu.update(
-        weights=f"{quant.bits}-bit per channel" + (", output projection 8-bit" if quant.bits < 8 else ""),
+        weights=f"{quant.bits}-bit "
+        + (f"in blocks of {quant.group_size}" if quant.group_size else "per channel")
+        + (", output projection 8-bit" if quant.bits < 8 else ""),
         activations=f"{quant.activation_bits}-bit",
         opset=_opset(dest / "decode.onnx"),
     )
@@ -314,9 +311,3 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
 def _opset(model_file: Path) -> int:
     model = onnx.load(model_file, load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _copy_tokenizer(model_folder: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (model_folder / name).exists():
-            shutil.copy2(model_folder / name, dest / name)

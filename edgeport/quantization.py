@@ -56,7 +56,7 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
         Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
         Quantization("w8a16", ("onnx",), 8, activation_bits=16),  # per-channel weights, 16-bit activations
-        Quantization("w4a16", ("onnx",), 4, activation_bits=16),
+        Quantization("w4a16", ("onnx",), 4, group_size=32, activation_bits=16),  # int4 blocks of 32
     )
 }
 

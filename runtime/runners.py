@@ -251,12 +251,12 @@ class CoreMLRunner:
         self.engine = f"Core ML (coremltools {ct.__version__}, {self.details['compute_units']})"
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        state = self.decoder.make_state()
+        state = self._new_cache()
         return np.concatenate(list(self._prefill(ids, state)))
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
         start = time.perf_counter()
-        state = self.decoder.make_state()
+        state = self._new_cache()
         logits = list(self._prefill(prompt, state))[-1]
         clock, position = _TokenClock(len(prompt), start), len(prompt)
         for _ in range(max_tokens):
@@ -280,7 +280,18 @@ class CoreMLRunner:
             mask[0, 0, row, : position + row + 1] = 0
         ids = np.array([tokens + [0] * (width - len(tokens))], np.int32)
         inputs = {"input_ids": ids, "causal_mask": mask, "position": np.array([position], np.int32)}
-        return model.predict(inputs, state=state)["logits"][0].astype(np.float32)
+        if isinstance(state, dict):  # before iOS 18 / macOS 15 the cache goes in and comes back out
+            out = model.predict({**inputs, **state})
+            state.update(keyCache=out["keyCacheOut"], valueCache=out["valueCacheOut"])
+        else:
+            out = model.predict(inputs, state=state)
+        return out["logits"][0].astype(np.float32)
+
+    def _new_cache(self):
+        if self.details["kv_cache"] == "state":
+            return self.decoder.make_state()
+        shape = self.details["cache_shape"]
+        return {"keyCache": np.zeros(shape, np.float16), "valueCache": np.zeros(shape, np.float16)}
 
 
 class PackageWeightsRunner(TorchRunner):

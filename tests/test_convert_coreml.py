@@ -3,6 +3,7 @@ checked by its structure and by its weights read back, since only macOS can run 
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,3 +114,53 @@ def test_bench_refuses_off_macos(gpu_package):
     assert code == 1 and COREML_NEEDS_MACOS in err and "Traceback" not in err
     with pytest.raises(Exception, match=COREML_NEEDS_MACOS):
         CoreMLRunner(out / "coreml")
+
+
+@pytest.mark.parametrize(
+    "quant, storage", [("int8-channel", "constexpr_affine_dequantize"), ("palettize4", "constexpr_lut_to_dense")]
+)
+def test_before_ios_18_the_cache_is_inputs_and_outputs(quant, storage, tiny_llama, tmp_path):
+    from edgeport import targets
+    from edgeport.plan import make_plan
+    from edgeport.source import open_source
+
+    source = open_source(str(tiny_llama))
+    target = replace(targets.load("iphone-15-pro"), coreml_deployment="iOS17")
+    step = make_plan(source, target, ["coreml"], quant).steps[0]
+    artifact = coreml.convert(source, step, target, tmp_path / "coreml")
+    details = artifact.details
+    assert details["kv_cache"] == "inputs and outputs" and details["prefill_chunk"] is None  # no multifunction
+    (main,) = details["functions"].values()
+    assert [i["name"] for i in main["inputs"]] == ["input_ids", "causal_mask", "position", "keyCache", "valueCache"]
+    assert [o["name"] for o in main["outputs"]] == ["logits", "keyCacheOut", "valueCacheOut"]
+    assert main["states"] == [] and details["sdpa_ops"] == 0  # the fused op is iOS 18's
+    assert set(details["weight_matrices_by_storage"]) == {storage}
+    with pytest.raises(Exception, match="int4-block32 needs iOS 18"):
+        coreml.convert(source, make_plan(source, target, ["coreml"]).steps[0], target, tmp_path / "again")
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2):
+    """What Core ML runs, run in torch: chunked prefill then decode over the cache, against one full pass."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("edgeport_fused_sdpa", coreml.fused_sdpa)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_qwen2, dtype=torch.float32, attn_implementation="edgeport_fused_sdpa"
+    )
+    wrapper = coreml.StatefulCausalLM(model, context_length=64).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    expected = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)(ids).logits[0]
+    caches = (wrapper.keyCache.clone(), wrapper.valueCache.clone()) if stateless else ()
+    got, position = [], 0
+    for width in (8, 8, 1, 1, 1, 1):
+        mask = torch.full((1, 1, width, position + width), float("-inf"))
+        for row in range(width):
+            mask[0, 0, row, : position + row + 1] = 0
+        with torch.no_grad():
+            out = wrapper(ids[:, position : position + width].int(), mask, torch.tensor([position]), *caches)
+        if stateless:
+            out, *caches = out
+        got.append(out[0])
+        position += width
+    np.testing.assert_allclose(torch.cat(got).numpy(), expected.detach().numpy(), atol=2e-2)  # the cache is fp16

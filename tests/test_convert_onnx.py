@@ -11,6 +11,7 @@ from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport import manifest
+from edgeport.convert import copy_app_files
 from edgeport.convert import onnx as onnx_convert
 from edgeport.runtime.runners import QNN_ABSENT, ONNXRunner, StaticKVRunner
 from edgeport.source import open_source
@@ -40,7 +41,7 @@ def float_static(tiny_llama, tmp_path_factory):
     """The float prefill and decode graphs before quantization, at a short context."""
     folder = tmp_path_factory.mktemp("static")
     onnx_convert._export_static(open_source(str(tiny_llama)), 256, folder)
-    onnx_convert._copy_tokenizer(tiny_llama, folder)
+    copy_app_files(tiny_llama, folder)
     return folder
 
 
