@@ -100,7 +100,6 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
 
 
 def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
-
     if context_length <= PREFILL_CHUNK:
         raise EdgeportError(f"a static KV cache needs a context longer than the {PREFILL_CHUNK}-token prefill chunk")
     weight_type = QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4
@@ -128,10 +127,9 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
                 config.extra_options["BlockSize"] = quant.group_size
             quantize(prepared, dest / f"{graph}.onnx", config)
     copy_app_files(source.path, dest)
+    layout = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
     npu.update(
-        weights=f"{quant.bits}-bit "
-        + (f"in blocks of {quant.group_size}" if quant.group_size else "per channel")
-        + (", output projection 8-bit" if quant.bits < 8 else ""),
+        weights=f"{quant.bits}-bit {layout}",
         activations=f"{quant.activation_bits}-bit",
         opset=_opset(dest / "decode.onnx"),
     )
@@ -269,7 +267,6 @@ def _calibration_feeds(runner) -> dict[int, list[dict]]:
     """The inputs each float graph sees while prefilling a real summary request and decoding from it, by call
     width. The chat template matters: its first tokens carry the largest activations (attention sinks), and a
     range calibrated without them would clip them."""
-
     chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
     prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
     feeds: dict[int, list[dict]] = {}
