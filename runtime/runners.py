@@ -153,10 +153,10 @@ class StaticKVRunner:
     def __init__(self, path: Path, npu: bool = False):
         import onnxruntime as ort
 
-        npu = json.loads((path / "npu.json").read_text())
-        self.prefill_chunk, self.context = npu["prefill_chunk"], npu["context_length"]
-        self.layers, self.mask_value = npu["layers"], npu["mask_value"]
-        self.cache_shape = (npu["layers"], 2, 1, npu["kv_heads"], npu["context_length"], npu["head_dim"])
+        shape = json.loads((path / "npu.json").read_text())
+        self.prefill_chunk, self.context = shape["prefill_chunk"], shape["context_length"]
+        self.layers, self.mask_value = shape["layers"], shape["mask_value"]
+        self.cache_shape = (shape["layers"], 2, 1, shape["kv_heads"], shape["context_length"], shape["head_dim"])
         providers = [CPU]
         if npu and QNN in ort.get_available_providers():
             backend = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
@@ -230,7 +230,8 @@ class StaticKVRunner:
 
 
 class CoreMLRunner:
-    """A Core ML package on macOS: a stateful prefill and decode loop through coremltools' prediction API."""
+    """A Core ML package on macOS: prefill and decode through coremltools' prediction API, the KV cache kept as
+    Core ML state (iOS 18 / macOS 15 packages) or passed in and out (older ones)."""
 
     def __init__(self, path: Path):
         if sys.platform != "darwin":
