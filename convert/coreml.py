@@ -8,6 +8,8 @@ Two shapes, chosen by the target's compute unit:
 - Neural Engine (`unit = "npu"`): the ANE runs static shapes only, so the package holds two functions over the
   same weights and state, `prefill` (PREFILL_CHUNK tokens) and `decode` (one token), both attending over the whole
   fixed-length cache behind a mask.
+Before iOS 18 / macOS 15 (the target's `coreml_deployment`) there is no state and no multifunction package: one
+flexible function takes the caches as inputs and returns the updated ones.
 
 Off macOS the package cannot predict; it is checked by structure and by its weights read back (see parity).
 """
