@@ -5,6 +5,8 @@ Everything goes through the `qai_hub` client, configured by the user (`qai-hub c
 writes ~/.qai_hub/client.ini). edgeport never reads, prints or stores the token.
 """
 
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -56,12 +58,13 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
     targets = {}
     for graph in GRAPHS:
         progress(f"AI Hub: compiling {graph} for {device_name}")
-        job = hub.submit_compile_job(
-            model=str(artifact_dir / f"{graph}.onnx"),
-            device=device,
-            name=f"edgeport {artifact_dir.parent.name} {graph}",
-            options=COMPILE_OPTIONS,
-        )
+        with tempfile.TemporaryDirectory(prefix="edgeport-aihub-") as scratch:
+            job = hub.submit_compile_job(
+                model=str(upload_path(artifact_dir, graph, Path(scratch))),
+                device=device,
+                name=f"edgeport {graph}",
+                options=COMPILE_OPTIONS,
+            )
         result["jobs"][f"compile_{graph}"] = _job(job)
         _wait(job, f"compiling {graph}")
         targets[graph] = job.get_target_model()
@@ -90,6 +93,22 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
     outputs = job.download_output_data()
     result["inference"] = _compare(outputs["logits"], reference.logits, lengths, quantization)
     result["status"] = result["inference"]["status"]
+
+
+def upload_path(artifact_dir: Path, graph: str, scratch: Path) -> Path:
+    """What AI Hub takes for one graph: the .onnx file, or for weights in an external-data file (models over
+    2 GB) a folder holding exactly the .onnx and its .data, as the client requires."""
+    model, data = artifact_dir / f"{graph}.onnx", artifact_dir / f"{graph}.onnx.data"
+    if not data.exists():
+        return model
+    folder = scratch / f"{graph}.onnx"
+    folder.mkdir()
+    for file in (model, data):
+        try:
+            (folder / file.name).hardlink_to(file)
+        except OSError:  # another file system
+            shutil.copy2(file, folder / file.name)
+    return folder
 
 
 def _job(job) -> dict:

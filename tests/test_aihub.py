@@ -174,3 +174,17 @@ def test_device_logits_outside_the_bounds_fail():
     wrong = [np.eye(5, dtype=np.float32)[[3, 4, 3]][None] * 10]
     assert aihub._compare(wrong, ref, [3], "w8a16")["status"] == "failed"
     assert aihub._compare([ref[0][None]], ref, [3], "w8a16")["status"] == "passed"
+
+
+def test_weights_in_external_data_go_up_as_a_folder_of_the_two_files(tmp_path):
+    artifact = tmp_path / "onnx"
+    artifact.mkdir()
+    (artifact / "prefill.onnx").write_bytes(b"graph")
+    (artifact / "decode.onnx").write_bytes(b"graph")
+    (artifact / "prefill.onnx.data").write_bytes(b"weights")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert aihub.upload_path(artifact, "decode", scratch) == artifact / "decode.onnx"
+    folder = aihub.upload_path(artifact, "prefill", scratch)
+    assert sorted(p.name for p in folder.iterdir()) == ["prefill.onnx", "prefill.onnx.data"]
+    assert (folder / "prefill.onnx.data").read_bytes() == b"weights"
