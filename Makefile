@@ -29,8 +29,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# The flagship job (an M2 Air's MLX artifact, checked against the source), then this machine's own artifact
-# benched and checked against its budget: off a Mac that is ONNX on onnxruntime's CPU kernels.
+# The flagship job (an M2 Air's MLX and Core ML artifacts, checked against the source), then this machine's own
+# artifact benched and checked against its budget: off a Mac that is ONNX on onnxruntime's CPU kernels.
 demo: install
 	$(EDGEPORT) convert "$(FIXTURE)" --target m2-air --out out/smollm2-m2-air --force
 	$(EDGEPORT) convert "$(FIXTURE)" --target host --formats onnx --out out/smollm2-host --force
