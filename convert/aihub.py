@@ -44,8 +44,8 @@ def run(artifact_dir: Path, device_name: str, reference, quantization: str, prog
     result = {"device": device_name, "status": "failed", "jobs": {}, "profile": {}, "binaries": []}
     try:
         _run(artifact_dir, hub.Device(device_name), reference, quantization, progress, result)
-    except EdgeportError as e:  # the local artifact stands; the manifest says what happened on AI Hub
-        result["reason"] = str(e)
+    except (EdgeportError, hub.Error, OSError) as e:  # the local artifact stands; the manifest says what happened
+        result["reason"] = str(e) if isinstance(e, EdgeportError) else f"{type(e).__name__} talking to AI Hub"
     return result
 
 

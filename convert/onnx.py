@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 import torch
+from onnx.external_data_helper import uses_external_data
 from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
 from onnxruntime.quantization.execution_providers import qnn
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -111,8 +112,8 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
         calibration = _calibration_feeds(StaticKVRunner(float_dir))
         for graph, width in (("prefill", npu["prefill_chunk"]), ("decode", 1)):
             exported, prepared = float_dir / f"{graph}.onnx", float_dir / f"{graph}.prepared.onnx"
-            large = sum(f.stat().st_size for f in float_dir.iterdir()) > 2**31  # protobuf's limit
-            if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=large):  # writes only changes
+            external = _uses_external_data(exported)  # torch wrote the weights apart: over protobuf's 2 GB
+            if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=external):  # writes only changes
                 prepared = exported
             config = qnn.get_qnn_qdq_config(
                 prepared,
@@ -303,6 +304,11 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     head = next((n for n in graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")), None)
     weights = [name for name in (head.input if head else []) if name in initializers]
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
+
+
+def _uses_external_data(model_file: Path) -> bool:
+    graph = onnx.load(model_file, load_external_data=False).graph
+    return any(uses_external_data(tensor) for tensor in graph.initializer)
 
 
 def _opset(model_file: Path) -> int:

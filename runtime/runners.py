@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
+from edgeport.runtime.summarize import peak_rss_bytes
 
 CPU, QNN = "CPUExecutionProvider", "QNNExecutionProvider"
 QNN_ABSENT = "QNN execution provider not available"
@@ -107,12 +108,13 @@ class ONNXRunner:
         self.tokenizer = _hf_tokenizer(path)  # chat templates, as every runner's
         self.og_tokenizer = og.Tokenizer(self.model)  # streaming detokenization in C++, off the decode loop's back
         self.engine = f"onnxruntime-genai {og.__version__} (CPU)"
-        self._session = None
+        self.decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+        self._session = None  # the bare graph, for logits: loaded only when parity asks
 
     def logits(self, ids: list[int]) -> np.ndarray:
         import onnxruntime as ort
 
-        decoder = json.loads((self.path / "genai_config.json").read_text())["model"]["decoder"]
+        decoder = self.decoder
         if self._session is None:
             self._session = ort.InferenceSession(str(self.path / decoder["filename"]), providers=[CPU])
         empty_past = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
@@ -344,14 +346,8 @@ class _TokenClock:
             self.prompt_tokens / self.first_at if self.first_at else 0.0,
             self.generated,
             (self.generated - 1) / decode_time if decode_time > 0 else 0.0,
-            _peak_rss_bytes() / 1e9,
+            peak_rss_bytes() / 1e9,
         )
-
-
-def _peak_rss_bytes() -> int:
-    from edgeport.runtime.summarize import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def _hf_tokenizer(path: Path):
@@ -360,7 +356,7 @@ def _hf_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def parity_runner(artifact_format: str, path: Path, quantized: bool, source=None):
+def parity_runner(artifact_format: str, path: Path, quantized: bool, source):
     """The runner parity uses for an artifact on this platform, and what that leaves unchecked here."""
     if artifact_format == "coreml":
         if sys.platform == "darwin":

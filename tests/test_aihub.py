@@ -63,7 +63,7 @@ class FakeTargetModel:
 
 
 def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (Family)",)):
-    hub = types.SimpleNamespace(count=0, calls=[], UserError=qai_hub.UserError)
+    hub = types.SimpleNamespace(count=0, calls=[], UserError=qai_hub.UserError, Error=qai_hub.Error)
 
     def get_devices(name=""):
         hub.calls.append(("get_devices", name))
