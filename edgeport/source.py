@@ -1,7 +1,8 @@
-"""Open a model source — a Hugging Face folder or hub id, or a GGUF file — as a `Source` in HF layout.
+"""Open a model source — a Hugging Face folder or hub id, a GGUF file, or a CTranslate2 Whisper folder — as a
+`Source` in HF layout.
 
-Weights are only ever read from safetensors (checked for truncation first) or GGUF (read by the `gguf`
-package through transformers). Pickle checkpoints are refused unless the user passes --allow-pickle, and
+Weights are only ever read from safetensors (checked for truncation first), GGUF (read by the `gguf`
+package through transformers) or CTranslate2's model.bin (parsed with bounds checks by `edgeport.ct2`). Pickle checkpoints are refused unless the user passes --allow-pickle, and
 even then they are read with `torch.load(weights_only=True)` and rewritten as safetensors once.
 """
 
@@ -13,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeport import ct2
 from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, read_json, staged_folder
 
@@ -42,7 +44,7 @@ class Source:
     """A model in Hugging Face layout, and where it came from."""
 
     ref: str  # what the user named
-    kind: str  # "hf-folder" | "hf-hub" | "gguf"
+    kind: str  # "hf-folder" | "hf-hub" | "gguf" | "ct2"
     config: dict
     path: Path | None = None  # the HF-layout folder; None when opened for its config only
     revision: str | None = None
@@ -105,6 +107,8 @@ def open_source(
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         source = _open_gguf(path, config_only)
+    elif path.is_dir() and ct2.is_ct2_whisper(path):
+        source = _open_ct2(path)
     elif path.is_dir():
         source = _open_folder(path, allow_pickle, config_only)
     elif path.exists():
@@ -169,6 +173,17 @@ def _open_gguf(file: Path, config_only: bool) -> Source:
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
     config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
     return Source(ref=str(file), kind="gguf", config=config, path=None if config_only else folder, origin_files=[file])
+
+
+def _open_ct2(folder: Path) -> Source:
+    """A CTranslate2 Whisper folder, rewritten once into HF layout in the cache (seconds: it holds no code)."""
+    weights = folder / "model.bin"
+    hf_folder = cache_dir() / "ct2" / f"{folder.name}-{sha256_file(weights)[:16]}"
+    if not (hf_folder / "config.json").exists():
+        hf_folder.parent.mkdir(parents=True, exist_ok=True)
+        with staged_folder(hf_folder, force=True) as staging:
+            ct2.to_hf(folder, staging)
+    return Source(ref=str(folder), kind="ct2", config=read_config(hf_folder), path=hf_folder, origin_files=[weights])
 
 
 def _gguf_config(file: Path) -> dict:

@@ -1,0 +1,159 @@
+"""The transcription workload: audio in 30 s windows, each encoded once and decoded greedily, timed per stage;
+real-time factor (wall / audio) and WER against a reference after Whisper's English normalization.
+
+Every engine runs this one loop (features, windows, prompt, suppressed tokens, greedy search), so their
+transcripts and timings differ only by what the engine does.
+"""
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeport.audio import SAMPLE_RATE, windows
+from edgeport.errors import EdgeportError
+from edgeport.runtime.summarize import machine, peak_rss_bytes
+
+MULTILINGUAL_VOCAB = 51865  # OpenAI's rule: English-only Whisper models have a smaller vocabulary
+WARMUP_S = 5.0  # the warm-up run transcribes this much of the audio
+
+
+class WhisperRunner:
+    """The shared half of every Whisper runner: tokenizer, features, prompt and greedy search. An engine adds
+    `encode(features)` (one window's log-mel features, [1, mels, 3000]) and `begin(encoded)` + `step(tokens)`
+    (the logits after `tokens`, with the engine keeping its own KV cache), or its own `decode`."""
+
+    engine = "?"
+
+    def __init__(self, folder: Path, language: str = "en"):
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        config = json.loads((folder / "config.json").read_text())
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.features = WhisperFeatureExtractor.from_pretrained(folder)
+        self.eot = config["eos_token_id"]
+        self.prompt = start_tokens(self.tokenizer, config, language)
+        self.max_tokens = config["max_target_positions"] // 2 - len(self.prompt)  # Whisper's own sample length
+        vocab = config["vocab_size"]
+        self.suppressed = np.zeros(vocab, bool)  # every special token but the end (no timestamps), and the config's
+        self.suppressed[[t for t in config.get("suppress_tokens") or [] if t < vocab]] = True
+        self.suppressed[self.eot + 1 :] = True
+        self.suppressed_first = self.suppressed.copy()  # a window does not start with a blank or end at once
+        self.suppressed_first[[t for t in config.get("begin_suppress_tokens") or [] if t < vocab]] = True
+
+    def mel(self, audio: np.ndarray) -> np.ndarray:
+        return self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
+
+    def decode(self, encoded) -> list[int]:
+        """Greedy tokens after the prompt, up to the end token."""
+        self.begin(encoded)
+        logits = self.step(self.prompt)
+        tokens: list[int] = []
+        while len(tokens) < self.max_tokens:
+            logits = np.where(self.suppressed_first if not tokens else self.suppressed, -np.inf, logits)
+            token = int(np.argmax(logits))
+            if token == self.eot:
+                break
+            tokens.append(token)
+            logits = self.step([token])
+        return tokens
+
+
+def start_tokens(tokenizer, config: dict, language: str) -> list[int]:
+    """<|startoftranscript|>, then for multilingual models the language and <|transcribe|>, then
+    <|notimestamps|>."""
+    names = ["<|startoftranscript|>"]
+    if config["vocab_size"] >= MULTILINGUAL_VOCAB:
+        names += [f"<|{language}|>", "<|transcribe|>"]
+    names.append("<|notimestamps|>")
+    ids = tokenizer.convert_tokens_to_ids(names)
+    unknown = [name for name, i in zip(names, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if unknown:
+        raise EdgeportError(f"the tokenizer has no {', '.join(unknown)} token (language '{language}')")
+    return ids
+
+
+@dataclass
+class Transcript:
+    text: str
+    audio_s: float
+    wall_s: float
+    encode_s: list[float]  # per window
+    decode_s: list[float]
+    tokens: list[int]  # decoded per window
+
+
+def transcribe(runner, audio: np.ndarray) -> Transcript:
+    """`audio` (16 kHz mono) through `runner`, window by window."""
+    if len(audio) == 0:
+        raise EdgeportError("no audio to transcribe")
+    start = time.perf_counter()
+    encode_s, decode_s, counts, ids = [], [], [], []
+    for begin, end in windows(audio):
+        mel = runner.mel(audio[begin:end])
+        t0 = time.perf_counter()
+        encoded = runner.encode(mel)
+        t1 = time.perf_counter()
+        tokens = runner.decode(encoded)
+        encode_s.append(t1 - t0)
+        decode_s.append(time.perf_counter() - t1)
+        counts.append(len(tokens))
+        ids += tokens
+    text = runner.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return Transcript(text, len(audio) / SAMPLE_RATE, time.perf_counter() - start, encode_s, decode_s, counts)
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normalization (numbers, spellings, punctuation, case), as WER is published."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})(text)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    reference, hypothesis = normalize(reference), normalize(hypothesis)
+    if not reference:
+        raise EdgeportError("the reference transcript is empty after normalization")
+    return float(jiwer.wer(reference, hypothesis))
+
+
+def bench(runner, audio: np.ndarray, reference: str | None, runs: int, progress=None) -> dict:
+    """Real-time factor, encoder and decoder time per window and peak memory of `runner` on `audio`: the median
+    of `runs` runs after a warm-up on its first seconds; WER when `reference` is given."""
+    transcribe(runner, audio[: int(WARMUP_S * SAMPLE_RATE)])  # loads and compiles the kernels; not counted
+    samples = []
+    for i in range(1, runs + 1):
+        if progress:
+            progress(f"run {i}/{runs}")
+        samples.append(transcribe(runner, audio))
+    median = sorted(samples, key=lambda t: t.wall_s)[len(samples) // 2]
+    result = {
+        "audio_s": round(median.audio_s, 3),
+        "wall_s": round(median.wall_s, 4),
+        "rtf": round(median.wall_s / median.audio_s, 5),
+        "windows": len(median.encode_s),
+        "encode_s_per_window": round(statistics.mean(median.encode_s), 4),
+        "decode_s_per_window": round(statistics.mean(median.decode_s), 4),
+        "tokens": sum(median.tokens),
+        "peak_rss_gb": round(peak_rss_bytes() / 1e9, 4),
+        "text": median.text,
+    }
+    if reference is not None:
+        result["wer"] = round(wer(reference, median.text), 4)
+    return {
+        "workload": "transcribe",
+        "engine": runner.engine,
+        "machine": machine(),
+        "runs": runs,
+        "results": [result],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def transcript_dict(transcript: Transcript) -> dict:
+    return asdict(transcript)
