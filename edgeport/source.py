@@ -2,8 +2,9 @@
 `Source` in HF layout.
 
 Weights are only ever read from safetensors (checked for truncation first), GGUF (read by the `gguf`
-package through transformers) or CTranslate2's model.bin (parsed with bounds checks by `edgeport.ct2`). Pickle checkpoints are refused unless the user passes --allow-pickle, and
-even then they are read with `torch.load(weights_only=True)` and rewritten as safetensors once.
+package through transformers) or CTranslate2's model.bin (parsed with bounds checks by `edgeport.ct2`).
+Pickle checkpoints are refused unless the user passes --allow-pickle, and even then they are read with
+`torch.load(weights_only=True)` and rewritten as safetensors once.
 """
 
 import functools
