@@ -15,6 +15,7 @@ CONVERTERS = {
     "mlx": ("edgeport.convert.mlx", "mlx"),
     "coreml": ("edgeport.convert.coreml", "coreml"),
     "onnx": ("edgeport.convert.onnx", "onnx"),
+    "ct2": ("edgeport.convert.ct2", "speech"),
 }
 
 
@@ -40,14 +41,20 @@ def converter(fmt: str):
         ) from e
 
 
-# What an app needs beside the model to turn text into tokens and back, and to generate as the author meant.
+# What an app needs beside the model to turn text (or speech) into tokens and back, and to generate as the
+# author meant.
 APP_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "normalizer.json",
     "chat_template.jinja",
     "generation_config.json",
     "config.json",
+    "preprocessor_config.json",  # Whisper's log-mel feature extractor
 )
 
 

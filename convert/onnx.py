@@ -1,4 +1,4 @@
-"""Causal LM -> ONNX, in the shape the target's compute unit runs.
+"""Causal LM -> ONNX, in the shape the target's compute unit runs (Whisper: `onnx_whisper`).
 
 - CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
   MatMulNBits weights and the genai_config.json its generator runs.
@@ -49,9 +49,13 @@ BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as ONNX at `dest` (which must not exist): the NPU shape for a w*a16 quantization, else the
     CPU shape."""
-    if source.family != "causal-lm":
-        raise EdgeportError(f"{source.ref}: the ONNX converter handles causal LMs, not {source.model_type}")
     quant = quantization.get(step.quantization, "onnx")
+    if source.family == "whisper":
+        from edgeport.convert import onnx_whisper
+
+        return onnx_whisper.convert(source, quant, dest)
+    if quant.name not in BUILDER_PRECISION and not quant.activation_bits:
+        raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
     if quant.activation_bits:
         details = _npu_shape(source, quant, target.context_length, dest)
     else:
@@ -103,7 +107,6 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
 def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
     if context_length <= PREFILL_CHUNK:
         raise EdgeportError(f"a static KV cache needs a context longer than the {PREFILL_CHUNK}-token prefill chunk")
-    weight_type = QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4
     dest.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, _quiet():  # the quantizer's advice
         float_dir = Path(tmp)
@@ -111,22 +114,7 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
         copy_app_files(source.path, float_dir)
         calibration = _calibration_feeds(StaticKVRunner(float_dir))
         for graph, width in (("prefill", npu["prefill_chunk"]), ("decode", 1)):
-            exported, prepared = float_dir / f"{graph}.onnx", float_dir / f"{graph}.prepared.onnx"
-            external = _uses_external_data(exported)  # torch wrote the weights apart: over protobuf's 2 GB
-            if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=external):  # writes only changes
-                prepared = exported
-            config = qnn.get_qnn_qdq_config(
-                prepared,
-                _Reader(calibration[width]),
-                activation_type=QuantType.QUInt16,
-                weight_type=weight_type,
-                per_channel=True,
-                init_overrides=_sensitive_layers(prepared, quant),
-                stride=1,  # one calibration sample in memory at a time
-            )
-            if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
-                config.extra_options["BlockSize"] = quant.group_size
-            quantize(prepared, dest / f"{graph}.onnx", config)
+            qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", calibration[width], quant)
     copy_app_files(source.path, dest)
     layout = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
     npu.update(
@@ -141,6 +129,27 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
         "Python's reference docs",
         **npu,
     }
+
+
+def qdq_quantize(exported: Path, dest: Path, feeds: list[dict], quant) -> None:
+    """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
+    `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
+    prepared = exported.with_suffix(".prepared.onnx")
+    external = _uses_external_data(exported)  # torch wrote the weights apart: over protobuf's 2 GB
+    if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=external):  # writes only changes
+        prepared = exported
+    config = qnn.get_qnn_qdq_config(
+        prepared,
+        _Reader(feeds),
+        activation_type=QuantType.QUInt16,
+        weight_type=QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4,
+        per_channel=True,
+        init_overrides=_sensitive_layers(prepared, quant),
+        stride=1,  # one calibration sample in memory at a time
+    )
+    if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
+        config.extra_options["BlockSize"] = quant.group_size
+    quantize(prepared, dest, config)
 
 
 @contextlib.contextmanager

@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 
 from edgeport import manifest, quantization
+from edgeport.audio import parity_clips
 from edgeport.convert import CONVERTERS, converter
 from edgeport.errors import EdgeportError
 from edgeport.files import staged_folder
-from edgeport.parity import Reference, measure
+from edgeport.parity import Reference, SpeechReference, measure, measure_speech
 from edgeport.plan import Plan
 from edgeport.runtime import report
 from edgeport.runtime.runners import TorchRunner, parity_runner
+from edgeport.runtime.whisper_runners import TorchWhisper, speech_parity_runner
 from edgeport.source import Source
 from edgeport.targets import Target
 
@@ -38,7 +40,11 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
         reasons = "; ".join(f"{n['format']} {n['quantization']}: {n['reason']}" for n in not_built)
         raise EdgeportError(f"nothing to build for {target.name}: {reasons}")
     modules = {step.format: converter(step.format) for step in buildable}  # a missing backend fails before any work
+    speech = source.family == "whisper"
+    if aihub and speech:
+        raise EdgeportError("--aihub: this version sends the causal LM graphs to Qualcomm AI Hub, not Whisper's")
     hub_skipped = _aihub_skipped(target, buildable) if aihub else None
+    clips = parity_clips() if speech else None  # missing clips fail before any work too
 
     reference = None
     built = []
@@ -52,11 +58,19 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
             with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
                 if reference is None:
                     progress("running the source in transformers")
-                    reference = Reference(source, TorchRunner(source))
+                    reference = (
+                        SpeechReference(TorchWhisper(source), clips)
+                        if speech
+                        else Reference(source, TorchRunner(source))
+                    )
                 progress(f"running the {step.format} artifact")
                 quantized = not quantization.get(step.quantization, step.format).is_float
-                runner, not_checked = parity_runner(step.format, artifact.path, quantized, source)
-                parity = measure(reference, runner, step.quantization, not_checked)
+                if speech:
+                    runner, not_checked = speech_parity_runner(step.format, artifact.path, quantized, source)
+                    parity = measure_speech(reference, runner, step.quantization, not_checked)
+                else:
+                    runner, not_checked = parity_runner(step.format, artifact.path, quantized, source)
+                    parity = measure(reference, runner, step.quantization, not_checked)
             parity.seconds = round(time.perf_counter() - start, 2)
             if aihub and _npu_shape(step):
                 artifact.details["aihub"] = hub_skipped or _on_aihub(artifact, target, reference, step)

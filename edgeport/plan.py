@@ -8,6 +8,13 @@ Every prediction is one formula in this module (the README's "How the plan predi
 - prefill tok/s = unit throughput / (2 x active parameters): a compute roofline
 - TTFT          = budget prompt length / prefill tok/s
 Mixture-of-experts models hold every expert in memory but read only the routed ones per token.
+
+Whisper is planned per 30 s window of speech:
+- KV bytes      = the decoder's self-attention cache (448 tokens) and cross-attention cache (1500 frames), fp16
+- peak memory   = weights + KV caches + the encoder's activations for one window (attention scores dominate)
+- encoder time  = 2 x encoder parameters x 1500 frames / unit throughput: a compute roofline
+- decode tok/s  = memory bandwidth / (decoder weights + KV caches read per token): a roofline
+- RTF           = (encoder time + TOKENS_PER_WINDOW / decode tok/s) / 30 s; TTFT is the encoder time plus one token
 """
 
 from dataclasses import asdict, dataclass
@@ -21,6 +28,8 @@ KV_BYTES_PER_VALUE = 2  # fp16 KV cache
 NORM_BYTES_PER_VALUE = 2
 PREFILL_CHUNK = 512  # tokens whose activations are alive at once during prefill
 GB = 1e9
+WINDOW_S = 30.0
+TOKENS_PER_WINDOW = 100  # English speech at about 150 words a minute, 1.3 tokens a word
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Step:
     fits: bool
     verdict: str  # why it fits or does not, in words
     largest_fitting: str | None  # the largest quantization of this format that fits
+    rtf: float | None = None  # Whisper: predicted wall time / audio duration (prefill_tps is encoder frames/s)
 
 
 @dataclass
@@ -61,8 +71,9 @@ class Plan:
     usable_ram_gb: float
     bandwidth_gbs: float
     context_length: int
-    prompt_tokens: int
+    prompt_tokens: int  # Whisper: 0 (it is planned per 30 s window)
     steps: list[Step]
+    family: str = "causal-lm"
 
     def step(self, fmt: str) -> Step:
         return next(s for s in self.steps if s.format == fmt)
@@ -78,13 +89,16 @@ class Plan:
 def make_plan(source: Source, target: Target, formats: list[str] | None = None, quant: str | None = None) -> Plan:
     """Plan `source` for `target`: the target's formats (or `formats`), each at its preferred quantization
     (or `quant` wherever that quantization exists)."""
-    if source.family != "causal-lm":
-        raise EdgeportError(f"{source.ref}: planning {source.model_type} models is not supported yet; only causal LMs")
-    size = model_size(source.text_config)
-    preferences = [f for f in target.formats if formats is None or f.name in formats]
+    speech = source.family == "whisper"
+    size = whisper_size(source.config) if speech else model_size(source.text_config)
+    offered = target.speech_formats if speech else target.formats
+    preferences = [f for f in offered if formats is None or f.name in formats]
     if not preferences:
-        offered = ", ".join(f.name for f in target.formats)
-        raise EdgeportError(f"--formats {','.join(formats or [])}: {target.name} runs {offered}")
+        what = "Whisper as" if speech else ""
+        names = ", ".join(f.name for f in offered)
+        raise EdgeportError(
+            f"--formats {','.join(formats or [])}: {target.name} runs {what} {names}".replace("  ", " ")
+        )
     chosen = quantization.lookup(quant) if quant else None
     quant_formats = chosen.formats if chosen else ()
     if quant and not any(pref.name in quant_formats for pref in preferences):
@@ -95,22 +109,24 @@ def make_plan(source: Source, target: Target, formats: list[str] | None = None, 
             f"--quant {quant}: not available for {', '.join(p.name for p in preferences)}; "
             f"choose one of: {', '.join(valid)}"
         )
+    make_step = _speech_step if speech else _step
     steps = [
-        _step(size, target, pref.name, quant if pref.name in quant_formats else pref.quantization, pref.unit)
+        make_step(size, target, pref.name, quant if pref.name in quant_formats else pref.quantization, pref.unit)
         for pref in preferences
     ]
     return Plan(
         source=source.ref,
         model_type=source.model_type,
         params=size.params,
-        active_params=size.active_params,
+        active_params=size.params if speech else size.active_params,
         target=target.name,
         ram_gb=target.ram_gb,
         usable_ram_gb=round(target.usable_ram_gb, 2),
         bandwidth_gbs=target.bandwidth_gbs,
-        context_length=target.context_length,
-        prompt_tokens=target.budget.prompt_tokens,
+        context_length=source.config["max_target_positions"] if speech else target.context_length,
+        prompt_tokens=0 if speech else target.budget.prompt_tokens,
         steps=steps,
+        family=source.family,
     )
 
 
@@ -156,6 +172,81 @@ def model_size(config: dict) -> ModelSize:
         kv_bytes_per_token=2 * layers * kv_heads * head_dim * KV_BYTES_PER_VALUE,
         activation_bytes_per_token=(vocab + 4 * hidden + 2 * active_intermediate) * 4,
     )
+
+
+@dataclass(frozen=True)
+class WhisperSize:
+    params: int
+    matrix_params: int  # what gets quantized: projections, convolutions, token embedding
+    encoder_params: int
+    decoder_matrix_params: int  # read per decoded token (the embedding doubles as the output projection)
+    kv_bytes: int  # self-attention cache of max_target_positions tokens + cross-attention cache of one window
+    activation_bytes: int  # the encoder's largest live tensors for one window
+
+
+def whisper_size(config: dict) -> WhisperSize:
+    """Parameter counts of a Whisper model from its config alone."""
+    try:
+        d, vocab, mels = config["d_model"], config["vocab_size"], config["num_mel_bins"]
+        enc, dec = config["encoder_layers"], config["decoder_layers"]
+        ffn_e, ffn_d = config["encoder_ffn_dim"], config["decoder_ffn_dim"]
+        frames, tokens = config["max_source_positions"], config["max_target_positions"]
+        heads = config["encoder_attention_heads"]
+    except KeyError as e:
+        raise EdgeportError(f"config.json lacks {e.args[0]}, which the plan needs") from e
+    convs = 3 * mels * d + 3 * d * d
+    encoder_matrix = convs + enc * (4 * d * d + 2 * d * ffn_e)
+    decoder_matrix = vocab * d + dec * (8 * d * d + 2 * d * ffn_d)
+    vectors = (frames + tokens) * d + enc * (9 * d + ffn_e) + dec * (15 * d + ffn_d) + 4 * d  # biases, norms, positions
+    return WhisperSize(
+        params=encoder_matrix + decoder_matrix + vectors,
+        matrix_params=encoder_matrix + decoder_matrix,
+        encoder_params=encoder_matrix + frames * d,
+        decoder_matrix_params=decoder_matrix,
+        kv_bytes=2 * dec * (tokens + frames) * d * KV_BYTES_PER_VALUE,
+        activation_bytes=(heads * frames * frames + frames * (4 * d + ffn_e)) * 4,
+    )
+
+
+def _speech_step(size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
+    bits = quantization.get(quant_name, fmt).bits_per_weight()
+    weights, peak = _speech_memory(size, quant_name, fmt)
+    frames = 1500
+    encode_s = 2 * size.encoder_params * frames / (target.tflops[unit] * 1e12)
+    decode_tps = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + size.kv_bytes)
+    rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
+    usable = target.usable_ram_gb * GB
+    fits = peak <= usable
+    largest = next((q for q in quantization.LADDERS[fmt] if _speech_memory(size, q, fmt)[1] <= usable), None)
+    room = f"{peak / GB:.2f} GB of the {target.usable_ram_gb:.1f} GB an app may use on {target.ram_gb:g} GB"
+    if not fits:
+        verdict = f"does not fit: needs {room}" + (f"; {largest} would fit" if largest else "")
+    elif target.budget.rtf and rtf > target.budget.rtf:
+        verdict = f"fits: {room}, but RTF ≥ {rtf:.3f} misses the {target.budget.rtf:g} budget"
+    else:
+        verdict = f"fits: {room}"
+    return Step(
+        format=fmt,
+        quantization=quant_name,
+        unit=unit,
+        weight_bytes=weights,
+        kv_bytes=size.kv_bytes,
+        peak_bytes=peak,
+        prefill_tps=round(frames / encode_s, 1),
+        decode_tps=round(decode_tps, 1),
+        ttft_s=round(encode_s + 1 / decode_tps, 4),
+        fits=fits,
+        verdict=verdict,
+        largest_fitting=largest,
+        rtf=round(rtf, 5),
+    )
+
+
+def _speech_memory(size: WhisperSize, quant_name: str, fmt: str) -> tuple[int, int]:
+    """Weight bytes and peak bytes of Whisper at a quantization."""
+    bits = quantization.get(quant_name, fmt).bits_per_weight()
+    weights = int(size.matrix_params * bits / 8 + (size.params - size.matrix_params) * NORM_BYTES_PER_VALUE)
+    return weights, weights + size.kv_bytes + size.activation_bytes
 
 
 def _step(size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:

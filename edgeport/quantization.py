@@ -48,13 +48,14 @@ def _mixed(low: int, high: int) -> Quantization:
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q
     for q in (
-        Quantization("fp16", ("mlx", "coreml", "onnx"), None),
+        Quantization("fp16", ("mlx", "coreml", "onnx", "ct2"), None),
         Quantization("bf16", ("mlx",), None, dtype="bfloat16"),
         *(_mlx(bits) for bits in (8, 6, 5, 4, 3, 2)),
         *(_mixed(low, high) for low, high in ((4, 6), (3, 6), (3, 4), (2, 6))),
         Quantization("int8-channel", ("coreml",), 8),
         Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
         Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
+        Quantization("int8", ("onnx", "ct2"), 8),  # per-channel weights, activations quantized at run time (CPU)
         Quantization("w8a16", ("onnx",), 8, activation_bits=16),  # per-channel weights, 16-bit activations
         Quantization("w4a16", ("onnx",), 4, group_size=32, activation_bits=16),  # int4 blocks of 32
     )
@@ -65,6 +66,7 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "mlx": ("fp16", "q8", "q6", "q5", "q4", "q3", "q2"),
     "coreml": ("fp16", "int8-channel", "int4-block32"),
     "onnx": ("fp16", "w8a16", "w4a16"),
+    "ct2": ("fp16", "int8"),
 }
 
 

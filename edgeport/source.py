@@ -82,11 +82,12 @@ class Source:
         """The source model in transformers on the CPU in float32: the parity reference. `options` go to
         `from_pretrained` (e.g. attn_implementation)."""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # edgeport's own spinner reports the step
-        model = AutoModelForCausalLM.from_pretrained(
+        auto = AutoModelForSpeechSeq2Seq if self.family == "whisper" else AutoModelForCausalLM
+        model = auto.from_pretrained(
             self.path,
             dtype=torch.float32,
             use_safetensors=True,

@@ -40,27 +40,28 @@ def targets_table(targets: list) -> Table:
 
 
 def plan_table(plan) -> Table:
+    speech = plan.family == "whisper"
     table = Table(
         title=f"Plan: {plan.source} ({plan.model_type}, {plan.params / 1e6:.1f}M parameters"
         + (f", {plan.active_params / 1e6:.1f}M active" if plan.active_params < plan.params else "")
         + f") on {plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)",
-        caption=f"KV cache at {plan.context_length} tokens; TTFT at {plan.prompt_tokens} prompt tokens; "
-        "speeds are rooflines (upper bounds)",
+        caption=(
+            f"per 30 s window of speech; KV caches at {plan.context_length} tokens and 1500 frames; RTF assumes "
+            "100 tokens a window"
+            if speech
+            else f"KV cache at {plan.context_length} tokens; TTFT at {plan.prompt_tokens} prompt tokens"
+        )
+        + "; speeds are rooflines (upper bounds)",
     )
-    for column in (
-        "format",
-        "quant",
-        "unit",
-        "weights",
-        "KV cache",
-        "peak",
-        "prefill tok/s",
-        "decode tok/s",
-        "TTFT",
-        "verdict",
-    ):
+    speed_columns = ("encoder s", "decode tok/s", "RTF") if speech else ("prefill tok/s", "decode tok/s", "TTFT")
+    for column in ("format", "quant", "unit", "weights", "KV cache", "peak", *speed_columns, "verdict"):
         table.add_column(column, justify="right" if column not in ("format", "quant", "unit", "verdict") else "left")
     for s in plan.steps:
+        speeds = (
+            (f"{s.ttft_s:.3f}", f"{s.decode_tps:,.0f}", f"{s.rtf:.4f}")
+            if speech
+            else (f"{s.prefill_tps:,.0f}", f"{s.decode_tps:,.0f}", f"{s.ttft_s:.2f} s")
+        )
         table.add_row(
             s.format,
             s.quantization,
@@ -68,36 +69,48 @@ def plan_table(plan) -> Table:
             f"{s.weight_bytes / GB:.2f} GB",
             f"{s.kv_bytes / GB:.2f} GB",
             f"{s.peak_bytes / GB:.2f} GB",
-            f"{s.prefill_tps:,.0f}",
-            f"{s.decode_tps:,.0f}",
-            f"{s.ttft_s:.2f} s",
+            *speeds,
             ("[green]" if s.fits else "[red]") + s.verdict,
         )
     return table
 
 
 def artifacts_table(manifest: dict) -> Table:
+    speech = manifest["source"].get("family") == "whisper"
     table = Table(title=f"Artifacts of {manifest['source']['ref']} for {manifest['target']['name']}")
-    for column in ("format", "quant", "size", "parity", "top-1", "KL", "cosine", "perplexity src → artifact"):
+    metric_columns = (
+        ("WER source → artifact", "delta", "clips no worse")
+        if speech
+        else ("top-1", "KL", "cosine", "perplexity src → artifact")
+    )
+    for column in ("format", "quant", "size", "parity", *metric_columns):
         table.add_column(column)
     notes = []
     for a in manifest["artifacts"]:
         p, m = a["parity"], a["parity"]["metrics"]
         colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
+        metrics = (
+            (
+                f"{m['wer_source']:.3f} → {m['wer_artifact']:.3f}",
+                f"{m['wer_delta']:+.3f}",
+                f"{m['no_regression_share']:.0%}",
+            )
+            if speech
+            else (
+                f"{m['top1_agreement']:.3f}",
+                f"{m['kl_mean']:.4f}",
+                f"{m['cosine_mean']:.4f}",
+                f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})",
+            )
+        )
         table.add_row(
-            a["format"],
-            a["quantization"],
-            f"{a['bytes'] / 1e6:.1f} MB",
-            f"[{colour}]{p['status']}[/]",
-            f"{m['top1_agreement']:.3f}",
-            f"{m['kl_mean']:.4f}",
-            f"{m['cosine_mean']:.4f}",
-            f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})",
+            a["format"], a["quantization"], f"{a['bytes'] / 1e6:.1f} MB", f"[{colour}]{p['status']}[/]", *metrics
         )
         notes += [f"{a['format']} {a['quantization']}: {f}" for f in p["failures"]]
         notes += [f"{a['format']} {a['quantization']}: not checked: {n}" for n in p["not_checked"]]
     for skipped in manifest["not_built"]:
-        table.add_row(skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", "", "", "", "")
+        blanks = [""] * len(metric_columns)
+        table.add_row(skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", *blanks)
         notes.append(f"{skipped['format']} {skipped['quantization']}: not built: {skipped['reason']}")
     table.caption = "\n".join(notes)
     table.caption_justify = "left"

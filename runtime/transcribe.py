@@ -8,7 +8,7 @@ transcripts and timings differ only by what the engine does.
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +113,15 @@ def normalize(text: str) -> str:
     return EnglishTextNormalizer({})(text)
 
 
-def wer(reference: str, hypothesis: str) -> float:
+def wer(reference: str | list[str], hypothesis: str | list[str]) -> float:
+    """Word error rate after normalization; lists are scored as one corpus (errors over all reference words)."""
     import jiwer
 
-    reference, hypothesis = normalize(reference), normalize(hypothesis)
-    if not reference:
-        raise EdgeportError("the reference transcript is empty after normalization")
-    return float(jiwer.wer(reference, hypothesis))
+    references = [normalize(r) for r in ([reference] if isinstance(reference, str) else reference)]
+    hypotheses = [normalize(h) for h in ([hypothesis] if isinstance(hypothesis, str) else hypothesis)]
+    if not all(references):
+        raise EdgeportError("a reference transcript is empty after normalization")
+    return float(jiwer.wer(references, hypotheses))
 
 
 def bench(runner, audio: np.ndarray, reference: str | None, runs: int, progress=None) -> dict:
@@ -153,7 +155,3 @@ def bench(runner, audio: np.ndarray, reference: str | None, runs: int, progress=
         "results": [result],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def transcript_dict(transcript: Transcript) -> dict:
-    return asdict(transcript)

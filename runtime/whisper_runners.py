@@ -1,26 +1,27 @@
 """One Whisper runner per engine, all driven by `transcribe`'s loop: transformers (the source), ONNX Runtime,
 MLX (mlx-whisper's model), CTranslate2 and Core ML (macOS only)."""
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from edgeport.errors import EdgeportError
+from edgeport.runtime.runners import CPU, QNN, QNN_ABSENT
 from edgeport.runtime.transcribe import WhisperRunner
 
 
 class TorchWhisper(WhisperRunner):
     """The source in transformers on the CPU, float32: the parity reference."""
 
-    def __init__(self, folder: Path, model=None):
+    def __init__(self, source, model=None):
         import torch
         import transformers
 
-        super().__init__(folder)
+        super().__init__(source.path)
         self.torch = torch
-        self.model = model or transformers.WhisperForConditionalGeneration.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True
-        )
-        self.model.eval()
+        self.model = model or source.load_reference()
         self.engine = f"transformers {transformers.__version__} (torch, CPU, float32)"
 
     def encode(self, mel: np.ndarray):
@@ -40,3 +41,94 @@ class TorchWhisper(WhisperRunner):
             )
         self.cache = out.past_key_values
         return out.logits[0, -1].float().numpy()
+
+
+class WhisperONNXRunner(WhisperRunner):
+    """The ONNX artifact: `encoder.onnx` once per window, then `decoder.onnx` per step over the KV cache this
+    loop keeps. The NPU shape is fed one token at a time over its fixed cache, with QNN's EP where
+    onnxruntime-qnn provides one."""
+
+    def __init__(self, path: Path, npu: bool = False):
+        import onnxruntime as ort
+
+        super().__init__(path)
+        self.shape = json.loads((path / "whisper.json").read_text())
+        providers = [CPU]
+        if npu and QNN in ort.get_available_providers():
+            providers.insert(0, (QNN, {"backend_path": "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"}))
+        self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=providers)
+        self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), providers=providers)
+        self.providers = self.decoder.get_providers()
+        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]})"
+        self.record = None  # calibration: told (graph, a function making a copy of its feeds) of every call
+
+    def encode(self, mel: np.ndarray):
+        feeds = {"input_features": mel}
+        if self.record:
+            self.record("encoder", lambda: feeds)
+        return self.encoder.run(None, feeds)
+
+    def begin(self, encoded) -> None:
+        self.cross_key, self.cross_value = encoded
+        s = self.shape
+        length = s["decoder_cache"] or 0
+        self.cache = np.zeros((2, s["layers"], 1, s["heads"], length, s["head_dim"]), np.float32)
+        self.filled = 0
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        if not self.shape["static"]:
+            return self._call(tokens)[-1]
+        for token in tokens:
+            logits = self._call([token])
+        return logits[-1]
+
+    def _call(self, tokens: list[int]) -> np.ndarray:
+        n, width = self.filled, len(tokens)
+        static = self.shape["static"]
+        if static:
+            if n >= self.shape["decoder_cache"]:
+                raise EdgeportError(f"the decoder's static cache holds {self.shape['decoder_cache']} tokens")
+            mask = np.full((1, 1, 1, self.cache.shape[4] + 1), self.shape["mask_value"], np.float32)
+            mask[..., :n] = 0
+            mask[..., -1] = 0  # the token itself
+        else:
+            mask = np.zeros((1, 1, width, n + width), np.float32)
+            mask[0, 0, :, n:] = np.triu(np.full((width, width), self.shape["mask_value"], np.float32), 1)
+        feeds = {
+            "input_ids": np.array([tokens], np.int32),
+            "position_ids": np.arange(n, n + width, dtype=np.int32)[None],
+            "attention_mask": mask,
+            "past_key": self.cache[0],
+            "past_value": self.cache[1],
+            "cross_key": self.cross_key,
+            "cross_value": self.cross_value,
+        }
+        if self.record:
+            self.record(
+                "decoder",
+                lambda: {**feeds, "past_key": feeds["past_key"].copy(), "past_value": feeds["past_value"].copy()},
+            )
+        logits, new_key, new_value = self.decoder.run(None, feeds)
+        if static:
+            self.cache[0, ..., n, :] = new_key[..., 0, :]
+            self.cache[1, ..., n, :] = new_value[..., 0, :]
+        else:
+            self.cache = np.concatenate([self.cache, np.stack([new_key, new_value])], axis=4)
+        self.filled += width
+        return logits[0]
+
+
+def speech_parity_runner(artifact_format: str, path: Path, quantized: bool, source):
+    """The runner parity uses for a Whisper artifact on this platform, and what that leaves unchecked here."""
+    if artifact_format == "onnx":
+        runner = WhisperONNXRunner(path, npu=True)
+        if runner.shape["static"] and runner.providers[0] != QNN:
+            return runner, f"{QNN_ABSENT} (the QDQ graphs ran on onnxruntime's CPU EP, the numerics QNN reproduces)"
+        return runner, None
+    raise EdgeportError(f"no Whisper runner for {artifact_format} artifacts in this version")
+
+
+def speech_bench_runner(artifact_format: str, path: Path):
+    if artifact_format == "onnx":
+        return WhisperONNXRunner(path, npu=True)
+    raise EdgeportError(f"no Whisper runner for {artifact_format} artifacts in this version")

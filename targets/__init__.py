@@ -18,12 +18,12 @@ from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir
 
 UNITS = ("cpu", "gpu", "npu")
-FORMATS = ("mlx", "coreml", "onnx")
+FORMATS = ("mlx", "coreml", "onnx", "ct2")
 
 
 @dataclass(frozen=True)
 class FormatPreference:
-    name: str  # mlx | coreml | onnx
+    name: str  # mlx | coreml | onnx | ct2
     quantization: str  # the quantization this device wants for it (plan.QUANTIZATIONS)
     unit: str  # the compute unit it runs on: cpu | gpu | npu
 
@@ -35,7 +35,8 @@ class Budget:
     prompt_tokens: int  # the prompt length the TTFT budget is set for
     ttft_s: float | None
     decode_tps: float | None
-    rtf: float | None
+    rtf: float | None  # transcription: wall time / audio duration, at most
+    wer: float | None  # transcription: word error rate on the user's reference, at most
     peak_memory_gb: float | None  # None: the RAM an app may use
 
 
@@ -49,7 +50,8 @@ class Target:
     bandwidth_gbs: float
     tflops: dict[str, float]  # dense fp16 throughput per unit (NPU: vendor TOPS)
     context_length: int
-    formats: tuple[FormatPreference, ...]
+    formats: tuple[FormatPreference, ...]  # what a causal LM is built as, most wanted first
+    speech_formats: tuple[FormatPreference, ...]  # what Whisper is built as
     budget: Budget
     measured: bool = False  # figures measured on this machine rather than taken from a spec sheet
     aihub_device: str | None = None  # the Qualcomm AI Hub device that stands for this target
@@ -110,22 +112,28 @@ def parse(data: dict, source: str) -> Target:
     tflops = need(data, "tflops", dict)
     if not tflops or set(tflops) - set(UNITS) or not all(isinstance(v, number) for v in tflops.values()):
         raise EdgeportError(f"{source}: tflops must map some of {', '.join(UNITS)} to numbers")
-    formats = []
-    for i, entry in enumerate(need(data, "formats", list)):
-        where = f"formats[{i}]."
-        fmt = FormatPreference(
-            need(entry, "name", str, where), need(entry, "quantization", str, where), need(entry, "unit", str, where)
-        )
-        if fmt.name not in FORMATS:
-            raise EdgeportError(f"{source}: {where}name '{fmt.name}' is not one of {', '.join(FORMATS)}")
-        known = quantization.lookup(fmt.quantization)
-        if known is None or fmt.name not in known.formats:
-            raise EdgeportError(f"{source}: {where}quantization '{fmt.quantization}' is not one for {fmt.name}")
-        if fmt.unit not in tflops:
-            raise EdgeportError(f"{source}: {where}unit '{fmt.unit}' has no tflops figure")
-        formats.append(fmt)
-    if not formats:
-        raise EdgeportError(f"{source}: formats is empty")
+
+    def preferences(key: str) -> tuple[FormatPreference, ...]:
+        found = []
+        for i, entry in enumerate(need(data, key, list)):
+            where = f"{key}[{i}]."
+            fmt = FormatPreference(
+                need(entry, "name", str, where),
+                need(entry, "quantization", str, where),
+                need(entry, "unit", str, where),
+            )
+            if fmt.name not in FORMATS:
+                raise EdgeportError(f"{source}: {where}name '{fmt.name}' is not one of {', '.join(FORMATS)}")
+            known = quantization.lookup(fmt.quantization)
+            if known is None or fmt.name not in known.formats:
+                raise EdgeportError(f"{source}: {where}quantization '{fmt.quantization}' is not one for {fmt.name}")
+            if fmt.unit not in tflops:
+                raise EdgeportError(f"{source}: {where}unit '{fmt.unit}' has no tflops figure")
+            found.append(fmt)
+        if not found:
+            raise EdgeportError(f"{source}: {key} is empty")
+        return tuple(found)
+
     budget = need(data, "budget", dict)
 
     def optional(key: str) -> float | None:
@@ -143,7 +151,8 @@ def parse(data: dict, source: str) -> Target:
         bandwidth_gbs=float(need(data, "bandwidth_gbs", number)),
         tflops={unit: float(v) for unit, v in tflops.items()},
         context_length=need(data, "context_length", int),
-        formats=tuple(formats),
+        formats=preferences("formats"),
+        speech_formats=preferences("speech_formats"),
         aihub_device=_optional_string(data, "aihub_device", source),
         coreml_deployment=_optional_string(data, "coreml_deployment", source),
         budget=Budget(
@@ -151,6 +160,7 @@ def parse(data: dict, source: str) -> Target:
             ttft_s=optional("ttft_s"),
             decode_tps=optional("decode_tps"),
             rtf=optional("rtf"),
+            wer=optional("wer"),
             peak_memory_gb=optional("peak_memory_gb"),
         ),
     )

@@ -1,0 +1,239 @@
+"""Whisper -> ONNX: `encoder.onnx` (log-mel features -> every decoder layer's cross-attention keys and values,
+computed once per 30 s window) and `decoder.onnx` (tokens over a KV cache the app keeps -> logits and the new
+keys and values), in the shape the target's compute unit runs.
+
+- CPU shape (int8, fp16): the decoder takes any number of tokens over a past of any length.
+- NPU shape (w8a16, w4a16): static shapes, as an NPU compiles them: one token per call over a fixed cache of
+  max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
+  QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
+`whisper.json` records the shapes, names and the mask convention; `WhisperONNXRunner` is the app's loop.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from edgeport.audio import parity_clips, windows
+from edgeport.convert import Artifact, copy_app_files
+from edgeport.convert.onnx import OPSET, _quiet, qdq_quantize
+from edgeport.errors import EdgeportError
+from edgeport.source import Source
+
+MASK_VALUE = -100.0  # hidden cache positions: vanishes in softmax, kind to 16-bit activation scales
+DECODER_INPUTS = ["input_ids", "position_ids", "attention_mask", "past_key", "past_value", "cross_key", "cross_value"]
+DECODER_OUTPUTS = ["logits", "new_key", "new_value"]
+CALIBRATION_WINDOWS = 2  # windows of parity speech the NPU graphs are calibrated on, every decoding step covered
+CALIBRATION_STRIDE = 4  # every 4th decoder call is calibrated: all positions are covered, a quarter of the copies
+
+
+def convert(source: Source, quant, dest: Path) -> Artifact:
+    """Write Whisper `source` as ONNX at `dest` (which must not exist)."""
+    from edgeport.runtime.whisper_runners import WhisperONNXRunner
+
+    npu = bool(quant.activation_bits)
+    dest.mkdir()
+    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, _quiet():
+        float_dir = Path(tmp)
+        shape = export(source, float_dir, static=npu)
+        (float_dir / "whisper.json").write_text(json.dumps(shape))
+        copy_app_files(source.path, float_dir)
+        if npu:
+            feeds = _calibration_feeds(WhisperONNXRunner(float_dir))
+            for graph in ("encoder", "decoder"):
+                qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", feeds[graph], quant)
+        else:
+            for graph in ("encoder", "decoder"):
+                _cpu_precision(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", quant)
+    copy_app_files(source.path, dest)
+    shape["weights"] = quant.name
+    (dest / "whisper.json").write_text(json.dumps(shape, indent=2))
+    engine = f"torch.onnx {torch.__version__} + onnxruntime.quantization {onnxruntime.__version__}"
+    return Artifact("onnx", quant.name, dest, engine, {"shape": "npu" if npu else "cpu", **shape})
+
+
+def export(source: Source, folder: Path, static: bool) -> dict:
+    """Export the float encoder and decoder graphs into `folder`; return their description."""
+    model = source.load_reference()
+    config = model.config
+    layers, heads = config.decoder_layers, config.decoder_attention_heads
+    head_dim = config.d_model // heads
+    frames = config.max_source_positions
+    past = config.max_target_positions - 1 if static else 3  # the example's length; dynamic in the CPU shape
+    tokens = 1
+    cache = (layers, 1, heads)
+    with torch.no_grad():
+        torch.onnx.export(
+            CrossKV(model),
+            (torch.zeros(1, config.num_mel_bins, 2 * frames),),
+            str(folder / "encoder.onnx"),
+            input_names=["input_features"],
+            output_names=["cross_key", "cross_value"],
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            DecoderStep(model),
+            (
+                torch.zeros(1, tokens, dtype=torch.int32),
+                torch.zeros(1, tokens, dtype=torch.int32),
+                torch.zeros(1, 1, tokens, past + tokens),
+                torch.zeros(*cache, past, head_dim),
+                torch.zeros(*cache, past, head_dim),
+                torch.zeros(*cache, frames, head_dim),
+                torch.zeros(*cache, frames, head_dim),
+            ),
+            str(folder / "decoder.onnx"),
+            input_names=[
+                "input_ids",
+                "position_ids",
+                "attention_mask",
+                "past_key",
+                "past_value",
+                "cross_key",
+                "cross_value",
+            ],
+            output_names=["logits", "new_key", "new_value"],
+            opset_version=OPSET,
+            dynamo=False,
+            dynamic_axes=None
+            if static
+            else {
+                "input_ids": {1: "tokens"},
+                "position_ids": {1: "tokens"},
+                "attention_mask": {2: "tokens", 3: "attended"},
+                "past_key": {3: "past"},
+                "past_value": {3: "past"},
+                "logits": {1: "tokens"},
+                "new_key": {3: "tokens"},
+                "new_value": {3: "tokens"},
+            },
+        )
+    return {
+        "static": static,
+        "decoder_cache": config.max_target_positions - 1 if static else None,
+        "layers": layers,
+        "heads": heads,
+        "head_dim": head_dim,
+        "frames": frames,
+        "mask_value": MASK_VALUE,
+        "encoder": {"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
+        "decoder": {
+            "inputs": [
+                "input_ids",
+                "position_ids",
+                "attention_mask",
+                "past_key",
+                "past_value",
+                "cross_key",
+                "cross_value",
+            ],
+            "outputs": ["logits", "new_key", "new_value"],
+        },
+        "cache": "keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
+        "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
+        "attention_mask is 0 where a position is filled and mask_value elsewhere)",
+    }
+
+
+def _attention(q, k, v, heads: int, mask=None):
+    """Multi-head attention over [1, length, d] queries and [layers-free] [1, heads, length, head_dim] k/v."""
+    batch, length, d = q.shape
+    q = q.view(batch, length, heads, d // heads).transpose(1, 2) * (d // heads) ** -0.5
+    scores = q @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores + mask
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).reshape(batch, length, d)
+
+
+def _split_heads(x, heads: int):
+    batch, length, d = x.shape
+    return x.view(batch, length, heads, d // heads).transpose(1, 2)
+
+
+class CrossKV(torch.nn.Module):
+    """The encoder, then every decoder layer's cross-attention keys and values of its output: the decoder
+    needs nothing else from the audio."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.encoder, self.layers = model.model.encoder, model.model.decoder.layers
+        self.heads = model.config.decoder_attention_heads
+
+    def forward(self, input_features):
+        hidden = self.encoder(input_features).last_hidden_state
+        keys = [_split_heads(layer.encoder_attn.k_proj(hidden), self.heads) for layer in self.layers]
+        values = [_split_heads(layer.encoder_attn.v_proj(hidden), self.heads) for layer in self.layers]
+        return torch.stack(keys), torch.stack(values)
+
+
+class DecoderStep(torch.nn.Module):
+    """Whisper's decoder over a given past, written out with transformers' own modules so that the cache and
+    the mask are plain inputs: the new keys and values are returned, not a grown cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = model.model.decoder
+        self.heads = model.config.decoder_attention_heads
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value, cross_key, cross_value):
+        decoder = self.decoder
+        x = decoder.embed_tokens(input_ids.long()) + decoder.embed_positions.weight[position_ids.long()]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            k, v = _split_heads(attn.k_proj(h), self.heads), _split_heads(attn.v_proj(h), self.heads)
+            new_keys.append(k)
+            new_values.append(v)
+            keys, values = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+            x = x + attn.out_proj(_attention(attn.q_proj(h), keys, values, self.heads, attention_mask))
+            cross = layer.encoder_attn
+            h = layer.encoder_attn_layer_norm(x)
+            x = x + cross.out_proj(_attention(cross.q_proj(h), cross_key[i], cross_value[i], self.heads))
+            h = layer.final_layer_norm(x)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+        logits = decoder.layer_norm(x) @ decoder.embed_tokens.weight.T  # Whisper's output projection is tied
+        return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+def _cpu_precision(exported: Path, dest: Path, quant) -> None:
+    """int8: onnxruntime's dynamic quantization, 8-bit weights per channel and activations quantized at run
+    time; fp16: every float tensor in half precision, inputs and outputs kept float32."""
+    if quant.bits == 8:
+        quantize_dynamic(
+            exported, dest, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gather"]
+        )
+    elif quant.is_float:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(exported), keep_io_types=True), dest)
+    else:
+        raise EdgeportError(f"ONNX Whisper for a CPU comes as fp16 or int8, not {quant.name}")
+
+
+def _calibration_feeds(runner) -> dict[str, list[dict]]:
+    """What each float graph sees while transcribing the first windows of the parity speech."""
+    feeds: dict[str, list[dict]] = {"encoder": [], "decoder": []}
+    calls = 0
+
+    def record(graph: str, feed) -> None:
+        nonlocal calls
+        if graph == "decoder":
+            calls += 1
+            if (calls - 1) % CALIBRATION_STRIDE:  # the window's first call, then every 4th
+                return
+        feeds[graph].append(feed())
+
+    audio = parity_clips()[0].audio
+    runner.record = record
+    for start, end in windows(audio)[:CALIBRATION_WINDOWS]:
+        calls = 0
+        runner.decode(runner.encode(runner.mel(audio[start:end])))
+    runner.record = None
+    return feeds
