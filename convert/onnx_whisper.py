@@ -3,7 +3,7 @@ computed once per 30 s window) and `decoder.onnx` (tokens over a KV cache the ap
 keys and values), in the shape the target's compute unit runs.
 
 - CPU shape (int8, fp16): the decoder takes any number of tokens over a past of any length.
-- NPU shape (w8a16, w4a16): static shapes, as an NPU compiles them: one token per call over a fixed cache of
+- NPU shape (w8a16): static shapes, as an NPU compiles them: one token per call over a fixed cache of
   max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
   QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
 `whisper.json` records the shapes, names and the mask convention; `WhisperONNXRunner` is the app's loop.
@@ -36,6 +36,11 @@ def convert(source: Source, quant, dest: Path) -> Artifact:
     from edgeport.runtime.whisper_runners import WhisperONNXRunner
 
     npu = bool(quant.activation_bits)
+    if npu and quant.group_size:
+        raise EdgeportError(
+            f"ONNX Whisper at {quant.name}: onnxruntime's QDQ quantizer puts every weight in blocks, which Whisper's "
+            "convolutions and LayerNorm scales cannot take, and 4 bits per channel breaks it; use --quant w8a16"
+        )
     dest.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, _quiet():
         float_dir = Path(tmp)
