@@ -1,4 +1,5 @@
-"""Causal LM -> MLX through mlx-lm's own convert: float, affine 8/6/5/4/3/2-bit, or a mixed recipe."""
+"""Causal LM -> MLX through mlx-lm's own convert: float, affine 8/6/5/4/3/2-bit, or a mixed recipe (Whisper:
+`whisper_mlx`)."""
 
 import contextlib
 import io
@@ -16,9 +17,11 @@ from edgeport.targets import Target
 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as an MLX model folder at `dest` (which must not exist), loadable by `mlx_lm.load`."""
-    if source.family != "causal-lm":
-        raise EdgeportError(f"{source.ref}: the MLX converter handles causal LMs, not {source.model_type}")
     quant = quantization.get(step.quantization, "mlx")
+    if source.family == "whisper":
+        from edgeport.convert import whisper_mlx
+
+        return whisper_mlx.convert(source, quant, dest)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # mlx-lm prints its progress; we keep it for the record

@@ -1,4 +1,4 @@
-"""Causal LM -> ONNX, in the shape the target's compute unit runs (Whisper: `onnx_whisper`).
+"""Causal LM -> ONNX, in the shape the target's compute unit runs (Whisper: `whisper_onnx`).
 
 - CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
   MatMulNBits weights and the genai_config.json its generator runs.
@@ -51,9 +51,9 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     CPU shape."""
     quant = quantization.get(step.quantization, "onnx")
     if source.family == "whisper":
-        from edgeport.convert import onnx_whisper
+        from edgeport.convert import whisper_onnx
 
-        return onnx_whisper.convert(source, quant, dest)
+        return whisper_onnx.convert(source, quant, dest)
     if quant.name not in BUILDER_PRECISION and not quant.activation_bits:
         raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
     if quant.activation_bits:

@@ -18,6 +18,7 @@ from edgeport.errors import EdgeportError
 from edgeport.runtime.summarize import machine, peak_rss_bytes
 
 MULTILINGUAL_VOCAB = 51865  # OpenAI's rule: English-only Whisper models have a smaller vocabulary
+MAX_TARGET_POSITIONS = 448  # every Whisper's decoder context
 WARMUP_S = 5.0  # the warm-up run transcribes this much of the audio
 
 
@@ -28,15 +29,16 @@ class WhisperRunner:
 
     engine = "?"
 
-    def __init__(self, folder: Path, language: str = "en"):
+    def __init__(self, folder: Path, config: dict | None = None, language: str = "en"):
+        """`config`: the transformers config's decoding fields, when `folder` holds none (CTranslate2)."""
         from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-        config = json.loads((folder / "config.json").read_text())
+        config = config or json.loads((folder / "config.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.features = WhisperFeatureExtractor.from_pretrained(folder)
-        self.eot = config["eos_token_id"]
+        self.eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.prompt = start_tokens(self.tokenizer, config, language)
-        self.max_tokens = config["max_target_positions"] // 2 - len(self.prompt)  # Whisper's own sample length
+        self.max_tokens = MAX_TARGET_POSITIONS // 2 - len(self.prompt)  # Whisper's own sample length
         vocab = config["vocab_size"]
         self.suppressed = np.zeros(vocab, bool)  # every special token but the end (no timestamps), and the config's
         self.suppressed[[t for t in config.get("suppress_tokens") or [] if t < vocab]] = True

@@ -125,10 +125,97 @@ def speech_parity_runner(artifact_format: str, path: Path, quantized: bool, sour
         if runner.shape["static"] and runner.providers[0] != QNN:
             return runner, f"{QNN_ABSENT} (the QDQ graphs ran on onnxruntime's CPU EP, the numerics QNN reproduces)"
         return runner, None
+    if artifact_format == "ct2":
+        return CT2Whisper(path), None
+    if artifact_format == "mlx":
+        if sys.platform == "darwin":
+            return MLXWhisper(path), None
+        if quantized:
+            return MLXWhisper(path, dequantize=True), (
+                "MLX quantized kernels (off a Mac the quantized weights were measured dequantized on MLX's CPU backend)"
+            )
+        return MLXWhisper(path), "MLX on Metal (measured on MLX's CPU backend, in float32)"
     raise EdgeportError(f"no Whisper runner for {artifact_format} artifacts in this version")
 
 
 def speech_bench_runner(artifact_format: str, path: Path):
     if artifact_format == "onnx":
         return WhisperONNXRunner(path, npu=True)
+    if artifact_format == "ct2":
+        return CT2Whisper(path)
+    if artifact_format == "mlx":
+        return MLXWhisper(path)
     raise EdgeportError(f"no Whisper runner for {artifact_format} artifacts in this version")
+
+
+class CT2Whisper(WhisperRunner):
+    """The CTranslate2 artifact: CTranslate2 encodes each window and decodes it greedily in C++, with the
+    prompt and suppressed tokens of the shared loop."""
+
+    def __init__(self, path: Path):
+        import ctranslate2
+
+        ct2_config = json.loads((path / "config.json").read_text())
+        vocabulary = json.loads((path / "vocabulary.json").read_text())
+        super().__init__(
+            path,
+            config={
+                "vocab_size": len(vocabulary),
+                "suppress_tokens": ct2_config.get("suppress_ids", []),
+                "begin_suppress_tokens": ct2_config.get("suppress_ids_begin", []),
+            },
+        )
+        self.ct2 = ctranslate2
+        self.model = ctranslate2.models.Whisper(str(path), device="cpu")
+        self.engine = f"CTranslate2 {ctranslate2.__version__} (CPU, {self.model.compute_type})"
+
+    def encode(self, mel: np.ndarray):
+        return self.model.encode(self.ct2.StorageView.from_array(np.ascontiguousarray(mel)))
+
+    def decode(self, encoded) -> list[int]:
+        result = self.model.generate(
+            encoded,
+            [self.prompt],
+            beam_size=1,
+            max_length=self.max_tokens,
+            suppress_blank=True,  # the begin_suppress tokens, as the shared loop suppresses them
+            suppress_tokens=[-1],  # the model's suppress_ids
+        )
+        return [t for t in result[0].sequences_ids[0] if t != self.eot]
+
+
+class MLXWhisper(WhisperRunner):
+    """The MLX artifact in mlx-whisper's own model: its encoder once per window, its decoder per step with its
+    KV cache."""
+
+    def __init__(self, path: Path, dequantize: bool = False):
+        from importlib.metadata import version
+
+        import mlx.core as mx
+        from mlx_whisper.load_models import load_model
+
+        layout = json.loads((path / "config.json").read_text())
+        generation = path / "generation_config.json"
+        decoding = json.loads(generation.read_text()) if generation.exists() else {}
+        super().__init__(path, config={"vocab_size": layout["n_vocab"], **decoding})
+        self.mx = mx
+        on_cpu = mx.default_device() == mx.cpu
+        self.model = load_model(str(path), dtype=mx.float32 if on_cpu else mx.float16)
+        self.engine = f"mlx-whisper {version('mlx-whisper')} ({mx.default_device()})"
+        if dequantize:  # what quantization did to the weights, without MLX's slow CPU quantized kernels
+            from mlx_lm.utils import dequantize_model
+
+            self.model = dequantize_model(self.model)
+            self.engine += ", weights dequantized"
+        if on_cpu:
+            self.model.set_dtype(mx.float32)  # MLX's CPU backend has no fast float16 matmul
+
+    def encode(self, mel: np.ndarray):
+        return self.model.encoder(self.mx.array(mel.transpose(0, 2, 1)))  # MLX convolutions take [batch, time, mels]
+
+    def begin(self, encoded) -> None:
+        self.audio, self.cache = encoded, None
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        logits, self.cache, _ = self.model.decoder(self.mx.array([tokens]), self.audio, kv_cache=self.cache)
+        return np.array(logits[0, -1].astype(self.mx.float32))

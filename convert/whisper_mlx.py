@@ -1,0 +1,100 @@
+"""Whisper -> the layout mlx-whisper loads: `config.json` with its ModelDimensions and `weights.safetensors` in its
+own names, float16 or affine-quantized. mlx-whisper ships no converter, so the names are mapped here, in one table.
+"""
+
+import json
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_whisper import whisper
+
+from edgeport.convert import Artifact, copy_app_files
+from edgeport.errors import EdgeportError
+from edgeport.source import Source
+
+# transformers name fragment -> mlx-whisper's (OpenAI's) name fragment, applied in order
+RENAMES = (
+    ("model.", ""),
+    ("encoder.layer_norm.", "encoder.ln_post."),
+    ("decoder.layer_norm.", "decoder.ln."),
+    ("embed_tokens.weight", "token_embedding.weight"),
+    ("decoder.embed_positions.weight", "decoder.positional_embedding"),
+    (".layers.", ".blocks."),
+    ("self_attn_layer_norm", "attn_ln"),
+    ("encoder_attn_layer_norm", "cross_attn_ln"),
+    ("final_layer_norm", "mlp_ln"),
+    ("self_attn.", "attn."),
+    ("encoder_attn.", "cross_attn."),
+    ("q_proj", "query"),
+    ("k_proj", "key"),
+    ("v_proj", "value"),
+    ("out_proj", "out"),
+    ("fc1", "mlp1"),
+    ("fc2", "mlp2"),
+)
+# Not stored by mlx-whisper: the output projection is the token embedding, the encoder's positions are computed.
+DROPPED = ("proj_out.weight", "model.encoder.embed_positions.weight")
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def convert(source: Source, quant, dest: Path) -> Artifact:
+    """Write Whisper `source` at `dest` (which must not exist) as an mlx-whisper model folder."""
+    if quant.recipe:
+        raise EdgeportError(f"MLX Whisper comes as fp16, bf16 or q8/q6/q5/q4/q3/q2, not the {quant.name} recipe")
+    config = source.config
+    dims = whisper.ModelDimensions(
+        n_mels=config["num_mel_bins"],
+        n_audio_ctx=config["max_source_positions"],
+        n_audio_state=config["d_model"],
+        n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"],
+        n_vocab=config["vocab_size"],
+        n_text_ctx=config["max_target_positions"],
+        n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"],
+        n_text_layer=config["decoder_layers"],
+    )
+    dtype = DTYPES[quant.dtype]
+    model = whisper.Whisper(dims, dtype)
+    weights = mlx_weights(source.path, dtype)
+    expected = {name for name, _ in tree_flatten(model.parameters())} - {"alignment_heads"}
+    if set(weights) != expected:
+        mismatched = ", ".join(sorted(set(weights) ^ expected)[:3])
+        raise EdgeportError(f"{source.ref}: its weights do not map onto mlx-whisper's model ({mismatched})")
+    model.update(tree_unflatten(list(weights.items())))
+    layout = {"model_type": "whisper", **asdict(dims)}
+    if not quant.is_float:
+        layout["quantization"] = {"group_size": quant.group_size, "bits": quant.bits}
+        nn.quantize(
+            model,
+            group_size=quant.group_size,
+            bits=quant.bits,
+            class_predicate=lambda _, m: (
+                isinstance(m, nn.Linear | nn.Embedding) and m.weight.shape[-1] % quant.group_size == 0
+            ),
+        )
+    dest.mkdir()
+    copy_app_files(source.path, dest)  # the tokenizer, feature extractor and generation settings
+    mx.save_safetensors(str(dest / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+    (dest / "config.json").write_text(json.dumps(layout, indent=2))  # mlx-whisper's config, not transformers'
+    engine = f"mlx {mx.__version__}, mlx-whisper {version('mlx-whisper')} layout"
+    return Artifact("mlx", quant.name, dest, engine, {"layout": "mlx-whisper"})
+
+
+def mlx_weights(folder: Path, dtype) -> dict[str, mx.array]:
+    """The transformers Whisper weights in `folder`, renamed for mlx-whisper, convolutions as MLX lays them out."""
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, value in mx.load(str(file)).items():
+            if name in DROPPED:
+                continue
+            for old, new in RENAMES:
+                name = name.replace(old, new)
+            if name.startswith("encoder.conv") and name.endswith("weight"):
+                value = value.transpose(0, 2, 1)  # [out, in, kernel] -> MLX's [out, kernel, in]
+            weights[name] = value.astype(dtype)
+    return weights
