@@ -12,6 +12,7 @@ Before iOS 18 / macOS 15 (the target's `coreml_deployment`) there is no state an
 flexible function takes the caches as inputs and returns the updated ones.
 
 Off macOS the package cannot predict; it is checked by structure and by its weights read back (see parity).
+Whisper is converted by `whisper_coreml`.
 """
 
 import contextlib
@@ -55,9 +56,11 @@ MIN_WEIGHTS = 256  # coremltools' default threshold (2048 elements) would leave 
 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as `dest/model.mlpackage` (dest must not exist) with the tokenizer files beside it."""
-    if source.family != "causal-lm":
-        raise EdgeportError(f"{source.ref}: the Core ML converter handles causal LMs, not {source.model_type}")
     quant = quantization.get(step.quantization, "coreml")
+    if source.family == "whisper":
+        from edgeport.convert import whisper_coreml
+
+        return whisper_coreml.convert(source, quant, step.unit, target, dest)
     deployment = target.coreml_deployment or "iOS18"
     if deployment not in DEPLOYMENT_TARGETS:
         raise EdgeportError(

@@ -21,6 +21,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from edgeport.audio import parity_clips, windows
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.convert.onnx import OPSET, _quiet, qdq_quantize
+from edgeport.convert.whisper_torch import CrossKV, DecoderStep
 from edgeport.errors import EdgeportError
 from edgeport.source import Source
 
@@ -143,68 +144,6 @@ def export(source: Source, folder: Path, static: bool) -> dict:
         "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
         "attention_mask is 0 where a position is filled and mask_value elsewhere)",
     }
-
-
-def _attention(q, k, v, heads: int, mask=None):
-    """Multi-head attention over [1, length, d] queries and [layers-free] [1, heads, length, head_dim] k/v."""
-    batch, length, d = q.shape
-    q = q.view(batch, length, heads, d // heads).transpose(1, 2) * (d // heads) ** -0.5
-    scores = q @ k.transpose(-1, -2)
-    if mask is not None:
-        scores = scores + mask
-    out = torch.softmax(scores, dim=-1) @ v
-    return out.transpose(1, 2).reshape(batch, length, d)
-
-
-def _split_heads(x, heads: int):
-    batch, length, d = x.shape
-    return x.view(batch, length, heads, d // heads).transpose(1, 2)
-
-
-class CrossKV(torch.nn.Module):
-    """The encoder, then every decoder layer's cross-attention keys and values of its output: the decoder
-    needs nothing else from the audio."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.encoder, self.layers = model.model.encoder, model.model.decoder.layers
-        self.heads = model.config.decoder_attention_heads
-
-    def forward(self, input_features):
-        hidden = self.encoder(input_features).last_hidden_state
-        keys = [_split_heads(layer.encoder_attn.k_proj(hidden), self.heads) for layer in self.layers]
-        values = [_split_heads(layer.encoder_attn.v_proj(hidden), self.heads) for layer in self.layers]
-        return torch.stack(keys), torch.stack(values)
-
-
-class DecoderStep(torch.nn.Module):
-    """Whisper's decoder over a given past, written out with transformers' own modules so that the cache and
-    the mask are plain inputs: the new keys and values are returned, not a grown cache."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.decoder = model.model.decoder
-        self.heads = model.config.decoder_attention_heads
-
-    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value, cross_key, cross_value):
-        decoder = self.decoder
-        x = decoder.embed_tokens(input_ids.long()) + decoder.embed_positions.weight[position_ids.long()]
-        new_keys, new_values = [], []
-        for i, layer in enumerate(decoder.layers):
-            attn = layer.self_attn
-            h = layer.self_attn_layer_norm(x)
-            k, v = _split_heads(attn.k_proj(h), self.heads), _split_heads(attn.v_proj(h), self.heads)
-            new_keys.append(k)
-            new_values.append(v)
-            keys, values = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
-            x = x + attn.out_proj(_attention(attn.q_proj(h), keys, values, self.heads, attention_mask))
-            cross = layer.encoder_attn
-            h = layer.encoder_attn_layer_norm(x)
-            x = x + cross.out_proj(_attention(cross.q_proj(h), cross_key[i], cross_value[i], self.heads))
-            h = layer.final_layer_norm(x)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-        logits = decoder.layer_norm(x) @ decoder.embed_tokens.weight.T  # Whisper's output projection is tied
-        return logits, torch.stack(new_keys), torch.stack(new_values)
 
 
 def _cpu_precision(exported: Path, dest: Path, quant) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
-from edgeport.runtime.runners import CPU, QNN, QNN_ABSENT
+from edgeport.runtime.runners import COREML_NEEDS_MACOS, CPU, QNN, QNN_ABSENT
 from edgeport.runtime.transcribe import WhisperRunner
 
 
@@ -127,6 +127,12 @@ def speech_parity_runner(artifact_format: str, path: Path, quantized: bool, sour
         return runner, None
     if artifact_format == "ct2":
         return CT2Whisper(path), None
+    if artifact_format == "coreml":
+        if sys.platform == "darwin":
+            return CoreMLWhisper(path), None
+        return PackageWeightsWhisper(source, path), (
+            f"{COREML_NEEDS_MACOS} (the packages' weights were read back, decompressed and run in transformers)"
+        )
     if artifact_format == "mlx":
         if sys.platform == "darwin":
             return MLXWhisper(path), None
@@ -143,6 +149,8 @@ def speech_bench_runner(artifact_format: str, path: Path):
         return WhisperONNXRunner(path, npu=True)
     if artifact_format == "ct2":
         return CT2Whisper(path)
+    if artifact_format == "coreml":
+        return CoreMLWhisper(path)
     if artifact_format == "mlx":
         return MLXWhisper(path)
     raise EdgeportError(f"no Whisper runner for {artifact_format} artifacts in this version")
@@ -219,3 +227,80 @@ class MLXWhisper(WhisperRunner):
     def step(self, tokens: list[int]) -> np.ndarray:
         logits, self.cache, _ = self.model.decoder(self.mx.array([tokens]), self.audio, kv_cache=self.cache)
         return np.array(logits[0, -1].astype(self.mx.float32))
+
+
+class CoreMLWhisper(WhisperRunner):
+    """The Core ML artifact on macOS: `encoder.mlpackage` once per window, `decoder.mlpackage` one token per call,
+    its KV cache Core ML state (iOS 18 / macOS 15 packages) or passed in and out (older ones)."""
+
+    def __init__(self, path: Path):
+        if sys.platform != "darwin":
+            raise EdgeportError(f"{path}: {COREML_NEEDS_MACOS}; bench it on a Mac (macOS 15 or later)")
+        import coremltools as ct
+
+        super().__init__(path)
+        self.details = json.loads((path / "coreml.json").read_text())
+        units = getattr(ct.ComputeUnit, self.details["compute_units"])
+        self.encoder = ct.models.MLModel(str(path / "encoder.mlpackage"), compute_units=units)
+        self.decoder = ct.models.MLModel(str(path / "decoder.mlpackage"), compute_units=units)
+        self.length = self.details["cache_shape"][3]
+        self.engine = f"Core ML (coremltools {ct.__version__}, {self.details['compute_units']})"
+
+    def encode(self, mel: np.ndarray):
+        out = self.encoder.predict({"input_features": mel})
+        return out["cross_key"].astype(np.float16), out["cross_value"].astype(np.float16)
+
+    def begin(self, encoded) -> None:
+        self.cross, self.filled = encoded, 0
+        if self.details["kv_cache"] == "state":
+            self.state = self.decoder.make_state()
+        else:
+            shape = list(self.details["cache_shape"])
+            shape[3] -= 1  # the new token's slot is not passed in
+            self.state = {"past_key": np.zeros(shape, np.float16), "past_value": np.zeros(shape, np.float16)}
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        for token in tokens:
+            n = self.filled
+            if n >= self.length - 1:
+                raise EdgeportError(f"the decoder's cache holds {self.length} tokens")
+            mask = np.full((1, 1, 1, self.length), -np.inf, np.float16)
+            mask[..., :n] = 0
+            mask[..., -1 if isinstance(self.state, dict) else n] = 0  # the token itself
+            inputs = {
+                "input_ids": np.array([[token]], np.int32),
+                "position": np.array([n], np.int32),
+                "attention_mask": mask,
+                "cross_key": self.cross[0],
+                "cross_value": self.cross[1],
+            }
+            if isinstance(self.state, dict):
+                out = self.decoder.predict({**inputs, **self.state})
+                self.state["past_key"][..., n, :] = out["new_key"][..., 0, :]
+                self.state["past_value"][..., n, :] = out["new_value"][..., 0, :]
+            else:
+                out = self.decoder.predict(inputs, state=self.state)
+            self.filled += 1
+        return out["logits"][0, -1].astype(np.float32)
+
+
+class PackageWeightsWhisper(TorchWhisper):
+    """The source's architecture in transformers with the Core ML packages' weights, decompressed: what the
+    compression did to the weights, measurable where the packages cannot run."""
+
+    def __init__(self, source, path: Path):
+        from edgeport.convert.coreml import read_weights
+
+        super().__init__(source)
+        torch = self.torch
+        parameters = dict(self.model.named_parameters())
+        weights = {}
+        for package in ("encoder.mlpackage", "decoder.mlpackage"):
+            weights.update(read_weights(path / package, list(parameters)))
+        missing = [name for name in parameters if name not in weights]
+        if missing:
+            raise EdgeportError(f"{path}: the packages have no weight for {', '.join(missing[:3])}")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+        self.engine += f", with the packages' {len(weights)} weights read back and decompressed"

@@ -1,0 +1,133 @@
+"""Whisper -> two Core ML ML Programs, as WhisperKit splits it: `encoder.mlpackage` (log-mel features -> every
+decoder layer's cross-attention keys and values; the part the Neural Engine speeds up most) and
+`decoder.mlpackage` (one token per call). From iOS 18 / macOS 15 the decoder keeps its self-attention KV cache as
+Core ML state; before, the cache is passed in and the new entries come back. Static shapes throughout (a 30 s
+window, a decoder cache of max_target_positions), which the Neural Engine requires; fp16 compute, weights
+compressed by coremltools.optimize as the quantization asks.
+
+Off macOS the packages cannot predict; they are checked by structure and by their weights read back.
+"""
+
+import json
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import torch
+from coremltools.converters.mil.mil import types
+
+from edgeport.convert import Artifact, copy_app_files
+from edgeport.convert.coreml import DEPLOYMENT_TARGETS, WITH_STATE, _compress, _quiet, describe
+from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
+from edgeport.errors import EdgeportError
+from edgeport.source import Source
+from edgeport.targets import Target
+
+UNITS = {"npu": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
+
+
+def convert(source: Source, quant, unit: str, target: Target, dest: Path) -> Artifact:
+    """Write Whisper `source` as `dest/encoder.mlpackage` and `dest/decoder.mlpackage` (dest must not exist)."""
+    deployment = target.coreml_deployment or "iOS18"
+    if deployment not in DEPLOYMENT_TARGETS:
+        raise EdgeportError(
+            f"{target.name}: coreml_deployment {deployment} is not one of {', '.join(DEPLOYMENT_TARGETS)}"
+        )
+    stateful = deployment in WITH_STATE
+    if not stateful and quant.group_size:
+        raise EdgeportError(
+            f"{target.name}: {quant.name} needs iOS 18 / macOS 15 and the target deploys to {deployment}; "
+            "use --quant int8-channel or palettize4"
+        )
+    model = source.load_reference()  # float32; Core ML computes in fp16
+    config = model.config
+    length = config.max_target_positions
+    heads = config.decoder_attention_heads
+    cross = (config.decoder_layers, 1, heads, config.max_source_positions, config.d_model // heads)
+    cache = (config.decoder_layers, 1, heads, length, config.d_model // heads)
+    dest.mkdir()
+    with _quiet():
+        encoder = _convert(
+            CrossKV(model),
+            [ct.TensorType("input_features", shape=(1, config.num_mel_bins, 2 * config.max_source_positions))],
+            [ct.TensorType("cross_key", dtype=np.float16), ct.TensorType("cross_value", dtype=np.float16)],
+            None,
+            deployment,
+        )
+        _compress(encoder, quant, stateful).save(str(dest / "encoder.mlpackage"))
+        token = [
+            ct.TensorType("input_ids", shape=(1, 1), dtype=np.int32),
+            ct.TensorType("position", shape=(1,), dtype=np.int32),
+            ct.TensorType("attention_mask", shape=(1, 1, 1, length), dtype=np.float16),
+            ct.TensorType("cross_key", shape=cross, dtype=np.float16),
+            ct.TensorType("cross_value", shape=cross, dtype=np.float16),
+        ]
+        if stateful:
+            state = ct.TensorType(shape=cache, dtype=np.float16)
+            decoder = _convert(
+                StatefulDecoder(model, length),
+                token,
+                [ct.TensorType("logits", dtype=np.float16)],
+                [ct.StateType(state, name="keyCache"), ct.StateType(state, name="valueCache")],
+                deployment,
+            )
+        else:  # the cache goes in without the new token's slot; the new entries come back
+            past = (*cache[:3], length - 1, cache[4])
+            decoder = _convert(
+                _PositionAsIds(DecoderStep(model)),
+                [
+                    *token[:3],
+                    ct.TensorType("past_key", shape=past, dtype=np.float16),
+                    ct.TensorType("past_value", shape=past, dtype=np.float16),
+                    *token[3:],
+                ],
+                [ct.TensorType(name, dtype=np.float16) for name in ("logits", "new_key", "new_value")],
+                None,
+                deployment,
+            )
+        _compress(decoder, quant, stateful).save(str(dest / "decoder.mlpackage"))
+    copy_app_files(source.path, dest)
+    runtime = {
+        "compute_units": UNITS[unit],
+        "deployment_target": deployment,
+        "kv_cache": "state" if stateful else "inputs and outputs",
+        "cache_shape": list(cache),
+        "cross_shape": list(cross),
+        "mask": "additive fp16: 0 where the token may attend (filled positions and its own), -inf elsewhere",
+    }
+    (dest / "coreml.json").write_text(json.dumps(runtime, indent=2))
+    details = {
+        **runtime,
+        "encoder": describe(dest / "encoder.mlpackage"),
+        "decoder": describe(dest / "decoder.mlpackage"),
+    }
+    return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", details)
+
+
+class _PositionAsIds(torch.nn.Module):
+    """DecoderStep with the stateful decoder's inputs: `position` [1] instead of position_ids [1, 1]."""
+
+    def __init__(self, step: DecoderStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, input_ids, position, attention_mask, past_key, past_value, cross_key, cross_value):
+        return self.step(input_ids, position[None], attention_mask, past_key, past_value, cross_key, cross_value)
+
+
+def _convert(wrapper, inputs: list, outputs: list, states: list | None, deployment: str):
+    """Trace `wrapper` on zeros of the inputs' shapes and convert it."""
+    example = tuple(
+        torch.zeros(i.shape.shape, dtype=torch.int32 if types.is_int(i.dtype) else torch.float32) for i in inputs
+    )
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper.eval(), example, check_trace=False)
+    return ct.convert(
+        traced,
+        inputs=inputs,
+        outputs=outputs,
+        states=states,
+        minimum_deployment_target=DEPLOYMENT_TARGETS[deployment],
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,  # loading compiles the model, which only macOS can
+    )

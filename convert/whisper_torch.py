@@ -1,0 +1,104 @@
+"""Whisper as the exporters trace it: the encoder with every decoder layer's cross-attention keys and values,
+and one decoder step over a KV cache held outside transformers. Both are written with transformers' own
+modules (each wrapper keeps the whole model as `model`, so traced weights keep its parameter names), and the
+cache is the only thing that differs between ONNX (past in, new entries out) and Core ML (state written in
+place)."""
+
+import torch
+
+
+def _split_heads(x, heads: int):
+    batch, length, d = x.shape
+    return x.view(batch, length, heads, d // heads).transpose(1, 2)
+
+
+def _attention(q, keys, values, heads: int, mask=None):
+    """Attention of [1, length, d] queries over [1, heads, attended, head_dim] keys and values."""
+    batch, length, d = q.shape
+    q = _split_heads(q, heads) * (d // heads) ** -0.5
+    scores = q @ keys.transpose(-1, -2).to(q.dtype)
+    if mask is not None:
+        scores = scores + mask
+    out = torch.softmax(scores, dim=-1) @ values.to(q.dtype)
+    return out.transpose(1, 2).reshape(batch, length, d)
+
+
+class CrossKV(torch.nn.Module):
+    """input_features [1, mels, 3000] -> cross_key, cross_value [layers, 1, heads, 1500, head_dim]: the encoder,
+    then what every decoder layer's cross-attention needs of its output, computed once per window."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.heads = model.config.decoder_attention_heads
+
+    def forward(self, input_features):
+        hidden = self.model.model.encoder(input_features).last_hidden_state
+        layers = self.model.model.decoder.layers
+        keys = [_split_heads(layer.encoder_attn.k_proj(hidden), self.heads) for layer in layers]
+        values = [_split_heads(layer.encoder_attn.v_proj(hidden), self.heads) for layer in layers]
+        return torch.stack(keys), torch.stack(values)
+
+
+def decoder_step(model, input_ids, position_ids, attention_mask, cross_key, cross_value, cache):
+    """Logits of `input_ids` at `position_ids`; `cache(layer, keys, values)` takes the new tokens' self-attention
+    keys and values and returns everything they attend to."""
+    decoder, heads = model.model.decoder, model.config.decoder_attention_heads
+    x = decoder.embed_tokens(input_ids.long()) + decoder.embed_positions.weight[position_ids.long()]
+    for i, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        h = layer.self_attn_layer_norm(x)
+        keys, values = cache(i, _split_heads(attn.k_proj(h), heads), _split_heads(attn.v_proj(h), heads))
+        x = x + attn.out_proj(_attention(attn.q_proj(h), keys, values, heads, attention_mask))
+        cross = layer.encoder_attn
+        h = layer.encoder_attn_layer_norm(x)
+        x = x + cross.out_proj(_attention(cross.q_proj(h), cross_key[i], cross_value[i], heads))
+        h = layer.final_layer_norm(x)
+        x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+    return decoder.layer_norm(x) @ decoder.embed_tokens.weight.T  # Whisper's output projection is tied
+
+
+class DecoderStep(torch.nn.Module):
+    """The decoder over a past passed in: returns the logits and only the new tokens' keys and values
+    ([layers, 1, heads, tokens, head_dim]), which the app appends or writes into its cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value, cross_key, cross_value):
+        new = []
+
+        def cache(i, k, v):
+            new.append((k, v))
+            return torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+
+        logits = decoder_step(self.model, input_ids, position_ids, attention_mask, cross_key, cross_value, cache)
+        return logits, torch.stack([k for k, _ in new]), torch.stack([v for _, v in new])
+
+
+class StatefulDecoder(torch.nn.Module):
+    """One token over keyCache and valueCache [layers, 1, heads, length, head_dim], Core ML state: its keys and
+    values are written at `position` in place, and the mask opens the filled positions."""
+
+    def __init__(self, model, length: int):
+        super().__init__()
+        self.model = model
+        config = model.config
+        shape = (
+            config.decoder_layers,
+            1,
+            config.decoder_attention_heads,
+            length,
+            config.d_model // config.decoder_attention_heads,
+        )
+        self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
+
+    def forward(self, input_ids, position, attention_mask, cross_key, cross_value):
+        def cache(i, k, v):
+            self.keyCache[i, :, :, position[0] : position[0] + 1, :] = k.to(torch.float16)
+            self.valueCache[i, :, :, position[0] : position[0] + 1, :] = v.to(torch.float16)
+            return self.keyCache[i], self.valueCache[i]
+
+        return decoder_step(self.model, input_ids, position[None], attention_mask, cross_key, cross_value, cache)
