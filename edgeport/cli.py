@@ -172,11 +172,21 @@ def convert(
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", help="Which artifact to bench (default: the first the manifest lists).")
+@click.option("--format", "-f", "fmt", help="Which artifact to bench (default: the fastest this machine runs).")
 @click.option(
     "--text",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Text to summarize (default: Python's own reference on its execution model).",
+)
+@click.option(
+    "--audio",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Whisper: speech to transcribe, WAV or FLAC at any rate (default: the 44 s Tale of Two Cities reading).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Whisper: the transcript of --audio, for WER.",
 )
 @click.option("--prompt-tokens", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac).")
@@ -186,14 +196,28 @@ def convert(
     help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).",
 )
 @json_option
-def bench(out, fmt, text, prompt_tokens, max_tokens, runs, as_json) -> None:
-    """Measure an artifact of OUT summarizing: TTFT, prefill and decode tok/s, peak memory."""
+def bench(out, fmt, text, audio, reference, prompt_tokens, max_tokens, runs, as_json) -> None:
+    """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
+    transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
     from edgeport.runtime import summarize
     from edgeport.runtime.runners import QNN_ABSENT, bench_runner
     from edgeport.texts import default_article
 
     found = manifest.read(out)
     artifact = _pick_artifact(found, fmt, out)
+    if found["source"].get("family") == "whisper":
+        if text or prompt_tokens or max_tokens:
+            raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")
+        result = _bench_transcription(out, artifact, audio, reference, runs or FULL_WORKLOAD["runs"])
+        _write_json(out / "bench.json", result)
+        if as_json:
+            _print_json(result)
+        else:
+            title = f"Transcribe with {out.name} ({artifact['format']} {artifact['quantization']})"
+            report.out.print(report.transcribe_table(result, title))
+        return
+    if audio or reference:
+        raise EdgeportError(f"--audio and --reference are for Whisper outputs; {out} holds a causal LM")
     slow_cpu = artifact["format"] == "mlx" and sys.platform != "darwin"
     workload = CPU_MLX_WORKLOAD if slow_cpu else FULL_WORKLOAD
     lengths = _token_counts(prompt_tokens or workload["prompt_tokens"])
@@ -267,13 +291,46 @@ def inspect(out, as_json) -> None:
         sys.exit(1)
 
 
+def _bench_transcription(out: Path, artifact: dict, audio: Path | None, reference: Path | None, runs: int) -> dict:
+    from edgeport.audio import load_audio, parity_clips
+    from edgeport.runtime import transcribe
+    from edgeport.runtime.runners import QNN_ABSENT
+    from edgeport.runtime.whisper_runners import speech_bench_runner
+
+    if audio:
+        speech, spoken = load_audio(audio), reference.read_text() if reference else None
+    elif reference:
+        raise EdgeportError("--reference needs the --audio it transcribes")
+    else:
+        clip = parity_clips()[0]
+        speech, spoken = clip.audio, clip.reference
+    with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
+        runner = speech_bench_runner(artifact["format"], out / artifact["path"])
+    with report.step("Transcription bench") as progress:
+        result = transcribe.bench(runner, speech, spoken, runs, progress)
+    result.update(
+        format=artifact["format"],
+        quantization=artifact["quantization"],
+        artifact=artifact["path"],
+        audio=str(audio) if audio else "two_cities.wav (moonshine-voice)",
+    )
+    if artifact["format"] == "mlx" and sys.platform != "darwin":
+        result["note"] = "MLX's CPU backend in float32, not Metal: these are not Mac figures"
+    if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
+        result["note"] = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
+    return result
+
+
 def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
     candidates = [a for a in found["artifacts"] if fmt is None or a["format"] == fmt]
     if not candidates:
         have = ", ".join(a["format"] for a in found["artifacts"]) or "none"
         raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
-    if fmt is None and sys.platform != "darwin":  # off a Mac the ONNX CPU shape is the fast engine at hand
-        return next((a for a in candidates if a["details"].get("shape") == "cpu"), candidates[0])
+    if fmt is None and sys.platform != "darwin":
+        # Off a Mac the fast engines at hand are CTranslate2 and the ONNX CPU shape; Core ML cannot run at all.
+        preferred = [a for a in candidates if a["format"] == "ct2" or a["details"].get("shape") == "cpu"]
+        runnable = [a for a in candidates if a["format"] != "coreml"]
+        return (preferred or runnable or candidates)[0]
     return candidates[0]
 
 

@@ -140,6 +140,32 @@ def bench_table(bench: dict, title: str) -> Table:
     return table
 
 
+def transcribe_table(bench: dict, title: str) -> Table:
+    machine = bench["machine"]
+    table = Table(
+        title=title,
+        caption=f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
+        f"median of {bench['runs']} runs after a warm-up; RTF = wall time / audio duration"
+        + (f"; {bench['note']}" if bench.get("note") else ""),
+    )
+    columns = ("audio", "windows", "wall", "RTF", "encoder / window", "decoder / window", "tokens", "WER", "peak RSS")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in bench["results"]:
+        table.add_row(
+            f"{r['audio_s']:.1f} s",
+            str(r["windows"]),
+            f"{r['wall_s']:.2f} s",
+            f"{r['rtf']:.4f}",
+            f"{r['encode_s_per_window'] * 1000:.0f} ms",
+            f"{r['decode_s_per_window'] * 1000:.0f} ms",
+            str(r["tokens"]),
+            f"{r['wer']:.3f}" if "wer" in r else "—",
+            f"{r['peak_rss_gb'] * 1000:.0f} MB",
+        )
+    return table
+
+
 def check_table(lines: list, target: str) -> Table:
     table = Table(title=f"Budget of {target}")
     for column in ("budget", "limit", "measured", "status", "why"):
@@ -155,6 +181,7 @@ def _budget_text(budget) -> str:
         ("TTFT ≤ {} s", budget.ttft_s),
         ("decode ≥ {} tok/s", budget.decode_tps),
         ("RTF ≤ {}", budget.rtf),
+        ("WER ≤ {}", budget.wer),
         ("peak ≤ {} GB", budget.peak_memory_gb),
     ]
     return ", ".join(text.format(f"{value:g}") for text, value in parts if value is not None) or "none"

@@ -2,6 +2,7 @@
 MLX (mlx-whisper's model), CTranslate2 and Core ML (macOS only)."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -174,6 +175,7 @@ class CT2Whisper(WhisperRunner):
             },
         )
         self.ct2 = ctranslate2
+        ctranslate2.set_log_level(logging.ERROR)  # not the notice that float16 scales compute in float32 on a CPU
         self.model = ctranslate2.models.Whisper(str(path), device="cpu")
         self.engine = f"CTranslate2 {ctranslate2.__version__} (CPU, {self.model.compute_type})"
 
