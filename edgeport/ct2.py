@@ -106,10 +106,11 @@ def to_hf(folder: Path, dest: Path) -> None:
 def _hf_tensors(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     tensors = {}
     for name, value in variables.items():
-        if name.endswith("weight_scale") or value.ndim == 0:
-            continue  # scales are applied below; scalars are flags (activation, pre-norm, ...)
-        if value.dtype == np.int8:  # int8 weights: one scale per output row, q = round(w * scale)
-            value = (value.astype(np.float32) / variables[name + "_scale"].reshape(-1, 1)).astype(np.float16)
+        if name.endswith("weight_scale") or value.ndim == 0 or name.startswith("decoder/projection/"):
+            continue  # scales are applied below; scalars are flags; the projection is the embedding
+        if value.dtype == np.int8:  # int8 weights: one scale per output channel, q = round(w * scale)
+            scale = variables[name + "_scale"].reshape(-1, *[1] * (value.ndim - 1))
+            value = (value.astype(np.float32) / scale).astype(np.float16)
         for pattern, template, parts in FUSED:
             match = re.fullmatch(pattern, name)
             if match:
@@ -167,8 +168,6 @@ def _config(variables: dict, ct2_config: dict, tokenizer, folder: Path):
 def _tokenizer(folder: Path):
     from transformers import WhisperTokenizerFast
 
-    if not (folder / "tokenizer.json").is_file():
-        raise EdgeportError(f"{folder}: no tokenizer.json beside model.bin (faster-whisper folders carry one)")
     return WhisperTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
 
 

@@ -197,7 +197,8 @@ def whisper_size(config: dict) -> WhisperSize:
     convs = 3 * mels * d + 3 * d * d
     encoder_matrix = convs + enc * (4 * d * d + 2 * d * ffn_e)
     decoder_matrix = vocab * d + dec * (8 * d * d + 2 * d * ffn_d)
-    vectors = (frames + tokens) * d + enc * (9 * d + ffn_e) + dec * (15 * d + ffn_d) + 4 * d  # biases, norms, positions
+    # positions, then per layer the biases (k_proj has none) and norms, then the conv biases and final norms
+    vectors = (frames + tokens) * d + enc * (8 * d + ffn_e) + dec * (13 * d + ffn_d) + 6 * d
     return WhisperSize(
         params=encoder_matrix + decoder_matrix + vectors,
         matrix_params=encoder_matrix + decoder_matrix,

@@ -179,8 +179,11 @@ def _open_gguf(file: Path, config_only: bool) -> Source:
 
 def _open_ct2(folder: Path) -> Source:
     """A CTranslate2 Whisper folder, rewritten once into HF layout in the cache (seconds: it holds no code)."""
-    weights = folder / "model.bin"
-    hf_folder = cache_dir() / "ct2" / f"{folder.name}-{sha256_file(weights)[:16]}"
+    weights, tokenizer = folder / "model.bin", folder / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise EdgeportError(f"{folder}: no tokenizer.json beside model.bin (faster-whisper folders carry one)")
+    files = "".join(sha256_file(f) for f in (weights, tokenizer, folder / "config.json"))
+    hf_folder = cache_dir() / "ct2" / f"{folder.name}-{hashlib.sha256(files.encode()).hexdigest()[:16]}"
     if not (hf_folder / "config.json").exists():
         hf_folder.parent.mkdir(parents=True, exist_ok=True)
         with staged_folder(hf_folder, force=True) as staging:

@@ -299,10 +299,13 @@ class PackageWeightsWhisper(TorchWhisper):
         weights = {}
         for package in ("encoder.mlpackage", "decoder.mlpackage"):
             weights.update(read_weights(path / package, list(parameters)))
-        missing = [name for name in parameters if name not in weights]
+        missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
         if missing:
             raise EdgeportError(f"{path}: the packages have no weight for {', '.join(missing[:3])}")
         with torch.no_grad():
             for name, parameter in parameters.items():
-                parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+                if name in weights:
+                    parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+                else:  # a vector the converter merged with an equal one: stored in fp16, as the package computes
+                    parameter.copy_(parameter.to(torch.float16).to(torch.float32))
         self.engine += f", with the packages' {len(weights)} weights read back and decompressed"

