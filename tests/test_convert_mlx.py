@@ -143,7 +143,9 @@ def test_bench_then_check_against_host(q4_output, tmp_path):
 def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path, monkeypatch):
     from edgeport import parity
 
-    monkeypatch.setitem(parity.BOUNDS, "fp16", parity.Bounds(top1_agreement=1.01, kl_mean=0.0, ppl_delta=0.0))
+    monkeypatch.setitem(
+        parity.BOUNDS, "fp16", parity.Bounds(top1_agreement=1.01, kl_mean=0.0, ppl_delta=0.0, wer_delta=0.0)
+    )
     out = tmp_path / "out"
     code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
     assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
