@@ -188,6 +188,7 @@ def convert(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Whisper: the transcript of --audio, for WER.",
 )
+@click.option("--language", default="en", show_default=True, help="Whisper: the language spoken (multilingual models).")
 @click.option("--prompt-tokens", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac).")
 @click.option(
@@ -196,7 +197,7 @@ def convert(
     help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).",
 )
 @json_option
-def bench(out, fmt, text, audio, reference, prompt_tokens, max_tokens, runs, as_json) -> None:
+def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens, runs, as_json) -> None:
     """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
     transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
     from edgeport.runtime import summarize
@@ -208,7 +209,7 @@ def bench(out, fmt, text, audio, reference, prompt_tokens, max_tokens, runs, as_
     if found["source"].get("family") == "whisper":
         if text or prompt_tokens or max_tokens:
             raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")
-        result = _bench_transcription(out, artifact, audio, reference, runs or FULL_WORKLOAD["runs"])
+        result = _bench_transcription(out, artifact, audio, reference, language, runs or FULL_WORKLOAD["runs"])
         _write_json(out / "bench.json", result)
         if as_json:
             _print_json(result)
@@ -291,7 +292,9 @@ def inspect(out, as_json) -> None:
         sys.exit(1)
 
 
-def _bench_transcription(out: Path, artifact: dict, audio: Path | None, reference: Path | None, runs: int) -> dict:
+def _bench_transcription(
+    out: Path, artifact: dict, audio: Path | None, reference: Path | None, language: str, runs: int
+) -> dict:
     from edgeport.audio import load_audio, parity_clips
     from edgeport.runtime import transcribe
     from edgeport.runtime.runners import QNN_ABSENT
@@ -306,6 +309,7 @@ def _bench_transcription(out: Path, artifact: dict, audio: Path | None, referenc
         speech, spoken = clip.audio, clip.reference
     with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
         runner = speech_bench_runner(artifact["format"], out / artifact["path"])
+        runner.use_language(language)
     with report.step("Transcription bench") as progress:
         result = transcribe.bench(runner, speech, spoken, runs, progress)
     result.update(
@@ -313,6 +317,7 @@ def _bench_transcription(out: Path, artifact: dict, audio: Path | None, referenc
         quantization=artifact["quantization"],
         artifact=artifact["path"],
         audio=str(audio) if audio else "two_cities.wav (moonshine-voice)",
+        language=language,
     )
     if artifact["format"] == "mlx" and sys.platform != "darwin":
         result["note"] = "MLX's CPU backend in float32, not Metal: these are not Mac figures"

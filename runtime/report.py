@@ -23,7 +23,8 @@ def step(description: str) -> Iterator:
 
 def targets_table(targets: list) -> Table:
     table = Table(title="Targets")
-    for column in ("name", "device", "RAM GB", "app may use", "GB/s", "compute TFLOPS/TOPS", "formats", "budget"):
+    columns = ("name", "device", "RAM GB", "app may use", "GB/s", "compute TFLOPS/TOPS", "LLM", "Whisper", "budget")
+    for column in columns:
         table.add_column(column)
     for t in targets:
         table.add_row(
@@ -34,6 +35,7 @@ def targets_table(targets: list) -> Table:
             f"{t.bandwidth_gbs:g}" + (" (measured)" if t.measured else ""),
             ", ".join(f"{unit} {v:g}" for unit, v in t.tflops.items()),
             ", ".join(f"{f.name} {f.quantization}" for f in t.formats),
+            ", ".join(f"{f.name} {f.quantization}" for f in t.speech_formats),
             _budget_text(t.budget),
         )
     return table

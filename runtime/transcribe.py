@@ -29,22 +29,26 @@ class WhisperRunner:
 
     engine = "?"
 
-    def __init__(self, folder: Path, config: dict | None = None, language: str = "en"):
+    def __init__(self, folder: Path, config: dict | None = None):
         """`config`: the transformers config's decoding fields, when `folder` holds none (CTranslate2)."""
         from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-        config = config or json.loads((folder / "config.json").read_text())
+        self.config = config or json.loads((folder / "config.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.features = WhisperFeatureExtractor.from_pretrained(folder)
         self.eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        self.prompt = start_tokens(self.tokenizer, config, language)
-        self.max_tokens = MAX_TARGET_POSITIONS // 2 - len(self.prompt)  # Whisper's own sample length
-        vocab = config["vocab_size"]
+        self.use_language("en")
+        vocab = self.config["vocab_size"]
         self.suppressed = np.zeros(vocab, bool)  # every special token but the end (no timestamps), and the config's
-        self.suppressed[[t for t in config.get("suppress_tokens") or [] if t < vocab]] = True
+        self.suppressed[[t for t in self.config.get("suppress_tokens") or [] if t < vocab]] = True
         self.suppressed[self.eot + 1 :] = True
         self.suppressed_first = self.suppressed.copy()  # a window does not start with a blank or end at once
-        self.suppressed_first[[t for t in config.get("begin_suppress_tokens") or [] if t < vocab]] = True
+        self.suppressed_first[[t for t in self.config.get("begin_suppress_tokens") or [] if t < vocab]] = True
+
+    def use_language(self, language: str) -> None:
+        """Transcribe `language` (a multilingual model's language token; English-only models ignore it)."""
+        self.prompt = start_tokens(self.tokenizer, self.config, language)
+        self.max_tokens = MAX_TARGET_POSITIONS // 2 - len(self.prompt)  # Whisper's own sample length
 
     def mel(self, audio: np.ndarray) -> np.ndarray:
         return self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
