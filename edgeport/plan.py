@@ -94,11 +94,9 @@ def make_plan(source: Source, target: Target, formats: list[str] | None = None, 
     offered = target.speech_formats if speech else target.formats
     preferences = [f for f in offered if formats is None or f.name in formats]
     if not preferences:
-        what = "Whisper as" if speech else ""
+        runs = "runs Whisper as" if speech else "runs"
         names = ", ".join(f.name for f in offered)
-        raise EdgeportError(
-            f"--formats {','.join(formats or [])}: {target.name} runs {what} {names}".replace("  ", " ")
-        )
+        raise EdgeportError(f"--formats {','.join(formats or [])}: {target.name} {runs} {names}")
     chosen = quantization.lookup(quant) if quant else None
     quant_formats = chosen.formats if chosen else ()
     if quant and not any(pref.name in quant_formats for pref in preferences):
@@ -178,6 +176,7 @@ def model_size(config: dict) -> ModelSize:
 class WhisperSize:
     params: int
     matrix_params: int  # what gets quantized: projections, convolutions, token embedding
+    frames: int  # encoder positions per 30 s window
     encoder_params: int
     decoder_matrix_params: int  # read per decoded token (the embedding doubles as the output projection)
     kv_bytes: int  # self-attention cache of max_target_positions tokens + cross-attention cache of one window
@@ -202,6 +201,7 @@ def whisper_size(config: dict) -> WhisperSize:
     return WhisperSize(
         params=encoder_matrix + decoder_matrix + vectors,
         matrix_params=encoder_matrix + decoder_matrix,
+        frames=frames,
         encoder_params=encoder_matrix + frames * d,
         decoder_matrix_params=decoder_matrix,
         kv_bytes=2 * dec * (tokens + frames) * d * KV_BYTES_PER_VALUE,
@@ -212,8 +212,7 @@ def whisper_size(config: dict) -> WhisperSize:
 def _speech_step(size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
     bits = quantization.get(quant_name, fmt).bits_per_weight()
     weights, peak = _speech_memory(size, quant_name, fmt)
-    frames = 1500
-    encode_s = 2 * size.encoder_params * frames / (target.tflops[unit] * 1e12)
+    encode_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
     decode_tps = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + size.kv_bytes)
     rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
     usable = target.usable_ram_gb * GB
@@ -233,7 +232,7 @@ def _speech_step(size: WhisperSize, target: Target, fmt: str, quant_name: str, u
         weight_bytes=weights,
         kv_bytes=size.kv_bytes,
         peak_bytes=peak,
-        prefill_tps=round(frames / encode_s, 1),
+        prefill_tps=round(size.frames / encode_s, 1),
         decode_tps=round(decode_tps, 1),
         ttft_s=round(encode_s + 1 / decode_tps, 4),
         fits=fits,
