@@ -61,17 +61,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         from edgeport.convert import whisper_coreml
 
         return whisper_coreml.convert(source, quant, step.unit, target, dest)
-    deployment = target.coreml_deployment or "iOS18"
-    if deployment not in DEPLOYMENT_TARGETS:
-        raise EdgeportError(
-            f"{target.name}: coreml_deployment {deployment} is not one of {', '.join(DEPLOYMENT_TARGETS)}"
-        )
-    stateful = deployment in WITH_STATE
-    if not stateful and quant.group_size:
-        raise EdgeportError(
-            f"{target.name}: {quant.name} needs iOS 18 / macOS 15 and the target deploys to {deployment}; "
-            "use --quant int8-channel or palettize4"
-        )
+    deployment, stateful = deployment_of(target, quant)
     neural_engine = step.unit == "npu" and stateful  # static prefill/decode functions need a multifunction package
     AttentionInterface.register("edgeport_fused_sdpa", fused_sdpa)
     model = source.load_reference(attn_implementation="edgeport_fused_sdpa")  # float32; Core ML computes in fp16
@@ -104,6 +94,22 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         **describe(package),
     }
     return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", details)
+
+
+def deployment_of(target: Target, quant) -> tuple[str, bool]:
+    """The oldest OS the target's apps ship to, and whether it has Core ML state (and int4 blocks)."""
+    deployment = target.coreml_deployment or "iOS18"
+    if deployment not in DEPLOYMENT_TARGETS:
+        raise EdgeportError(
+            f"{target.name}: coreml_deployment {deployment} is not one of {', '.join(DEPLOYMENT_TARGETS)}"
+        )
+    stateful = deployment in WITH_STATE
+    if not stateful and quant.group_size:
+        raise EdgeportError(
+            f"{target.name}: {quant.name} needs iOS 18 / macOS 15 and the target deploys to {deployment}; "
+            "use --quant int8-channel or palettize4"
+        )
+    return deployment, stateful
 
 
 def fused_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -232,6 +238,11 @@ def _convert(model, context: int, width: int | None, deployment: str):
             ct.TensorType("valueCache", shape=cache.shape, dtype=np.float16),
         ]
         outputs += [ct.TensorType("keyCacheOut", dtype=np.float16), ct.TensorType("valueCacheOut", dtype=np.float16)]
+    return ct_convert(traced, inputs, outputs, states, deployment)
+
+
+def ct_convert(traced, inputs: list, outputs: list, states: list | None, deployment: str):
+    """A traced module as an fp16 ML Program for `deployment`, without loading it (which only macOS can)."""
     return ct.convert(
         traced,
         inputs=inputs,
@@ -239,7 +250,7 @@ def _convert(model, context: int, width: int | None, deployment: str):
         states=states,
         minimum_deployment_target=DEPLOYMENT_TARGETS[deployment],
         compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,  # loading compiles the model, which only macOS can
+        skip_model_load=True,
     )
 
 

@@ -17,9 +17,8 @@ import torch
 from coremltools.converters.mil.mil import types
 
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.coreml import DEPLOYMENT_TARGETS, WITH_STATE, _compress, _quiet, describe
+from edgeport.convert.coreml import _compress, _quiet, ct_convert, deployment_of, describe
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
-from edgeport.errors import EdgeportError
 from edgeport.source import Source
 from edgeport.targets import Target
 
@@ -28,17 +27,7 @@ UNITS = {"npu": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
 
 def convert(source: Source, quant, unit: str, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as `dest/encoder.mlpackage` and `dest/decoder.mlpackage` (dest must not exist)."""
-    deployment = target.coreml_deployment or "iOS18"
-    if deployment not in DEPLOYMENT_TARGETS:
-        raise EdgeportError(
-            f"{target.name}: coreml_deployment {deployment} is not one of {', '.join(DEPLOYMENT_TARGETS)}"
-        )
-    stateful = deployment in WITH_STATE
-    if not stateful and quant.group_size:
-        raise EdgeportError(
-            f"{target.name}: {quant.name} needs iOS 18 / macOS 15 and the target deploys to {deployment}; "
-            "use --quant int8-channel or palettize4"
-        )
+    deployment, stateful = deployment_of(target, quant)
     model = source.load_reference()  # float32; Core ML computes in fp16
     config = model.config
     length = config.max_target_positions
@@ -122,12 +111,4 @@ def _convert(wrapper, inputs: list, outputs: list, states: list | None, deployme
     )
     with torch.no_grad():
         traced = torch.jit.trace(wrapper.eval(), example, check_trace=False)
-    return ct.convert(
-        traced,
-        inputs=inputs,
-        outputs=outputs,
-        states=states,
-        minimum_deployment_target=DEPLOYMENT_TARGETS[deployment],
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,  # loading compiles the model, which only macOS can
-    )
+    return ct_convert(traced, inputs, outputs, states, deployment)

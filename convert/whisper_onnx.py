@@ -94,16 +94,8 @@ def export(source: Source, folder: Path, static: bool) -> dict:
                 torch.zeros(*cache, frames, head_dim),
             ),
             str(folder / "decoder.onnx"),
-            input_names=[
-                "input_ids",
-                "position_ids",
-                "attention_mask",
-                "past_key",
-                "past_value",
-                "cross_key",
-                "cross_value",
-            ],
-            output_names=["logits", "new_key", "new_value"],
+            input_names=DECODER_INPUTS,
+            output_names=DECODER_OUTPUTS,
             opset_version=OPSET,
             dynamo=False,
             dynamic_axes=None
@@ -128,18 +120,7 @@ def export(source: Source, folder: Path, static: bool) -> dict:
         "frames": frames,
         "mask_value": MASK_VALUE,
         "encoder": {"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
-        "decoder": {
-            "inputs": [
-                "input_ids",
-                "position_ids",
-                "attention_mask",
-                "past_key",
-                "past_value",
-                "cross_key",
-                "cross_value",
-            ],
-            "outputs": ["logits", "new_key", "new_value"],
-        },
+        "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
         "cache": "keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
         "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
         "attention_mask is 0 where a position is filled and mask_value elsewhere)",

@@ -120,13 +120,7 @@ def artifacts_table(manifest: dict) -> Table:
 
 
 def bench_table(bench: dict, title: str) -> Table:
-    machine = bench["machine"]
-    table = Table(
-        title=title,
-        caption=f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
-        f"median of {bench['runs']} runs after a warm-up; {bench['max_tokens']} new tokens"
-        + (f"; {bench['note']}" if bench.get("note") else ""),
-    )
+    table = Table(title=title, caption=_bench_caption(bench, f"{bench['max_tokens']} new tokens"))
     for column in ("prompt tokens", "new tokens", "TTFT", "prefill tok/s", "decode tok/s", "engine peak", "peak RSS"):
         table.add_column(column, justify="right")
     for r in bench["results"]:
@@ -143,13 +137,7 @@ def bench_table(bench: dict, title: str) -> Table:
 
 
 def transcribe_table(bench: dict, title: str) -> Table:
-    machine = bench["machine"]
-    table = Table(
-        title=title,
-        caption=f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
-        f"median of {bench['runs']} runs after a warm-up; RTF = wall time / audio duration"
-        + (f"; {bench['note']}" if bench.get("note") else ""),
-    )
+    table = Table(title=title, caption=_bench_caption(bench, "RTF = wall time / audio duration"))
     columns = ("audio", "windows", "wall", "RTF", "encoder / window", "decoder / window", "tokens", "WER", "peak RSS")
     for column in columns:
         table.add_column(column, justify="right")
@@ -166,6 +154,15 @@ def transcribe_table(bench: dict, title: str) -> Table:
             f"{r['peak_rss_gb'] * 1000:.0f} MB",
         )
     return table
+
+
+def _bench_caption(bench: dict, workload: str) -> str:
+    machine = bench["machine"]
+    return (
+        f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
+        f"median of {bench['runs']} runs after a warm-up; {workload}"
+        + (f"; {bench['note']}" if bench.get("note") else "")
+    )
 
 
 def check_table(lines: list, target: str) -> Table:

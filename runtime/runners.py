@@ -159,10 +159,7 @@ class StaticKVRunner:
         self.prefill_chunk, self.context = shape["prefill_chunk"], shape["context_length"]
         self.layers, self.mask_value = shape["layers"], shape["mask_value"]
         self.cache_shape = (shape["layers"], 2, 1, shape["kv_heads"], shape["context_length"], shape["head_dim"])
-        providers = [CPU]
-        if npu and QNN in ort.get_available_providers():
-            backend = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
-            providers.insert(0, (QNN, {"backend_path": backend}))
+        providers = onnx_providers(npu)
         self.sessions = {
             self.prefill_chunk: ort.InferenceSession(str(path / "prefill.onnx"), providers=providers),
             1: ort.InferenceSession(str(path / "decode.onnx"), providers=providers),
@@ -348,6 +345,18 @@ class _TokenClock:
             (self.generated - 1) / decode_time if decode_time > 0 else 0.0,
             peak_rss_bytes() / 1e9,
         )
+
+
+def onnx_providers(npu: bool) -> list:
+    """onnxruntime's execution providers for a graph: QNN's HTP (NPU) backend first when `npu` and
+    onnxruntime-qnn provides it, the CPU EP always."""
+    import onnxruntime as ort
+
+    providers: list = [CPU]
+    if npu and QNN in ort.get_available_providers():
+        backend = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
+        providers.insert(0, (QNN, {"backend_path": backend}))
+    return providers
 
 
 def _hf_tokenizer(path: Path):

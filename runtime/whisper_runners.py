@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
-from edgeport.runtime.runners import COREML_NEEDS_MACOS, CPU, QNN, QNN_ABSENT
+from edgeport.runtime.runners import COREML_NEEDS_MACOS, QNN, QNN_ABSENT, onnx_providers
 from edgeport.runtime.transcribe import WhisperRunner
 
 
@@ -54,9 +54,7 @@ class WhisperONNXRunner(WhisperRunner):
 
         super().__init__(path)
         self.shape = json.loads((path / "whisper.json").read_text())
-        providers = [CPU]
-        if npu and QNN in ort.get_available_providers():
-            providers.insert(0, (QNN, {"backend_path": "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"}))
+        providers = onnx_providers(npu)
         self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=providers)
         self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), providers=providers)
         self.providers = self.decoder.get_providers()
