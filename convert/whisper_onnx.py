@@ -42,6 +42,8 @@ def convert(source: Source, quant, dest: Path) -> Artifact:
             f"ONNX Whisper at {quant.name}: onnxruntime's QDQ quantizer puts every weight in blocks, which Whisper's "
             "convolutions and LayerNorm scales cannot take, and 4 bits per channel breaks it; use --quant w8a16"
         )
+    if not npu and not (quant.is_float or quant.bits == 8):
+        raise EdgeportError(f"ONNX Whisper for a CPU comes as fp16 or int8, not {quant.name}")
     dest.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, _quiet():
         float_dir = Path(tmp)
@@ -134,12 +136,10 @@ def _cpu_precision(exported: Path, dest: Path, quant) -> None:
         quantize_dynamic(
             exported, dest, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gather"]
         )
-    elif quant.is_float:
+    else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx.save(convert_float_to_float16(onnx.load(exported), keep_io_types=True), dest)
-    else:
-        raise EdgeportError(f"ONNX Whisper for a CPU comes as fp16 or int8, not {quant.name}")
 
 
 def _calibration_feeds(runner) -> dict[str, list[dict]]:

@@ -348,3 +348,18 @@ def test_missing_parity_clips_fail_before_any_work(tiny_whisper, tmp_path, monke
     monkeypatch.setattr("edgeport.audio.CLIP_PACKAGE", "no_such_clip_package")
     code, _, err = run_cli("convert", str(tiny_whisper), "-t", "host", "-o", str(tmp_path / "x"))
     assert code == 1 and "moonshine-voice" in err and not (tmp_path / "x").exists()
+
+
+def test_onnx_fp16_for_a_cpu_and_what_it_refuses(tiny_whisper, tmp_path):
+    result = convert(tiny_whisper, tmp_path / "fp16", "host", "-f", "onnx", "--quant", "fp16", "--allow-parity-fail")
+    (artifact,) = result["artifacts"]
+    assert (artifact["quantization"], artifact["details"]["shape"]) == ("fp16", "cpu")
+    decoder = onnx.load(tmp_path / "fp16" / "onnx" / "decoder.onnx")
+    kinds = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in decoder.graph.initializer if len(i.dims) == 2}
+    assert kinds == {np.dtype("float16")}
+    inputs = {i.name: i.type.tensor_type.elem_type for i in decoder.graph.input}
+    assert inputs["attention_mask"] == onnx.TensorProto.FLOAT  # the app's side stays float32
+    code, _, err = run_cli(
+        "convert", str(tiny_whisper), "-t", "host", "-f", "onnx", "--quant", "int4-block32", "-o", str(tmp_path / "x")
+    )
+    assert code == 1 and "fp16 or int8" in err and not (tmp_path / "x").exists()
