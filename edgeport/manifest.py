@@ -13,7 +13,25 @@ from edgeport.source import sha256_file
 
 SCHEMA_VERSION = 1
 FILENAME = "manifest.json"
-TOOLS = ("torch", "transformers", "safetensors", "tokenizers", "huggingface_hub", "gguf", "numpy", "mlx", "mlx-lm")
+TOOLS = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "huggingface_hub",
+    "gguf",
+    "numpy",
+    "mlx",
+    "mlx-lm",
+    "mlx-whisper",
+    "coremltools",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "ctranslate2",
+    "jiwer",
+    "soxr",
+)
 REQUIRED = {
     "schema_version": int,
     "edgeport_version": str,
