@@ -2,11 +2,16 @@
 of A Tale of Two Cities and the Beckett quote."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import package_path, run_cli
 
+from edgeport.audio import parity_clips
 from edgeport.parity import BOUNDS
+from edgeport.runtime.transcribe import wer
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +71,10 @@ def test_snapdragon_static_qdq_graphs_transcribe_like_the_source(fixture_whisper
     (artifact,) = result["artifacts"]
     assert (artifact["quantization"], artifact["details"]["shape"]) == ("w8a16", "npu")
     assert_transcribes_like_the_source(artifact)
+    # and the app-side example, on the CPU EP here, gets every word of the Beckett quote
+    example = Path(__file__).parents[1] / "examples" / "windows-on-snapdragon" / "transcribe.py"
+    audio = package_path("moonshine_voice", "assets/beckett.wav")
+    command = [sys.executable, str(example), str(tmp_path / "snapdragon" / "onnx"), str(audio)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert wer(parity_clips()[1].reference, done.stdout) == 0

@@ -23,7 +23,7 @@ from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
 from edgeport.errors import EdgeportError
 from edgeport.parity import BOUNDS
 from edgeport.plan import make_plan, whisper_size
-from edgeport.runtime.transcribe import start_tokens, wer
+from edgeport.runtime.transcribe import start_tokens, transcribe, wer
 from edgeport.runtime.whisper_runners import MLXWhisper, TorchWhisper, WhisperONNXRunner
 from edgeport.source import open_source
 
@@ -363,3 +363,18 @@ def test_onnx_fp16_for_a_cpu_and_what_it_refuses(tiny_whisper, tmp_path):
         "convert", str(tiny_whisper), "-t", "host", "-f", "onnx", "--quant", "int4-block32", "-o", str(tmp_path / "x")
     )
     assert code == 1 and "fp16 or int8" in err and not (tmp_path / "x").exists()
+
+
+def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(tiny_whisper, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path / "snapdragon"
+    convert(tiny_whisper, out, "snapdragon-8-gen-3", "--allow-parity-fail")
+    audio = package_path("moonshine_voice", "assets/beckett.wav")
+    example = Path(__file__).parents[1] / "examples" / "windows-on-snapdragon" / "transcribe.py"
+    done = subprocess.run([sys.executable, str(example), str(out / "onnx"), str(audio)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "running on CPUExecutionProvider" in done.stderr  # no NPU here
+    runner = WhisperONNXRunner(out / "onnx")
+    assert done.stdout.strip() == transcribe(runner, load_audio(audio)).text
