@@ -316,7 +316,7 @@ def describe(package: Path) -> dict:
     for op in function.operations:
         if op.op_type.startswith("constexpr_"):
             weights[op.op_type] += 1
-        elif op.op_type == "const" and op.outputs[0].rank >= 2 and op.outputs[0].name not in packed:
+        elif op.op_type == "const" and _is_matrix(op.outputs[0].shape) and op.outputs[0].name not in packed:
             weights[f"const {op.outputs[0].dtype.__name__}"] += 1
     return {
         "functions": interface,
@@ -324,6 +324,11 @@ def describe(package: Path) -> dict:
         "sdpa_ops": ops.get("scaled_dot_product_attention", 0),
         "ops": sum(ops.values()),
     }
+
+
+def _is_matrix(shape) -> bool:
+    """At least two dimensions of more than one element: a weight, not a scalar shaped [1, 1, 1, 1]."""
+    return sum(d > 1 for d in shape) >= 2
 
 
 def read_weights(package: Path, names: list[str]) -> dict[str, np.ndarray]:

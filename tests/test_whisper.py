@@ -378,3 +378,13 @@ def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(tiny_whi
     assert "running on CPUExecutionProvider" in done.stderr  # no NPU here
     runner = WhisperONNXRunner(out / "onnx")
     assert done.stdout.strip() == transcribe(runner, load_audio(audio)).text
+
+
+def test_an_iphone_gets_8_bit_whisper(tiny_whisper, tmp_path):
+    result = convert(tiny_whisper, tmp_path / "iphone", "iphone-15-pro", "--allow-parity-fail")
+    coreml, mlx = result["artifacts"]
+    assert (coreml["quantization"], mlx["quantization"]) == ("int8-channel", "q8")
+    # every projection and the embedding 8-bit; the two convolutions and the position table stay fp16
+    assert coreml["details"]["encoder"]["weight_matrices_by_storage"]["const fp16"] == 3
+    assert set(coreml["details"]["decoder"]["weight_matrices_by_storage"]) == {"constexpr_blockwise_shift_scale"}
+    assert json.loads((tmp_path / "iphone" / "mlx" / "config.json").read_text())["quantization"]["bits"] == 8
