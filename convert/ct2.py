@@ -6,6 +6,7 @@ from pathlib import Path
 
 import ctranslate2
 from ctranslate2.converters import TransformersConverter
+from transformers.utils import logging
 
 from edgeport import quantization
 from edgeport.convert import Artifact
@@ -24,6 +25,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     if source.family != "whisper":
         raise EdgeportError(f"{source.ref}: the CTranslate2 converter handles Whisper, not {source.model_type}")
     quant = quantization.get(step.quantization, "ct2")
+    logging.disable_progress_bar()  # the converter loads the model through transformers; our spinner reports it
     files = [str(source.path / name) for name in FILES if (source.path / name).exists()]
     try:
         TransformersConverter(str(source.path), copy_files=files, low_cpu_mem_usage=True).convert(
