@@ -299,25 +299,36 @@ class PackageWeightsRunner(TorchRunner):
     compression did to the weights, measurable where the package itself cannot run."""
 
     def __init__(self, source, path: Path):
-        from edgeport.convert.coreml import read_weights
-
         super().__init__(source)
-        parameters = dict(self.model.named_parameters())  # tied weights appear once
-        weights = read_weights(path / "model.mlpackage", list(parameters))
-        missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
-        if missing:
-            raise EdgeportError(f"{path}: the package has no weight for {', '.join(missing[:3])}")
-        torch = self.torch
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                if name in weights:
-                    parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
-                else:  # a norm scale the converter folded away: stored in fp16, as the package computes
-                    parameter.copy_(parameter.to(torch.float16).to(torch.float32))
+        read, total = load_package_weights(self.model, [path / "model.mlpackage"])
         self.engine = (
-            f"transformers (torch, CPU, float32) with the package's weights: {len(weights)} of {len(parameters)} "
+            f"transformers (torch, CPU, float32) with the package's weights: {read} of {total} "
             "read back and decompressed, the other (norm scales) rounded to fp16 as the package stores them"
         )
+
+
+def load_package_weights(model, packages: list[Path]) -> tuple[int, int]:
+    """Overwrite `model`'s parameters with the weights read back from Core ML `packages`, decompressed. A vector
+    the converter folded away (a norm scale) or merged with an equal one is rounded to fp16, as the package
+    computes it; a missing matrix is an error. Returns (parameters read back, parameters)."""
+    import torch
+
+    from edgeport.convert.coreml import read_weights
+
+    parameters = dict(model.named_parameters())  # tied weights appear once
+    weights = {}
+    for package in packages:
+        weights.update(read_weights(package, list(parameters)))
+    missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
+    if missing:
+        raise EdgeportError(f"{packages[0].parent}: the package has no weight for {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if name in weights:
+                parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+            else:
+                parameter.copy_(parameter.to(torch.float16).to(torch.float32))
+    return len(weights), len(parameters)
 
 
 class _TokenClock:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
-from edgeport.runtime.runners import COREML_NEEDS_MACOS, QNN, QNN_ABSENT, onnx_providers
+from edgeport.runtime.runners import COREML_NEEDS_MACOS, QNN, QNN_ABSENT, load_package_weights, onnx_providers
 from edgeport.runtime.transcribe import WhisperRunner
 
 
@@ -289,21 +289,6 @@ class PackageWeightsWhisper(TorchWhisper):
     compression did to the weights, measurable where the packages cannot run."""
 
     def __init__(self, source, path: Path):
-        from edgeport.convert.coreml import read_weights
-
         super().__init__(source)
-        torch = self.torch
-        parameters = dict(self.model.named_parameters())
-        weights = {}
-        for package in ("encoder.mlpackage", "decoder.mlpackage"):
-            weights.update(read_weights(path / package, list(parameters)))
-        missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
-        if missing:
-            raise EdgeportError(f"{path}: the packages have no weight for {', '.join(missing[:3])}")
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                if name in weights:
-                    parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
-                else:  # a vector the converter merged with an equal one: stored in fp16, as the package computes
-                    parameter.copy_(parameter.to(torch.float16).to(torch.float32))
-        self.engine += f", with the packages' {len(weights)} weights read back and decompressed"
+        read, _ = load_package_weights(self.model, [path / "encoder.mlpackage", path / "decoder.mlpackage"])
+        self.engine += f", with the packages' {read} weights read back and decompressed"

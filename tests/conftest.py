@@ -142,6 +142,15 @@ def tiny_whisper(tmp_path_factory) -> Path:
     return make_whisper(tmp_path_factory.mktemp("tiny") / "tiny-whisper")
 
 
+def convert(model, out, target: str, *extra: str) -> dict:
+    """`edgeport convert MODEL -t TARGET --out OUT --json ...` that must succeed; its manifest."""
+    import json
+
+    code, stdout, err = run_cli("convert", str(model), "-t", target, "--out", str(out), "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
 def run_cli(*args: str):
     """Run the edgeport CLI in-process the way a user's shell does; returns (exit code, stdout, stderr)."""
     import sys

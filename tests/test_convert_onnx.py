@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import convert, run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport import manifest
@@ -16,12 +16,6 @@ from edgeport.convert import copy_app_files
 from edgeport.convert import onnx as onnx_convert
 from edgeport.runtime.runners import QNN_ABSENT, ONNXRunner, StaticKVRunner
 from edgeport.source import open_source
-
-
-def convert(model, out, target, *extra):
-    code, stdout, err = run_cli("convert", str(model), "-t", target, "--out", str(out), "--json", *extra)
-    assert code == 0, err
-    return json.loads(stdout)
 
 
 @pytest.fixture(scope="module")

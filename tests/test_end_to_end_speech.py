@@ -7,19 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import package_path, run_cli
+from conftest import convert, package_path, run_cli
 
 from edgeport.audio import parity_clips
 from edgeport.parity import BOUNDS
 from edgeport.runtime.transcribe import wer
 
 pytestmark = pytest.mark.slow
-
-
-def convert(model, out, target):
-    code, stdout, err = run_cli("convert", str(model), "--target", target, "--out", str(out), "--json")
-    assert code == 0, err
-    return json.loads(stdout)
 
 
 def assert_transcribes_like_the_source(artifact):

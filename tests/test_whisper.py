@@ -11,7 +11,7 @@ import onnx
 import pytest
 import soundfile
 import torch
-from conftest import package_path, run_cli
+from conftest import convert, package_path, run_cli
 from ctranslate2.converters import TransformersConverter
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration
@@ -28,12 +28,6 @@ from edgeport.runtime.whisper_runners import MLXWhisper, TorchWhisper, WhisperON
 from edgeport.source import open_source
 
 TOKENS = [50257, 50362, 440, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # prompt, then some text
-
-
-def convert(model, out, target, *extra):
-    code, stdout, err = run_cli("convert", str(model), "-t", target, "--out", str(out), "--json", *extra)
-    assert code == 0, err
-    return json.loads(stdout)
 
 
 def ct2_folder(model, dest, quantization):
