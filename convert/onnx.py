@@ -11,6 +11,8 @@
 import contextlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,12 +98,26 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
             "--extra_options",
             *options,
         ]
-        done = subprocess.run(command, capture_output=True, text=True)
-    log = (done.stdout + done.stderr).strip().splitlines()
-    if done.returncode != 0:
+        returncode, log = _run_builder(command)
+    if returncode != 0:
         last = next((line for line in reversed(log) if line.strip()), "no output")
         raise EdgeportError(f"{source.ref}: onnxruntime-genai's builder could not convert it ({last.strip()})")
     return {"shape": "cpu", "opset": _opset(dest / "model.onnx"), "builder_log_tail": log[-5:]}
+
+
+def _run_builder(command: list[str]) -> tuple[int, list[str]]:
+    """The builder's exit code and output lines. It runs in its own process group, ended with every process it
+    started if edgeport is stopped (Ctrl-C, SIGTERM, SIGHUP) or fails while waiting for it."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    ) as builder:
+        try:
+            log, _ = builder.communicate()
+        except BaseException:
+            os.killpg(builder.pid, signal.SIGKILL)
+            builder.wait()
+            raise
+    return builder.returncode, log.strip().splitlines()
 
 
 def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:

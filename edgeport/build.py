@@ -1,7 +1,5 @@
-"""Carry a plan out: each step through its converter, each artifact against the source, one manifest.
-
-Everything is written into a staging folder beside `out` and renamed into place only when complete.
-"""
+"""Carry a plan out: each step through its converter, each artifact against the source, one manifest, all
+written into the staging folder that `edgeport.output.claim` gives."""
 
 import time
 from pathlib import Path
@@ -10,7 +8,6 @@ from edgeport import manifest, quantization
 from edgeport.audio import parity_clips
 from edgeport.convert import CONVERTERS, converter
 from edgeport.errors import EdgeportError
-from edgeport.files import staged_folder
 from edgeport.parity import Reference, SpeechReference, measure, measure_speech
 from edgeport.plan import Plan
 from edgeport.runtime import report
@@ -20,8 +17,8 @@ from edgeport.source import Source
 from edgeport.targets import Target
 
 
-def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = False, aihub: bool = False) -> dict:
-    """Build every step of `plan` that fits and has a converter; return the manifest written to `out`.
+def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool = False) -> dict:
+    """Build every step of `plan` that fits and has a converter; return the manifest written to `staging`.
     With `aihub`, the ONNX NPU graphs are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
     buildable, not_built = [], []
     for step in plan.steps:
@@ -48,35 +45,32 @@ def build(source: Source, target: Target, plan: Plan, out: Path, force: bool = F
 
     reference = None
     built = []
-    with staged_folder(out, force=force) as staging:
-        for step in buildable:
-            start = time.perf_counter()
-            with report.step(f"Converting to {step.format} {step.quantization}"):
-                artifact = modules[step.format].convert(source, step, target, staging / step.format)
-            artifact.details["convert_seconds"] = round(time.perf_counter() - start, 2)
-            start = time.perf_counter()
-            with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
-                if reference is None:
-                    progress("running the source in transformers")
-                    reference = (
-                        SpeechReference(TorchWhisper(source), clips)
-                        if speech
-                        else Reference(source, TorchRunner(source))
-                    )
-                progress(f"running the {step.format} artifact")
-                quantized = not quantization.get(step.quantization, step.format).is_float
-                if speech:
-                    runner, not_checked = speech_parity_runner(step.format, artifact.path, quantized, source)
-                    parity = measure_speech(reference, runner, step.quantization, not_checked)
-                else:
-                    runner, not_checked = parity_runner(step.format, artifact.path, quantized, source)
-                    parity = measure(reference, runner, step.quantization, not_checked)
-            parity.seconds = round(time.perf_counter() - start, 2)
-            if aihub and _npu_shape(step):
-                artifact.details["aihub"] = hub_skipped or _on_aihub(artifact, target, reference, step)
-            built.append((artifact, parity))
-        result = manifest.build(source, target, plan, built, not_built, staging)
-        manifest.write(result, staging)
+    for step in buildable:
+        start = time.perf_counter()
+        with report.step(f"Converting to {step.format} {step.quantization}"):
+            artifact = modules[step.format].convert(source, step, target, staging / step.format)
+        artifact.details["convert_seconds"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
+            if reference is None:
+                progress("running the source in transformers")
+                reference = (
+                    SpeechReference(TorchWhisper(source), clips) if speech else Reference(source, TorchRunner(source))
+                )
+            progress(f"running the {step.format} artifact")
+            quantized = not quantization.get(step.quantization, step.format).is_float
+            if speech:
+                runner, not_checked = speech_parity_runner(step.format, artifact.path, quantized, source)
+                parity = measure_speech(reference, runner, step.quantization, not_checked)
+            else:
+                runner, not_checked = parity_runner(step.format, artifact.path, quantized, source)
+                parity = measure(reference, runner, step.quantization, not_checked)
+        parity.seconds = round(time.perf_counter() - start, 2)
+        if aihub and _npu_shape(step):
+            artifact.details["aihub"] = hub_skipped or _on_aihub(artifact, target, reference, step)
+        built.append((artifact, parity))
+    result = manifest.build(source, target, plan, built, not_built, staging)
+    manifest.write(result, staging)
     return result
 
 

@@ -1,6 +1,7 @@
 """edgeport's command line: convert, plan, bench, check, targets, inspect."""
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -27,11 +28,14 @@ def cli(debug: bool) -> None:
 
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # unwound like Ctrl-C: staging removed, child processes ended
+        signal.signal(stop, _interrupt)
     try:
         cli.main(standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        report.err.print("[red]interrupted[/]: nothing was written")
-        sys.exit(130)
+        stop = _stopped_by[-1] if _stopped_by else signal.SIGINT
+        report.err.print(f"[red]interrupted[/] ({stop.name}): no partial output was left")
+        sys.exit(128 + stop)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -142,21 +146,25 @@ def convert(
     as_json,
 ) -> None:
     """Build every artifact of MODEL that the target runs, check each against the source, write a manifest."""
+    from edgeport import output
     from edgeport.build import build
     from edgeport.plan import make_plan
-    from edgeport.source import open_source
+    from edgeport.source import open_source, source_name
 
     target = targets.load(target_name, ram)
-    if out:
-        _refuse_existing(out, force)  # before the source is read, which can take minutes
-    with report.step(f"Opening {model}"):
-        source = open_source(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    out = out or Path("out") / f"{source.name}-{target.name}"
-    _refuse_existing(out, force)
-    the_plan = make_plan(source, target, _split(formats), quant)
-    if not as_json:
-        report.out.print(report.plan_table(the_plan))
-    result = build(source, target, the_plan, out, force=force, aihub=aihub)
+    out = out or Path("out") / f"{source_name(model)}-{target.name}"
+    local = Path(model).expanduser()
+    # Claimed before the source is read (which can take minutes): a refusal costs the user nothing.
+    with output.claim(out, force=force, sources=[local] if local.exists() else []) as staging:
+        with report.step(f"Opening {model}"):
+            source = open_source(
+                model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            )
+        output.refuse_overlap(out, source.local_paths())
+        the_plan = make_plan(source, target, _split(formats), quant)
+        if not as_json:
+            report.out.print(report.plan_table(the_plan))
+        result = build(source, target, the_plan, staging, aihub=aihub)
     if as_json:
         _print_json(result)
     else:
@@ -339,9 +347,12 @@ def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
     return candidates[0]
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise EdgeportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+_stopped_by: list[signal.Signals] = []  # libraries may re-raise a KeyboardInterrupt of their own: remember which
+
+
+def _interrupt(signum: int, frame) -> None:
+    _stopped_by.append(signal.Signals(signum))
+    raise KeyboardInterrupt
 
 
 def _token_counts(value: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Files on disk: outputs staged and renamed into place, the cache, JSON read with clear errors."""
+"""Files on disk: the cache (entries staged and renamed into place), JSON read with clear errors."""
 
 import json
 import os
@@ -11,28 +11,38 @@ from edgeport.errors import EdgeportError
 
 
 @contextmanager
-def staged_folder(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces `dest`, on any failure it is removed.
-
-    An interrupted run (Ctrl-C included) therefore leaves no half-written `dest`, and an existing
-    `dest` is only replaced with `force`.
-    """
+def cache_entry(dest: Path) -> Iterator[Path]:
+    """Yield an empty staging folder that becomes the cache entry `dest` when the block succeeds, and is removed
+    when it fails. Cache entries are written once: when a concurrent run finished the same entry first, ours is
+    dropped. Staging folders of runs that died are removed here too."""
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise EdgeportError(f"{dest} already exists: pass --force to replace it, or choose another --out")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(f".{dest.name}.staging-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.mkdir()
     try:
         yield staging
+        if dest.exists():
+            shutil.rmtree(staging)
+        else:
+            staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    staging.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cache_dir() -> Path:

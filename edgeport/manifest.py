@@ -2,9 +2,10 @@
 
 import json
 import platform
+import re
 import time
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import edgeport
 from edgeport.errors import EdgeportError
@@ -51,7 +52,10 @@ ARTIFACT_REQUIRED = {
     "files": list,
     "bytes": int,
     "parity": dict,
+    "details": dict,
 }
+FILE_REQUIRED = {"path": str, "bytes": int, "sha256": str}
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def build(source, target, plan, built: list, not_built: list[dict], out: Path) -> dict:
@@ -82,6 +86,8 @@ def write(manifest: dict, folder: Path) -> None:
 
 
 def read(folder: Path) -> dict:
+    """The validated manifest of an output folder. It is data, not instructions: every path it names is checked to
+    lie inside `folder` before anything opens it."""
     file = Path(folder) / FILENAME
     manifest = read_json(file, "is this an `edgeport convert` output folder?")
     validate(manifest, file)
@@ -101,6 +107,30 @@ def validate(manifest: dict, where: Path) -> None:
         _check_fields(artifact, ARTIFACT_REQUIRED, where, f"artifacts[{i}].")
         if artifact["parity"].get("status") not in ("passed", "failed", "not checked"):
             raise EdgeportError(f"{where}: artifacts[{i}].parity.status must be passed, failed or not checked")
+        _check_path(artifact["path"], where, f"artifacts[{i}].path")
+        for j, entry in enumerate(artifact["files"]):
+            field = f"artifacts[{i}].files[{j}]"
+            if not isinstance(entry, dict):
+                raise EdgeportError(f"{where}: field {field} is not an object")
+            _check_fields(entry, FILE_REQUIRED, where, f"{field}.")
+            _check_path(entry["path"], where, f"{field}.path")
+            if entry["bytes"] < 0 or not SHA256.fullmatch(entry["sha256"]):
+                raise EdgeportError(f"{where}: field {field} has a negative size or a malformed sha256")
+
+
+def listed_files(manifest: dict) -> set[str]:
+    """The paths, relative to the output folder, of every artifact file a validated manifest lists."""
+    return {entry["path"] for artifact in manifest["artifacts"] for entry in artifact["files"]}
+
+
+def _check_path(value: str, where: Path, field: str) -> None:
+    """A manifest path must be relative and stay inside its folder, symbolic links followed."""
+    path = PurePosixPath(value)
+    folder = where.parent.resolve()
+    if not value or path.is_absolute() or "\\" in value or ".." in path.parts:
+        raise EdgeportError(f"{where}: {field} '{value}' is not a relative path inside the output folder")
+    if not (folder / path).resolve().is_relative_to(folder):
+        raise EdgeportError(f"{where}: {field} '{value}' leads outside the output folder (a symbolic link)")
 
 
 def verify_files(manifest: dict, folder: Path) -> list[str]:

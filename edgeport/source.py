@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgeport import ct2
 from edgeport.errors import EdgeportError
-from edgeport.files import cache_dir, read_json, staged_folder
+from edgeport.files import cache_dir, cache_entry, read_json
 
 # Causal LM architectures that mlx-lm converts and transformers runs as the parity reference.
 CAUSAL_LM_TYPES = (
@@ -67,8 +67,11 @@ class Source:
 
     @property
     def name(self) -> str:
-        stem = Path(self.ref.rstrip("/")).name
-        return stem.split(".")[0] if self.kind == "gguf" else stem
+        return source_name(self.ref)
+
+    def local_paths(self) -> list[Path]:
+        """The folders and files of the user's that this source reads: an output may not touch them."""
+        return [p for p in (self.path, *self.origin_files, Path(self.ref).expanduser()) if p and p.exists()]
 
     def origin_sha256(self) -> dict[str, str]:
         return {f.name: sha256_file(f) for f in self.origin_files}
@@ -95,6 +98,13 @@ class Source:
             **options,
         )
         return model.eval()
+
+
+def source_name(ref: str) -> str:
+    """The model's short name: its folder or file name without extensions, or the name part of a hub id."""
+    path = Path(ref).expanduser()
+    name = path.resolve().name if path.exists() else Path(ref.rstrip("/")).name
+    return name.split(".")[0] if name.endswith(".gguf") else name
 
 
 def open_source(
@@ -185,8 +195,7 @@ def _open_ct2(folder: Path) -> Source:
     files = "".join(sha256_file(f) for f in (weights, tokenizer, folder / "config.json"))
     hf_folder = cache_dir() / "ct2" / f"{folder.name}-{hashlib.sha256(files.encode()).hexdigest()[:16]}"
     if not (hf_folder / "config.json").exists():
-        hf_folder.parent.mkdir(parents=True, exist_ok=True)
-        with staged_folder(hf_folder, force=True) as staging:
+        with cache_entry(hf_folder) as staging:
             ct2.to_hf(folder, staging)
     return Source(ref=str(folder), kind="ct2", config=read_config(hf_folder), path=hf_folder, origin_files=[weights])
 
@@ -206,8 +215,7 @@ def _gguf_to_hf(file: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with staged_folder(folder, force=True) as staging:
+    with cache_entry(folder) as staging:
         try:
             tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
             loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float16)
@@ -240,8 +248,7 @@ def _pickle_to_safetensors(folder: Path, pickles: list[Path]) -> Path:
     out = cache_dir() / "pickle" / f"{folder.name}-{digest}"
     if (out / "model.safetensors").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_folder(out, force=True) as staging:
+    with cache_entry(out) as staging:
         tensors = {}
         for f in pickles:
             state = torch.load(f, map_location="cpu", weights_only=True)

@@ -1,0 +1,5 @@
+"""`python -m edgeport`: the same command line as `edgeport`."""
+
+from edgeport.cli import main
+
+main()
