@@ -26,7 +26,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         raise EdgeportError(f"{source.ref}: the CTranslate2 converter handles Whisper, not {source.model_type}")
     quant = quantization.get(step.quantization, "ct2")
     logging.disable_progress_bar()  # the converter loads the model through transformers; our spinner reports it
-    files = [str(source.path / name) for name in FILES if (source.path / name).exists()]
+    files = [name for name in FILES if (source.path / name).exists()]  # names, which it finds in the model folder
     try:
         TransformersConverter(str(source.path), copy_files=files, low_cpu_mem_usage=True).convert(
             str(dest), quantization=QUANTIZATION[quant.name]

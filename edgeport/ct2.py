@@ -7,17 +7,19 @@ transformers config, tokenizer and feature extractor: the layout every converter
 
 import mmap
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 
+from edgeport.config import check as check_config
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
+from edgeport.headers import BoundedReader, regular_file
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h), in order.
 DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
 MAX_RANK = 8
+SMALL_VARIABLE_BYTES = 64  # scalars and flags: read even when only the header is wanted
 # CTranslate2 variable -> transformers parameter; {0} is the layer. Fused projections are split in `_split`.
 NAMES = (
     (r"encoder/conv(\d)/(weight|bias)", "model.encoder.conv{0}.{1}"),
@@ -49,18 +51,21 @@ def is_ct2_whisper(folder: Path) -> bool:
     return (folder / "model.bin").is_file() and "model_type" not in _json(folder / "config.json")
 
 
-def read_model_bin(file: Path) -> tuple[str, dict[str, np.ndarray]]:
-    """The spec name and the variables of a CTranslate2 model.bin, aliases resolved."""
+def read_model_bin(file: Path, values: bool = True) -> tuple[str, dict[str, np.ndarray]]:
+    """The spec name and the variables of a CTranslate2 model.bin, aliases resolved. Without `values`, only the
+    small variables (scalars, flags) are read; the others come back as zero-byte arrays of their shape and dtype."""
+    if regular_file(file).stat().st_size < 8:
+        raise EdgeportError(f"{file}: not a valid CTranslate2 model file (too short); re-download it")
     with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        reader = _Reader(data, file)
+        reader = BoundedReader(data, file, "CTranslate2 model")
         version = reader.unpack("I")
         if not 1 <= version <= 6:
             raise reader.error(f"binary version {version}, which this reader does not know")
-        spec = reader.string()
+        spec = reader.string("H")
         reader.unpack("I")  # spec revision
         variables = {}
         for _ in range(reader.unpack("I")):
-            name = reader.string()
+            name = reader.string("H")
             rank = reader.unpack("B")
             if rank > MAX_RANK:
                 raise reader.error(f"{name} has rank {rank}")
@@ -68,15 +73,26 @@ def read_model_bin(file: Path) -> tuple[str, dict[str, np.ndarray]]:
             dtype_id = reader.unpack("B")
             if dtype_id >= len(DTYPES):
                 raise reader.error(f"{name} has an unknown data type {dtype_id}")
-            size = reader.unpack("I")
-            raw = reader.take(size)
-            variables[name] = _array(raw, DTYPES[dtype_id], shape, name, reader)
+            dtype, size = DTYPES[dtype_id], reader.unpack("I")
+            count = int(np.prod(shape, dtype=object))
+            if size != count * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize):
+                raise reader.error(f"{name} has {size} bytes for shape {shape}")
+            if values or size <= SMALL_VARIABLE_BYTES:
+                variables[name] = _array(reader.take(size), dtype, shape)
+            else:
+                reader.skip(size)
+                variables[name] = np.broadcast_to(np.zeros((), np.float32 if dtype == "bfloat16" else dtype), shape)
         for _ in range(reader.unpack("I")):
-            alias, target = reader.string(), reader.string()
+            alias, target = reader.string("H"), reader.string("H")
             if target not in variables:
                 raise reader.error(f"alias {alias} names no variable ({target})")
             variables[alias] = variables[target]
     return spec, variables
+
+
+def hf_config(folder: Path) -> dict:
+    """The transformers config of the CTranslate2 Whisper model in `folder`, from model.bin's header alone."""
+    return _whisper_config(folder, *read_model_bin(folder / "model.bin", values=False))[0].to_dict()
 
 
 def to_hf(folder: Path, dest: Path) -> None:
@@ -88,19 +104,29 @@ def to_hf(folder: Path, dest: Path) -> None:
     logging.disable_progress_bar()
 
     spec, variables = read_model_bin(folder / "model.bin")
-    if spec != "WhisperSpec":
-        raise EdgeportError(f"{folder}: a CTranslate2 {spec} model; edgeport reads CTranslate2 Whisper models only")
-    ct2_config = _json(folder / "config.json")
-    tokenizer = _tokenizer(folder)
-    tensors = _hf_tensors(variables)
-    config = _config(variables, ct2_config, tokenizer, folder)
-    model = WhisperForConditionalGeneration(config).to(torch.float16)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    config, tokenizer = _whisper_config(folder, spec, variables)
+    try:
+        tensors = _hf_tensors(variables)
+        model = WhisperForConditionalGeneration(config).to(torch.float16)
+        state = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, ValueError, IndexError, RuntimeError) as e:  # a scale, a split or a shape that does not fit
+        raise EdgeportError(f"{folder}/model.bin: weights do not fit Whisper ({str(e)[:200]})") from e
     if unexpected or set(missing) - {"proj_out.weight"}:  # the output projection is tied to the embedding
         raise EdgeportError(f"{folder}/model.bin: weights do not fit Whisper ({(unexpected or missing)[:3]})")
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(dest)
+
+
+def _whisper_config(folder: Path, spec: str, variables: dict):
+    """The checked transformers WhisperConfig of a CTranslate2 model, and its tokenizer."""
+    if spec != "WhisperSpec":
+        raise EdgeportError(f"{folder}: a CTranslate2 {spec} model; edgeport reads CTranslate2 Whisper models only")
+    tokenizer = _tokenizer(folder)
+    config = _config(variables, _json(folder / "config.json"), tokenizer, folder)
+    check_config(config.to_dict(), folder / "model.bin")
+    return config, tokenizer
 
 
 def _hf_tensors(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,8 +166,12 @@ def _config(variables: dict, ct2_config: dict, tokenizer, folder: Path):
         ffn = variables["encoder/layer_0/ffn/linear_0/weight"].shape[0]
         mels = variables["encoder/conv1/weight"].shape[1]
         heads = {part: int(variables[f"{part}/num_heads"]) for part in ("encoder", "decoder")}
+        frames = variables["encoder/position_encodings/encodings"].shape[0]
+        tokens = variables["decoder/position_encodings/encodings"].shape[0]
     except KeyError as e:
         raise EdgeportError(f"{folder}/model.bin: not a Whisper model (no {e.args[0]})") from e
+    except (ValueError, TypeError, IndexError) as e:
+        raise EdgeportError(f"{folder}/model.bin: not a Whisper model (a variable of the wrong shape: {e})") from e
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     return WhisperConfig(
         vocab_size=vocab,
@@ -153,8 +183,8 @@ def _config(variables: dict, ct2_config: dict, tokenizer, folder: Path):
         decoder_attention_heads=heads["decoder"],
         encoder_ffn_dim=ffn,
         decoder_ffn_dim=ffn,
-        max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
-        max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
+        max_source_positions=frames,
+        max_target_positions=tokens,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
         eos_token_id=eot,
         pad_token_id=eot,
@@ -168,45 +198,18 @@ def _config(variables: dict, ct2_config: dict, tokenizer, folder: Path):
 def _tokenizer(folder: Path):
     from transformers import WhisperTokenizerFast
 
-    return WhisperTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    file = regular_file(folder / "tokenizer.json")
+    try:
+        return WhisperTokenizerFast(tokenizer_file=str(file))
+    except Exception as e:  # the tokenizers library reports a bad file in several types
+        raise EdgeportError(f"{file}: not a tokenizer file (tokenizers says: {str(e)[:160]})") from e
 
 
-def _array(raw, dtype, shape: list[int], name: str, reader: "_Reader") -> np.ndarray:
+def _array(raw, dtype, shape: list[int]) -> np.ndarray:
     if dtype == "bfloat16":  # numpy has no bfloat16: widen the upper half of float32
         values = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
-        array = values.view(np.float32)
-    else:
-        array = np.frombuffer(raw, dtype)
-    if array.size != int(np.prod(shape)):
-        raise reader.error(f"{name} holds {array.size} values for shape {shape}")
-    return array.reshape(shape).copy()
-
-
-class _Reader:
-    """Sequential reads from a memory-mapped file, each checked against its end."""
-
-    def __init__(self, data, file: Path):
-        self.data, self.file, self.at = data, file, 0
-
-    def take(self, size: int) -> bytes:
-        if self.at + size > len(self.data):
-            raise self.error("truncated")
-        chunk = self.data[self.at : self.at + size]
-        self.at += size
-        return chunk
-
-    def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        raw = self.take(self.unpack("H"))
-        try:
-            return raw.rstrip(b"\0").decode()
-        except UnicodeDecodeError as e:
-            raise self.error("a variable name is not text") from e
-
-    def error(self, what: str) -> EdgeportError:
-        return EdgeportError(f"{self.file}: not a valid CTranslate2 model ({what} at byte {self.at}); re-download it")
+        return values.view(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype).reshape(shape).copy()
 
 
 def _json(file: Path) -> dict:

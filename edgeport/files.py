@@ -1,6 +1,5 @@
 """Files on disk: the cache (entries staged and renamed into place), JSON read with clear errors."""
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -8,6 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeport.errors import EdgeportError
+from edgeport.headers import parse_json
+
+MAX_JSON_BYTES = 64 * 2**20  # configs, manifests and bench results are kilobytes; tokenizer.json files reach 30 MB
 
 
 @contextmanager
@@ -51,10 +53,11 @@ def cache_dir() -> Path:
 
 
 def read_json(file: Path, missing: str):
-    """The parsed JSON of `file`; `missing` says what to do when it is not there."""
+    """The parsed JSON of `file`, read as data (see `headers.parse_json`); `missing` says what to do when it is
+    not there."""
     if not file.is_file():
         raise EdgeportError(f"{file.parent}: no {file.name} ({missing})")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeportError(f"{file}: not valid JSON ({e})") from e
+    size = file.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise EdgeportError(f"{file}: {size / 2**20:.0f} MB is too large for this kind of file; is it the right one?")
+    return parse_json(file.read_bytes(), file, "it")

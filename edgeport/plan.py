@@ -159,7 +159,7 @@ def model_size(config: dict) -> ModelSize:
     # Decoding reads the output projection in full (the embedding itself when tied) but one embedding row.
     active_matrix = (lm_head or embedding) + layers * (attention + active_mlp)
     # mlx-lm's mixed recipes raise v_proj and down_proj in these layers, and an untied lm_head.
-    upgraded = sum(1 for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2)
+    upgraded = mixed_recipe_layers(layers)
     high = upgraded * (hidden * kv_heads * head_dim + down) + lm_head
     return ModelSize(
         params=matrix + norms,
@@ -170,6 +170,13 @@ def model_size(config: dict) -> ModelSize:
         kv_bytes_per_token=2 * layers * kv_heads * head_dim * KV_BYTES_PER_VALUE,
         activation_bytes_per_token=(vocab + 4 * hidden + 2 * active_intermediate) * 4,
     )
+
+
+def mixed_recipe_layers(layers: int) -> int:
+    """How many of `layers` mlx-lm's mixed recipes raise: the first and last eighth, and every third layer between
+    (counted in closed form, so a config's layer count costs nothing)."""
+    first, last = layers // 8, 7 * layers // 8
+    return first + (layers - last) + max(0, last - first) // 3
 
 
 @dataclass(frozen=True)

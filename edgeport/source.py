@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeport import ct2
+from edgeport.config import check as check_config
 from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, cache_entry, read_json
+from edgeport.headers import check_gguf, check_safetensors, regular_file
 
 # Causal LM architectures that mlx-lm converts and transformers runs as the parity reference.
 CAUSAL_LM_TYPES = (
@@ -35,9 +37,10 @@ CAUSAL_LM_TYPES = (
 )
 WHISPER_TYPES = ("whisper",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"  # transformers' names
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
 @dataclass
@@ -120,7 +123,7 @@ def open_source(
     if path.is_file() and path.suffix == ".gguf":
         source = _open_gguf(path, config_only)
     elif path.is_dir() and ct2.is_ct2_whisper(path):
-        source = _open_ct2(path)
+        source = _open_ct2(path, config_only)
     elif path.is_dir():
         source = _open_folder(path, allow_pickle, config_only)
     elif path.exists():
@@ -130,7 +133,6 @@ def open_source(
     else:
         raise EdgeportError(f"{ref}: no such file or folder (give a model folder, a .gguf file or a hub id org/name)")
     source.trust_remote_code = trust_remote_code
-    _check_architecture(source)
     return source
 
 
@@ -143,9 +145,10 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
     if safetensors:
         for f in safetensors:
             check_safetensors(f)
+        _check_index(folder / SAFETENSORS_INDEX, {f.name for f in safetensors})
         source.origin_files = safetensors
         return source
-    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    pickles = _pickle_weights(folder)
     if not pickles:
         raise EdgeportError(f"{folder}: no weights found (expected *.safetensors next to config.json)")
     if not allow_pickle:
@@ -153,9 +156,33 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
             f"{folder}: only pickle weights ({pickles[0].name}); pickle can run code when loaded, so it is "
             "refused. Convert it to safetensors, or pass --allow-pickle if you trust its author"
         )
-    source.origin_files = pickles
+    source.origin_files = [regular_file(f) for f in pickles]
     source.path = _pickle_to_safetensors(folder, pickles)
     return source
+
+
+def _pickle_weights(folder: Path) -> list[Path]:
+    """The pickle files the checkpoint names as its weights (never training_args.bin and the like)."""
+    if (folder / PICKLE_INDEX).exists():
+        return [folder / name for name in _check_index(folder / PICKLE_INDEX, None)]
+    return [folder / PICKLE_WEIGHTS] if (folder / PICKLE_WEIGHTS).exists() else []
+
+
+def _check_index(index: Path, present: set[str] | None) -> list[str]:
+    """The shard names a weight index lists: plain names of files in its folder (and among `present`)."""
+    if not index.exists():
+        return []
+    data = read_json(index, "")
+    shards = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(n, str) for n in shards.values()):
+        raise EdgeportError(f"{index}: weight_map must map tensor names to file names")
+    names = sorted(set(shards.values()))
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise EdgeportError(f"{index}: the shard '{name[:80]}' is not a file name in the model folder")
+        if not (index.parent / name).is_file() or (present is not None and name not in present):
+            raise EdgeportError(f"{index}: lists the shard {name}, which is not in the folder")
+    return names
 
 
 def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_only: bool) -> Source:
@@ -179,19 +206,23 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:
+    check_gguf(file)
     folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}-fp16"
-    if not config_only and not (folder / "config.json").exists():
-        _gguf_to_hf(file, folder)
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
     config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
+    if not config_only and not (folder / "config.json").exists():
+        _gguf_to_hf(file, folder)
     return Source(ref=str(file), kind="gguf", config=config, path=None if config_only else folder, origin_files=[file])
 
 
-def _open_ct2(folder: Path) -> Source:
-    """A CTranslate2 Whisper folder, rewritten once into HF layout in the cache (seconds: it holds no code)."""
+def _open_ct2(folder: Path, config_only: bool) -> Source:
+    """A CTranslate2 Whisper folder, rewritten once into HF layout in the cache (seconds: it holds no code). With
+    `config_only`, only model.bin's header is read."""
     weights, tokenizer = folder / "model.bin", folder / "tokenizer.json"
     if not tokenizer.is_file():
         raise EdgeportError(f"{folder}: no tokenizer.json beside model.bin (faster-whisper folders carry one)")
+    if config_only:
+        return Source(ref=str(folder), kind="ct2", config=ct2.hf_config(folder), origin_files=[weights])
     files = "".join(sha256_file(f) for f in (weights, tokenizer, folder / "config.json"))
     hf_folder = cache_dir() / "ct2" / f"{folder.name}-{hashlib.sha256(files.encode()).hexdigest()[:16]}"
     if not (hf_folder / "config.json").exists():
@@ -205,9 +236,9 @@ def _gguf_config(file: Path) -> dict:
 
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
-    except (ValueError, KeyError, OSError) as e:
-        raise EdgeportError(f"{file}: cannot read this GGUF file ({e})") from e
-    return with_rope_theta(config.to_dict())
+    except Exception as e:  # the header is bounds-checked already: this is what the values mean to transformers
+        raise EdgeportError(f"{file}: cannot read this GGUF file ({type(e).__name__}: {str(e)[:200]})") from e
+    return _checked(with_rope_theta(config.to_dict()), file)
 
 
 def _gguf_to_hf(file: Path, folder: Path) -> None:
@@ -219,8 +250,8 @@ def _gguf_to_hf(file: Path, folder: Path) -> None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
             loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float16)
-        except (ValueError, KeyError, OSError) as e:
-            raise EdgeportError(f"{file}: cannot load this GGUF model ({e})") from e
+        except Exception as e:  # as in _gguf_config
+            raise EdgeportError(f"{file}: cannot load this GGUF model ({type(e).__name__}: {str(e)[:200]})") from e
         # transformers refuses to save a model loaded from GGUF, so its weights move into a fresh one.
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float16)
         model.load_state_dict(loaded.state_dict())
@@ -262,36 +293,21 @@ def _pickle_to_safetensors(folder: Path, pickles: list[Path]) -> Path:
 
 def read_config(folder: Path) -> dict:
     file = folder / "config.json"
-    config = read_json(file, "is this a Hugging Face model folder?")
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise EdgeportError(f"{file}: has no model_type, so the architecture is unknown")
+    return _checked(read_json(file, "is this a Hugging Face model folder?"), file)
+
+
+def _checked(config, where: Path) -> dict:
+    """A config whose fields are sound (`edgeport.config`) and whose architecture edgeport handles."""
+    model_type = check_config(config, where)["model_type"]
+    if model_type not in CAUSAL_LM_TYPES + WHISPER_TYPES:
+        supported = ", ".join(CAUSAL_LM_TYPES + WHISPER_TYPES)
+        raise EdgeportError(f"{where}: architecture '{model_type}' is not supported; supported: {supported}")
     return config
 
 
-def check_safetensors(file: Path) -> None:
-    """Refuse a safetensors file whose header or data does not fit in the file (truncated, padded, corrupt)."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        prefix = f.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < header_len <= min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise EdgeportError(f"{file}: not a valid safetensors file (bad header length); re-download it")
-        try:
-            header = json.loads(f.read(header_len))
-            spans = [t["data_offsets"] for k, t in header.items() if k != "__metadata__"]
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
-            raise EdgeportError(f"{file}: not a valid safetensors file (bad header); re-download it") from e
-    data_len = size - 8 - header_len
-    end = max((stop for _, stop in spans), default=0)
-    if end != data_len or any(not 0 <= start <= stop for start, stop in spans):
-        raise EdgeportError(
-            f"{file}: truncated or corrupt (header says {end} bytes of tensors, file holds {data_len}); re-download it"
-        )
-
-
 def sha256_file(file: Path) -> str:
-    """The file's sha256, computed once per path, size and modification time."""
-    stat = file.stat()
+    """The file's sha256, computed once per path, size and modification time (regular files only)."""
+    stat = regular_file(file).stat()
     return _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
@@ -302,11 +318,3 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
         while chunk := f.read(2**20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _check_architecture(source: Source) -> None:
-    model_type = source.model_type
-    if model_type in CAUSAL_LM_TYPES or model_type in WHISPER_TYPES:
-        return
-    supported = ", ".join(CAUSAL_LM_TYPES + WHISPER_TYPES)
-    raise EdgeportError(f"{source.ref}: architecture '{model_type}' is not supported; supported: {supported}")

@@ -113,3 +113,14 @@ def test_tiny_model_sizes_are_consistent(tiny_llama):
     config = json.loads((tiny_llama / "config.json").read_text())
     size = model_size(config)
     assert size.active_params == size.params - config["vocab_size"] * config["hidden_size"]  # one embedding row read
+
+
+def test_the_mixed_recipe_count_is_closed_form():
+    """A config's layer count costs the plan nothing: the count matches mlx-lm's per-layer rule without a loop."""
+    from edgeport.plan import mixed_recipe_layers
+
+    for layers in range(300):
+        per_layer = sum(
+            1 for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+        )
+        assert mixed_recipe_layers(layers) == per_layer
