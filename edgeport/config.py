@@ -36,6 +36,7 @@ SIZES = {
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 TOKEN_LISTS = ("suppress_tokens", "begin_suppress_tokens")
+PACKED_SLACK = 8
 POSITIVE_FLOATS = {"rope_theta": 1e12, "rms_norm_eps": 1.0, "layer_norm_eps": 1.0}
 DIVIDES = (  # (part, whole): whole must be a multiple of part, where both are given
     ("num_key_value_heads", "num_attention_heads"),
@@ -45,16 +46,18 @@ DIVIDES = (  # (part, whole): whole must be a multiple of part, where both are g
 
 
 def check(config: dict, where: Path) -> dict:
-    """`config` itself once every field edgeport reads is sound, its nested text_config included."""
+    """`config` once every field edgeport reads is sound, its nested text_config included. A size given as null
+    means not given (as in transformers), so it is dropped."""
     if not isinstance(config, dict):
         raise EdgeportError(f"{where}: expected a JSON object")
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise EdgeportError(f"{where}: has no model_type, so the architecture is unknown")
+    config = {k: v for k, v in config.items() if not (k in SIZES and v is None)}
     nested = config.get("text_config")
     if nested is not None:
         if not isinstance(nested, dict):
             raise EdgeportError(f"{where}: text_config must be an object")
-        check({"model_type": config["model_type"], **nested}, where)
+        config["text_config"] = check({"model_type": config["model_type"], **nested}, where)
     for field, (low, high) in SIZES.items():
         value = config.get(field)
         if value is not None and not _whole(value, low, high):
@@ -64,7 +67,9 @@ def check(config: dict, where: Path) -> dict:
         if config.get(part) and config.get(whole) and config[whole] % config[part]:
             raise EdgeportError(f"{where}: {whole} {config[whole]} is not a multiple of {part} {config[part]}")
     experts = config.get("num_local_experts") or config.get("num_experts")
-    if experts and config.get("num_experts_per_tok", 1) > experts:
+    if experts and "num_experts_per_tok" not in config:
+        raise EdgeportError(f"{where}: a mixture of {experts} experts needs num_experts_per_tok")
+    if experts and config["num_experts_per_tok"] > experts:
         raise EdgeportError(
             f"{where}: num_experts_per_tok {config['num_experts_per_tok']} exceeds the {experts} experts"
         )
@@ -94,3 +99,18 @@ def _number(value) -> bool:
 
 def _show(value) -> str:
     return repr(value)[:40]
+
+
+def weights_hold(config: dict, values: int, where: Path) -> None:
+    """Refuse a config that declares far more parameters than its weight files hold `values` (elements, or bytes):
+    a library would allocate the difference. The slack covers weights packed eight to an element (int4 in int32)."""
+    from edgeport.plan import model_size, whisper_size
+
+    declared = (
+        whisper_size(config) if config["model_type"] == "whisper" else model_size(config.get("text_config") or config)
+    ).params
+    if declared > PACKED_SLACK * values + 2**20:
+        raise EdgeportError(
+            f"{where}: its config declares {declared:,} parameters, but the weights hold only {values:,} values; "
+            "is config.json from another model?"
+        )

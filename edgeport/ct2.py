@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.config import check as check_config
+from edgeport.config import weights_hold
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
 from edgeport.headers import BoundedReader, regular_file
@@ -126,6 +127,7 @@ def _whisper_config(folder: Path, spec: str, variables: dict):
     tokenizer = _tokenizer(folder)
     config = _config(variables, _json(folder / "config.json"), tokenizer, folder)
     check_config(config.to_dict(), folder / "model.bin")
+    weights_hold(config.to_dict(), (folder / "model.bin").stat().st_size, folder / "model.bin")
     return config, tokenizer
 
 
@@ -136,7 +138,12 @@ def _hf_tensors(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             continue  # scales are applied below; scalars are flags; the projection is the embedding
         if value.dtype == np.int8:  # int8 weights: one scale per output channel, q = round(w * scale)
             scale = variables[name + "_scale"].reshape(-1, *[1] * (value.ndim - 1))
-            value = (value.astype(np.float32) / scale).astype(np.float16)
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise ValueError(f"{name}_scale holds a scale that is zero, negative or not finite")
+            with np.errstate(over="ignore"):
+                value = (value.astype(np.float32) / scale).astype(np.float16)
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} overflows float16 at its scales")
         for pattern, template, parts in FUSED:
             match = re.fullmatch(pattern, name)
             if match:

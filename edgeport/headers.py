@@ -59,9 +59,9 @@ def regular_file(file: Path) -> Path:
     return file
 
 
-def check_safetensors(file: Path) -> None:
-    """Refuse a safetensors file unless every tensor's dtype and shape match its byte span, and the spans tile the
-    data exactly: sorted, contiguous, within the file."""
+def check_safetensors(file: Path) -> int:
+    """The number of values a safetensors file holds, once every tensor's dtype and shape match its byte span and
+    the spans tile the data exactly: sorted, contiguous, within the file."""
     size = regular_file(file).stat().st_size
     with file.open("rb") as f:
         prefix = f.read(8)
@@ -75,6 +75,7 @@ def check_safetensors(file: Path) -> None:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(file, "__metadata__ must map names to strings")
     spans = sorted((_tensor_span(file, name, info), name) for name, info in header.items())
+    values = sum(_count(info["shape"]) for info in header.values())
     end = 0
     for (start, stop), name in spans:
         if start != end:
@@ -86,23 +87,21 @@ def check_safetensors(file: Path) -> None:
             f"{file}: truncated or corrupt (header says {end} bytes of tensors, file holds {size - 8 - header_len}); "
             "re-download it"
         )
+    return values
 
 
 def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:
     if not isinstance(info, dict):
         raise _bad(file, f"tensor {name} is described by a {type(info).__name__}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_BITS:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
         raise _bad(file, f"tensor {name} has an unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_natural(d) for d in shape):
         raise _bad(file, f"tensor {name} has a malformed shape {str(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
         raise _bad(file, f"tensor {name} has malformed data_offsets {str(offsets)[:80]}")
     start, stop = offsets
-    count = 1
-    for d in shape:
-        count *= d
-    bits = count * SAFETENSORS_BITS[dtype]
+    bits = _count(shape) * SAFETENSORS_BITS[dtype]
     if start > stop or bits % 8 or bits // 8 != stop - start:
         raise _bad(
             file, f"tensor {name} of shape {shape} in {dtype} needs {bits / 8:g} bytes, its offsets span {stop - start}"
@@ -110,9 +109,10 @@ def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:
     return start, stop
 
 
-def check_gguf(file: Path) -> None:
-    """Refuse a GGUF file unless its header (magic, version, counts, keys and values, tensor infos) lies within the
-    file and every tensor's data, at its type's size, lies within the data section without overlapping another."""
+def check_gguf(file: Path) -> int:
+    """The number of values a GGUF file holds, once its header (magic, version, counts, keys and values, tensor
+    infos) lies within the file and every tensor's data, at its type's size, lies within the data section without
+    overlapping another."""
     size = regular_file(file).stat().st_size
     if size < 24:
         raise _bad(file, f"{size} bytes is too short for a GGUF header", "GGUF")
@@ -135,17 +135,18 @@ def check_gguf(file: Path) -> None:
                     raise reader.error(f"general.alignment {value!r} is not a power of two")
                 alignment = value
         infos = [_gguf_tensor(reader, alignment) for _ in range(tensors)]
-        names = [name for name, _, _ in infos]
+        names = [name for name, _, _, _ in infos]
         if len(set(names)) != len(names):
             raise reader.error("two tensors share a name")
         data_start = -(-reader.at // alignment) * alignment
         end = data_start
-        for offset, nbytes, name in sorted((o, n, name) for name, o, n in infos):
+        for offset, nbytes, name in sorted((o, n, name) for name, o, n, _ in infos):
             if data_start + offset < end:
                 raise _bad(file, f"tensor {name} overlaps the tensor before it", "GGUF")
             end = data_start + offset + nbytes
             if end > size:
                 raise _bad(file, f"tensor {name} ends at byte {end}, past the end of the {size}-byte file", "GGUF")
+    return sum(count for _, _, _, count in infos)
 
 
 def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = False):
@@ -157,7 +158,7 @@ def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = F
         raise reader.error(f"key {key[:80]} has an unknown value type {kind}")
     item, count = reader.unpack("I"), reader.unpack("Q")
     if item in GGUF_SCALARS:
-        reader.take(count * struct.calcsize(GGUF_SCALARS[item]))  # checked against the file before it is read
+        reader.skip(count * struct.calcsize(GGUF_SCALARS[item]))
         return None
     if item == GGUF_STRING and count <= reader.remaining // 8:
         for _ in range(count):
@@ -168,7 +169,8 @@ def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = F
     raise reader.error(f"key {key[:80]} is an array of unknown type {item}")
 
 
-def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int]:
+def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int, int]:
+    """A tensor's name, data offset, bytes and values."""
     name = reader.string("Q")
     dims = reader.unpack("I")
     if not 1 <= dims <= GGUF_MAX_DIMS:
@@ -180,14 +182,12 @@ def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int
     except (ValueError, KeyError):
         raise reader.error(f"tensor {name[:80]} has an unknown ggml type {kind}") from None
     offset = reader.unpack("Q")
-    count = 1
-    for d in shape:
-        count *= d
+    count = _count(shape)
     if shape[0] % block:
         raise reader.error(f"tensor {name[:80]} has a row of {shape[0]}, not a multiple of its block of {block}")
     if offset % alignment:
         raise reader.error(f"tensor {name[:80]} starts at offset {offset}, not aligned to {alignment}")
-    return name, offset, count // block * type_size
+    return name, offset, count // block * type_size, count
 
 
 class BoundedReader:
@@ -206,6 +206,11 @@ class BoundedReader:
         chunk = self.data[self.at : self.at + size]
         self.at += size
         return chunk
+
+    def skip(self, size: int) -> None:
+        if size > self.remaining:
+            raise self.error(f"{size} bytes to skip, {self.remaining} left: truncated")
+        self.at += size
 
     def unpack(self, fmt: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
@@ -247,6 +252,13 @@ def _unique(pairs: list) -> dict:
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"the key {twice[:80]!r} is given twice")
     return table
+
+
+def _count(shape: list[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def _natural(value) -> bool:

@@ -1,6 +1,7 @@
 """manifest.json: one versioned description of an output folder, validated whenever it is read."""
 
 import json
+import math
 import platform
 import re
 import time
@@ -33,28 +34,46 @@ TOOLS = (
     "jiwer",
     "soxr",
 )
-REQUIRED = {
-    "schema_version": int,
-    "edgeport_version": str,
-    "created": str,
-    "source": dict,
-    "target": dict,
-    "plan": dict,
-    "artifacts": list,
-    "not_built": list,
-    "tools": dict,
+NUMBER = (int, float)
+METRIC = (int, float, type(None))  # null where a metric overflowed or was not measured
+STRINGS = [str]
+# What every reader of a manifest relies on: a dict is an object with these fields (more are allowed), a list
+# holds items of its one element's kind, a type (or tuple of types) is what the value must be.
+FILE = {"path": str, "bytes": int, "sha256": str}
+PARITY = {
+    "status": str,
+    "method": str,
+    "bounds": dict,
+    "metrics": dict,
+    "failures": STRINGS,
+    "not_checked": STRINGS,
+    "seconds": NUMBER,
 }
-ARTIFACT_REQUIRED = {
+ARTIFACT = {
     "format": str,
     "quantization": str,
     "path": str,
     "engine": str,
-    "files": list,
+    "files": [FILE],
     "bytes": int,
-    "parity": dict,
     "details": dict,
+    "parity": PARITY,
 }
-FILE_REQUIRED = {"path": str, "bytes": int, "sha256": str}
+SCHEMA = {
+    "schema_version": int,
+    "edgeport_version": str,
+    "created": str,
+    "source": {"ref": str, "kind": str, "model_type": str, "family": str},
+    "target": {"name": str, "ram_gb": NUMBER, "description": str},
+    "plan": dict,  # checked field by field by Plan.from_dict
+    "artifacts": [ARTIFACT],
+    "not_built": [{"format": str, "quantization": str, "reason": str}],
+    "tools": dict,
+}
+METRICS = {  # the parity metrics each family's tables and judges read
+    "causal-lm": ("top1_agreement", "kl_mean", "cosine_mean", "ppl_source", "ppl_artifact", "ppl_delta"),
+    "whisper": ("wer_source", "wer_artifact", "wer_delta", "no_regression_share"),
+}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -81,8 +100,18 @@ def build(source, target, plan, built: list, not_built: list[dict], out: Path) -
 
 
 def write(manifest: dict, folder: Path) -> None:
+    manifest = finite(manifest)
     validate(manifest, folder / FILENAME)
-    (folder / FILENAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    (folder / FILENAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def finite(value):
+    """`value` with every NaN or infinity (a perplexity that overflowed) as null: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def read(folder: Path) -> dict:
@@ -95,27 +124,34 @@ def read(folder: Path) -> dict:
 
 
 def validate(manifest: dict, where: Path) -> None:
+    from edgeport.plan import Plan
+
     if not isinstance(manifest, dict):
         raise EdgeportError(f"{where}: not a manifest")
     found = manifest.get("schema_version")
     if found != SCHEMA_VERSION:
         raise EdgeportError(
-            f"{where}: schema version {found}, this edgeport reads {SCHEMA_VERSION}; convert again with this version"
+            f"{where}: schema version {str(found)[:20]}, this edgeport reads {SCHEMA_VERSION}; convert again with this "
+            "version"
         )
-    _check_fields(manifest, REQUIRED, where, "")
+    _check(manifest, SCHEMA, where, "")
+    Plan.from_dict(manifest["plan"], f"{where}: plan")
+    family = manifest["source"]["family"]
+    if family not in METRICS:
+        raise EdgeportError(f"{where}: source.family must be one of {', '.join(METRICS)}")
     for i, artifact in enumerate(manifest["artifacts"]):
-        _check_fields(artifact, ARTIFACT_REQUIRED, where, f"artifacts[{i}].")
-        if artifact["parity"].get("status") not in ("passed", "failed", "not checked"):
+        parity = artifact["parity"]
+        if parity["status"] not in ("passed", "failed", "not checked"):
             raise EdgeportError(f"{where}: artifacts[{i}].parity.status must be passed, failed or not checked")
+        for name in METRICS[family]:
+            _check(
+                parity["metrics"].get(name, 0), (*NUMBER, type(None)), where, f"artifacts[{i}].parity.metrics.{name}"
+            )
         _check_path(artifact["path"], where, f"artifacts[{i}].path")
         for j, entry in enumerate(artifact["files"]):
-            field = f"artifacts[{i}].files[{j}]"
-            if not isinstance(entry, dict):
-                raise EdgeportError(f"{where}: field {field} is not an object")
-            _check_fields(entry, FILE_REQUIRED, where, f"{field}.")
-            _check_path(entry["path"], where, f"{field}.path")
+            _check_path(entry["path"], where, f"artifacts[{i}].files[{j}].path")
             if entry["bytes"] < 0 or not SHA256.fullmatch(entry["sha256"]):
-                raise EdgeportError(f"{where}: field {field} has a negative size or a malformed sha256")
+                raise EdgeportError(f"{where}: artifacts[{i}].files[{j}] has a negative size or a malformed sha256")
 
 
 def listed_files(manifest: dict) -> set[str]:
@@ -171,7 +207,17 @@ def _artifact_entry(artifact, parity, out: Path) -> dict:
     }
 
 
-def _check_fields(table: dict, required: dict, where: Path, prefix: str) -> None:
-    for key, kind in required.items():
-        if not isinstance(table.get(key), kind):
-            raise EdgeportError(f"{where}: field {prefix}{key} is missing or not a {kind.__name__}")
+def _check(value, spec, where: Path, field: str) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise EdgeportError(f"{where}: field {field or 'the manifest'} is missing or not an object")
+        for key, inner in spec.items():
+            _check(value.get(key), inner, where, f"{field}.{key}" if field else key)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise EdgeportError(f"{where}: field {field} is missing or not a list")
+        for i, item in enumerate(value):
+            _check(item, spec[0], where, f"{field}[{i}]")
+    elif not isinstance(value, spec) or isinstance(value, bool):
+        kinds = spec if isinstance(spec, tuple) else (spec,)
+        raise EdgeportError(f"{where}: field {field} is missing or not a {' or '.join(k.__name__ for k in kinds)}")

@@ -17,7 +17,8 @@ Whisper is planned per 30 s window of speech:
 - RTF           = (encoder time + TOKENS_PER_WINDOW / decode tok/s) / 30 s; TTFT is the encoder time plus one token
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import get_args, get_type_hints
 
 from edgeport import quantization
 from edgeport.errors import EdgeportError
@@ -82,8 +83,33 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        return cls(**{**data, "steps": [Step(**s) for s in data["steps"]]})
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        """A plan read back from JSON (a manifest), each field checked against the type it is declared with."""
+        steps = data.get("steps") if isinstance(data, dict) else None
+        if not isinstance(steps, list):
+            raise EdgeportError(f"{where}: steps is missing or not a list")
+        steps = [Step(**_typed_fields(Step, step, f"{where}.steps[{i}]")) for i, step in enumerate(steps)]
+        return cls(**_typed_fields(cls, data, where, skip="steps"), steps=steps)
+
+
+def _typed_fields(cls, data, where: str, skip: str = "") -> dict:
+    """The fields of dataclass `cls` found in `data`, each of its declared type (a float may be given as an int)."""
+    if not isinstance(data, dict):
+        raise EdgeportError(f"{where}: not an object")
+    hints = get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name == skip or (f.name not in data and f.default is not MISSING):
+            continue
+        allowed = get_args(hints[f.name]) or (hints[f.name],)
+        allowed = (*allowed, int) if float in allowed else allowed
+        value = data.get(f.name, MISSING)
+        if not any(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) for kind in allowed):
+            raise EdgeportError(
+                f"{where}: field {f.name} is missing or not a {' or '.join(a.__name__ for a in allowed)}"
+            )
+        values[f.name] = value
+    return values
 
 
 def make_plan(source: Source, target: Target, formats: list[str] | None = None, quant: str | None = None) -> Plan:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgeport import ct2
 from edgeport.config import check as check_config
+from edgeport.config import weights_hold
 from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, cache_entry, read_json
 from edgeport.headers import check_gguf, check_safetensors, regular_file
@@ -66,7 +67,7 @@ class Source:
     @property
     def text_config(self) -> dict:
         """The language model's own config (multimodal configs nest it under text_config)."""
-        return self.config.get("text_config", self.config)
+        return self.config.get("text_config") or self.config
 
     @property
     def name(self) -> str:
@@ -143,8 +144,7 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
         return source
     safetensors = sorted(folder.glob("*.safetensors"))
     if safetensors:
-        for f in safetensors:
-            check_safetensors(f)
+        weights_hold(config, sum(check_safetensors(f) for f in safetensors), folder / "config.json")
         _check_index(folder / SAFETENSORS_INDEX, {f.name for f in safetensors})
         source.origin_files = safetensors
         return source
@@ -206,10 +206,11 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:
-    check_gguf(file)
+    values = check_gguf(file)
     folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}-fp16"
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
     config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
+    weights_hold(config, values, file)
     if not config_only and not (folder / "config.json").exists():
         _gguf_to_hf(file, folder)
     return Source(ref=str(file), kind="gguf", config=config, path=None if config_only else folder, origin_files=[file])
@@ -298,7 +299,8 @@ def read_config(folder: Path) -> dict:
 
 def _checked(config, where: Path) -> dict:
     """A config whose fields are sound (`edgeport.config`) and whose architecture edgeport handles."""
-    model_type = check_config(config, where)["model_type"]
+    config = check_config(config, where)
+    model_type = config["model_type"]
     if model_type not in CAUSAL_LM_TYPES + WHISPER_TYPES:
         supported = ", ".join(CAUSAL_LM_TYPES + WHISPER_TYPES)
         raise EdgeportError(f"{where}: architecture '{model_type}' is not supported; supported: {supported}")

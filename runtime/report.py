@@ -93,16 +93,16 @@ def artifacts_table(manifest: dict) -> Table:
         colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
         metrics = (
             (
-                f"{m['wer_source']:.3f} → {m['wer_artifact']:.3f}",
-                f"{m['wer_delta']:+.3f}",
-                f"{m['no_regression_share']:.0%}",
+                f"{_num(m, 'wer_source', '.3f')} → {_num(m, 'wer_artifact', '.3f')}",
+                _num(m, "wer_delta", "+.3f"),
+                _num(m, "no_regression_share", ".0%"),
             )
             if speech
             else (
-                f"{m['top1_agreement']:.3f}",
-                f"{m['kl_mean']:.4f}",
-                f"{m['cosine_mean']:.4f}",
-                f"{m['ppl_source']:.2f} → {m['ppl_artifact']:.2f} ({m['ppl_delta']:+.1%})",
+                _num(m, "top1_agreement", ".3f"),
+                _num(m, "kl_mean", ".4f"),
+                _num(m, "cosine_mean", ".4f"),
+                f"{_num(m, 'ppl_source', '.2f')} → {_num(m, 'ppl_artifact', '.2f')} ({_num(m, 'ppl_delta', '+.1%')})",
             )
         )
         table.add_row(
@@ -117,6 +117,12 @@ def artifacts_table(manifest: dict) -> Table:
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table
+
+
+def _num(metrics: dict, name: str, spec: str) -> str:
+    """A metric as text, or a dash where it was not measured (or overflowed)."""
+    value = metrics.get(name)
+    return "—" if value is None else format(value, spec)
 
 
 def bench_table(bench: dict, title: str) -> Table:
