@@ -7,6 +7,7 @@ writes ~/.qai_hub/client.ini). edgeport never reads, prints or stores the token.
 
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,19 +24,37 @@ NOT_CONFIGURED = (
     "Qualcomm AI Hub is not configured: run `qai-hub configure --api_token <your token>` "
     "(from https://aihub.qualcomm.com, Account > Settings) and convert again with --aihub"
 )
+REJECTED = (
+    "Qualcomm AI Hub rejected the API token (wrong or expired): get a new one (Account > Settings) and run "
+    "`qai-hub configure --api_token <your token>`"
+)
+ANSWER_SECONDS = 20  # the client retries a lost network for about 30 s more before it gives up
 
 
 def available(device_name: str) -> str | None:
-    """None when the client is configured and knows `device_name`; otherwise why AI Hub cannot be used."""
-    try:
-        devices = hub.get_devices(name=device_name)
-    except hub.UserError:
-        return NOT_CONFIGURED  # the client's own message may quote its configuration: not repeated
-    except Exception as e:  # the client wraps network failures in several types
-        return f"Qualcomm AI Hub could not be reached ({type(e).__name__})"
+    """None when the client is configured and knows `device_name`; otherwise why AI Hub cannot be used. Waits at
+    most ANSWER_SECONDS. The client's own messages can quote its configuration, so none is repeated."""
+    answer: list = []
+    asking = threading.Thread(target=_ask_devices, args=(device_name, answer), daemon=True)
+    asking.start()
+    asking.join(ANSWER_SECONDS)
+    if not answer:
+        return f"Qualcomm AI Hub did not answer within {ANSWER_SECONDS} s (is the network off or blocked?)"
+    devices = answer[0]
+    if isinstance(devices, hub.UserError):
+        return REJECTED if "authenticate" in str(devices).lower() else NOT_CONFIGURED
+    if isinstance(devices, Exception):  # the client wraps network failures in several types
+        return f"Qualcomm AI Hub could not be reached ({type(devices).__name__})"
     if not devices:
         return f"Qualcomm AI Hub has no device named '{device_name}'"
     return None
+
+
+def _ask_devices(device_name: str, answer: list) -> None:
+    try:
+        answer.append(hub.get_devices(name=device_name))
+    except Exception as e:
+        answer.append(e)
 
 
 def run(artifact_dir: Path, device_name: str, reference, quantization: str, progress) -> dict:

@@ -86,7 +86,8 @@ def _aihub_skipped(target: Target, steps: list) -> dict | None:
         raise EdgeportError(f"--aihub: {target.name} names no Qualcomm AI Hub device (aihub_device in its profile)")
     if not any(_npu_shape(step) for step in steps):
         raise EdgeportError("--aihub: nothing for an NPU in this plan (AI Hub compiles the ONNX w8a16/w4a16 shape)")
-    reason = aihub.available(target.aihub_device)
+    with report.step(f"Asking Qualcomm AI Hub for {target.aihub_device} (up to {aihub.ANSWER_SECONDS} s)"):
+        reason = aihub.available(target.aihub_device)
     if reason:
         report.err.print(f"[yellow]{reason}; building the local artifacts only[/]")
         return {"status": "not run", "device": target.aihub_device, "reason": reason}

@@ -188,3 +188,56 @@ def test_weights_in_external_data_go_up_as_a_folder_of_the_two_files(tmp_path):
     folder = aihub.upload_path(artifact, "prefill", scratch)
     assert sorted(p.name for p in folder.iterdir()) == ["prefill.onnx", "prefill.onnx.data"]
     assert (folder / "prefill.onnx.data").read_bytes() == b"weights"
+
+
+@pytest.fixture
+def client_ini(tmp_path, monkeypatch):
+    """The real qai_hub client, configured with a secret token and pointed at `url` on loopback."""
+
+    def configure(url):
+        ini = tmp_path / "client.ini"
+        ini.write_text(f"[api]\napi_token = {SECRET}\napi_url = {url}\nweb_url = {url}\nverbose = False\n")
+        monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
+
+    return configure
+
+
+def test_a_rejected_token_is_called_rejected_and_never_shown(client_ini, capfd):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"detail": "Invalid token."}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client_ini(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        assert aihub.available("Samsung Galaxy S24 (Family)") == aihub.REJECTED
+    finally:
+        server.shutdown()
+    printed = capfd.readouterr()
+    assert SECRET not in printed.out + printed.err
+
+
+def test_an_unreachable_hub_is_given_up_on_in_bounded_time(client_ini, monkeypatch, capfd):
+    import socket
+    import time
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client_ini(f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(aihub, "ANSWER_SECONDS", 2)
+    start = time.monotonic()
+    reason = aihub.available("Samsung Galaxy S24 (Family)")
+    assert time.monotonic() - start < 5
+    assert reason.startswith("Qualcomm AI Hub did not answer within 2 s") or "could not be reached" in reason
+    printed = capfd.readouterr()
+    assert SECRET not in printed.out + printed.err + reason
