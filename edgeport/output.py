@@ -152,11 +152,11 @@ def _swap(staging: Path, dest: Path) -> None:
 
 def _raise_if_disk_full(error: BaseException, dest: Path) -> None:
     """Libraries report a full disk in their own words ("Unable to write N bytes"): name it plainly."""
-    if not isinstance(error, Exception) or isinstance(error, EdgeportError):
+    if not isinstance(error, Exception):
         return
     free = shutil.disk_usage(dest.parent).free
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free < LOW_DISK_BYTES:
         raise EdgeportError(
-            f"the disk holding {dest.parent} is full ({free / 2**20:.0f} MB free) and writing the output failed "
-            f"({type(error).__name__}); free some space or choose another --out; nothing was written"
+            f"the disk holding {dest.parent} is full ({free / 2**20:.0f} MB free): free some space or choose another "
+            f"--out; nothing was written ({type(error).__name__}: {str(error)[:160]})"
         ) from error

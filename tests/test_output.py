@@ -175,3 +175,22 @@ def test_a_stop_signal_during_a_forced_replace_keeps_the_old_output(model, tmp_p
     _, err = run.communicate(timeout=60)
     assert run.returncode == 128 + stop, err
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 KB file system: too small for any output."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "onnx"])
+def test_a_full_disk_is_named_and_leaves_nothing(model, small_disk, fmt):
+    code, stdout, err = run_cli("convert", str(model), "-t", "host", "-f", fmt, "--out", str(small_disk / "o"))
+    assert_one_line_error(code, stdout, err, f"the disk holding {small_disk} is full", "free some space")
+    assert list(small_disk.iterdir()) == []
