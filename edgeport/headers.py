@@ -19,6 +19,7 @@ from edgeport.errors import EdgeportError
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the limit the safetensors library itself sets
 MAX_RANK = 8
+MAX_DIM = 2**40  # no real tensor comes near; numpy refuses dimensions past 2^63, even of an empty tensor
 SAFETENSORS_BITS = {
     "BOOL": 8,
     "U8": 8,
@@ -96,7 +97,7 @@ def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
         raise _bad(file, f"tensor {name} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_natural(d) for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_natural(d) and d <= MAX_DIM for d in shape):
         raise _bad(file, f"tensor {name} has a malformed shape {str(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
         raise _bad(file, f"tensor {name} has malformed data_offsets {str(offsets)[:80]}")
@@ -176,6 +177,8 @@ def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int
     if not 1 <= dims <= GGUF_MAX_DIMS:
         raise reader.error(f"tensor {name[:80]} has {dims} dimensions")
     shape = [reader.unpack("Q") for _ in range(dims)]
+    if max(shape) > MAX_DIM:
+        raise reader.error(f"tensor {name[:80]} has a dimension of {max(shape)}")
     kind = reader.unpack("I")
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
