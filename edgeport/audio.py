@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.errors import EdgeportError
+from edgeport.headers import regular_file
 from edgeport.texts import reference_paragraph
 
 SAMPLE_RATE = 16_000  # what Whisper's features are computed at
@@ -29,12 +30,15 @@ def load_audio(file: Path) -> np.ndarray:
     import soundfile
     import soxr
 
+    regular_file(file)  # a FIFO would never end
     try:
         samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise EdgeportError(f"{file}: cannot read it as audio ({e}); give a WAV or FLAC file") from e
     if samples.size == 0:
         raise EdgeportError(f"{file}: holds no audio samples")
+    if not np.isfinite(samples).all():
+        raise EdgeportError(f"{file}: holds samples that are not numbers (NaN or infinite); is it damaged?")
     mono = samples.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")

@@ -8,13 +8,14 @@ from edgeport import manifest, quantization
 from edgeport.audio import parity_clips
 from edgeport.convert import CONVERTERS, converter
 from edgeport.errors import EdgeportError
-from edgeport.parity import Reference, SpeechReference, measure, measure_speech
+from edgeport.parity import PROMPTS, Reference, SpeechReference, measure, measure_speech
 from edgeport.plan import Plan
 from edgeport.runtime import report
 from edgeport.runtime.runners import TorchRunner, parity_runner
 from edgeport.runtime.whisper_runners import TorchWhisper, speech_parity_runner
 from edgeport.source import Source
 from edgeport.targets import Target
+from edgeport.texts import chat_ids
 
 
 def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool = False) -> dict:
@@ -42,6 +43,8 @@ def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool
         raise EdgeportError("--aihub: this version sends the causal LM graphs to Qualcomm AI Hub, not Whisper's")
     hub_skipped = _aihub_skipped(target, buildable) if aihub else None
     clips = parity_clips() if speech else None  # missing clips fail before any work too
+    if not speech:
+        chat_ids(source.load_tokenizer(), PROMPTS[0])  # and so does a tokenizer or chat template that cannot run
 
     reference = None
     built = []

@@ -235,7 +235,7 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
     with report.step("Summarization bench") as progress:
         result = summarize.bench(
             runner,
-            text.read_text() if text else default_article(),
+            _read_text(text) if text else default_article(),
             lengths,
             max_tokens or workload["max_tokens"],
             runs or workload["runs"],
@@ -271,7 +271,13 @@ def check(out, target_name, ram, as_json) -> None:
     manifest.read(out)
     bench = read_json(out / "bench.json", f"run `edgeport bench {out}` first")
     target = targets.load(target_name, ram)
-    lines = judge(bench, target, machine())
+    try:
+        lines = judge(bench, target, machine())
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EdgeportError(
+            f"{out / 'bench.json'}: not a bench result this edgeport wrote ({type(e).__name__}: {str(e)[:80]}); "
+            f"run `edgeport bench {out}` again"
+        ) from e
     if as_json:
         _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
     else:
@@ -309,7 +315,7 @@ def _bench_transcription(
     from edgeport.runtime.whisper_runners import speech_bench_runner
 
     if audio:
-        speech, spoken = load_audio(audio), reference.read_text() if reference else None
+        speech, spoken = load_audio(audio), _read_text(reference) if reference else None
     elif reference:
         raise EdgeportError("--reference needs the --audio it transcribes")
     else:
@@ -348,6 +354,15 @@ def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
 
 
 _stopped_by: list[signal.Signals] = []  # libraries may re-raise a KeyboardInterrupt of their own: remember which
+
+
+def _read_text(file: Path) -> str:
+    from edgeport.headers import regular_file
+
+    try:
+        return regular_file(file).read_text()
+    except UnicodeDecodeError as e:
+        raise EdgeportError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _interrupt(signum: int, frame) -> None:

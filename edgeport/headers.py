@@ -167,7 +167,8 @@ def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = F
         return None
     if item == GGUF_STRING:
         raise reader.error(f"key {key[:80]} holds {count} strings, more than the file can")
-    raise reader.error(f"key {key[:80]} is an array of unknown type {item}")
+    kind = "an array of arrays" if item == GGUF_ARRAY else f"an array of unknown type {item}"
+    raise reader.error(f"key {key[:80]} is {kind}, which GGUF does not allow")
 
 
 def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int, int]:

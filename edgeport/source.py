@@ -83,7 +83,10 @@ class Source:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        try:
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except Exception as e:  # transformers and tokenizers report a bad tokenizer file in many types
+            raise EdgeportError(f"{self.ref}: its tokenizer cannot be read ({type(e).__name__}: {str(e)[:160]})") from e
 
     def load_reference(self, **options):
         """The source model in transformers on the CPU in float32: the parity reference. `options` go to
@@ -283,7 +286,17 @@ def _pickle_to_safetensors(folder: Path, pickles: list[Path]) -> Path:
     with cache_entry(out) as staging:
         tensors = {}
         for f in pickles:
-            state = torch.load(f, map_location="cpu", weights_only=True)
+            try:  # torch's weights-only unpickler: tensors and plain containers, never a callable
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise EdgeportError(
+                    f"{f}: refused by torch's weights-only loader ({type(e).__name__}); it may hold code, or be no "
+                    "checkpoint at all"
+                ) from e
+            if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+            ):
+                raise EdgeportError(f"{f}: not a state dict of named tensors")
             tensors.update({k: v.contiguous().clone() for k, v in state.items()})
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         for f in folder.iterdir():

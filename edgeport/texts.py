@@ -2,6 +2,8 @@
 
 from importlib import resources
 
+from edgeport.errors import EdgeportError
+
 # Sections of the Python language reference, shipped with every CPython as pydoc_data.
 ARTICLE_TOPICS = ("execmodel", "exceptions", "import", "naming")
 
@@ -24,8 +26,16 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     The template is rendered to text and then encoded, which behaves the same for a transformers tokenizer
     and for mlx-lm's wrapper of one.
     """
+    from jinja2 import TemplateError
+
     if not tokenizer.chat_template:
         return list(tokenizer.encode(prompt))
     messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:  # transformers renders templates in jinja's sandbox: a template reaching for Python stops there
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise EdgeportError(
+            f"the model's chat template was refused ({type(e).__name__}: {str(e)[:120]}); "
+            "fix or remove chat_template in its tokenizer files"
+        ) from e
     return list(tokenizer.encode(text, add_special_tokens=False))

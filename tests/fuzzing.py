@@ -118,9 +118,10 @@ def gguf_seed(folder: Path) -> bytes:
     return file.read_bytes()
 
 
-def ct2_seed(folder: Path) -> bytes:
-    """A tiny CTranslate2 WhisperSpec model.bin (1 + 1 layers of width 8, 64 tokens), in CTranslate2's layout."""
-    d, ffn, mels, vocab, frames, tokens = 8, 16, 4, 64, 6, 5
+def ct2_seed(folder: Path, vocab: int = 64) -> bytes:
+    """A tiny CTranslate2 WhisperSpec model.bin (1 + 1 layers of width 8, `vocab` tokens), in CTranslate2's
+    layout."""
+    d, ffn, mels, frames, tokens = 8, 16, 4, 6, 5
     rng = np.random.default_rng(0)
     variables = {
         "encoder/num_heads": np.array(2, np.int8),
