@@ -145,6 +145,7 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
     source = Source(ref=str(folder), kind=kind, config=config, path=folder)
     if config_only:
         return source
+    _refuse_links_out(folder)
     safetensors = sorted(folder.glob("*.safetensors"))
     if safetensors:
         weights_hold(config, sum(check_safetensors(f) for f in safetensors), folder / "config.json")
@@ -162,6 +163,23 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
     source.origin_files = [regular_file(f) for f in pickles]
     source.path = _pickle_to_safetensors(folder, pickles)
     return source
+
+
+def _refuse_links_out(folder: Path) -> None:
+    """Tokenizer files, templates and configs are copied into every output an app ships: one that links outside
+    the model (tokenizer.json -> ~/.ssh/id_rsa) must not carry that file along. Weights are converted, not copied,
+    and links into the Hugging Face cache are how its snapshots are laid out."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    allowed = (folder.resolve(), Path(HF_HUB_CACHE).resolve())
+    for file in folder.iterdir():
+        if file.is_symlink() and file.suffix != ".safetensors":
+            real = file.resolve()
+            if not any(real.is_relative_to(place) for place in allowed):
+                raise EdgeportError(
+                    f"{file}: links to {real}, outside the model folder, and would be copied into the output; "
+                    "put the file itself in the folder"
+                )
 
 
 def _pickle_weights(folder: Path) -> list[Path]:

@@ -555,3 +555,12 @@ def test_bad_options(args, fragment, tiny_llama):
 def test_a_hub_id_that_is_not_cached_offline(tmp_path):
     code, out, err = run_cli("plan", "nobody-here/no-such-model", "-t", "m2-air")
     assert_one_line_error(code, out, err, "nobody-here/no-such-model")
+
+
+def test_a_tokenizer_file_linking_outside_the_model_is_not_carried_along(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (folder / "merges.txt").unlink(missing_ok=True)
+    (folder / "merges.txt").symlink_to(secret)
+    convert_error(folder, tmp_path, "merges.txt: links to", "outside the model folder")
