@@ -4,6 +4,7 @@ wrappers and graphs against transformers, every converter, WER parity, bench and
 import itertools
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -382,3 +383,12 @@ def test_an_iphone_gets_8_bit_whisper(tiny_whisper, tmp_path):
     assert coreml["details"]["encoder"]["weight_matrices_by_storage"]["const fp16"] == 3
     assert set(coreml["details"]["decoder"]["weight_matrices_by_storage"]) == {"constexpr_blockwise_shift_scale"}
     assert json.loads((tmp_path / "iphone" / "mlx" / "config.json").read_text())["quantization"]["bits"] == 8
+
+
+def test_a_relative_source_path_converts_to_ctranslate2(tiny_whisper, tmp_path, monkeypatch):
+    """CTranslate2's converter takes the files to copy by name, found in the model folder, whatever the cwd."""
+    shutil.copytree(tiny_whisper, tmp_path / "models" / "tw")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("convert", "models/tw", "-t", "host", "-f", "ct2", "--out", "out/tw")
+    assert code == 0, err
+    assert (tmp_path / "out" / "tw" / "ct2" / "tokenizer.json").is_file()
