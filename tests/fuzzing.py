@@ -475,16 +475,21 @@ def fuzz(reader: Reader, seconds: float, examples: int = 400) -> tuple[int, list
             )
             @given(mutated(seed, reader.json_fields))
             def once(data):
-                nonlocal executions, last
+                nonlocal executions
                 executions += 1
-                last = data
-                run_one(reader, data, folder)
+                try:
+                    run_one(reader, data, folder)
+                except BaseException:
+                    failing.append(data)
+                    raise
 
-            last = b""
+            failing: list[bytes] = []
             try:
                 once()
-            except Exception as e:  # a Finding, shrunk; or hypothesis reporting one it could not reproduce
-                saved.append(save(reader, last, f"{type(e).__name__}: {e}"))
+            except Exception as e:  # Findings, shrunk: hypothesis replays each minimal one last, then raises
+                distinct = len(e.exceptions) if isinstance(e, BaseExceptionGroup) else 1
+                for data, why in zip(failing[-distinct:], getattr(e, "exceptions", [e]), strict=False):
+                    saved.append(save(reader, data, f"{type(why).__name__}: {why}"))
             if time.monotonic() >= stop:
                 break
     return executions, saved
