@@ -463,6 +463,7 @@ def fuzz(reader: Reader, seconds: float, examples: int = 400) -> tuple[int, list
         seed = prepare(reader, folder)
         run_one(reader, seed, folder, accept=True)  # the seed itself must be read
         stop = time.monotonic() + seconds
+        failing: list[bytes] = []  # the inputs of this pass that a reader mishandled, in order
         while True:
 
             @settings(
@@ -483,7 +484,7 @@ def fuzz(reader: Reader, seconds: float, examples: int = 400) -> tuple[int, list
                     failing.append(data)
                     raise
 
-            failing: list[bytes] = []
+            failing.clear()
             try:
                 once()
             except Exception as e:  # Findings, shrunk: hypothesis replays each minimal one last, then raises
