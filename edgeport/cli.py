@@ -214,6 +214,12 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
 
     found = manifest.read(out)
     artifact = _pick_artifact(found, fmt, out)
+    missing = manifest.missing_files(artifact, out)
+    if missing:
+        raise EdgeportError(
+            f"{out}: {', '.join(missing[:3])} of the {artifact['format']} artifact is missing or resized since "
+            f"conversion (`edgeport inspect {out}` checks every file); convert again"
+        )
     if found["source"].get("family") == "whisper":
         if text or prompt_tokens or max_tokens:
             raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")

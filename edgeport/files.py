@@ -18,7 +18,7 @@ def cache_entry(dest: Path) -> Iterator[Path]:
     when it fails. Cache entries are written once: when a concurrent run finished the same entry first, ours is
     dropped. Staging folders of runs that died are removed here too."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    made(dest.parent)
     for leftover in dest.parent.glob(f".{dest.name}.staging-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
@@ -45,6 +45,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def made(folder: Path) -> Path:
+    """`folder` in the cache, made if need be; a cache that cannot be written gets one line saying what to do."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeportError(
+            f"the cache folder {folder} cannot be used ({e.strerror}); set EDGEPORT_CACHE to a writable folder"
+        ) from e
+    return folder
 
 
 def cache_dir() -> Path:

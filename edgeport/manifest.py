@@ -182,6 +182,15 @@ def verify_files(manifest: dict, folder: Path) -> list[str]:
     return problems
 
 
+def missing_files(artifact: dict, folder: Path) -> list[str]:
+    """The files of one artifact that are gone or no longer of their recorded size (no hashing: it is fast)."""
+    return [
+        entry["path"]
+        for entry in artifact["files"]
+        if not (folder / entry["path"]).is_file() or (folder / entry["path"]).stat().st_size != entry["bytes"]
+    ]
+
+
 def tool_versions() -> dict:
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in TOOLS:

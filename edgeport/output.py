@@ -35,7 +35,10 @@ def claim(dest: Path, *, force: bool, sources: Iterable[Path] = ()) -> Iterator[
     refuse_overlap(dest, sources)
     if dest.is_symlink():
         raise EdgeportError(f"{dest} is a symbolic link: give the real folder as --out, or another name")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeportError(f"--out {dest}: cannot make its folder {dest.parent} ({e.strerror})") from e
     with _lock(dest):
         _remove_stale(dest)
         if dest.exists():
@@ -94,7 +97,7 @@ def _lock(dest: Path) -> Iterator[None]:
     fd = None
     try:
         while fd is None:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(lock, dest)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -115,6 +118,13 @@ def _lock(dest: Path) -> Iterator[None]:
         if fd is not None:
             lock.unlink(missing_ok=True)
             os.close(fd)
+
+
+def _open_lock(lock: Path, dest: Path) -> int:
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise EdgeportError(f"--out {dest}: cannot write in {dest.parent} ({e.strerror})") from e
 
 
 def _same_file(path: Path, fd: int) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgeport import quantization
 from edgeport.errors import EdgeportError
-from edgeport.files import cache_dir
+from edgeport.files import cache_dir, made, read_json
 
 UNITS = ("cpu", "gpu", "npu")
 FORMATS = ("mlx", "coreml", "onnx", "ct2")
@@ -197,10 +197,9 @@ def host_facts() -> dict:
 
     cache = cache_dir() / "host.json"
     key = f"{platform.node()}-{platform.machine()}-{os.cpu_count()}"
-    if cache.is_file():
-        facts = json.loads(cache.read_text())
-        if facts.get("key") == key:
-            return facts
+    facts = _cached_facts(cache)
+    if facts and facts["key"] == key:
+        return facts
     src = np.ones(2**27, dtype=np.float32)  # 512 MiB
     dst = np.empty_like(src)
     copy_s = _best_of(3, lambda: np.copyto(dst, src))
@@ -212,9 +211,24 @@ def host_facts() -> dict:
         "cpu_tflops": round(2 * 1024**3 / matmul_s / 1e12, 3),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    made(cache.parent)
     cache.write_text(json.dumps(facts, indent=2))
     return facts
+
+
+def _cached_facts(cache: Path) -> dict | None:
+    """The host figures measured before, or None when there are none or the file is not as this edgeport writes
+    it (then they are measured again)."""
+    try:
+        facts = read_json(cache, "")
+    except EdgeportError:
+        return None
+    valid = isinstance(facts, dict) and isinstance(facts.get("key"), str)
+    numbers = valid and all(
+        isinstance(facts.get(k), int | float) and not isinstance(facts.get(k), bool) and facts[k] > 0
+        for k in ("bandwidth_gbs", "cpu_tflops")
+    )
+    return facts if numbers else None
 
 
 def _best_of(n: int, fn) -> float:

@@ -564,3 +564,33 @@ def test_a_tokenizer_file_linking_outside_the_model_is_not_carried_along(tiny_ll
     (folder / "merges.txt").unlink(missing_ok=True)
     (folder / "merges.txt").symlink_to(secret)
     convert_error(folder, tmp_path, "merges.txt: links to", "outside the model folder")
+
+
+def test_bench_on_an_output_whose_files_went_missing(output, tmp_path):
+    copy = shutil.copytree(output, tmp_path / "out")
+    next((copy / "mlx").glob("*.safetensors")).unlink()
+    code, out, err = run_cli("bench", str(copy))
+    assert_one_line_error(code, out, err, "is missing or resized since conversion", "edgeport inspect")
+
+
+def test_an_output_folder_that_cannot_be_made(tiny_llama, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, out, err = run_cli("convert", str(tiny_llama), "-t", "host", "--out", str(tmp_path / "file" / "o"))
+    assert_one_line_error(code, out, err, "cannot make its folder")
+
+
+def test_a_cache_folder_that_cannot_be_used(fixture_gguf, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("EDGEPORT_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli("convert", str(fixture_gguf), "-t", "host", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, out, err, "cannot be used", "EDGEPORT_CACHE")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_host_measurement_is_measured_again(tmp_path, monkeypatch):
+    from edgeport import targets
+
+    monkeypatch.setenv("EDGEPORT_CACHE", str(tmp_path))
+    for damaged in ('{"key": 1}', "not json", '{"key": "x", "bandwidth_gbs": "fast", "cpu_tflops": 1}'):
+        (tmp_path / "host.json").write_text(damaged)
+        assert targets.load("host").bandwidth_gbs > 0
