@@ -15,7 +15,7 @@ from edgeport.config import check as check_config
 from edgeport.config import weights_hold
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
-from edgeport.headers import BoundedReader, regular_file
+from edgeport.headers import BoundedReader, regular_file, sane_shape
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h), in order.
 DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
@@ -71,6 +71,8 @@ def read_model_bin(file: Path, values: bool = True) -> tuple[str, dict[str, np.n
             if rank > MAX_RANK:
                 raise reader.error(f"{name} has rank {rank}")
             shape = [reader.unpack("I") for _ in range(rank)]
+            if not sane_shape(shape):
+                raise reader.error(f"{name} has a shape beyond any real tensor, {shape}")
             dtype_id = reader.unpack("B")
             if dtype_id >= len(DTYPES):
                 raise reader.error(f"{name} has an unknown data type {dtype_id}")

@@ -19,7 +19,8 @@ from edgeport.errors import EdgeportError
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the limit the safetensors library itself sets
 MAX_RANK = 8
-MAX_DIM = 2**40  # no real tensor comes near; numpy refuses dimensions past 2^63, even of an empty tensor
+MAX_DIM = 2**40  # no real tensor comes near; numpy refuses sizes past 2^63, even of an empty tensor
+MAX_VALUES = 2**48  # the product of a shape's non-zero dimensions: what numpy must be able to count
 SAFETENSORS_BITS = {
     "BOOL": 8,
     "U8": 8,
@@ -97,7 +98,7 @@ def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
         raise _bad(file, f"tensor {name} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_natural(d) and d <= MAX_DIM for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not sane_shape(shape):
         raise _bad(file, f"tensor {name} has a malformed shape {str(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
         raise _bad(file, f"tensor {name} has malformed data_offsets {str(offsets)[:80]}")
@@ -178,8 +179,8 @@ def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int
     if not 1 <= dims <= GGUF_MAX_DIMS:
         raise reader.error(f"tensor {name[:80]} has {dims} dimensions")
     shape = [reader.unpack("Q") for _ in range(dims)]
-    if max(shape) > MAX_DIM:
-        raise reader.error(f"tensor {name[:80]} has a dimension of {max(shape)}")
+    if not sane_shape(shape):
+        raise reader.error(f"tensor {name[:80]} has a shape beyond any real tensor, {shape}")
     kind = reader.unpack("I")
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
@@ -256,6 +257,13 @@ def _unique(pairs: list) -> dict:
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"the key {twice[:80]!r} is given twice")
     return table
+
+
+def sane_shape(shape: list) -> bool:
+    """Whole dimensions, none past MAX_DIM, whose non-zero product numpy can hold."""
+    if not all(_natural(d) and d <= MAX_DIM for d in shape):
+        return False
+    return _count([d for d in shape if d]) <= MAX_VALUES
 
 
 def _count(shape: list[int]) -> int:

@@ -332,7 +332,7 @@ GGUF_BUILT = {
     "alignment-not-power-of-two": ({"kvs": [("general.alignment", 4, struct.pack("<I", 24))]}, "power of two"),
     "five-dimensions": ({"tensors": [("t", [1] * 5, 0, 0)]}, "has 5 dimensions"),
     "unknown-ggml-type": ({"tensors": [("t", [4], 99, 0)]}, "unknown ggml type 99"),
-    "dimension-huge": ({"tensors": [("t", [2**62, 0], 0, 0)]}, "has a dimension of"),
+    "dimension-huge": ({"tensors": [("t", [2**62, 0], 0, 0)]}, "has a shape beyond any real tensor"),
     "block-not-dividing": ({"tensors": [("t", [33], 8, 0)]}, "not a multiple of its block of 32"),
     "misaligned-offset": ({"tensors": [("t", [4], 0, 3)]}, "not aligned to 32"),
     "overlapping-tensors": ({"tensors": [("a", [16], 0, 0), ("b", [16], 0, 32)]}, "overlaps"),
