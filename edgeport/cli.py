@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from edgeport import __version__, manifest, targets
-from edgeport.errors import EdgeportError
+from edgeport.errors import ERROR, MET, MISSED, NOT_CHECKED, EdgeportError
 from edgeport.files import read_json
 from edgeport.runtime import report
 
@@ -19,7 +19,16 @@ FULL_WORKLOAD = {"prompt_tokens": "512,2048", "max_tokens": 128, "runs": 3}
 CPU_MLX_WORKLOAD = {"prompt_tokens": "48", "max_tokens": 4, "runs": 1}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = f"""\b
+Exit codes, for every command:
+  {MET}    done; every budget line met
+  {MISSED}    the answer is no: a budget line missed (check), parity failed (convert), files changed (inspect)
+  {NOT_CHECKED}    a budget line could not be judged on this machine (check), none missed
+  {ERROR}    bad input or another error, said in one line
+  128+N  stopped by signal N (130 for Ctrl-C); no partial output is left"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.version_option(__version__, prog_name="edgeport")
 def cli(debug: bool) -> None:
@@ -38,12 +47,12 @@ def main() -> None:
         sys.exit(128 + stop)
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        sys.exit(ERROR)
     except EdgeportError as e:
         if debug:
             raise
         report.err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        sys.exit(1)
+        sys.exit(e.exit_code)
     except Exception as e:
         if debug:
             raise
@@ -52,7 +61,7 @@ def main() -> None:
             soft_wrap=True,
             highlight=False,
         )
-        sys.exit(1)
+        sys.exit(ERROR)
 
 
 def options(*decorators):
@@ -174,7 +183,8 @@ def convert(
     if failed and not allow_parity_fail:
         names = ", ".join(f"{a['format']} {a['quantization']} ({'; '.join(a['parity']['failures'])})" for a in failed)
         raise EdgeportError(
-            f"parity failed for {names}; {out} is kept and marked failed (pass --allow-parity-fail to accept it)"
+            f"parity failed for {names}; {out} is kept and marked failed (pass --allow-parity-fail to accept it)",
+            exit_code=MISSED,
         )
 
 
@@ -236,6 +246,14 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
     slow_cpu = artifact["format"] == "mlx" and sys.platform != "darwin"
     workload = CPU_MLX_WORKLOAD if slow_cpu else FULL_WORKLOAD
     lengths = _token_counts(prompt_tokens or workload["prompt_tokens"])
+    new_tokens = max_tokens or workload["max_tokens"]
+    notes = []
+    context = _context_length(out / artifact["path"])
+    if context and max(lengths) + new_tokens > context:
+        lengths = sorted({min(n, context - new_tokens) for n in lengths})
+        if lengths[0] < 1:
+            raise EdgeportError(f"--max-tokens {new_tokens} leaves no room for a prompt in the {context}-token context")
+        notes.append(f"prompts cut to {', '.join(map(str, lengths))} tokens: the model's context holds {context}")
     with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
         runner = bench_runner(artifact["format"], out / artifact["path"])
     with report.step("Summarization bench") as progress:
@@ -243,18 +261,20 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
             runner,
             _read_text(text) if text else default_article(),
             lengths,
-            max_tokens or workload["max_tokens"],
+            new_tokens,
             runs or workload["runs"],
             progress,
         )
     result.update(format=artifact["format"], quantization=artifact["quantization"], artifact=artifact["path"])
     if slow_cpu and not (prompt_tokens and max_tokens and runs):
-        result["note"] = (
+        notes.append(
             "workload cut for MLX's CPU build off a Mac (quantized matmuls at well under 1 token/s); "
             "a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs"
         )
     if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
-        result["note"] = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
+        notes.append(f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures")
+    if notes:
+        result["note"] = "; ".join(notes)
     _write_json(out / "bench.json", result)
     if as_json:
         _print_json(result)
@@ -269,9 +289,10 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
 @target_options
 @json_option
 def check(out, target_name, ram, as_json) -> None:
-    """Compare OUT's bench results with a target's budget; exit 0 only when every line is met."""
+    """Compare OUT's bench results with a target's budget: exit 0 when every line is met, 1 when one is missed,
+    2 when one could not be judged on this machine."""
     from edgeport.runtime.check import check as judge
-    from edgeport.runtime.check import passed, to_dicts
+    from edgeport.runtime.check import passed, to_dicts, verdict
     from edgeport.runtime.summarize import machine
 
     manifest.read(out)
@@ -288,7 +309,7 @@ def check(out, target_name, ram, as_json) -> None:
         _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
     else:
         report.out.print(report.check_table(lines, target.name))
-    sys.exit(0 if passed(lines) else 1)
+    sys.exit(verdict(lines))
 
 
 @cli.command()
@@ -309,7 +330,7 @@ def inspect(out, as_json) -> None:
         report.out.print(f"source sha256: {found['source']['sha256']}\ntools: {tools}")
         report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
     if problems:
-        sys.exit(1)
+        sys.exit(MISSED)
 
 
 def _bench_transcription(
@@ -344,6 +365,17 @@ def _bench_transcription(
     if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
         result["note"] = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
     return result
+
+
+def _context_length(artifact: Path) -> int | None:
+    """The most tokens the model attends to, from the config.json beside the artifact (None when it has none)."""
+    from edgeport.config import check as check_config
+
+    file = artifact / "config.json"
+    if not file.is_file():
+        return None
+    config = check_config(read_json(file, ""), file)
+    return (config.get("text_config") or config).get("max_position_embeddings")
 
 
 def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:

@@ -2,16 +2,28 @@
 
 from dataclasses import asdict, dataclass
 
+from edgeport.errors import MET, MISSED, NOT_CHECKED
 from edgeport.targets import Target
 
 
 @dataclass
 class Line:
-    budget: str
-    limit: str
-    measured: str
+    budget: str  # what is judged: "time to first token", "decode", "peak memory", "real-time factor", "WER"
+    limit: float
+    unit: str  # "s", "tok/s", "GB", or "" for ratios
+    at_most: bool  # the measured figure must be at most the limit (else at least)
+    measured: float | None  # None when not measured
     status: str  # "met" | "missed" | "not checked"
     reason: str = ""
+    condition: str = ""  # where the limit applies, e.g. "at 512 prompt tokens"
+
+    @property
+    def limit_text(self) -> str:
+        return " ".join(p for p in ("≤" if self.at_most else "≥", f"{self.limit:g}", self.unit, self.condition) if p)
+
+    @property
+    def measured_text(self) -> str:
+        return "—" if self.measured is None else f"{self.measured:.4g} {self.unit}".strip()
 
 
 def check(bench: dict, target: Target, host_machine: dict) -> list[Line]:
@@ -22,8 +34,7 @@ def check(bench: dict, target: Target, host_machine: dict) -> list[Line]:
     else:
         lines = _summarization_lines(results, target.budget)
     peak = max(max(r.get("peak_memory_gb", 0), r["peak_rss_gb"]) for r in results)
-    limit = target.peak_memory_budget_gb
-    lines.append(_line("peak memory", f"≤ {limit:.1f} GB", f"{peak:.2f} GB", peak <= limit))
+    lines.append(_judged("peak memory", target.peak_memory_budget_gb, "GB", True, peak))
     elsewhere = _measured_elsewhere(bench["machine"], target, host_machine)
     if elsewhere:
         for line in lines:
@@ -35,34 +46,37 @@ def check(bench: dict, target: Target, host_machine: dict) -> list[Line]:
 def _summarization_lines(results: list[dict], budget) -> list[Line]:
     lines = []
     if budget.ttft_s:
-        limit = f"≤ {budget.ttft_s:g} s at {budget.prompt_tokens} tokens"
-        at_budget_length = [r for r in results if r["prompt_tokens"] >= budget.prompt_tokens]
-        if at_budget_length:
-            ttft = min(at_budget_length, key=lambda r: r["prompt_tokens"])["ttft_s"]
-            lines.append(_line("time to first token", limit, f"{ttft:.2f} s", ttft <= budget.ttft_s))
+        condition = f"at {budget.prompt_tokens} prompt tokens"
+        at_length = [r for r in results if r["prompt_tokens"] == budget.prompt_tokens]
+        if at_length:
+            lines.append(_judged("time to first token", budget.ttft_s, "s", True, at_length[0]["ttft_s"], condition))
         else:
-            longest = max(r["prompt_tokens"] for r in results)
-            reason = f"longest bench prompt was {longest} tokens; bench with --prompt-tokens {budget.prompt_tokens}"
-            lines.append(Line("time to first token", limit, "—", "not checked", reason))
+            measured = ", ".join(str(r["prompt_tokens"]) for r in results)
+            reason = f"bench measured {measured} prompt tokens; bench with --prompt-tokens {budget.prompt_tokens}"
+            lines.append(Line("time to first token", budget.ttft_s, "s", True, None, "not checked", reason, condition))
     if budget.decode_tps:
         decode = min(r["decode_tps"] for r in results)
-        lines.append(
-            _line("decode", f"≥ {budget.decode_tps:g} tok/s", f"{decode:.1f} tok/s", decode >= budget.decode_tps)
-        )
+        lines.append(_judged("decode", budget.decode_tps, "tok/s", False, decode))
     return lines
 
 
 def _transcription_lines(result: dict, budget) -> list[Line]:
     lines = []
     if budget.rtf:
-        rtf = result["rtf"]
-        lines.append(_line("real-time factor", f"≤ {budget.rtf:g}", f"{rtf:.4f}", rtf <= budget.rtf))
+        lines.append(_judged("real-time factor", budget.rtf, "", True, result["rtf"]))
     if budget.wer:
         if "wer" in result:
-            lines.append(_line("WER", f"≤ {budget.wer:g}", f"{result['wer']:.3f}", result["wer"] <= budget.wer))
+            lines.append(_judged("WER", budget.wer, "", True, result["wer"]))
         else:
-            lines.append(Line("WER", f"≤ {budget.wer:g}", "—", "not checked", "bench with --audio and its --reference"))
+            reason = "bench with --audio and its --reference"
+            lines.append(Line("WER", budget.wer, "", True, None, "not checked", reason))
     return lines
+
+
+def verdict(lines: list[Line]) -> int:
+    """The exit code: MISSED if any line was missed, else NOT_CHECKED if any could not be judged, else MET."""
+    statuses = {line.status for line in lines}
+    return MISSED if "missed" in statuses else NOT_CHECKED if "not checked" in statuses or not lines else MET
 
 
 def passed(lines: list[Line]) -> bool:
@@ -74,8 +88,11 @@ def to_dicts(lines: list[Line]) -> list[dict]:
     return [asdict(line) for line in lines]
 
 
-def _line(name: str, limit: str, shown: str, ok: bool) -> Line:
-    return Line(name, limit, shown, "met" if ok else "missed")
+def _judged(name: str, limit: float, unit: str, at_most: bool, measured: float, condition: str = "") -> Line:
+    if not isinstance(measured, int | float) or isinstance(measured, bool):
+        raise TypeError(f"{name} is {measured!r}, not a number")
+    ok = measured <= limit if at_most else measured >= limit
+    return Line(name, limit, unit, at_most, measured, "met" if ok else "missed", condition=condition)
 
 
 def _measured_elsewhere(measured_on: dict, target: Target, host_machine: dict) -> str:

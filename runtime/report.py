@@ -177,7 +177,7 @@ def check_table(lines: list, target: str) -> Table:
         table.add_column(column)
     for line in lines:
         colour = {"met": "green", "missed": "red"}.get(line.status, "yellow")
-        table.add_row(line.budget, line.limit, line.measured, f"[{colour}]{line.status}[/]", line.reason)
+        table.add_row(line.budget, line.limit_text, line.measured_text, f"[{colour}]{line.status}[/]", line.reason)
     return table
 
 

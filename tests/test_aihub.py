@@ -164,7 +164,7 @@ def test_bad_aihub_requests(target, message, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(aihub, "hub", fake_hub(devices=()))
     code, _, err = run_cli("convert", str(tiny_llama), "-t", target, "--out", str(tmp_path / "o"), "--aihub")
     if target == "m2-air":
-        assert code == 1 and message in err and not (tmp_path / "o").exists()
+        assert code == 3 and message in err and not (tmp_path / "o").exists()
     else:
         assert code == 0 and message in err
 

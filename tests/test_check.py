@@ -42,3 +42,14 @@ def test_figures_from_another_machine_are_not_checked_against_a_device():
     assert all("not on a MacBook Air" in line.reason for line in lines)
     elsewhere = check(bench(on={**machine(), "node": "another-box"}), targets.load("host"), machine())
     assert set(statuses(elsewhere).values()) == {"not checked"}
+
+
+def test_the_exit_code_says_met_missed_or_not_checked():
+    from edgeport.errors import MET, MISSED, NOT_CHECKED
+    from edgeport.runtime.check import verdict
+
+    host = targets.load("host")
+    assert verdict(check(bench(), host, machine())) == MET
+    assert verdict(check(bench(decode=1.0), host, machine())) == MISSED
+    assert verdict(check(bench(prompt_tokens=48), host, machine())) == NOT_CHECKED
+    assert verdict(check(bench(prompt_tokens=48, decode=1.0), host, machine())) == MISSED

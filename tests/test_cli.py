@@ -93,7 +93,7 @@ def test_bad_bench_options(fp16_output):
     code, stdout, err = run_cli("bench", str(out), "--text", str(empty), "--prompt-tokens", "96")
     assert_one_line_error(code, stdout, err, "the text to summarize is empty")
     code, _, err = run_cli("bench", str(out), "--runs", "0")
-    assert code == 2 and "Invalid value for '--runs'" in err
+    assert code == 3 and "Invalid value for '--runs'" in err
 
 
 def test_check_before_any_bench(fp16_output):
@@ -107,3 +107,30 @@ def fp16_output(tiny_llama, tmp_path_factory):
     code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
     assert code == 0, err
     return out
+
+
+def test_bench_measures_exactly_the_lengths_asked_and_check_judges_that_row(fp16_output):
+    code, stdout, err = run_cli(
+        "bench", str(fp16_output), "-f", "mlx", "--prompt-tokens", "61,80", "--max-tokens", "2", "--runs", "1", "--json"
+    )
+    assert code == 0, err
+    assert [r["prompt_tokens"] for r in json.loads(stdout)["results"]] == [61, 80]
+
+
+def test_bench_cuts_prompts_to_the_models_context_and_says_so(fp16_output):
+    code, stdout, err = run_cli(
+        "bench", str(fp16_output), "--prompt-tokens", "700", "--max-tokens", "2", "--runs", "1", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [r["prompt_tokens"] for r in result["results"]] == [510]  # the tiny model's context is 512
+    assert "the model's context holds 512" in result["note"]
+
+
+def test_check_json_gives_numbers_and_units(fp16_output):
+    run_cli("bench", str(fp16_output), "--prompt-tokens", "32", "--max-tokens", "2", "--runs", "1")
+    code, stdout, _ = run_cli("check", str(fp16_output), "-t", "host", "--json")
+    lines = {line["budget"]: line for line in json.loads(stdout)["lines"]}
+    peak = lines["peak memory"]
+    assert isinstance(peak["limit"], float) and peak["unit"] == "GB" and isinstance(peak["measured"], float)
+    assert lines["time to first token"]["measured"] is None and code == 2  # 32 tokens cannot vouch for 512

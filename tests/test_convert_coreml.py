@@ -111,7 +111,7 @@ def test_other_compressions(quant, storage, tiny_llama, tmp_path):
 def test_bench_refuses_off_macos(gpu_package):
     out, _ = gpu_package
     code, _, err = run_cli("bench", str(out))
-    assert code == 1 and COREML_NEEDS_MACOS in err and "Traceback" not in err
+    assert code == 3 and COREML_NEEDS_MACOS in err and "Traceback" not in err
     with pytest.raises(Exception, match=COREML_NEEDS_MACOS):
         CoreMLRunner(out / "coreml")
 

@@ -134,10 +134,10 @@ def test_bench_then_check_against_host(q4_output, tmp_path):
 
     code, stdout, _ = run_cli("check", str(out), "-t", "host", "--json")
     verdict = json.loads(stdout)
-    assert code == (0 if verdict["met"] else 1)
     statuses = {line["budget"]: line["status"] for line in verdict["lines"]}
     assert statuses["time to first token"] == "not checked"  # a 96-token bench cannot vouch for 512 tokens
-    assert statuses["peak memory"] == "met" and code == 1
+    assert statuses["peak memory"] == "met" and not verdict["met"]
+    assert code == (1 if "missed" in statuses.values() else 2)  # missed beats could-not-judge
 
 
 def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path, monkeypatch):
@@ -174,4 +174,4 @@ def test_another_group_size(tiny_llama, tmp_path):
     artifact = result["artifacts"][0]
     assert artifact["quantization"] == "q4-g32" and artifact["parity"]["bounds"]["top1_agreement"] == 0.5
     code, _, err = run_cli("plan", str(tiny_llama), "-t", "host", "--quant", "q4-g48")
-    assert code == 1 and "--quant q4-g48: not available for onnx, mlx" in err
+    assert code == 3 and "--quant q4-g48: not available for onnx, mlx" in err

@@ -259,7 +259,7 @@ def test_bench_transcribes_and_check_judges_rtf_and_wer(host_output, tmp_path):
 def test_bench_refuses_summarization_options_for_whisper(host_output):
     out, _ = host_output
     code, _, err = run_cli("bench", str(out), "--prompt-tokens", "64")
-    assert code == 1 and "Whisper takes --audio" in err
+    assert code == 3 and "Whisper takes --audio" in err
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_m2_air_gets_core_ml_encoder_and_stateful_decoder_checked_by_weights(mac
     assert coreml["parity"]["not_checked"][0].startswith("Core ML prediction needs macOS")
     assert "weights read back" in coreml["parity"]["method"]
     code, _, err = run_cli("bench", str(out), "--format", "coreml")
-    assert code == 1 and "needs macOS" in err
+    assert code == 3 and "needs macOS" in err
 
 
 def test_m2_air_gets_an_mlx_whisper_folder(mac_output):
@@ -329,20 +329,20 @@ def test_snapdragon_gets_static_qdq_graphs(tiny_whisper, tmp_path):
     code, _, err = run_cli(
         "convert", str(tiny_whisper), "-t", "snapdragon-8-elite", "--quant", "w4a16", "-o", str(tmp_path / "w4")
     )
-    assert code == 1 and "use --quant w8a16" in err and not (tmp_path / "w4").exists()
+    assert code == 3 and "use --quant w8a16" in err and not (tmp_path / "w4").exists()
 
 
 def test_aihub_is_refused_for_whisper(tiny_whisper, tmp_path):
     code, _, err = run_cli(
         "convert", str(tiny_whisper), "-t", "snapdragon-8-gen-3", "--aihub", "-o", str(tmp_path / "x")
     )
-    assert code == 1 and "not Whisper's" in err
+    assert code == 3 and "not Whisper's" in err
 
 
 def test_missing_parity_clips_fail_before_any_work(tiny_whisper, tmp_path, monkeypatch):
     monkeypatch.setattr("edgeport.audio.CLIP_PACKAGE", "no_such_clip_package")
     code, _, err = run_cli("convert", str(tiny_whisper), "-t", "host", "-o", str(tmp_path / "x"))
-    assert code == 1 and "moonshine-voice" in err and not (tmp_path / "x").exists()
+    assert code == 3 and "moonshine-voice" in err and not (tmp_path / "x").exists()
 
 
 def test_onnx_fp16_for_a_cpu_and_what_it_refuses(tiny_whisper, tmp_path):
@@ -357,7 +357,7 @@ def test_onnx_fp16_for_a_cpu_and_what_it_refuses(tiny_whisper, tmp_path):
     code, _, err = run_cli(
         "convert", str(tiny_whisper), "-t", "host", "-f", "onnx", "--quant", "int4-block32", "-o", str(tmp_path / "x")
     )
-    assert code == 1 and "fp16 or int8" in err and not (tmp_path / "x").exists()
+    assert code == 3 and "fp16 or int8" in err and not (tmp_path / "x").exists()
 
 
 def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(tiny_whisper, tmp_path):
