@@ -11,6 +11,7 @@ from rich.markup import escape
 from edgeport import __version__, manifest, targets
 from edgeport.errors import ERROR, MET, MISSED, NOT_CHECKED, EdgeportError
 from edgeport.files import read_json
+from edgeport.quiet import silence_libraries
 from edgeport.runtime import report
 
 # MLX's CPU build runs quantized matmuls at well under a token per second (shared/TOOLCHAIN.md): off a Mac the
@@ -29,18 +30,23 @@ Exit codes, for every command:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
-@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also after the subcommand).")
+@click.option("--verbose", is_flag=True, help="Let the libraries print their own progress and warnings too.")
 @click.version_option(__version__, prog_name="edgeport")
-def cli(debug: bool) -> None:
+def cli(debug: bool, verbose: bool) -> None:
     """Plan, convert, check and bench a Hugging Face model for a device."""
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+    # --debug and --verbose are taken wherever they stand, before or after the subcommand.
+    debug, verbose = "--debug" in sys.argv[1:], "--verbose" in sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a not in ("--debug", "--verbose")]
+    if not verbose:
+        silence_libraries()
     for stop in (signal.SIGTERM, signal.SIGHUP):  # unwound like Ctrl-C: staging removed, child processes ended
         signal.signal(stop, _interrupt)
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
         stop = _stopped_by[-1] if _stopped_by else signal.SIGINT
         report.err.print(f"[red]interrupted[/] ({stop.name}): no partial output was left")
@@ -165,7 +171,7 @@ def convert(
     local = Path(model).expanduser()
     # Claimed before the source is read (which can take minutes): a refusal costs the user nothing.
     with output.claim(out, force=force, sources=[local] if local.exists() else []) as staging:
-        with report.step(f"Opening {model}"):
+        with report.step(f"Opening {source_name(model)}"):
             source = open_source(
                 model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
             )

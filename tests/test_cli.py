@@ -134,3 +134,26 @@ def test_check_json_gives_numbers_and_units(fp16_output):
     peak = lines["peak memory"]
     assert isinstance(peak["limit"], float) and peak["unit"] == "GB" and isinstance(peak["measured"], float)
     assert lines["time to first token"]["measured"] is None and code == 2  # 32 tokens cannot vouch for 512
+
+
+@pytest.mark.slow
+def test_libraries_stay_quiet_unless_verbose(fixture_gguf, tmp_path):
+    """A user sees edgeport's own progress lines, not the libraries' bars, warnings and log lines: the GGUF
+    fixture's dequantization is the loudest path transformers has."""
+    import os
+    import subprocess
+    import sys
+
+    def convert(name, *extra):
+        env = {**os.environ, "EDGEPORT_CACHE": str(tmp_path / f"cache-{name}")}
+        command = [sys.executable, "-m", "edgeport", "convert", str(fixture_gguf), "-t", "host", "-f", "onnx"]
+        done = subprocess.run(
+            [*command, "--out", str(tmp_path / name), *extra], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+
+    quiet = convert("quiet")
+    assert quiet and all(line.startswith("✓") for line in quiet), quiet
+    loud = convert("loud", "--verbose")  # after the subcommand
+    assert any("de-quantizing GGUF tensors" in line for line in loud)

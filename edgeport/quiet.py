@@ -1,0 +1,29 @@
+"""Library chatter stays off the user's screen: progress bars, advisory warnings and log lines of transformers,
+huggingface_hub, torch, onnxruntime and tqdm. edgeport's own progress is what a user sees; `--verbose` lets the
+libraries speak again.
+
+It works through the libraries' own switches, set before they are imported, so that `plan` (which imports none
+of the heavy ones) stays fast.
+"""
+
+import logging
+import os
+import warnings
+
+ENVIRONMENT = {
+    "TQDM_DISABLE": "1",  # every tqdm bar (tqdm >= 4.66 reads TQDM_* defaults from the environment)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's bars, which transformers' follow
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers' advisory warnings ("loss_type=None", GGUF dtypes, …)
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning
+    "ORT_LOGGING_LEVEL": "3",
+}
+
+
+def silence_libraries() -> None:
+    """Quiet every library for the rest of this process (and the processes it starts)."""
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings from library internals
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
