@@ -232,11 +232,16 @@ class BoundedReader:
 
 
 def parse_json(raw: bytes, file: Path, what: str):
-    """JSON as data: UTF-8, no NaN or Infinity, no number too large for a float, no key given twice."""
+    """JSON as data: UTF-8 (escapes included), no NaN or Infinity, no number too large for a float, no key given
+    twice."""
     try:
-        return json.loads(raw.decode(), parse_constant=_refuse_constant, parse_float=_finite, object_pairs_hook=_unique)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        value = json.loads(
+            raw.decode(), parse_constant=_refuse_constant, parse_float=_finite, object_pairs_hook=_unique
+        )
+        json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate escape ("\ud800") is no UTF-8 text
+    except (UnicodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise EdgeportError(f"{file}: {what} is not valid JSON ({str(e)[:120]})") from e
+    return value
 
 
 def _refuse_constant(name: str):

@@ -594,3 +594,8 @@ def test_a_damaged_host_measurement_is_measured_again(tmp_path, monkeypatch):
     for damaged in ('{"key": 1}', "not json", '{"key": "x", "bandwidth_gbs": "fast", "cpu_tflops": 1}'):
         (tmp_path / "host.json").write_text(damaged)
         assert targets.load("host").bandwidth_gbs > 0
+
+
+def test_a_lone_surrogate_escape_is_not_text(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "llama", "name": "\\ud800"}')
+    plan_error(tmp_path, "config.json", "is not valid JSON")
