@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[mlx,coreml,onnx,aihub,speech,dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'
 	$(PY) -m pip install --quiet --no-deps $(FIXTURE_PACKAGES)
 	touch $(STAMP)
 

@@ -157,3 +157,19 @@ def test_libraries_stay_quiet_unless_verbose(fixture_gguf, tmp_path):
     assert quiet and all(line.startswith("✓") for line in quiet), quiet
     loud = convert("loud", "--verbose")  # after the subcommand
     assert any("de-quantizing GGUF tensors" in line for line in loud)
+
+
+def test_plan_needs_none_of_the_converting_libraries(tiny_llama):
+    """`pip install edgeport` alone plans: torch, transformers, gguf and the rest come with the extras that convert."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.argv = ['edgeport', 'plan', sys.argv[1], '-t', 'm2-air']\n"
+        "from edgeport.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = {'torch', 'transformers', 'gguf', 'safetensors', 'tokenizers', 'jinja2', 'accelerate'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("[]"), done.stdout[-300:] + done.stderr
