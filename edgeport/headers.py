@@ -13,8 +13,6 @@ import stat
 import struct
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from edgeport.errors import EdgeportError
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the limit the safetensors library itself sets
@@ -174,6 +172,8 @@ def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = F
 
 def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int, int]:
     """A tensor's name, data offset, bytes and values."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # the convert extra's; plan needs none
+
     name = reader.string("Q")
     dims = reader.unpack("I")
     if not 1 <= dims <= GGUF_MAX_DIMS:

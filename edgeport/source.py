@@ -9,6 +9,7 @@ Pickle checkpoints are refused unless the user passes --allow-pickle, and even t
 
 import functools
 import hashlib
+from importlib.util import find_spec
 import json
 import re
 import shutil
@@ -124,6 +125,8 @@ def open_source(
 ) -> Source:
     """Open `ref` (folder, .gguf file or hub id). With `config_only`, read nothing but the config."""
     path = Path(ref).expanduser()
+    if not config_only or path.suffix == ".gguf" or (path.is_dir() and ct2.is_ct2_whisper(path)):
+        _require_convert_extra(ref)
     if path.is_file() and path.suffix == ".gguf":
         source = _open_gguf(path, config_only)
     elif path.is_dir() and ct2.is_ct2_whisper(path):
@@ -138,6 +141,13 @@ def open_source(
         raise EdgeportError(f"{ref}: no such file or folder (give a model folder, a .gguf file or a hub id org/name)")
     source.trust_remote_code = trust_remote_code
     return source
+
+
+def _require_convert_extra(ref: str) -> None:
+    """Reading weights, GGUF metadata or a CTranslate2 tokenizer takes the libraries of the convert extra."""
+    missing = [name for name in ("torch", "transformers", "gguf", "safetensors") if find_spec(name) is None]
+    if missing:
+        raise EdgeportError(f"{ref}: reading it needs {', '.join(missing)}: pip install 'edgeport[convert]'")
 
 
 def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str = "hf-folder") -> Source:
