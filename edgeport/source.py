@@ -9,11 +9,11 @@ Pickle checkpoints are refused unless the user passes --allow-pickle, and even t
 
 import functools
 import hashlib
-from importlib.util import find_spec
 import json
 import re
 import shutil
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 from edgeport import ct2

@@ -145,7 +145,10 @@ def test_libraries_stay_quiet_unless_verbose(fixture_gguf, tmp_path):
     import sys
 
     def convert(name, *extra):
-        env = {**os.environ, "EDGEPORT_CACHE": str(tmp_path / f"cache-{name}")}
+        from edgeport.quiet import ENVIRONMENT
+
+        env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}  # as a user's shell has it
+        env["EDGEPORT_CACHE"] = str(tmp_path / f"cache-{name}")
         command = [sys.executable, "-m", "edgeport", "convert", str(fixture_gguf), "-t", "host", "-f", "onnx"]
         done = subprocess.run(
             [*command, "--out", str(tmp_path / name), *extra], capture_output=True, text=True, env=env
