@@ -13,6 +13,7 @@ import warnings
 ENVIRONMENT = {
     "TQDM_DISABLE": "1",  # every tqdm bar (tqdm >= 4.66 reads TQDM_* defaults from the environment)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's bars, which transformers' follow
+    "HF_HUB_VERBOSITY": "error",  # its "Retrying in 8s [Retry 4/5]" lines
     "TRANSFORMERS_VERBOSITY": "error",  # transformers' advisory warnings ("loss_type=None", GGUF dtypes, …)
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning

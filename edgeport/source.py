@@ -10,6 +10,7 @@ Pickle checkpoints are refused unless the user passes --allow-pickle, and even t
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -218,7 +219,6 @@ def _check_index(index: Path, present: set[str] | None) -> list[str]:
 
 def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_only: bool) -> Source:
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         if config_only:
@@ -226,14 +226,34 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
             return Source(ref=repo_id, kind="hf-hub", config=read_config(config_file.parent))
         patterns = HUB_PATTERNS + ([f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise EdgeportError(
-            f"{repo_id}: could not get it from the Hugging Face Hub or its local cache "
-            f"({type(e).__name__}); check the id and --revision, or pass a local folder"
-        ) from e
+    except EdgeportError:
+        raise
+    except Exception as e:  # huggingface_hub's errors, and the network's underneath them
+        raise EdgeportError(f"{repo_id}: {_hub_problem(e, revision)}") from e
     source = _open_folder(folder, allow_pickle, config_only=False, kind="hf-hub")
     source.ref, source.revision = repo_id, folder.name  # the snapshot folder is named by its commit
     return source
+
+
+def _hub_problem(error: Exception, revision: str | None) -> str:
+    """What went wrong getting a model from the Hub, and what to do, in words."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        return "is gated: accept its terms on its Hub page, then log in with `hf auth login`"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such model on the Hugging Face Hub, or it is private (log in with `hf auth login`)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"has no revision '{revision}'"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return (
+            "is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the network off: unset it to "
+            "download the model, or pass a local folder"
+        )
+    return (
+        f"could not be downloaded ({type(error).__name__}): is the network off? With the model already in the "
+        "cache, HF_HUB_OFFLINE=1 works from the cache alone"
+    )
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:

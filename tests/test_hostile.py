@@ -552,9 +552,37 @@ def test_bad_options(args, fragment, tiny_llama):
     assert_one_line_error(code, out, err, fragment)
 
 
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (
+            "GatedRepoError",
+            "is gated",
+        ),
+        ("RepositoryNotFoundError", "no such model on the Hugging Face Hub"),
+        ("RevisionNotFoundError", "has no revision 'v9'"),
+    ],
+)
+def test_hub_errors_say_what_to_do(error, words, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    kind = getattr(huggingface_hub.errors, error)
+    failure = kind.__new__(kind)  # as the client raises it, without a live HTTP response behind it
+    Exception.__init__(failure, "refused")
+
+    def refuse(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    code, out, err = run_cli("plan", "org/model", "-t", "m2-air", "--revision", "v9")
+    assert_one_line_error(code, out, err, f"org/model: {words}")
+
+
 def test_a_hub_id_that_is_not_cached_offline(tmp_path):
     code, out, err = run_cli("plan", "nobody-here/no-such-model", "-t", "m2-air")
-    assert_one_line_error(code, out, err, "nobody-here/no-such-model")
+    assert_one_line_error(code, out, err, "nobody-here/no-such-model: is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1" in err
 
 
 def test_a_tokenizer_file_linking_outside_the_model_is_not_carried_along(tiny_llama, tmp_path):
