@@ -213,15 +213,25 @@ def convert(
     help="Whisper: the transcript of --audio, for WER.",
 )
 @click.option("--language", default="en", show_default=True, help="Whisper: the language spoken (multilingual models).")
-@click.option("--prompt-tokens", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac).")
+@click.option("--prompt-tokens", "-p", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
+@click.option(
+    "--max-tokens", "-n", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac)."
+)
 @click.option(
     "--runs",
+    "-r",
     type=click.IntRange(min=1),
     help="Measured runs per prompt length, after one warm-up (default 3; 1 off a Mac).",
 )
 @json_option
-def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens, runs, as_json) -> None:
+@click.option(
+    "--output",
+    "-o",
+    "output_style",
+    type=click.Choice(["md", "csv", "json"]),
+    help="Print the results as a markdown table, CSV or JSON (default: a table; markdown when piped).",
+)
+def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens, runs, as_json, output_style) -> None:
     """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
     transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
     from edgeport.runtime import summarize
@@ -241,11 +251,11 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
             raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")
         result = _bench_transcription(out, artifact, audio, reference, language, runs or FULL_WORKLOAD["runs"])
         _write_json(out / "bench.json", result)
-        if as_json:
+        if as_json or output_style == "json":
             _print_json(result)
         else:
             title = f"Transcribe with {out.name} ({artifact['format']} {artifact['quantization']})"
-            report.out.print(report.transcribe_table(result, title))
+            report.show(report.transcribe_table(result, title), output_style)
         return
     if audio or reference:
         raise EdgeportError(f"--audio and --reference are for Whisper outputs; {out} holds a causal LM")
@@ -282,12 +292,11 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
     if notes:
         result["note"] = "; ".join(notes)
     _write_json(out / "bench.json", result)
-    if as_json:
+    if as_json or output_style == "json":
         _print_json(result)
     else:
-        report.out.print(
-            report.bench_table(result, f"Summarize with {out.name} ({artifact['format']} {artifact['quantization']})")
-        )
+        title = f"Summarize with {out.name} ({artifact['format']} {artifact['quantization']})"
+        report.show(report.bench_table(result, title), output_style)
 
 
 @cli.command()

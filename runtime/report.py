@@ -1,11 +1,16 @@
-"""What a person reads: rich tables on stdout, progress on stderr."""
+"""What a person reads: tables on stdout (rich on a terminal, markdown in a pipe or a log, or CSV), progress on
+stderr."""
 
+import csv
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -125,48 +130,103 @@ def _num(metrics: dict, name: str, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def bench_table(bench: dict, title: str) -> Table:
-    table = Table(title=title, caption=_bench_caption(bench, f"{bench['max_tokens']} new tokens"))
-    for column in ("prompt tokens", "new tokens", "TTFT", "prefill tok/s", "decode tok/s", "engine peak", "peak RSS"):
-        table.add_column(column, justify="right")
-    for r in bench["results"]:
-        table.add_row(
-            str(r["prompt_tokens"]),
-            str(r["new_tokens"]),
-            f"{r['ttft_s']:.2f} s",
-            f"{r['prefill_tps']:.1f}",
-            f"{r['decode_tps']:.1f}",
-            f"{r['peak_memory_gb'] * 1000:.0f} MB",
-            f"{r['peak_rss_gb'] * 1000:.0f} MB",
-        )
-    return table
+STYLES = ("rich", "md", "csv")
 
 
-def transcribe_table(bench: dict, title: str) -> Table:
-    table = Table(title=title, caption=_bench_caption(bench, "RTF = wall time / audio duration"))
-    columns = ("audio", "windows", "wall", "RTF", "encoder / window", "decoder / window", "tokens", "WER", "peak RSS")
-    for column in columns:
-        table.add_column(column, justify="right")
+@dataclass
+class Grid:
+    """A table as data: a title, columns, rows of text (rich markup allowed) and notes printed below it."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def show(grid: Grid, style: str | None = None) -> None:
+    """Print `grid` on stdout: box drawing on a terminal, a plain markdown table (as llama-bench prints) in a pipe
+    or a log, or CSV. Cells are never cut: long reasons go in the notes, one a line."""
+    style = style or ("rich" if out.is_terminal else "md")
+    if style == "csv":
+        writer = csv.writer(out.file, lineterminator="\n")
+        writer.writerows([grid.columns, *[[_plain(c) for c in row] for row in grid.rows]])
+        return
+    if style == "md":
+        lines = [f"{grid.title}", "", "| " + " | ".join(grid.columns) + " |"]
+        lines.append("|" + "|".join("---" for _ in grid.columns) + "|")
+        lines += ["| " + " | ".join(_plain(c) for c in row) + " |" for row in grid.rows]
+        lines += ["", *grid.notes] if grid.notes else []
+        out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=grid.title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for column in grid.columns:
+        table.add_column(column, no_wrap=True)
+    for row in grid.rows:
+        table.add_row(*row)
+    out.print(table)
+    for note in grid.notes:
+        out.print(note, highlight=False, soft_wrap=True)
+
+
+def _plain(cell: str) -> str:
+    return Text.from_markup(cell).plain
+
+
+def bench_table(bench: dict, title: str) -> Grid:
+    columns = ["prompt", "new", "TTFT s", "prefill tok/s", "decode tok/s", "engine peak", "peak RSS"]
+    grid = Grid(title, columns, notes=[_bench_caption(bench, f"{bench['max_tokens']} new tokens")])
     for r in bench["results"]:
-        table.add_row(
-            f"{r['audio_s']:.1f} s",
-            str(r["windows"]),
-            f"{r['wall_s']:.2f} s",
-            f"{r['rtf']:.4f}",
-            f"{r['encode_s_per_window'] * 1000:.0f} ms",
-            f"{r['decode_s_per_window'] * 1000:.0f} ms",
-            str(r["tokens"]),
-            f"{r['wer']:.3f}" if "wer" in r else "—",
-            f"{r['peak_rss_gb'] * 1000:.0f} MB",
+        grid.rows.append(
+            [
+                str(r["prompt_tokens"]),
+                str(r["new_tokens"]),
+                _with_spread(r, "ttft_s", ".2f"),
+                _with_spread(r, "prefill_tps", ".1f"),
+                _with_spread(r, "decode_tps", ".1f"),
+                _size(r["peak_memory_gb"]),
+                _size(r["peak_rss_gb"]),
+            ]
         )
-    return table
+    return grid
+
+
+def _with_spread(row: dict, name: str, spec: str) -> str:
+    """The median, and mean ± standard deviation where there were several runs."""
+    mean, std = row.get(f"{name}_mean_std") or (0.0, 0.0)
+    median = format(row[name], spec)
+    return f"{median} ({format(mean, spec)} ± {format(std, spec)})" if std else median
+
+
+def _size(gb: float) -> str:
+    """A size as a person reads it: MB below 1 GB, GB above."""
+    return f"{gb * 1000:.0f} MB" if gb < 1 else f"{gb:.2f} GB"
+
+
+def transcribe_table(bench: dict, title: str) -> Grid:
+    columns = ["audio", "windows", "wall", "RTF", "encoder/window", "decoder/window", "tokens", "WER", "peak RSS"]
+    grid = Grid(title, columns, notes=[_bench_caption(bench, "RTF = wall time / audio duration")])
+    for r in bench["results"]:
+        grid.rows.append(
+            [
+                f"{r['audio_s']:.1f} s",
+                str(r["windows"]),
+                f"{r['wall_s']:.2f} s",
+                f"{r['rtf']:.4f}",
+                f"{r['encode_s_per_window'] * 1000:.0f} ms",
+                f"{r['decode_s_per_window'] * 1000:.0f} ms",
+                str(r["tokens"]),
+                f"{r['wer']:.3f}" if "wer" in r else "—",
+                _size(r["peak_rss_gb"]),
+            ]
+        )
+    return grid
 
 
 def _bench_caption(bench: dict, workload: str) -> str:
     machine = bench["machine"]
     return (
         f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
-        f"median of {bench['runs']} runs after a warm-up; {workload}"
+        f"median (mean ± std) of {bench['runs']} runs after a warm-up; {workload}"
         + (f"; {bench['note']}" if bench.get("note") else "")
     )
 

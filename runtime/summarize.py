@@ -26,6 +26,10 @@ class Measurement:
     decode_tps: float
     peak_memory_gb: float  # as the engine reports it
     peak_rss_gb: float  # the process's peak resident memory, as the OS sees it
+    # (mean, standard deviation) over the runs, beside the medians above, as llama-bench reports them
+    ttft_s_mean_std: tuple[float, float] = (0.0, 0.0)
+    prefill_tps_mean_std: tuple[float, float] = (0.0, 0.0)
+    decode_tps_mean_std: tuple[float, float] = (0.0, 0.0)
 
 
 def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: int, progress=None) -> dict:
@@ -144,8 +148,14 @@ def cpu_name() -> str:
 
 
 def _median(samples: list[Measurement]) -> Measurement:
+    """The median of each figure, with the mean and standard deviation of the speeds beside it."""
+
     def median(name: str) -> float:
         return statistics.median(getattr(s, name) for s in samples)
+
+    def spread(name: str) -> tuple[float, float]:
+        values = [getattr(s, name) for s in samples]
+        return round(statistics.mean(values), 4), round(statistics.stdev(values) if len(values) > 1 else 0.0, 4)
 
     return Measurement(
         prompt_tokens=samples[0].prompt_tokens,
@@ -155,4 +165,7 @@ def _median(samples: list[Measurement]) -> Measurement:
         decode_tps=median("decode_tps"),
         peak_memory_gb=median("peak_memory_gb"),
         peak_rss_gb=median("peak_rss_gb"),
+        ttft_s_mean_std=spread("ttft_s"),
+        prefill_tps_mean_std=spread("prefill_tps"),
+        decode_tps_mean_std=spread("decode_tps"),
     )

@@ -176,3 +176,18 @@ def test_plan_needs_none_of_the_converting_libraries(tiny_llama):
     )
     done = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("[]"), done.stdout[-300:] + done.stderr
+
+
+def test_bench_speaks_llama_bench(fp16_output):
+    """-p, -n, -r as llama-bench and mlx_lm.benchmark have them; -o md|csv|json; mean ± std beside the median."""
+    code, stdout, err = run_cli("bench", str(fp16_output), "-p", "64", "-n", "3", "-r", "2", "-o", "csv")
+    assert code == 0, err
+    header, row = stdout.strip().splitlines()
+    assert header.startswith("prompt,new,TTFT s,prefill tok/s,decode tok/s") and row.startswith("64,3,")
+    assert "±" in row  # two runs: their spread beside the median
+    code, stdout, _ = run_cli("bench", str(fp16_output), "-p", "64", "-n", "3", "-r", "1", "-o", "md")
+    assert "| prompt | new | TTFT s |" in stdout and "|---|" in stdout
+    code, stdout, _ = run_cli("bench", str(fp16_output), "-p", "64", "-n", "3", "-r", "2", "-o", "json")
+    (result,) = json.loads(stdout)["results"]
+    mean, std = result["decode_tps_mean_std"]
+    assert mean > 0 and std >= 0
