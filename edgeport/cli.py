@@ -11,6 +11,7 @@ from rich.markup import escape
 from edgeport import __version__, manifest, targets
 from edgeport.errors import ERROR, MET, MISSED, NOT_CHECKED, EdgeportError
 from edgeport.files import read_json
+from edgeport.quantization import QUANTIZATIONS
 from edgeport.quiet import silence_libraries
 from edgeport.runtime import report
 
@@ -87,10 +88,22 @@ source_options = options(
     click.option("--trust-remote-code", is_flag=True, help="Let transformers run the checkpoint's own code."),
 )
 target_options = options(
-    click.option("--target", "-t", "target_name", required=True, help="Target device (see `edgeport targets`)."),
+    click.option(
+        "--target",
+        "-t",
+        "target_name",
+        required=True,
+        help="Target device (see `edgeport targets`), or a .toml profile of your own.",
+        shell_complete=lambda ctx, param, incomplete: [n for n in targets.names() if n.startswith(incomplete)],
+    ),
     click.option("--ram", type=float, help="RAM variant of the target in GB (e.g. 8 for an 8 GB M2 Air)."),
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+quant_option = click.option(
+    "--quant",
+    help="Quantization instead of the target's preference, wherever it applies.",
+    shell_complete=lambda ctx, param, incomplete: [q for q in QUANTIZATIONS if q.startswith(incomplete)],
+)
 
 
 @cli.command("targets")
@@ -110,7 +123,7 @@ def targets_command(as_json: bool) -> None:
 @click.argument("model")
 @target_options
 @click.option("--formats", "-f", help="Comma-separated formats to plan (default: all the target runs).")
-@click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
+@quant_option
 @source_options
 @json_option
 def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_remote_code, as_json) -> None:
@@ -134,7 +147,7 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
 @target_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (default: out/<model>-<target>).")
 @click.option("--formats", "-f", help="Comma-separated formats to build (default: all the target runs).")
-@click.option("--quant", help="Quantization instead of the target's preference, wherever it applies.")
+@quant_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-parity-fail", is_flag=True, help="Exit 0 even when an artifact fails parity.")
 @click.option(

@@ -79,7 +79,10 @@ def names() -> list[str]:
 
 
 def load(name: str, ram_gb: float | None = None) -> Target:
-    """The target called `name`; a misspelt name gets the closest one and the list."""
+    """The target called `name`, or the profile in the TOML file `name` (a device of the user's own, validated
+    like the bundled ones); a misspelt name gets the closest one and the list."""
+    if name.endswith(".toml"):
+        return _load_file(Path(name)).with_ram(ram_gb)
     known = names()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
@@ -90,6 +93,16 @@ def load(name: str, ram_gb: float | None = None) -> Target:
     if name == "host":
         target = _measure_host(target)
     return target.with_ram(ram_gb)
+
+
+def _load_file(file: Path) -> Target:
+    if not file.is_file():
+        raise EdgeportError(f"-t {file}: no such target file (give a bundled target's name, or a .toml profile)")
+    try:
+        data = tomllib.loads(file.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EdgeportError(f"{file}: not a valid TOML file ({e})") from e
+    return parse(data, source=str(file))
 
 
 def parse(data: dict, source: str) -> Target:

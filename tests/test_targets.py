@@ -1,4 +1,5 @@
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,22 @@ def test_a_bad_profile_names_the_file_and_field():
     del data["bandwidth_gbs"]
     with pytest.raises(EdgeportError, match="field bandwidth_gbs is missing"):
         targets.parse(data, "targets/x.toml")
+
+
+def test_a_target_of_the_users_own_from_a_toml_file(tmp_path, tiny_llama):
+    import json
+
+    from conftest import run_cli
+
+    profile = (Path(targets.__file__).parent / "m2-air.toml").read_text()
+    own = tmp_path / "my-laptop.toml"
+    own.write_text(profile.replace('name = "m2-air"', 'name = "my-laptop"'))
+    code, out, err = run_cli("plan", str(tiny_llama), "-t", str(own), "--json")
+    assert code == 0, err
+    assert json.loads(out)["target"] == "my-laptop"
+    own.write_text(profile.replace("usable_ram_fraction", "usable_ram_fractio"))
+    code, out, err = run_cli("plan", str(tiny_llama), "-t", str(own))
+    assert code == 3 and f"{own}: field usable_ram_fraction" in err
+    own.write_text("name = ")
+    code, out, err = run_cli("plan", str(tiny_llama), "-t", str(own))
+    assert code == 3 and "not a valid TOML file" in err
