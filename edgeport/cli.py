@@ -225,7 +225,16 @@ def convert(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Whisper: the transcript of --audio, for WER.",
 )
-@click.option("--language", default="en", show_default=True, help="Whisper: the language spoken (multilingual models).")
+@click.option(
+    "--language", help="Whisper: the language spoken (default: detected in each 30 s window, as Whisper does)."
+)
+@click.option(
+    "--task",
+    type=click.Choice(["transcribe", "translate"]),
+    default="transcribe",
+    show_default=True,
+    help="Whisper: transcribe, or translate into English (multilingual models).",
+)
 @click.option("--prompt-tokens", "-p", help="Comma-separated prompt lengths (default 512,2048; 48 for MLX off a Mac).")
 @click.option(
     "--max-tokens", "-n", type=click.IntRange(min=1), help="New tokens per run (default 128; 4 for MLX off a Mac)."
@@ -244,7 +253,9 @@ def convert(
     type=click.Choice(["md", "csv", "json"]),
     help="Print the results as a markdown table, CSV or JSON (default: a table; markdown when piped).",
 )
-def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens, runs, as_json, output_style) -> None:
+def bench(
+    out, fmt, text, audio, reference, language, task, prompt_tokens, max_tokens, runs, as_json, output_style
+) -> None:
     """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
     transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
     from edgeport.runtime import summarize
@@ -262,7 +273,8 @@ def bench(out, fmt, text, audio, reference, language, prompt_tokens, max_tokens,
     if found["source"].get("family") == "whisper":
         if text or prompt_tokens or max_tokens:
             raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")
-        result = _bench_transcription(out, artifact, audio, reference, language, runs or FULL_WORKLOAD["runs"])
+        runs = runs or FULL_WORKLOAD["runs"]
+        result = _bench_transcription(out, artifact, audio, reference, language, task, runs)
         _write_json(out / "bench.json", result)
         if as_json or output_style == "json":
             _print_json(result)
@@ -362,7 +374,7 @@ def inspect(out, as_json) -> None:
 
 
 def _bench_transcription(
-    out: Path, artifact: dict, audio: Path | None, reference: Path | None, language: str, runs: int
+    out: Path, artifact: dict, audio: Path | None, reference: Path | None, language: str | None, task: str, runs: int
 ) -> dict:
     from edgeport.audio import load_audio, parity_clips
     from edgeport.runtime import transcribe
@@ -378,7 +390,7 @@ def _bench_transcription(
         speech, spoken = clip.audio, clip.reference
     with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
         runner = speech_bench_runner(artifact["format"], out / artifact["path"])
-        runner.use_language(language)
+        runner.use_language(language, task)
     with report.step("Transcription bench") as progress:
         result = transcribe.bench(runner, speech, spoken, runs, progress)
     result.update(
@@ -386,7 +398,6 @@ def _bench_transcription(
         quantization=artifact["quantization"],
         artifact=artifact["path"],
         audio=str(audio) if audio else "two_cities.wav (moonshine-voice)",
-        language=language,
     )
     if artifact["format"] == "mlx" and sys.platform != "darwin":
         result["note"] = "MLX's CPU backend in float32, not Metal: these are not Mac figures"

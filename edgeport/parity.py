@@ -104,6 +104,9 @@ def measure(reference: Reference, runner, quantization: str, not_checked: str | 
     return _judged(metrics, bounds, f"source: {reference.engine}; artifact: {runner.engine}", not_checked)
 
 
+PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
+
+
 class SpeechReference:
     """The source's transcripts of the parity clips, made once and shared by every artifact."""
 
@@ -111,6 +114,7 @@ class SpeechReference:
         from edgeport.runtime.transcribe import transcribe
 
         self.clips, self.engine = clips, runner.engine
+        runner.use_language(PARITY_LANGUAGE)
         self.transcripts = [transcribe(runner, clip.audio).text for clip in clips]
 
 
@@ -119,6 +123,7 @@ def measure_speech(reference: SpeechReference, runner, quantization: str, not_ch
     from edgeport.runtime.transcribe import transcribe, wer
 
     clips = reference.clips
+    runner.use_language(PARITY_LANGUAGE)
     texts = [transcribe(runner, clip.audio).text for clip in clips]
     spoken = [clip.reference for clip in clips]
     source_wer, artifact_wer = wer(spoken, reference.transcripts), wer(spoken, texts)

@@ -37,7 +37,10 @@ class WhisperRunner:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.features = WhisperFeatureExtractor.from_pretrained(folder)
         self.eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        self.use_language("en")
+        self.multilingual = self.config["vocab_size"] >= MULTILINGUAL_VOCAB
+        self.languages = language_tokens(self.tokenizer) if self.multilingual else {}
+        self.detected: list[str] = []  # the language found in each window since the last `transcribe`
+        self.use_language(None)
         vocab = self.config["vocab_size"]
         self.suppressed = np.zeros(vocab, bool)  # every special token but the end (no timestamps), and the config's
         self.suppressed[[t for t in self.config.get("suppress_tokens") or [] if t < vocab]] = True
@@ -45,18 +48,42 @@ class WhisperRunner:
         self.suppressed_first = self.suppressed.copy()  # a window does not start with a blank or end at once
         self.suppressed_first[[t for t in self.config.get("begin_suppress_tokens") or [] if t < vocab]] = True
 
-    def use_language(self, language: str) -> None:
-        """Transcribe `language` (a multilingual model's language token; English-only models ignore it)."""
-        self.prompt = start_tokens(self.tokenizer, self.config, language)
+    def use_language(self, language: str | None, task: str = "transcribe") -> None:
+        """Transcribe (or translate into English) `language`, or, with None, the language Whisper detects in each
+        window. English-only models have neither."""
+        if task not in ("transcribe", "translate"):
+            raise EdgeportError(f"--task {task}: Whisper transcribes or translates")
+        if not self.multilingual and task == "translate":
+            raise EdgeportError("--task translate needs a multilingual Whisper model; this one is English-only")
+        if language is not None and self.multilingual and language not in self.languages:
+            raise EdgeportError(f"--language {language}: the model knows {', '.join(sorted(self.languages))}")
+        self.language, self.task = language, task
+        self.prompt = start_tokens(self.tokenizer, self.config, language or "en", task)
         self.max_tokens = MAX_TARGET_POSITIONS // 2 - len(self.prompt)  # Whisper's own sample length
+
+    def prompt_for(self, encoded) -> list[int]:
+        """The prompt for one window: with no language given to a multilingual model, the language is detected as
+        Whisper does, by one decoder step from <|startoftranscript|>, the most likely language token winning."""
+        if not self.multilingual or self.language:
+            return self.prompt
+        language = self.detect_language(encoded)
+        self.detected.append(language)
+        return start_tokens(self.tokenizer, self.config, language, self.task)
+
+    def detect_language(self, encoded) -> str:
+        self.begin(encoded)
+        logits = self.step(self.prompt[:1])
+        codes = list(self.languages)
+        return codes[int(np.argmax(logits[[self.languages[c] for c in codes]]))]
 
     def mel(self, audio: np.ndarray) -> np.ndarray:
         return self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
 
     def decode(self, encoded) -> list[int]:
         """Greedy tokens after the prompt, up to the end token."""
+        prompt = self.prompt_for(encoded)
         self.begin(encoded)
-        logits = self.step(self.prompt)
+        logits = self.step(prompt)
         tokens: list[int] = []
         while len(tokens) < self.max_tokens:
             logits = np.where(self.suppressed_first if not tokens else self.suppressed, -np.inf, logits)
@@ -68,18 +95,25 @@ class WhisperRunner:
         return tokens
 
 
-def start_tokens(tokenizer, config: dict, language: str) -> list[int]:
-    """<|startoftranscript|>, then for multilingual models the language and <|transcribe|>, then
-    <|notimestamps|>."""
+def start_tokens(tokenizer, config: dict, language: str, task: str = "transcribe") -> list[int]:
+    """<|startoftranscript|>, then for multilingual models the language and the task (<|transcribe|> or
+    <|translate|>), then <|notimestamps|>."""
     names = ["<|startoftranscript|>"]
     if config["vocab_size"] >= MULTILINGUAL_VOCAB:
-        names += [f"<|{language}|>", "<|transcribe|>"]
+        names += [f"<|{language}|>", f"<|{task}|>"]
     names.append("<|notimestamps|>")
     ids = tokenizer.convert_tokens_to_ids(names)
     unknown = [name for name, i in zip(names, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
     if unknown:
         raise EdgeportError(f"the tokenizer has no {', '.join(unknown)} token (language '{language}')")
     return ids
+
+
+def language_tokens(tokenizer) -> dict[str, int]:
+    """Language code -> token id: Whisper's language tokens lie between <|startoftranscript|> and <|translate|>."""
+    first, last = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|translate|>"])
+    names = tokenizer.convert_ids_to_tokens(list(range(first + 1, last)))
+    return {name[2:-2]: first + 1 + i for i, name in enumerate(names)}
 
 
 @dataclass
@@ -90,6 +124,7 @@ class Transcript:
     encode_s: list[float]  # per window
     decode_s: list[float]
     tokens: list[int]  # decoded per window
+    languages: list[str]  # detected per window (empty when the language was given or the model is English-only)
 
 
 def transcribe(runner, audio: np.ndarray) -> Transcript:
@@ -97,6 +132,7 @@ def transcribe(runner, audio: np.ndarray) -> Transcript:
     if len(audio) == 0:
         raise EdgeportError("no audio to transcribe")
     start = time.perf_counter()
+    runner.detected = []
     encode_s, decode_s, counts, ids = [], [], [], []
     for begin, end in windows(audio):
         mel = runner.mel(audio[begin:end])
@@ -109,7 +145,8 @@ def transcribe(runner, audio: np.ndarray) -> Transcript:
         counts.append(len(tokens))
         ids += tokens
     text = runner.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return Transcript(text, len(audio) / SAMPLE_RATE, time.perf_counter() - start, encode_s, decode_s, counts)
+    wall = time.perf_counter() - start
+    return Transcript(text, len(audio) / SAMPLE_RATE, wall, encode_s, decode_s, counts, list(runner.detected))
 
 
 def normalize(text: str) -> str:
@@ -128,6 +165,10 @@ def wer(reference: str | list[str], hypothesis: str | list[str]) -> float:
     if not all(references):
         raise EdgeportError("a reference transcript is empty after normalization")
     return float(jiwer.wer(references, hypotheses))
+
+
+def _most_common(values: list[str]) -> str | None:
+    return max(set(values), key=values.count) if values else None
 
 
 def bench(runner, audio: np.ndarray, reference: str | None, runs: int, progress=None) -> dict:
@@ -149,6 +190,10 @@ def bench(runner, audio: np.ndarray, reference: str | None, runs: int, progress=
         "decode_s_per_window": round(statistics.mean(median.decode_s), 4),
         "tokens": sum(median.tokens),
         "peak_rss_gb": round(peak_rss_bytes() / 1e9, 4),
+        "language": runner.language
+        or (max(set(median.languages), key=median.languages.count) if median.languages else "en"),
+        "detected_languages": median.languages,  # per window, where the language was detected
+        "task": runner.task,
         "text": median.text,
     }
     if reference is not None:

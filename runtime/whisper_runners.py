@@ -176,14 +176,22 @@ class CT2Whisper(WhisperRunner):
         ctranslate2.set_log_level(logging.ERROR)  # not the notice that float16 scales compute in float32 on a CPU
         self.model = ctranslate2.models.Whisper(str(path), device="cpu")
         self.engine = f"CTranslate2 {ctranslate2.__version__} (CPU, {self.model.compute_type})"
+        if not self.model.is_multilingual:  # CTranslate2's own reading of the model decides what it can detect
+            self.multilingual, self.languages = False, {}
+            self.use_language(None)
 
     def encode(self, mel: np.ndarray):
         return self.model.encode(self.ct2.StorageView.from_array(np.ascontiguousarray(mel)))
 
+    def detect_language(self, encoded) -> str:
+        """CTranslate2's own detection: the same single decoder step from <|startoftranscript|>."""
+        (ranked,) = self.model.detect_language(encoded)
+        return ranked[0][0][2:-2]
+
     def decode(self, encoded) -> list[int]:
         result = self.model.generate(
             encoded,
-            [self.prompt],
+            [self.prompt_for(encoded)],
             beam_size=1,
             max_length=self.max_tokens,
             suppress_blank=True,  # the begin_suppress tokens, as the shared loop suppresses them

@@ -113,7 +113,7 @@ def make_whisper(folder: Path, **overrides) -> Path:
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(package_path(*FIXTURE_WHISPER) / "tokenizer.json"))
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = WhisperConfig(
-        vocab_size=51864,
+        vocab_size=overrides.pop("vocab_size", 51864),
         d_model=64,
         encoder_layers=2,
         decoder_layers=2,

@@ -392,3 +392,51 @@ def test_a_relative_source_path_converts_to_ctranslate2(tiny_whisper, tmp_path, 
     code, _, err = run_cli("convert", "models/tw", "-t", "host", "-f", "ct2", "--out", "out/tw")
     assert code == 0, err
     assert (tmp_path / "out" / "tw" / "ct2" / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def multilingual_whisper(tmp_path_factory):
+    from conftest import make_whisper
+
+    return make_whisper(tmp_path_factory.mktemp("ml") / "tiny-multilingual", vocab_size=51865)
+
+
+def test_a_multilingual_model_detects_the_language_of_each_window(multilingual_whisper):
+    """As Whisper does: one decoder step from <|startoftranscript|>, the most likely language token wins."""
+    from edgeport.runtime.transcribe import transcribe
+    from edgeport.runtime.whisper_runners import TorchWhisper
+
+    runner = TorchWhisper(open_source(str(multilingual_whisper)))
+    clip = parity_clips()[1].audio
+    detected = transcribe(runner, clip).languages
+    assert len(detected) == len(windows(clip)) and set(detected) <= set(runner.languages)
+    encoded = runner.encode(runner.mel(clip[: 30 * SAMPLE_RATE]))
+    runner.begin(encoded)
+    logits = runner.step(runner.prompt[:1])
+    assert detected[0] == max(runner.languages, key=lambda code: logits[runner.languages[code]])
+
+    runner.use_language("fr")
+    assert runner.tokenizer.convert_tokens_to_ids("<|fr|>") in runner.prompt
+    assert transcribe(runner, clip).languages == []  # given, not detected
+    runner.use_language(None, "translate")
+    assert runner.tokenizer.convert_tokens_to_ids("<|translate|>") in runner.prompt_for(encoded)
+    with pytest.raises(EdgeportError, match="--language xx: the model knows"):
+        runner.use_language("xx")
+
+
+def test_an_english_only_model_neither_detects_nor_translates(tiny_whisper):
+    from edgeport.runtime.whisper_runners import TorchWhisper
+
+    runner = TorchWhisper(open_source(str(tiny_whisper)))
+    assert not runner.multilingual and runner.prompt_for(None) == runner.prompt
+    with pytest.raises(EdgeportError, match="needs a multilingual Whisper model"):
+        runner.use_language(None, "translate")
+
+
+def test_bench_records_the_detected_language(multilingual_whisper, tmp_path):
+    out = tmp_path / "o"
+    convert(multilingual_whisper, out, "host", "-f", "onnx", "--allow-parity-fail")
+    code, stdout, err = run_cli("bench", str(out), "-f", "onnx", "-r", "1", "--json")
+    assert code == 0, err
+    (row,) = json.loads(stdout)["results"]
+    assert row["detected_languages"] and row["language"] in row["detected_languages"] and row["task"] == "transcribe"

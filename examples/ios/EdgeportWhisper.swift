@@ -23,8 +23,12 @@ final class EdgeportWhisper {
 
     /// Greedy tokens of one 30 s window after `prompt` (<|startoftranscript|>, for multilingual models
     /// <|en|> <|transcribe|>, then <|notimestamps|>), up to `endOfText`; ids in `suppressed` (the special
-    /// tokens and the config's suppress_tokens) are never chosen.
-    func transcribe(features: MLMultiArray, prompt: [Int32], endOfText: Int32, suppressed: Set<Int32>) throws -> [Int32] {
+    /// tokens and the config's suppress_tokens) are never chosen. With `languages` (the ids of the language
+    /// tokens, those between <|startoftranscript|> and <|translate|>), a multilingual model's language is detected
+    /// as Whisper does: the most likely language token after <|startoftranscript|> replaces prompt[1].
+    func transcribe(
+        features: MLMultiArray, prompt: [Int32], endOfText: Int32, suppressed: Set<Int32>, languages: Range<Int32>? = nil
+    ) throws -> [Int32] {
         let audio = try encoder.prediction(from: MLDictionaryFeatureProvider(dictionary: ["input_features": features]))
         let crossKey = audio.featureValue(for: "cross_key")!.multiArrayValue!
         let crossValue = audio.featureValue(for: "cross_value")!.multiArrayValue!
@@ -33,6 +37,9 @@ final class EdgeportWhisper {
         var position = 0
         while position < cacheLength - 1 && tokens.count < cacheLength / 2 {
             let logits = try step(tokens[position], position: position, crossKey: crossKey, crossValue: crossValue, state: state)
+            if position == 0, let languages {
+                tokens[1] = argmax(logits, excluding: suppressed.subtracting(languages), within: languages)
+            }
             position += 1
             if position < tokens.count { continue }  // still reading the prompt
             let token = argmax(logits, excluding: suppressed)
@@ -55,10 +62,11 @@ final class EdgeportWhisper {
         return try decoder.prediction(from: inputs, using: state).featureValue(for: "logits")!.multiArrayValue!
     }
 
-    private func argmax(_ logits: MLMultiArray, excluding suppressed: Set<Int32>) -> Int32 {
+    private func argmax(_ logits: MLMultiArray, excluding suppressed: Set<Int32>, within: Range<Int32>? = nil) -> Int32 {
         var best: Int32 = -1
         var bestValue = -Float.infinity
-        for i in 0..<logits.count where !suppressed.contains(Int32(i)) {
+        let candidates = within.map { Int($0.lowerBound)..<Int($0.upperBound) } ?? 0..<logits.count
+        for i in candidates where !suppressed.contains(Int32(i)) {
             let value = logits[i].floatValue
             if value > bestValue { best = Int32(i); bestValue = value }
         }

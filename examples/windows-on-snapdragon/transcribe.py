@@ -1,11 +1,13 @@
 """Transcribe speech with edgeport's ONNX Whisper on a Windows-on-Snapdragon laptop's Hexagon NPU.
 
     pip install onnxruntime-qnn transformers soundfile soxr numpy
-    python transcribe.py out/whisper-small-snapdragon-x-elite/onnx talk.wav
+    python transcribe.py out/whisper-small-snapdragon-x-elite/onnx talk.wav [language]
 
 encoder.onnx turns 30 s of log-mel features into every decoder layer's cross-attention keys and values;
 decoder.onnx takes one token over the self-attention cache this script keeps (whisper.json describes both).
-English, greedy, no timestamps; audio longer than 30 s is cut into 30 s windows.
+Greedy, no timestamps; audio longer than 30 s is cut into 30 s windows. A multilingual model's language is the
+third argument (e.g. fr) or, without one, detected in each window as Whisper does: the most likely language token
+after <|startoftranscript|>.
 """
 
 import json
@@ -19,6 +21,7 @@ import soxr
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 folder, audio_file = Path(sys.argv[1]), sys.argv[2]
+language = sys.argv[3] if len(sys.argv) > 3 else None
 shape = json.loads((folder / "whisper.json").read_text())
 providers = [("QNNExecutionProvider", {"backend_path": "QnnHtp.dll"}), "CPUExecutionProvider"]
 encoder = ort.InferenceSession(str(folder / "encoder.onnx"), providers=providers)
@@ -29,7 +32,10 @@ tokenizer = AutoTokenizer.from_pretrained(folder)
 features = WhisperFeatureExtractor.from_pretrained(folder)
 config = json.loads((folder / "config.json").read_text())
 eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-start = ["<|startoftranscript|>"] + (["<|en|>", "<|transcribe|>"] if config["vocab_size"] >= 51865 else [])
+multilingual = config["vocab_size"] >= 51865
+start = ["<|startoftranscript|>"] + ([f"<|{language or 'en'}|>", "<|transcribe|>"] if multilingual else [])
+first_language, translate = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|translate|>"])
+languages = np.arange(first_language + 1, translate)  # Whisper's language tokens lie between these two
 prompt = tokenizer.convert_tokens_to_ids([*start, "<|notimestamps|>"])
 suppressed = np.zeros(config["vocab_size"], bool)
 suppressed[config.get("suppress_tokens") or []] = True
@@ -61,6 +67,8 @@ for begin in range(0, len(audio), 30 * 16_000):
         }
         logits, new_key, new_value = decoder.run(None, feeds)
         cache[0, ..., n, :], cache[1, ..., n, :] = new_key[..., 0, :], new_value[..., 0, :]
+        if multilingual and language is None and n == 0:  # detect this window's language
+            tokens[1] = int(languages[np.argmax(logits[0, -1, languages])])
         if n + 1 < len(tokens):
             continue  # still reading the prompt
         first = len(tokens) == len(prompt)
