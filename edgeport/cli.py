@@ -116,7 +116,7 @@ def targets_command(as_json: bool) -> None:
 
         _print_json([asdict(t) for t in loaded])
     else:
-        report.out.print(report.targets_table(loaded))
+        report.show(report.targets_table(loaded))
 
 
 @cli.command()
@@ -139,7 +139,7 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
     if as_json:
         _print_json(result.to_dict())
     else:
-        report.out.print(report.plan_table(result))
+        report.show(report.plan_table(result))
 
 
 @cli.command()
@@ -191,12 +191,12 @@ def convert(
         output.refuse_overlap(out, source.local_paths())
         the_plan = make_plan(source, target, _split(formats), quant)
         if not as_json:
-            report.out.print(report.plan_table(the_plan))
+            report.show(report.plan_table(the_plan))
         result = build(source, target, the_plan, staging, aihub=aihub)
     if as_json:
         _print_json(result)
     else:
-        report.out.print(report.artifacts_table(result))
+        report.show(report.artifacts_table(result))
         report.out.print(f"Wrote {out}")
     failed = [a for a in result["artifacts"] if a["parity"]["status"] == "failed"]
     if failed and not allow_parity_fail:
@@ -348,7 +348,7 @@ def check(out, target_name, ram, as_json) -> None:
     if as_json:
         _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
     else:
-        report.out.print(report.check_table(lines, target.name))
+        report.show(report.check_table(lines, target.name))
     sys.exit(verdict(lines))
 
 
@@ -364,10 +364,9 @@ def inspect(out, as_json) -> None:
     else:
         from edgeport.plan import Plan
 
-        report.out.print(report.plan_table(Plan.from_dict(found["plan"])))
-        report.out.print(report.artifacts_table(found))
-        tools = ", ".join(f"{k} {v}" for k, v in found["tools"].items())
-        report.out.print(f"source sha256: {found['source']['sha256']}\ntools: {tools}")
+        report.show(report.plan_table(Plan.from_dict(found["plan"])))
+        report.show(report.artifacts_table(found))
+        report.show(report.provenance_table(found))
         report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
     if problems:
         sys.exit(MISSED)

@@ -26,110 +26,6 @@ def step(description: str) -> Iterator:
     err.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
 
 
-def targets_table(targets: list) -> Table:
-    table = Table(title="Targets")
-    columns = ("name", "device", "RAM GB", "app may use", "GB/s", "compute TFLOPS/TOPS", "LLM", "Whisper", "budget")
-    for column in columns:
-        table.add_column(column)
-    for t in targets:
-        table.add_row(
-            t.name,
-            t.description,
-            "/".join(f"{r:g}" for r in t.ram_options_gb),
-            f"{t.usable_ram_fraction:.0%}",
-            f"{t.bandwidth_gbs:g}" + (" (measured)" if t.measured else ""),
-            ", ".join(f"{unit} {v:g}" for unit, v in t.tflops.items()),
-            ", ".join(f"{f.name} {f.quantization}" for f in t.formats),
-            ", ".join(f"{f.name} {f.quantization}" for f in t.speech_formats),
-            _budget_text(t.budget),
-        )
-    return table
-
-
-def plan_table(plan) -> Table:
-    speech = plan.family == "whisper"
-    table = Table(
-        title=f"Plan: {plan.source} ({plan.model_type}, {plan.params / 1e6:.1f}M parameters"
-        + (f", {plan.active_params / 1e6:.1f}M active" if plan.active_params < plan.params else "")
-        + f") on {plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)",
-        caption=(
-            f"per 30 s window of speech; KV caches at {plan.context_length} tokens and 1500 frames; RTF assumes "
-            "100 tokens a window"
-            if speech
-            else f"KV cache at {plan.context_length} tokens; TTFT at {plan.prompt_tokens} prompt tokens"
-        )
-        + "; speeds are rooflines (upper bounds)",
-    )
-    speed_columns = ("encoder s", "decode tok/s", "RTF") if speech else ("prefill tok/s", "decode tok/s", "TTFT")
-    for column in ("format", "quant", "unit", "weights", "KV cache", "peak", *speed_columns, "verdict"):
-        table.add_column(column, justify="right" if column not in ("format", "quant", "unit", "verdict") else "left")
-    for s in plan.steps:
-        speeds = (
-            (f"{s.ttft_s:.3f}", f"{s.decode_tps:,.0f}", f"{s.rtf:.4f}")
-            if speech
-            else (f"{s.prefill_tps:,.0f}", f"{s.decode_tps:,.0f}", f"{s.ttft_s:.2f} s")
-        )
-        table.add_row(
-            s.format,
-            s.quantization,
-            s.unit,
-            f"{s.weight_bytes / GB:.2f} GB",
-            f"{s.kv_bytes / GB:.2f} GB",
-            f"{s.peak_bytes / GB:.2f} GB",
-            *speeds,
-            ("[green]" if s.fits else "[red]") + s.verdict,
-        )
-    return table
-
-
-def artifacts_table(manifest: dict) -> Table:
-    speech = manifest["source"].get("family") == "whisper"
-    table = Table(title=f"Artifacts of {manifest['source']['ref']} for {manifest['target']['name']}")
-    metric_columns = (
-        ("WER source → artifact", "delta", "clips no worse")
-        if speech
-        else ("top-1", "KL", "cosine", "perplexity src → artifact")
-    )
-    for column in ("format", "quant", "size", "parity", *metric_columns):
-        table.add_column(column)
-    notes = []
-    for a in manifest["artifacts"]:
-        p, m = a["parity"], a["parity"]["metrics"]
-        colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
-        metrics = (
-            (
-                f"{_num(m, 'wer_source', '.3f')} → {_num(m, 'wer_artifact', '.3f')}",
-                _num(m, "wer_delta", "+.3f"),
-                _num(m, "no_regression_share", ".0%"),
-            )
-            if speech
-            else (
-                _num(m, "top1_agreement", ".3f"),
-                _num(m, "kl_mean", ".4f"),
-                _num(m, "cosine_mean", ".4f"),
-                f"{_num(m, 'ppl_source', '.2f')} → {_num(m, 'ppl_artifact', '.2f')} ({_num(m, 'ppl_delta', '+.1%')})",
-            )
-        )
-        table.add_row(
-            a["format"], a["quantization"], f"{a['bytes'] / 1e6:.1f} MB", f"[{colour}]{p['status']}[/]", *metrics
-        )
-        notes += [f"{a['format']} {a['quantization']}: {f}" for f in p["failures"]]
-        notes += [f"{a['format']} {a['quantization']}: not checked: {n}" for n in p["not_checked"]]
-    for skipped in manifest["not_built"]:
-        blanks = [""] * len(metric_columns)
-        table.add_row(skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]", *blanks)
-        notes.append(f"{skipped['format']} {skipped['quantization']}: not built: {skipped['reason']}")
-    table.caption = "\n".join(notes)
-    table.caption_justify = "left"
-    return table
-
-
-def _num(metrics: dict, name: str, spec: str) -> str:
-    """A metric as text, or a dash where it was not measured (or overflowed)."""
-    value = metrics.get(name)
-    return "—" if value is None else format(value, spec)
-
-
 STYLES = ("rich", "md", "csv")
 
 
@@ -141,14 +37,16 @@ class Grid:
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ids: int = 2  # how many leading columns hold ids, which are never folded
 
 
-def show(grid: Grid, style: str | None = None) -> None:
-    """Print `grid` on stdout: box drawing on a terminal, a plain markdown table (as llama-bench prints) in a pipe
-    or a log, or CSV. Cells are never cut: long reasons go in the notes, one a line."""
-    style = style or ("rich" if out.is_terminal else "md")
+def show(grid: Grid, style: str | None = None, console: Console | None = None) -> None:
+    """Print `grid` on stdout (or `console`): box drawing on a terminal, a plain markdown table (as llama-bench
+    prints) in a pipe or a log, or CSV. Cells are never cut: long reasons go in the notes, one a line."""
+    console = console or out
+    style = style or ("rich" if console.is_terminal else "md")
     if style == "csv":
-        writer = csv.writer(out.file, lineterminator="\n")
+        writer = csv.writer(console.file, lineterminator="\n")
         writer.writerows([grid.columns, *[[_plain(c) for c in row] for row in grid.rows]])
         return
     if style == "md":
@@ -156,20 +54,151 @@ def show(grid: Grid, style: str | None = None) -> None:
         lines.append("|" + "|".join("---" for _ in grid.columns) + "|")
         lines += ["| " + " | ".join(_plain(c) for c in row) + " |" for row in grid.rows]
         lines += ["", *grid.notes] if grid.notes else []
-        out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table(title=grid.title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for column in grid.columns:
-        table.add_column(column, no_wrap=True)
+    table = Table(title=grid.title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, collapse_padding=True)
+    for i, column in enumerate(grid.columns):
+        # Leading columns hold ids (names, formats, quantizations): never folded. Others may fold, never be cut.
+        longest = max((len(_plain(row[i])) for row in grid.rows), default=0)
+        table.add_column(column, overflow="fold", min_width=longest if i < grid.ids else None)
     for row in grid.rows:
         table.add_row(*row)
-    out.print(table)
+    console.print(table)
     for note in grid.notes:
-        out.print(note, highlight=False, soft_wrap=True)
+        console.print(note, highlight=False, markup=False)
 
 
 def _plain(cell: str) -> str:
     return Text.from_markup(cell).plain
+
+
+def targets_table(targets: list) -> Grid:
+    grid = Grid("Targets", ["name", "RAM GB", "app may use", "GB/s", "LLM", "Whisper"])
+    for t in targets:
+        grid.rows.append(
+            [
+                t.name,
+                "/".join(f"{r:g}" for r in t.ram_options_gb),
+                f"{t.usable_ram_fraction:.0%}",
+                f"{t.bandwidth_gbs:g}" + (" (here)" if t.measured else ""),
+                ", ".join(f.name for f in t.formats),
+                ", ".join(f.name for f in t.speech_formats),
+            ]
+        )
+        compute = ", ".join(f"{unit} {v:g}" for unit, v in t.tflops.items())
+        formats = ", ".join(f"{f.name} {f.quantization} on {f.unit}" for f in t.formats)
+        budget = _budget_text(t.budget)
+        grid.notes.append(f"{t.name}: {t.description}; {compute} TFLOPS (NPU: TOPS); LLM as {formats}; budget {budget}")
+    return grid
+
+
+def plan_table(plan) -> Grid:
+    """The plan, one row a format: short cells, each step's reason below when there is more to say than the
+    memory cell does."""
+    speech = plan.family == "whisper"
+    active = f", {_params(plan.active_params)} active" if plan.active_params < plan.params else ""
+    title = (
+        f"Plan: {model_name(plan.source)} ({plan.model_type}, {_params(plan.params)} parameters{active}) on "
+        f"{plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)"
+    )
+    speed_columns = ["encoder", "decode", "RTF"] if speech else ["prefill", "decode", "TTFT"]
+    grid = Grid(title, ["format", "quant", "weights", "peak/usable", *speed_columns])
+    for s in plan.steps:
+        speeds = (
+            [f"{s.ttft_s:.3f} s", f"{s.decode_tps:,.0f}", f"{s.rtf:.4f}"]
+            if speech
+            else [f"{s.prefill_tps:,.0f}", f"{s.decode_tps:,.0f}", f"{s.ttft_s:.2f} s"]
+        )
+        mark = "[green]✓[/]" if s.fits else "[red]✗[/]"
+        memory = f"{mark} {_gb(s.peak_bytes / GB).removesuffix(' GB')}/{plan.usable_ram_gb:.1f} GB"
+        grid.rows.append([f"{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), memory, *speeds])
+        if not s.fits or ", but" in s.verdict:
+            grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}")
+    kv = _gb(plan.steps[0].kv_bytes / GB) if plan.steps else "—"
+    grid.notes.append(
+        (
+            f"per 30 s window of speech; KV caches ({kv}) at {plan.context_length} tokens and 1500 frames; RTF "
+            "assumes 100 tokens a window"
+            if speech
+            else f"prefill and decode in tok/s; peak = weights + KV cache ({kv} at {plan.context_length} tokens) + "
+            f"one prefill chunk; TTFT at {plan.prompt_tokens} prompt tokens"
+        )
+        + "; speeds are rooflines (upper bounds)"
+    )
+    return grid
+
+
+def artifacts_table(manifest: dict) -> Grid:
+    speech = manifest["source"].get("family") == "whisper"
+    title = f"Artifacts of {model_name(manifest['source']['ref'])} for {manifest['target']['name']}"
+    metric_columns = ["WER src → artifact", "Δ WER", "clips ok"] if speech else ["top-1", "KL", "cosine", "ppl Δ"]
+    grid = Grid(title, ["format", "quant", "size", "parity", *metric_columns])
+    for a in manifest["artifacts"]:
+        p, m = a["parity"], a["parity"]["metrics"]
+        colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
+        metrics = (
+            [
+                f"{_num(m, 'wer_source', '.3f')} → {_num(m, 'wer_artifact', '.3f')}",
+                _num(m, "wer_delta", "+.3f"),
+                _num(m, "no_regression_share", ".0%"),
+            ]
+            if speech
+            else [
+                _num(m, "top1_agreement", ".3f"),
+                _num(m, "kl_mean", ".4f"),
+                _num(m, "cosine_mean", ".4f"),
+                _num(m, "ppl_delta", "+.1%"),
+            ]
+        )
+        grid.rows.append([a["format"], a["quantization"], _bytes(a["bytes"]), f"[{colour}]{p['status']}[/]", *metrics])
+        name = f"{a['format']} {a['quantization']}"
+        if not speech:
+            grid.notes.append(
+                f"{name}: perplexity {_num(m, 'ppl_source', '.2f')} (source) → {_num(m, 'ppl_artifact', '.2f')}"
+            )
+        grid.notes += [f"{name}: {f}" for f in p["failures"]]
+        grid.notes += [f"{name}: not checked: {n}" for n in p["not_checked"]]
+    for skipped in manifest["not_built"]:
+        grid.rows.append(
+            [skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]"] + [""] * len(metric_columns)
+        )
+        grid.notes.append(f"{skipped['format']} {skipped['quantization']}: not built: {skipped['reason']}")
+    return grid
+
+
+def provenance_table(manifest: dict) -> Grid:
+    """Where an output came from: the source's files with their hashes, and the tools that made it."""
+    grid = Grid(f"Provenance of {model_name(manifest['source']['ref'])}", ["what", "value"], ids=1)
+    for name, digest in (manifest["source"].get("sha256") or {}).items():
+        grid.rows.append([f"source {name}", f"sha256 {digest}"])
+    grid.rows += [[tool, str(version)] for tool, version in manifest["tools"].items()]
+    return grid
+
+
+def model_name(ref: str) -> str:
+    """A model's name as a person calls it: the folder or file name, not the whole path."""
+    from edgeport.source import source_name
+
+    return source_name(ref) or ref
+
+
+def _gb(gb: float) -> str:
+    """A size in GB, in MB below 0.01 GB where GB would read as 0.00."""
+    return f"{gb * 1000:.1f} MB" if gb < 0.01 else f"{gb:.2f} GB"
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+def _bytes(count: int) -> str:
+    return _gb(count / GB)
+
+
+def _num(metrics: dict, name: str, spec: str) -> str:
+    """A metric as text, or a dash where it was not measured (or overflowed)."""
+    value = metrics.get(name)
+    return "—" if value is None else format(value, spec)
 
 
 def bench_table(bench: dict, title: str) -> Grid:
@@ -231,14 +260,14 @@ def _bench_caption(bench: dict, workload: str) -> str:
     )
 
 
-def check_table(lines: list, target: str) -> Table:
-    table = Table(title=f"Budget of {target}")
-    for column in ("budget", "limit", "measured", "status", "why"):
-        table.add_column(column)
+def check_table(lines: list, target: str) -> Grid:
+    grid = Grid(f"Budget of {target}", ["budget", "limit", "measured", "status"])
     for line in lines:
         colour = {"met": "green", "missed": "red"}.get(line.status, "yellow")
-        table.add_row(line.budget, line.limit_text, line.measured_text, f"[{colour}]{line.status}[/]", line.reason)
-    return table
+        grid.rows.append([line.budget, line.limit_text, line.measured_text, f"[{colour}]{line.status}[/]"])
+        if line.reason:
+            grid.notes.append(f"{line.budget}: {line.reason}")
+    return grid
 
 
 def _budget_text(budget) -> str:

@@ -287,7 +287,8 @@ def read_config(file: Path) -> None:
 
     config = read_config(file.parent)
     plan = make_plan(Source(ref=str(file.parent), kind="hf-folder", config=config), _target())
-    Console(file=io.StringIO(), width=120).print(report.plan_table(plan))
+    for style in report.STYLES:
+        report.show(report.plan_table(plan), style, Console(file=io.StringIO(), width=80))
 
 
 def read_manifest(file: Path) -> None:
@@ -300,9 +301,10 @@ def read_manifest(file: Path) -> None:
 
     found = manifest.read(file.parent)
     manifest.verify_files(found, file.parent)
-    console = Console(file=io.StringIO(), width=120)
-    console.print(report.plan_table(Plan.from_dict(found["plan"])))
-    console.print(report.artifacts_table(found))
+    console = Console(file=io.StringIO(), width=80)
+    for grid in (report.plan_table(Plan.from_dict(found["plan"])), report.artifacts_table(found)):
+        report.show(grid, "rich", console)
+    report.show(report.provenance_table(found), "md", console)
     _pick_artifact(found, None, file.parent)
     output.refuse_unless_ours(file.parent)
 

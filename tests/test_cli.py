@@ -1,5 +1,6 @@
 """What a user sees: one clear line, a non-zero exit, no traceback, nothing half-written."""
 
+import io
 import json
 import shutil
 
@@ -191,3 +192,29 @@ def test_bench_speaks_llama_bench(fp16_output):
     (result,) = json.loads(stdout)["results"]
     mean, std = result["decode_tps_mean_std"]
     assert mean > 0 and std >= 0
+
+
+def test_every_table_reads_at_80_columns(fp16_output):
+    """No cell cut to "…", no line past 80 columns, ids whole, in box drawing; a plain markdown table in a pipe."""
+    from rich.console import Console
+
+    from edgeport import manifest, targets
+    from edgeport.plan import Plan
+    from edgeport.runtime import report
+
+    found = manifest.read(fp16_output)
+    grids = [
+        report.targets_table([targets.load(name) for name in targets.names()]),
+        report.plan_table(Plan.from_dict(found["plan"])),
+        report.artifacts_table(found),
+        report.provenance_table(found),
+    ]
+    for grid in grids:
+        console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+        report.show(grid, "rich", console)
+        text = console.file.getvalue()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+        for row in grid.rows:
+            assert all(cell in text for cell in row[: grid.ids]), (row, text)
+    code, stdout, _ = run_cli("plan", str(fp16_output / "mlx"), "-t", "snapdragon-8-elite")
+    assert code == 0 and "| format | quant |" in stdout and "┃" not in stdout and "tiny-llama" not in stdout

@@ -100,5 +100,5 @@ def test_a_cached_hub_id_opens_offline_with_its_revision(tiny_llama, tmp_path, m
     assert (source.kind, source.revision, source.model_type) == ("hf-hub", commit, "llama")
     assert source.ref == "tiny-org/tiny-llama" and (source.path / "model.safetensors").is_file()
     assert open_source("tiny-org/tiny-llama", config_only=True).config["num_hidden_layers"] == 2
-    with pytest.raises(EdgeportError, match="could not get it from the Hugging Face Hub or its local cache"):
+    with pytest.raises(EdgeportError, match="is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1"):
         open_source("tiny-org/not-cached")
