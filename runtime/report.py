@@ -27,6 +27,7 @@ def step(description: str) -> Iterator:
 
 
 STYLES = ("rich", "md", "csv")
+MOE_ACTIVE_SHARE = 0.6  # below this share of weights read per token, a model is shown with its active count
 
 
 @dataclass
@@ -96,7 +97,10 @@ def plan_table(plan) -> Grid:
     """The plan, one row a format: short cells, each step's reason below when there is more to say than the
     memory cell does."""
     speech = plan.family == "whisper"
-    active = f", {_params(plan.active_params)} active" if plan.active_params < plan.params else ""
+    # A mixture of experts reads a fraction of its weights per token; a dense model's untied embedding (of which a
+    # token reads one row) is no such fraction, so tied and untied dense models read alike.
+    moe = plan.active_params < MOE_ACTIVE_SHARE * plan.params
+    active = f", {_params(plan.active_params)} active" if moe else ""
     title = (
         f"Plan: {model_name(plan.source)} ({plan.model_type}, {_params(plan.params)} parameters{active}) on "
         f"{plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)"
