@@ -151,6 +151,13 @@ def convert(model, out, target: str, *extra: str) -> dict:
     return json.loads(stdout)
 
 
+def mlx_fp16_output(model, out):
+    """A converted output to read, bench and check: the tiny model as MLX fp16 for host."""
+    code, _, err = run_cli("convert", str(model), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
+    assert code == 0, err
+    return out
+
+
 def run_cli(*args: str):
     """Run the edgeport CLI in-process the way a user's shell does; returns (exit code, stdout, stderr)."""
     import sys

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import mlx_fp16_output, run_cli
 from safetensors.torch import load_file
 
 
@@ -104,10 +104,7 @@ def test_check_before_any_bench(fp16_output):
 
 @pytest.fixture(scope="module")
 def fp16_output(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("o") / "fp16"
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
-    assert code == 0, err
-    return out
+    return mlx_fp16_output(tiny_llama, tmp_path_factory.mktemp("o") / "fp16")
 
 
 def test_bench_measures_exactly_the_lengths_asked_and_check_judges_that_row(fp16_output):

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import mlx_fp16_output, run_cli
 from fuzzing import ct2_seed, gguf_seed
 from test_cli import assert_one_line_error
 
@@ -433,10 +433,7 @@ def test_plan_reads_only_the_header_of_a_ct2_model(ct2_folder):
 
 @pytest.fixture(scope="module")
 def output(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("o") / "out"
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
-    assert code == 0, err
-    return out
+    return mlx_fp16_output(tiny_llama, tmp_path_factory.mktemp("o") / "out")
 
 
 def altered(output, tmp_path, change):
