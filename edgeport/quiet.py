@@ -1,5 +1,5 @@
 """Library chatter stays off the user's screen: progress bars, advisory warnings and log lines of transformers,
-huggingface_hub, torch, onnxruntime and tqdm. edgeport's own progress is what a user sees; `--verbose` lets the
+huggingface_hub, torch and tqdm. edgeport's own progress is what a user sees; `--verbose` lets the
 libraries speak again.
 
 It works through the libraries' own switches, set before they are imported, so that `plan` (which imports none
@@ -17,7 +17,6 @@ ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",  # transformers' advisory warnings ("loss_type=None", GGUF dtypes, …)
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning
-    "ORT_LOGGING_LEVEL": "3",
 }
 
 
