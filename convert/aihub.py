@@ -9,14 +9,15 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import qai_hub as hub
 
+from edgeport.engines.onnx import StaticKVRunner
 from edgeport.errors import EdgeportError
-from edgeport.parity import BOUNDS, kl_divergence
-from edgeport.quantization import lookup
+from edgeport.parity import Metric, bounds_for, judge, kl_divergence
 
 GRAPHS = ("prefill", "decode")
 COMPILE_OPTIONS = "--target_runtime qnn_context_binary"
@@ -29,6 +30,22 @@ REJECTED = (
     "`qai-hub configure --api_token <your token>`"
 )
 ANSWER_SECONDS = 20  # the client retries a lost network for about 30 s more before it gives up
+
+
+@dataclass
+class AIHubResult:
+    """What the manifest records of AI Hub for the NPU artifact: its jobs, the device's profile and parity."""
+
+    device: str
+    status: str  # "passed" | "failed" | "not run"
+    jobs: dict | None = None  # job name -> {id, url}
+    profile: dict | None = None  # graph -> latency, peak memory, layers per compute unit
+    binaries: list[str] | None = None  # the QNN context binaries, relative to the artifact
+    inference: dict | None = None  # the device's logits against the source's: tokens, metrics, status
+    reason: str | None = None  # why it failed or did not run
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def available(device_name: str) -> str | None:
@@ -57,20 +74,18 @@ def _ask_devices(device_name: str, answer: list) -> None:
         answer.append(e)
 
 
-def run(artifact_dir: Path, device_name: str, reference, quantization: str, progress) -> dict:
+def run(artifact_dir: Path, device_name: str, reference, quantization: str, progress) -> AIHubResult:
     """Compile, profile and run the NPU graphs in `artifact_dir` on `device_name`; the binaries are downloaded
     into `artifact_dir/aihub/`. Returns what the manifest records, a failed job included."""
-    result = {"device": device_name, "status": "failed", "jobs": {}, "profile": {}, "binaries": []}
+    result = AIHubResult(device_name, "failed", jobs={}, profile={}, binaries=[])
     try:
         _run(artifact_dir, hub.Device(device_name), reference, quantization, progress, result)
     except (EdgeportError, hub.Error, OSError) as e:  # the local artifact stands; the manifest says what happened
-        result["reason"] = str(e) if isinstance(e, EdgeportError) else f"{type(e).__name__} talking to AI Hub"
+        result.reason = str(e) if isinstance(e, EdgeportError) else f"{type(e).__name__} talking to AI Hub"
     return result
 
 
-def _run(artifact_dir: Path, device, reference, quantization: str, progress, result: dict) -> None:
-    from edgeport.runtime.runners import StaticKVRunner
-
+def _run(artifact_dir: Path, device, reference, quantization: str, progress, result: AIHubResult) -> None:
     device_name = device.name
     out = artifact_dir / "aihub"
     out.mkdir()
@@ -84,18 +99,18 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
                 name=f"edgeport {graph}",
                 options=COMPILE_OPTIONS,
             )
-        result["jobs"][f"compile_{graph}"] = _job(job)
+        result.jobs[f"compile_{graph}"] = _job(job)
         _wait(job, f"compiling {graph}")
         targets[graph] = job.get_target_model()
         binary = out / f"{graph}.bin"
         targets[graph].download(str(binary))
-        result["binaries"].append(str(binary.relative_to(artifact_dir)))
+        result.binaries.append(str(binary.relative_to(artifact_dir)))
 
         progress(f"AI Hub: profiling {graph} on {device_name}")
         job = hub.submit_profile_job(model=targets[graph], device=device, name=f"edgeport {graph} profile")
-        result["jobs"][f"profile_{graph}"] = _job(job)
+        result.jobs[f"profile_{graph}"] = _job(job)
         _wait(job, f"profiling {graph}")
-        result["profile"][graph] = _profile_summary(job.download_profile())
+        result.profile[graph] = _profile_summary(job.download_profile())
 
     progress(f"AI Hub: running the parity prompts on {device_name}")
     runner = StaticKVRunner(artifact_dir)
@@ -107,11 +122,11 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
         for name, value in runner.feeds(tokens, runner.prefill_chunk).items():
             inputs.setdefault(name, []).append(value)
     job = hub.submit_inference_job(model=targets["prefill"], device=device, inputs=inputs, name="edgeport parity")
-    result["jobs"]["inference_prefill"] = _job(job)
+    result.jobs["inference_prefill"] = _job(job)
     _wait(job, "running the parity prompts")
     outputs = job.download_output_data()
-    result["inference"] = _compare(outputs["logits"], reference.logits, lengths, quantization)
-    result["status"] = result["inference"]["status"]
+    result.inference = _compare(outputs["logits"], reference.logits, lengths, quantization)
+    result.status = result.inference["status"]
 
 
 def upload_path(artifact_dir: Path, graph: str, scratch: Path) -> Path:
@@ -153,16 +168,17 @@ def _profile_summary(profile: dict) -> dict:
 
 
 def _compare(device_logits: list, reference_logits: list, lengths: list[int], quantization: str) -> dict:
-    """The device's logits against the source's on the same prompts, judged by the parity table."""
+    """The device's logits against the source's on the same prompts, judged as parity judges them."""
     ref = np.concatenate([r[:n] for r, n in zip(reference_logits, lengths, strict=True)])
     got = np.concatenate([np.asarray(d)[0, :n] for d, n in zip(device_logits, lengths, strict=True)]).astype(np.float32)
-    top1 = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
-    kl = round(float(np.mean(kl_divergence(ref, got))), 5)
-    bounds = BOUNDS[lookup(quantization).bounds_key]
-    passed = top1 >= bounds.top1_agreement and kl <= bounds.kl_mean
-    return {
+    metrics = {
         "tokens": int(ref.shape[0]),
-        "top1_agreement": top1,
-        "kl_mean": kl,
-        "status": "passed" if passed else "failed",
+        "top1_agreement": round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4),
+        "kl_mean": round(float(np.mean(kl_divergence(ref, got))), 5),
     }
+    bounds = bounds_for(quantization)
+    judged = [
+        Metric("top1_agreement", metrics["top1_agreement"], bounds.top1_agreement, at_least=True),
+        Metric("kl_mean", metrics["kl_mean"], bounds.kl_mean),
+    ]
+    return {**metrics, "status": judge(metrics, judged, "Qualcomm AI Hub").status}

@@ -6,43 +6,36 @@ Two shapes, chosen by the target's compute unit:
 - GPU/CPU (`unit = "gpu"`): one function whose query length and attended length are flexible (RangeDim), so one
   model runs prefill chunks and single-token decode.
 - Neural Engine (`unit = "npu"`): the ANE runs static shapes only, so the package holds two functions over the
-  same weights and state, `prefill` (PREFILL_CHUNK tokens) and `decode` (one token), both attending over the whole
+  same weights and state, `prefill` (ANE_PREFILL_CHUNK tokens) and `decode` (one token), both attending over the whole
   fixed-length cache behind a mask.
 Before iOS 18 / macOS 15 (the target's `coreml_deployment`) there is no state and no multifunction package: one
 flexible function takes the caches as inputs and returns the updated ones.
 
 Off macOS the package cannot predict; it is checked by structure and by its weights read back (see parity).
-Whisper is converted by `whisper_coreml`.
 """
 
-import contextlib
-import io
-import json
-import logging
-import re
 import tempfile
-import warnings
-from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
-logging.getLogger("coremltools").setLevel(logging.ERROR)  # off macOS it warns at import that it cannot predict
+from edgeport.engines.coreml import coremltools, describe
 
-import coremltools as ct  # noqa: E402
+ct = coremltools()  # quietly: off macOS it warns at import that it cannot predict
 import coremltools.optimize.coreml as cto  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from coremltools.converters.mil.frontend.milproto.load import load as load_mil  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from edgeport import quantization  # noqa: E402
 from edgeport.convert import Artifact, copy_app_files  # noqa: E402
 from edgeport.errors import EdgeportError  # noqa: E402
+from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLModel  # noqa: E402
 from edgeport.plan import Step  # noqa: E402
+from edgeport.quiet import converting  # noqa: E402
 from edgeport.source import Source  # noqa: E402
 from edgeport.targets import Target  # noqa: E402
 
-PREFILL_CHUNK = 64  # tokens per prefill call of the Neural Engine shape
 DEPLOYMENT_TARGETS = {
     "iOS17": ct.target.iOS17,
     "macOS14": ct.target.macOS14,
@@ -57,43 +50,36 @@ MIN_WEIGHTS = 256  # coremltools' default threshold (2048 elements) would leave 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as `dest/model.mlpackage` (dest must not exist) with the tokenizer files beside it."""
     quant = quantization.get(step.quantization, "coreml")
-    if source.family == "whisper":
-        from edgeport.convert import whisper_coreml
-
-        return whisper_coreml.convert(source, quant, step.unit, target, dest)
     deployment, stateful = deployment_of(target, quant)
     neural_engine = step.unit == "npu" and stateful  # static prefill/decode functions need a multifunction package
     AttentionInterface.register("edgeport_fused_sdpa", fused_sdpa)
     model = source.load_reference(attn_implementation="edgeport_fused_sdpa")  # float32; Core ML computes in fp16
     context = target.context_length
+    cache_shape = source.family.dims(source).cache_shape(context)
     dest.mkdir()
     package = dest / "model.mlpackage"
-    with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, converting():
         if neural_engine:
             descriptor = ct.utils.MultiFunctionDescriptor()
-            for name, width in (("prefill", PREFILL_CHUNK), ("decode", 1)):
+            for name, width in (("prefill", ANE_PREFILL_CHUNK), ("decode", 1)):
                 part = Path(tmp) / f"{name}.mlpackage"
-                _compress(_convert(model, context, width, deployment), quant, stateful).save(str(part))
+                compress(_convert(model, cache_shape, width, deployment), quant, stateful).save(str(part))
                 descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
             descriptor.default_function_name = "decode"
             ct.utils.save_multifunction(descriptor, str(package))
         else:
-            _compress(_convert(model, context, None, deployment), quant, stateful).save(str(package))
+            compress(_convert(model, cache_shape, None, deployment), quant, stateful).save(str(package))
     copy_app_files(source.path, dest)
-    runtime = {
-        "compute_units": "CPU_AND_NE" if neural_engine else "CPU_AND_GPU",
-        "prefill_chunk": PREFILL_CHUNK if neural_engine else None,
-        "context_length": context,
-        "kv_cache": "state" if stateful else "inputs and outputs",
-        "cache_shape": list(StatefulCausalLM.cache_shape(model.config, context)),
-    }
-    (dest / "coreml.json").write_text(json.dumps(runtime, indent=2))  # what a runner needs beside the package
-    details = {
-        "deployment_target": deployment,
-        **runtime,
-        **describe(package),
-    }
-    return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", details)
+    layout = CoreMLModel(
+        compute_units="CPU_AND_NE" if neural_engine else "CPU_AND_GPU",
+        prefill_chunk=ANE_PREFILL_CHUNK if neural_engine else None,
+        context_length=context,
+        kv_cache="state" if stateful else "inputs and outputs",
+        cache_shape=list(cache_shape),
+    )
+    layout.write(dest)
+    details = {"deployment_target": deployment, **asdict(layout), **describe(package)}
+    return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", layout, details)
 
 
 def deployment_of(target: Target, quant) -> tuple[str, bool]:
@@ -124,18 +110,6 @@ def fused_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=
         query, key, value, attn_mask=attention_mask, is_causal=causal, scale=None if default else scaling
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """coremltools' progress bars and the tracer's warnings would bury edgeport's own progress line."""
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stderr(io.StringIO()),
-        contextlib.redirect_stdout(io.StringIO()),
-    ):
-        warnings.simplefilter("ignore")
-        yield
 
 
 class _SliceCache:
@@ -170,19 +144,12 @@ class StatefulCausalLM(torch.nn.Module):
     position [1] (tokens already in the cache) -> logits [1, q, vocab]; keyCache and valueCache are Core ML state.
     Before iOS 18 / macOS 15 there is no state: the caches are passed in and the updated ones returned."""
 
-    def __init__(self, model, context_length: int):
+    def __init__(self, model, cache_shape: tuple[int, ...]):
         super().__init__()
         self.model = model
-        shape = self.cache_shape(model.config, context_length)
+        shape = cache_shape  # layers, batch, KV heads, context, head dim
         self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
-
-    @staticmethod
-    def cache_shape(config, context_length: int) -> tuple[int, ...]:
-        """layers, batch, KV heads, context, head dim"""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads or config.num_attention_heads
-        return (config.num_hidden_layers, 1, kv_heads, context_length, head_dim)
 
     def forward(self, input_ids, causal_mask, position, key_cache=None, value_cache=None):
         width, end = input_ids.shape[-1], causal_mask.shape[-1]
@@ -204,9 +171,10 @@ class StatefulCausalLM(torch.nn.Module):
         return logits, torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
-def _convert(model, context: int, width: int | None, deployment: str):
+def _convert(model, cache_shape: tuple[int, ...], width: int | None, deployment: str):
     """Trace and convert; `width` None is the flexible shape, else a static one over the whole cache."""
-    wrapper = StatefulCausalLM(model, context).eval()
+    context = cache_shape[3]
+    wrapper = StatefulCausalLM(model, cache_shape).eval()
     stateful = deployment in WITH_STATE
     example_width = width or 2
     example = (
@@ -254,7 +222,8 @@ def ct_convert(traced, inputs: list, outputs: list, states: list | None, deploym
     )
 
 
-def _compress(mlmodel, quant, stateful: bool):
+def compress(mlmodel, quant, stateful: bool):
+    """Weights compressed by coremltools.optimize as `quant` asks; norms stay fp16."""
     if quant.is_float:
         return mlmodel
     if quant.name == "palettize4":  # a table per 16 output channels from iOS 18, one per tensor before
@@ -274,81 +243,3 @@ def _compress(mlmodel, quant, stateful: bool):
         compress = cto.linear_quantize_weights
     config = cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
     return compress(mlmodel, config)
-
-
-def describe(package: Path) -> dict:
-    """The saved package as a reader finds it: its interface, and every weight matrix by how it is stored (for one
-    function: a multifunction package's functions share their weights)."""
-    description = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
-
-    def features(items) -> list[dict]:
-        found = []
-        for item in items:
-            kind = item.type.WhichOneof("Type")
-            array = item.type.stateType.arrayType if kind == "stateType" else item.type.multiArrayType
-            ranges = array.shapeRange.sizeRanges
-            if ranges:
-                shape = [
-                    r.lowerBound if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}" for r in ranges
-                ]
-            else:
-                shape = [int(d) for d in array.shape]
-            found.append({"name": item.name, "shape": shape})
-        return found
-
-    if description.functions:
-        interface = {
-            f.name: {"inputs": features(f.input), "outputs": features(f.output), "states": features(f.state)}
-            for f in description.functions
-        }
-    else:
-        interface = {
-            "main": {
-                "inputs": features(description.input),
-                "outputs": features(description.output),
-                "states": features(description.state),
-            }
-        }
-    function = next(iter(_program(package).functions.values()))
-    ops = Counter(op.op_type for op in function.operations)
-    packed = {v.name for op in function.operations if op.op_type.startswith("constexpr_") for v in op.inputs.values()}
-    weights = Counter()
-    for op in function.operations:
-        if op.op_type.startswith("constexpr_"):
-            weights[op.op_type] += 1
-        elif op.op_type == "const" and _is_matrix(op.outputs[0].shape) and op.outputs[0].name not in packed:
-            weights[f"const {op.outputs[0].dtype.__name__}"] += 1
-    return {
-        "functions": interface,
-        "weight_matrices_by_storage": dict(weights),
-        "sdpa_ops": ops.get("scaled_dot_product_attention", 0),
-        "ops": sum(ops.values()),
-    }
-
-
-def _is_matrix(shape) -> bool:
-    """At least two dimensions of more than one element: a weight, not a scalar shaped [1, 1, 1, 1]."""
-    return sum(d > 1 for d in shape) >= 2
-
-
-def read_weights(package: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """The package's weights as float arrays (compressed ones decompressed), keyed by the transformers parameter
-    names they came from. The converter names each weight after its parameter, dots made underscores; vectors
-    folded into other ops (norm scales) keep no name and are not found."""
-    by_name = {"model_" + name.replace(".", "_"): name for name in names}
-    found = {}
-    for function in _program(package).functions.values():
-        for op in function.operations:
-            if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
-                continue
-            stem = re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name)
-            if stem in by_name and by_name[stem] not in found:
-                value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
-                found[by_name[stem]] = np.asarray(value, dtype=np.float32)
-    return found
-
-
-def _program(package: Path):
-    model = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = model.get_spec()
-    return load_mil(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)

@@ -11,6 +11,7 @@ from transformers.utils import logging
 from edgeport import quantization
 from edgeport.convert import Artifact
 from edgeport.errors import EdgeportError
+from edgeport.layouts import CT2Whisper
 from edgeport.plan import Step
 from edgeport.source import Source
 from edgeport.targets import Target
@@ -22,8 +23,6 @@ FILES = ("tokenizer.json", "preprocessor_config.json")  # what faster-whisper re
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as a CTranslate2 model folder at `dest` (which must not exist), loadable by
     `faster_whisper.WhisperModel(dest)`."""
-    if source.family != "whisper":
-        raise EdgeportError(f"{source.ref}: the CTranslate2 converter handles Whisper, not {source.model_type}")
     quant = quantization.get(step.quantization, "ct2")
     logging.disable_progress_bar()  # the converter loads the model through transformers; our spinner reports it
     files = [name for name in FILES if (source.path / name).exists()]  # names, which it finds in the model folder
@@ -34,9 +33,8 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     except (ValueError, KeyError, OSError) as e:
         raise EdgeportError(f"{source.ref}: CTranslate2 could not convert it ({e})") from e
     _fill_lang_ids(dest, source.path)
-    return Artifact(
-        "ct2", quant.name, dest, f"ctranslate2 {ctranslate2.__version__}", {"weights": QUANTIZATION[quant.name]}
-    )
+    engine = f"ctranslate2 {ctranslate2.__version__}"
+    return Artifact("ct2", quant.name, dest, engine, CT2Whisper(), {"weights": QUANTIZATION[quant.name]})
 
 
 def _fill_lang_ids(dest: Path, model_folder: Path) -> None:

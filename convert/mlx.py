@@ -1,5 +1,4 @@
-"""Causal LM -> MLX through mlx-lm's own convert: float, affine 8/6/5/4/3/2-bit, or a mixed recipe (Whisper:
-`whisper_mlx`)."""
+"""Causal LM -> MLX through mlx-lm's own convert: float, affine 8/6/5/4/3/2-bit, or a mixed recipe."""
 
 import contextlib
 import io
@@ -10,6 +9,7 @@ import mlx_lm
 from edgeport import quantization
 from edgeport.convert import Artifact
 from edgeport.errors import EdgeportError
+from edgeport.layouts import MLXModel
 from edgeport.plan import Step
 from edgeport.source import Source
 from edgeport.targets import Target
@@ -18,10 +18,6 @@ from edgeport.targets import Target
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as an MLX model folder at `dest` (which must not exist), loadable by `mlx_lm.load`."""
     quant = quantization.get(step.quantization, "mlx")
-    if source.family == "whisper":
-        from edgeport.convert import whisper_mlx
-
-        return whisper_mlx.convert(source, quant, dest)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # mlx-lm prints its progress; we keep it for the record
@@ -42,5 +38,6 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         quantization=quant.name,
         path=dest,
         engine=f"mlx-lm {mlx_lm.__version__}",
+        layout=MLXModel(),
         details={"mlx_lm_log": log.getvalue().strip().splitlines()},
     )

@@ -3,20 +3,17 @@
 - CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
   MatMulNBits weights and the genai_config.json its generator runs.
 - NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported twice from transformers,
-  as `prefill.onnx` over PREFILL_CHUNK tokens and `decode.onnx` over one, both reading a fixed-length KV cache
+  as `prefill.onnx` over QNN_PREFILL_CHUNK tokens and `decode.onnx` over one, both reading a fixed-length KV cache
   that the app keeps (the graphs return only the new keys and values). Both are then QDQ-quantized for QNN with
-  onnxruntime's QNN helpers, calibrated on real text. `npu.json` records the shapes and names.
+  onnxruntime's QNN helpers, calibrated on real text. `npu.json` (the OnnxNPU layout) records the shapes and names.
 """
 
-import contextlib
-import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import warnings
+from dataclasses import asdict, replace
 from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,17 +29,16 @@ from transformers import DynamicCache
 
 from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
+from edgeport.engines.onnx import StaticKVRunner
 from edgeport.errors import EdgeportError
+from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU
 from edgeport.plan import Step
-from edgeport.runtime.runners import StaticKVRunner
-from edgeport.runtime.summarize import summary_prompt
+from edgeport.quiet import converting
 from edgeport.source import Source
 from edgeport.targets import Target
-from edgeport.texts import default_article
+from edgeport.texts import default_article, summary_prompt
 
 OPSET = 21
-PREFILL_CHUNK = 128  # tokens per prefill call of the NPU shape
-MASK_VALUE = -100.0  # additive mask for hidden positions: small enough to vanish in softmax, kind to 16-bit scales
 CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
 CALIBRATION_DECODE_STEPS = 16
 BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
@@ -52,18 +48,14 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as ONNX at `dest` (which must not exist): the NPU shape for a w*a16 quantization, else the
     CPU shape."""
     quant = quantization.get(step.quantization, "onnx")
-    if source.family == "whisper":
-        from edgeport.convert import whisper_onnx
-
-        return whisper_onnx.convert(source, quant, dest)
     if quant.name not in BUILDER_PRECISION and not quant.activation_bits:
         raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
     if quant.activation_bits:
-        details = _npu_shape(source, quant, target.context_length, dest)
+        layout, details = _npu_shape(source, quant, target.context_length, dest)
     else:
-        details = _cpu_shape(source, quant, dest)
+        layout, details = OnnxCPU(), _cpu_shape(source, quant, dest)
     details.update(onnxruntime=onnxruntime.__version__)
-    return Artifact("onnx", quant.name, dest, _engine(quant), details)
+    return Artifact("onnx", quant.name, dest, _engine(quant), layout, details)
 
 
 def _engine(quant) -> str:
@@ -120,31 +112,32 @@ def _run_builder(command: list[str]) -> tuple[int, list[str]]:
     return builder.returncode, log.strip().splitlines()
 
 
-def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> dict:
-    if context_length <= PREFILL_CHUNK:
-        raise EdgeportError(f"a static KV cache needs a context longer than the {PREFILL_CHUNK}-token prefill chunk")
+def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> tuple[OnnxNPU, dict]:
+    if context_length <= QNN_PREFILL_CHUNK:
+        raise EdgeportError(
+            f"a static KV cache needs a context longer than the {QNN_PREFILL_CHUNK}-token prefill chunk"
+        )
     dest.mkdir()
-    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, _quiet():  # the quantizer's advice
+    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, converting():  # the quantizer's advice
         float_dir = Path(tmp)
-        npu = _export_static(source, context_length, float_dir)
+        layout = _export_static(source, context_length, float_dir)
         copy_app_files(source.path, float_dir)
-        calibration = _calibration_feeds(StaticKVRunner(float_dir))
-        for graph, width in (("prefill", npu["prefill_chunk"]), ("decode", 1)):
-            qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", calibration[width], quant)
+        calibration = _calibration_feeds(float_dir)
+        for graph in ("prefill", "decode"):
+            qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", calibration[graph], quant)
     copy_app_files(source.path, dest)
-    layout = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
-    npu.update(
-        weights=f"{quant.bits}-bit {layout}",
+    blocks = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
+    layout = replace(
+        layout,
+        weights=f"{quant.bits}-bit {blocks}",
         activations=f"{quant.activation_bits}-bit",
         opset=_opset(dest / "decode.onnx"),
     )
-    (dest / "npu.json").write_text(json.dumps(npu, indent=2))
-    return {
-        "shape": "npu",
-        "calibration": f"{CALIBRATION_CHUNKS} prefill chunks and {CALIBRATION_DECODE_STEPS} decode steps of "
-        "Python's reference docs",
-        **npu,
-    }
+    layout.write(dest)
+    calibration = (
+        f"{CALIBRATION_CHUNKS} prefill chunks and {CALIBRATION_DECODE_STEPS} decode steps of Python's reference docs"
+    )
+    return layout, {"shape": layout.shape, "calibration": calibration, **asdict(layout)}
 
 
 def qdq_quantize(exported: Path, dest: Path, feeds: list[dict], quant) -> None:
@@ -168,39 +161,22 @@ def qdq_quantize(exported: Path, dest: Path, feeds: list[dict], quant) -> None:
     quantize(prepared, dest, config)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The exporter's tracer warnings and the quantizer's advice go to the log, not the user's terminal."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def _export_static(source: Source, context_length: int, folder: Path) -> dict:
-    """Export the float prefill and decode graphs into `folder`; return the description both share."""
+def _export_static(source: Source, context_length: int, folder: Path) -> OnnxNPU:
+    """Export the float prefill and decode graphs into `folder`, described there by their layout."""
     model = source.load_reference(attn_implementation="eager")  # plain MatMul/Softmax: what QNN maps well
     _fuse_rms_norms(model)
-    config = model.config
-    layers = config.num_hidden_layers
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    new = [f"new_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    dims = source.family.dims(source)
+    past = [f"past_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
+    new = [f"new_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
     step = StaticStep(model)
-    for graph, width in (("prefill", PREFILL_CHUNK), ("decode", 1)):
+    for graph, width in (("prefill", QNN_PREFILL_CHUNK), ("decode", 1)):
         example = (
             torch.zeros(1, width, dtype=torch.int32),
             torch.zeros(1, width, dtype=torch.int32),
             torch.zeros(1, 1, width, context_length),
-            *[torch.zeros(1, kv_heads, context_length - width, head_dim) for _ in past],
+            *[torch.zeros(1, dims.kv_heads, context_length - width, dims.head_dim) for _ in past],
         )
-        with torch.no_grad(), _quiet():  # tracer warnings about transformers' cache internals
+        with torch.no_grad(), converting():  # tracer warnings about transformers' cache internals
             torch.onnx.export(
                 step,
                 example,
@@ -211,21 +187,21 @@ def _export_static(source: Source, context_length: int, folder: Path) -> dict:
                 dynamo=False,  # the TorchScript exporter keeps the static shapes as given
             )
         _annotate_shapes(folder / f"{graph}.onnx")
-    npu = {
-        "prefill_chunk": PREFILL_CHUNK,
-        "context_length": context_length,
-        "layers": layers,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": config.vocab_size,
-        "mask_value": MASK_VALUE,
-        "inputs": ["input_ids", "position_ids", "attention_mask", "past_{key,value}_<layer>"],
-        "outputs": ["logits", "new_{key,value}_<layer>"],
-        "cache": "the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
+    layout = OnnxNPU(
+        prefill_chunk=QNN_PREFILL_CHUNK,
+        context_length=context_length,
+        layers=dims.layers,
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab,
+        mask_value=MASK_VALUE,
+        inputs=["input_ids", "position_ids", "attention_mask", "past_{key,value}_<layer>"],
+        outputs=["logits", "new_{key,value}_<layer>"],
+        cache="the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
         "first context_length - W positions and returns W new ones to write after the n already filled",
-    }
-    (folder / "npu.json").write_text(json.dumps(npu, indent=2))
-    return npu
+    )
+    layout.write(folder)
+    return layout
 
 
 def _annotate_shapes(model_file: Path) -> None:
@@ -289,17 +265,16 @@ class StaticStep(torch.nn.Module):
         return (out.logits, *new)
 
 
-def _calibration_feeds(runner) -> dict[int, list[dict]]:
-    """The inputs each float graph sees while prefilling a real summary request and decoding from it, by call
-    width. The chat template matters: its first tokens carry the largest activations (attention sinks), and a
-    range calibrated without them would clip them."""
+def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
+    """The inputs each float graph sees while prefilling a real summary request and decoding from it, by graph.
+    The chat template matters: its first tokens carry the largest activations (attention sinks), and a range
+    calibrated without them would clip them."""
+    feeds: dict[str, list[dict]] = {}
+    runner = StaticKVRunner(float_dir, on_call=lambda graph, copy: feeds.setdefault(graph, []).append(copy()))
     chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
     prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
-    feeds: dict[int, list[dict]] = {}
-    runner.record = lambda width, feed: feeds.setdefault(width, []).append(feed)
     for _ in runner.generate(prompt, CALIBRATION_DECODE_STEPS + 1):
         pass
-    runner.record = None
     return feeds
 
 

@@ -8,42 +8,44 @@ compressed by coremltools.optimize as the quantization asks.
 Off macOS the packages cannot predict; they are checked by structure and by their weights read back.
 """
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 
-import coremltools as ct
 import numpy as np
 import torch
 from coremltools.converters.mil.mil import types
 
+from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.coreml import _compress, _quiet, ct_convert, deployment_of, describe
+from edgeport.convert.coreml import compress, ct, ct_convert, deployment_of
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
+from edgeport.engines.coreml import describe
+from edgeport.layouts import CoreMLWhisper
+from edgeport.plan import Step
+from edgeport.quiet import converting
 from edgeport.source import Source
 from edgeport.targets import Target
 
 UNITS = {"npu": "CPU_AND_NE", "gpu": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
 
 
-def convert(source: Source, quant, unit: str, target: Target, dest: Path) -> Artifact:
+def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as `dest/encoder.mlpackage` and `dest/decoder.mlpackage` (dest must not exist)."""
+    quant = quantization.get(step.quantization, "coreml")
     deployment, stateful = deployment_of(target, quant)
     model = source.load_reference()  # float32; Core ML computes in fp16
-    config = model.config
-    length = config.max_target_positions
-    heads = config.decoder_attention_heads
-    cross = (config.decoder_layers, 1, heads, config.max_source_positions, config.d_model // heads)
-    cache = (config.decoder_layers, 1, heads, length, config.d_model // heads)
+    dims = source.family.dims(source)
+    length, cross, cache = dims.tokens, dims.cross_shape, dims.cache_shape(dims.tokens)
     dest.mkdir()
-    with _quiet():
+    with converting():
         encoder = _convert(
             CrossKV(model),
-            [ct.TensorType("input_features", shape=(1, config.num_mel_bins, 2 * config.max_source_positions))],
+            [ct.TensorType("input_features", shape=(1, dims.mels, 2 * dims.frames))],
             [ct.TensorType("cross_key", dtype=np.float16), ct.TensorType("cross_value", dtype=np.float16)],
             None,
             deployment,
         )
-        _compress(encoder, quant, stateful).save(str(dest / "encoder.mlpackage"))
+        compress(encoder, quant, stateful).save(str(dest / "encoder.mlpackage"))
         token = [
             ct.TensorType("input_ids", shape=(1, 1), dtype=np.int32),
             ct.TensorType("position", shape=(1,), dtype=np.int32),
@@ -54,7 +56,7 @@ def convert(source: Source, quant, unit: str, target: Target, dest: Path) -> Art
         if stateful:
             state = ct.TensorType(shape=cache, dtype=np.float16)
             decoder = _convert(
-                StatefulDecoder(model, length),
+                StatefulDecoder(model, cache),
                 token,
                 [ct.TensorType("logits", dtype=np.float16)],
                 [ct.StateType(state, name="keyCache"), ct.StateType(state, name="valueCache")],
@@ -74,23 +76,23 @@ def convert(source: Source, quant, unit: str, target: Target, dest: Path) -> Art
                 None,
                 deployment,
             )
-        _compress(decoder, quant, stateful).save(str(dest / "decoder.mlpackage"))
+        compress(decoder, quant, stateful).save(str(dest / "decoder.mlpackage"))
     copy_app_files(source.path, dest)
-    runtime = {
-        "compute_units": UNITS[unit],
-        "deployment_target": deployment,
-        "kv_cache": "state" if stateful else "inputs and outputs",
-        "cache_shape": list(cache),
-        "cross_shape": list(cross),
-        "mask": "additive fp16: 0 where the token may attend (filled positions and its own), -inf elsewhere",
-    }
-    (dest / "coreml.json").write_text(json.dumps(runtime, indent=2))
+    layout = CoreMLWhisper(
+        compute_units=UNITS[step.unit],
+        deployment_target=deployment,
+        kv_cache="state" if stateful else "inputs and outputs",
+        cache_shape=list(cache),
+        cross_shape=list(cross),
+        mask="additive fp16: 0 where the token may attend (filled positions and its own), -inf elsewhere",
+    )
+    layout.write(dest)
     details = {
-        **runtime,
+        **asdict(layout),
         "encoder": describe(dest / "encoder.mlpackage"),
         "decoder": describe(dest / "decoder.mlpackage"),
     }
-    return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", details)
+    return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", layout, details)
 
 
 class _PositionAsIds(torch.nn.Module):

@@ -12,9 +12,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_whisper import whisper
 
+from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.errors import EdgeportError
+from edgeport.layouts import MLXWhisper
+from edgeport.plan import Step
 from edgeport.source import Source
+from edgeport.targets import Target
 
 # transformers name fragment -> mlx-whisper's (OpenAI's) name fragment, applied in order
 RENAMES = (
@@ -41,22 +45,23 @@ DROPPED = ("proj_out.weight", "model.encoder.embed_positions.weight")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def convert(source: Source, quant, dest: Path) -> Artifact:
+def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` at `dest` (which must not exist) as an mlx-whisper model folder."""
+    quant = quantization.get(step.quantization, "mlx")
     if quant.recipe:
         raise EdgeportError(f"MLX Whisper comes as fp16, bf16 or q8/q6/q5/q4/q3/q2, not the {quant.name} recipe")
-    config = source.config
+    ours = source.family.dims(source)
     dims = whisper.ModelDimensions(
-        n_mels=config["num_mel_bins"],
-        n_audio_ctx=config["max_source_positions"],
-        n_audio_state=config["d_model"],
-        n_audio_head=config["encoder_attention_heads"],
-        n_audio_layer=config["encoder_layers"],
-        n_vocab=config["vocab_size"],
-        n_text_ctx=config["max_target_positions"],
-        n_text_state=config["d_model"],
-        n_text_head=config["decoder_attention_heads"],
-        n_text_layer=config["decoder_layers"],
+        n_mels=ours.mels,
+        n_audio_ctx=ours.frames,
+        n_audio_state=ours.d_model,
+        n_audio_head=ours.encoder_heads,
+        n_audio_layer=ours.encoder_layers,
+        n_vocab=ours.vocab,
+        n_text_ctx=ours.tokens,
+        n_text_state=ours.d_model,
+        n_text_head=ours.decoder_heads,
+        n_text_layer=ours.decoder_layers,
     )
     dtype = DTYPES[quant.dtype]
     model = whisper.Whisper(dims, dtype)
@@ -82,7 +87,7 @@ def convert(source: Source, quant, dest: Path) -> Artifact:
     mx.save_safetensors(str(dest / "weights.safetensors"), dict(tree_flatten(model.parameters())))
     (dest / "config.json").write_text(json.dumps(layout, indent=2))  # mlx-whisper's config, not transformers'
     engine = f"mlx {mx.__version__}, mlx-whisper {version('mlx-whisper')} layout"
-    return Artifact("mlx", quant.name, dest, engine, {"layout": "mlx-whisper"})
+    return Artifact("mlx", quant.name, dest, engine, MLXWhisper(), {"layout": "mlx-whisper"})
 
 
 def mlx_weights(folder: Path, dtype) -> dict[str, mx.array]:

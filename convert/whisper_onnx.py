@@ -6,11 +6,12 @@ keys and values), in the shape the target's compute unit runs.
 - NPU shape (w8a16): static shapes, as an NPU compiles them: one token per call over a fixed cache of
   max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
   QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
-`whisper.json` records the shapes, names and the mask convention; `WhisperONNXRunner` is the app's loop.
+`whisper.json` (the OnnxWhisper layout) records the shapes, names and the mask convention; the ONNX engine's
+`WhisperONNXRunner` is the app's loop.
 """
 
-import json
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
@@ -18,24 +19,28 @@ import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from edgeport import quantization
 from edgeport.audio import parity_clips, windows
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.onnx import OPSET, _quiet, qdq_quantize
+from edgeport.convert.onnx import OPSET, qdq_quantize
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep
+from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.errors import EdgeportError
+from edgeport.layouts import MASK_VALUE, OnnxWhisper
+from edgeport.plan import Step
+from edgeport.quiet import converting
 from edgeport.source import Source
+from edgeport.targets import Target
 
-MASK_VALUE = -100.0  # hidden cache positions: vanishes in softmax, kind to 16-bit activation scales
 DECODER_INPUTS = ["input_ids", "position_ids", "attention_mask", "past_key", "past_value", "cross_key", "cross_value"]
 DECODER_OUTPUTS = ["logits", "new_key", "new_value"]
 CALIBRATION_WINDOWS = 2  # windows of parity speech the NPU graphs are calibrated on, every decoding step covered
 CALIBRATION_STRIDE = 4  # every 4th decoder call is calibrated: all positions are covered, a quarter of the copies
 
 
-def convert(source: Source, quant, dest: Path) -> Artifact:
+def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as ONNX at `dest` (which must not exist)."""
-    from edgeport.runtime.whisper_runners import WhisperONNXRunner
-
+    quant = quantization.get(step.quantization, "onnx")
     npu = bool(quant.activation_bits)
     if npu and quant.group_size:
         raise EdgeportError(
@@ -45,39 +50,36 @@ def convert(source: Source, quant, dest: Path) -> Artifact:
     if not npu and not (quant.is_float or quant.bits == 8):
         raise EdgeportError(f"ONNX Whisper for a CPU comes as fp16 or int8, not {quant.name}")
     dest.mkdir()
-    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, converting():
         float_dir = Path(tmp)
-        shape = export(source, float_dir, static=npu)
-        (float_dir / "whisper.json").write_text(json.dumps(shape))
+        layout = export(source, float_dir, static=npu)
+        layout.write(float_dir)
         copy_app_files(source.path, float_dir)
         if npu:
-            feeds = _calibration_feeds(WhisperONNXRunner(float_dir))
+            feeds = _calibration_feeds(float_dir)
             for graph in ("encoder", "decoder"):
                 qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", feeds[graph], quant)
         else:
             for graph in ("encoder", "decoder"):
                 _cpu_precision(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", quant)
     copy_app_files(source.path, dest)
-    shape["weights"] = quant.name
-    (dest / "whisper.json").write_text(json.dumps(shape, indent=2))
+    layout = replace(layout, weights=quant.name)
+    layout.write(dest)
     engine = f"torch.onnx {torch.__version__} + onnxruntime.quantization {onnxruntime.__version__}"
-    return Artifact("onnx", quant.name, dest, engine, {"shape": "npu" if npu else "cpu", **shape})
+    return Artifact("onnx", quant.name, dest, engine, layout, {"shape": layout.shape, **asdict(layout)})
 
 
-def export(source: Source, folder: Path, static: bool) -> dict:
-    """Export the float encoder and decoder graphs into `folder`; return their description."""
+def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
+    """Export the float encoder and decoder graphs into `folder`; return their layout."""
     model = source.load_reference()
-    config = model.config
-    layers, heads = config.decoder_layers, config.decoder_attention_heads
-    head_dim = config.d_model // heads
-    frames = config.max_source_positions
-    past = config.max_target_positions - 1 if static else 3  # the example's length; dynamic in the CPU shape
+    dims = source.family.dims(source)
+    frames = dims.frames
+    past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape
     tokens = 1
-    cache = (layers, 1, heads)
     with torch.no_grad():
         torch.onnx.export(
             CrossKV(model),
-            (torch.zeros(1, config.num_mel_bins, 2 * frames),),
+            (torch.zeros(1, dims.mels, 2 * frames),),
             str(folder / "encoder.onnx"),
             input_names=["input_features"],
             output_names=["cross_key", "cross_value"],
@@ -90,10 +92,10 @@ def export(source: Source, folder: Path, static: bool) -> dict:
                 torch.zeros(1, tokens, dtype=torch.int32),
                 torch.zeros(1, tokens, dtype=torch.int32),
                 torch.zeros(1, 1, tokens, past + tokens),
-                torch.zeros(*cache, past, head_dim),
-                torch.zeros(*cache, past, head_dim),
-                torch.zeros(*cache, frames, head_dim),
-                torch.zeros(*cache, frames, head_dim),
+                torch.zeros(dims.cache_shape(past)),
+                torch.zeros(dims.cache_shape(past)),
+                torch.zeros(dims.cross_shape),
+                torch.zeros(dims.cross_shape),
             ),
             str(folder / "decoder.onnx"),
             input_names=DECODER_INPUTS,
@@ -113,20 +115,20 @@ def export(source: Source, folder: Path, static: bool) -> dict:
                 "new_value": {3: "tokens"},
             },
         )
-    return {
-        "static": static,
-        "decoder_cache": config.max_target_positions - 1 if static else None,
-        "layers": layers,
-        "heads": heads,
-        "head_dim": head_dim,
-        "frames": frames,
-        "mask_value": MASK_VALUE,
-        "encoder": {"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
-        "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
-        "cache": "keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
+    return OnnxWhisper(
+        static=static,
+        decoder_cache=dims.tokens - 1 if static else None,
+        layers=dims.decoder_layers,
+        heads=dims.decoder_heads,
+        head_dim=dims.head_dim,
+        frames=frames,
+        mask_value=MASK_VALUE,
+        encoder={"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
+        decoder={"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
+        cache="keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
         "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
         "attention_mask is 0 where a position is filled and mask_value elsewhere)",
-    }
+    )
 
 
 def _cpu_precision(exported: Path, dest: Path, quant) -> None:
@@ -142,7 +144,7 @@ def _cpu_precision(exported: Path, dest: Path, quant) -> None:
         onnx.save(convert_float_to_float16(onnx.load(exported), keep_io_types=True), dest)
 
 
-def _calibration_feeds(runner) -> dict[str, list[dict]]:
+def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
     """What each float graph sees while transcribing the first windows of the parity speech."""
     feeds: dict[str, list[dict]] = {"encoder": [], "decoder": []}
     calls = 0
@@ -156,9 +158,8 @@ def _calibration_feeds(runner) -> dict[str, list[dict]]:
         feeds[graph].append(feed())
 
     audio = parity_clips()[0].audio
-    runner.record = record
+    runner = WhisperONNXRunner(float_dir, on_call=record)
     for start, end in windows(audio)[:CALIBRATION_WINDOWS]:
         calls = 0
         runner.decode(runner.encode(runner.mel(audio[start:end])))
-    runner.record = None
     return feeds

@@ -81,17 +81,10 @@ class StatefulDecoder(torch.nn.Module):
     """One token over keyCache and valueCache [layers, 1, heads, length, head_dim], Core ML state: its keys and
     values are written at `position` in place, and the mask opens the filled positions."""
 
-    def __init__(self, model, length: int):
+    def __init__(self, model, cache_shape: tuple[int, ...]):
         super().__init__()
         self.model = model
-        config = model.config
-        shape = (
-            config.decoder_layers,
-            1,
-            config.decoder_attention_heads,
-            length,
-            config.d_model // config.decoder_attention_heads,
-        )
+        shape = cache_shape
         self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
 

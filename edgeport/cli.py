@@ -8,18 +8,11 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from edgeport import __version__, manifest, targets
+from edgeport import __version__, manifest, report, targets
 from edgeport.errors import ERROR, MET, MISSED, NOT_CHECKED, EdgeportError
 from edgeport.files import read_json
 from edgeport.quantization import QUANTIZATIONS
 from edgeport.quiet import silence_libraries
-from edgeport.runtime import report
-
-# MLX's CPU build runs quantized matmuls at well under a token per second (shared/TOOLCHAIN.md): off a Mac the
-# default summarization workload is cut to what finishes in minutes, and the bench says so.
-FULL_WORKLOAD = {"prompt_tokens": "512,2048", "max_tokens": 128, "runs": 3}
-CPU_MLX_WORKLOAD = {"prompt_tokens": "48", "max_tokens": 4, "runs": 1}
-
 
 EXIT_CODES = f"""\b
 Exit codes, for every command:
@@ -194,13 +187,13 @@ def convert(
             report.show(report.plan_table(the_plan))
         result = build(source, target, the_plan, staging, aihub=aihub)
     if as_json:
-        _print_json(result)
+        _print_json(result.to_dict())
     else:
         report.show(report.artifacts_table(result))
         report.out.print(f"Wrote {out}")
-    failed = [a for a in result["artifacts"] if a["parity"]["status"] == "failed"]
+    failed = [a for a in result.artifacts if a.parity.status == "failed"]
     if failed and not allow_parity_fail:
-        names = ", ".join(f"{a['format']} {a['quantization']} ({'; '.join(a['parity']['failures'])})" for a in failed)
+        names = ", ".join(f"{a.format} {a.quantization} ({'; '.join(a.parity.failures)})" for a in failed)
         raise EdgeportError(
             f"parity failed for {names}; {out} is kept and marked failed (pass --allow-parity-fail to accept it)",
             exit_code=MISSED,
@@ -258,69 +251,36 @@ def bench(
 ) -> None:
     """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
     transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
-    from edgeport.runtime import summarize
-    from edgeport.runtime.runners import QNN_ABSENT, bench_runner
-    from edgeport.texts import default_article
+    import importlib
+
+    from edgeport.runtime import BenchOptions
 
     found = manifest.read(out)
-    artifact = _pick_artifact(found, fmt, out)
+    family = found.source.model_family
+    artifact, layout = _pick_artifact(found, fmt, out)
     missing = manifest.missing_files(artifact, out)
     if missing:
         raise EdgeportError(
-            f"{out}: {', '.join(missing[:3])} of the {artifact['format']} artifact is missing or resized since "
+            f"{out}: {', '.join(missing[:3])} of the {artifact.format} artifact is missing or resized since "
             f"conversion (`edgeport inspect {out}` checks every file); convert again"
         )
-    if found["source"].get("family") == "whisper":
-        if text or prompt_tokens or max_tokens:
-            raise EdgeportError("--text, --prompt-tokens and --max-tokens are for causal LMs; Whisper takes --audio")
-        runs = runs or FULL_WORKLOAD["runs"]
-        result = _bench_transcription(out, artifact, audio, reference, language, task, runs)
-        _write_json(out / "bench.json", result)
-        if as_json or output_style == "json":
-            _print_json(result)
-        else:
-            title = f"Transcribe with {out.name} ({artifact['format']} {artifact['quantization']})"
-            report.show(report.transcribe_table(result, title), output_style)
-        return
-    if audio or reference:
-        raise EdgeportError(f"--audio and --reference are for Whisper outputs; {out} holds a causal LM")
-    slow_cpu = artifact["format"] == "mlx" and sys.platform != "darwin"
-    workload = CPU_MLX_WORKLOAD if slow_cpu else FULL_WORKLOAD
-    lengths = _token_counts(prompt_tokens or workload["prompt_tokens"])
-    new_tokens = max_tokens or workload["max_tokens"]
-    notes = []
-    context = _context_length(out / artifact["path"])
-    if context and max(lengths) + new_tokens > context:
-        lengths = sorted({min(n, context - new_tokens) for n in lengths})
-        if lengths[0] < 1:
-            raise EdgeportError(f"--max-tokens {new_tokens} leaves no room for a prompt in the {context}-token context")
-        notes.append(f"prompts cut to {', '.join(map(str, lengths))} tokens: the model's context holds {context}")
-    with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
-        runner = bench_runner(artifact["format"], out / artifact["path"])
-    with report.step("Summarization bench") as progress:
-        result = summarize.bench(
-            runner,
-            _read_text(text) if text else default_article(),
-            lengths,
-            new_tokens,
-            runs or workload["runs"],
-            progress,
-        )
-    result.update(format=artifact["format"], quantization=artifact["quantization"], artifact=artifact["path"])
-    if slow_cpu and not (prompt_tokens and max_tokens and runs):
-        notes.append(
-            "workload cut for MLX's CPU build off a Mac (quantized matmuls at well under 1 token/s); "
-            "a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs"
-        )
-    if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
-        notes.append(f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures")
-    if notes:
-        result["note"] = "; ".join(notes)
-    _write_json(out / "bench.json", result)
+    options = BenchOptions(
+        text=text,
+        prompt_tokens=_token_counts(prompt_tokens) if prompt_tokens else None,
+        max_tokens=max_tokens,
+        audio=audio,
+        reference=reference,
+        language=language,
+        task=task,
+        runs=runs,
+    )
+    workload = importlib.import_module(f"edgeport.runtime.{family.workload}")
+    result = workload.bench_artifact(out, artifact, layout, options)
+    _write_json(out / "bench.json", result.to_dict())
     if as_json or output_style == "json":
-        _print_json(result)
+        _print_json(result.to_dict())
     else:
-        title = f"Summarize with {out.name} ({artifact['format']} {artifact['quantization']})"
+        title = f"{result.workload.capitalize()} with {out.name} ({artifact.format} {artifact.quantization})"
         report.show(report.bench_table(result, title), output_style)
 
 
@@ -331,20 +291,16 @@ def bench(
 def check(out, target_name, ram, as_json) -> None:
     """Compare OUT's bench results with a target's budget: exit 0 when every line is met, 1 when one is missed,
     2 when one could not be judged on this machine."""
+    from edgeport.machine import machine
     from edgeport.runtime.check import check as judge
     from edgeport.runtime.check import passed, to_dicts, verdict
-    from edgeport.runtime.summarize import machine
+    from edgeport.runtime.results import BenchResult
 
     manifest.read(out)
-    bench = read_json(out / "bench.json", f"run `edgeport bench {out}` first")
+    file = out / "bench.json"
+    bench = BenchResult.from_dict(read_json(file, f"run `edgeport bench {out}` first"), file)
     target = targets.load(target_name, ram)
-    try:
-        lines = judge(bench, target, machine())
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise EdgeportError(
-            f"{out / 'bench.json'}: not a bench result this edgeport wrote ({type(e).__name__}: {str(e)[:80]}); "
-            f"run `edgeport bench {out}` again"
-        ) from e
+    lines = judge(bench, target, machine())
     if as_json:
         _print_json({"target": target.name, "met": passed(lines), "lines": to_dicts(lines)})
     else:
@@ -360,11 +316,9 @@ def inspect(out, as_json) -> None:
     found = manifest.read(out)
     problems = manifest.verify_files(found, out)
     if as_json:
-        _print_json({**found, "verification": problems or "ok"})
+        _print_json({**found.to_dict(), "verification": problems or "ok"})
     else:
-        from edgeport.plan import Plan
-
-        report.show(report.plan_table(Plan.from_dict(found["plan"])))
+        report.show(report.plan_table(found.plan))
         report.show(report.artifacts_table(found))
         report.show(report.provenance_table(found))
         report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
@@ -372,61 +326,23 @@ def inspect(out, as_json) -> None:
         sys.exit(MISSED)
 
 
-def _bench_transcription(
-    out: Path, artifact: dict, audio: Path | None, reference: Path | None, language: str | None, task: str, runs: int
-) -> dict:
-    from edgeport.audio import load_audio, parity_clips
-    from edgeport.runtime import transcribe
-    from edgeport.runtime.runners import QNN_ABSENT
-    from edgeport.runtime.whisper_runners import speech_bench_runner
+def _pick_artifact(found, fmt: str | None, out: Path):
+    """The artifact to bench and its layout: the one of `fmt`, or the fastest this machine runs (the CPU shapes
+    where no engine runs an accelerator here, any that runs here, else the first)."""
+    from edgeport import layouts
+    from edgeport.engines import engine_of, mlx
 
-    if audio:
-        speech, spoken = load_audio(audio), _read_text(reference) if reference else None
-    elif reference:
-        raise EdgeportError("--reference needs the --audio it transcribes")
-    else:
-        clip = parity_clips()[0]
-        speech, spoken = clip.audio, clip.reference
-    with report.step(f"Loading {artifact['format']} {artifact['quantization']}"):
-        runner = speech_bench_runner(artifact["format"], out / artifact["path"])
-        runner.use_language(language, task)
-    with report.step("Transcription bench") as progress:
-        result = transcribe.bench(runner, speech, spoken, runs, progress)
-    result.update(
-        format=artifact["format"],
-        quantization=artifact["quantization"],
-        artifact=artifact["path"],
-        audio=str(audio) if audio else "two_cities.wav (moonshine-voice)",
-    )
-    if artifact["format"] == "mlx" and sys.platform != "darwin":
-        result["note"] = "MLX's CPU backend in float32, not Metal: these are not Mac figures"
-    if artifact["details"].get("shape") == "npu" and not runner.providers[0].startswith("QNN"):
-        result["note"] = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
-    return result
-
-
-def _context_length(artifact: Path) -> int | None:
-    """The most tokens the model attends to, from the config.json beside the artifact (None when it has none)."""
-    from edgeport.config import check as check_config
-
-    file = artifact / "config.json"
-    if not file.is_file():
-        return None
-    config = check_config(read_json(file, ""), file)
-    return (config.get("text_config") or config).get("max_position_embeddings")
-
-
-def _pick_artifact(found: dict, fmt: str | None, out: Path) -> dict:
-    candidates = [a for a in found["artifacts"] if fmt is None or a["format"] == fmt]
+    candidates = [a for a in found.artifacts if fmt is None or a.format == fmt]
     if not candidates:
-        have = ", ".join(a["format"] for a in found["artifacts"]) or "none"
+        have = ", ".join(a.format for a in found.artifacts) or "none"
         raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
-    if fmt is None and sys.platform != "darwin":
-        # Off a Mac the fast engines at hand are CTranslate2 and the ONNX CPU shape; Core ML cannot run at all.
-        preferred = [a for a in candidates if a["format"] == "ct2" or a["details"].get("shape") == "cpu"]
-        runnable = [a for a in candidates if a["format"] != "coreml"]
-        return (preferred or runnable or candidates)[0]
-    return candidates[0]
+    family = found.source.family
+    opened = [(a, layouts.read(family, a.format, out / a.path)) for a in candidates]
+    if fmt is None:
+        runnable = [(a, layout) for a, layout in opened if engine_of(layout).unavailable_here() is None]
+        on_cpu = [(a, layout) for a, layout in runnable if layout.shape == "cpu"] if mlx.slow_here() else []
+        return (on_cpu or runnable or opened)[0]
+    return opened[0]
 
 
 _stopped_by: list[signal.Signals] = []  # libraries may re-raise a KeyboardInterrupt of their own: remember which

@@ -104,11 +104,9 @@ def _show(value) -> str:
 def weights_hold(config: dict, values: int, where: Path) -> None:
     """Refuse a config that declares far more parameters than its weight files hold `values` (elements, or bytes):
     a library would allocate the difference. The slack covers weights packed eight to an element (int4 in int32)."""
-    from edgeport.plan import model_size, whisper_size
+    from edgeport.families import family_of
 
-    declared = (
-        whisper_size(config) if config["model_type"] == "whisper" else model_size(config.get("text_config") or config)
-    ).params
+    declared = family_of(config["model_type"]).size(config).params
     if declared > PACKED_SLACK * values + 2**20:
         raise EdgeportError(
             f"{where}: its config declares {declared:,} parameters, but the weights hold only {values:,} values; "

@@ -1,16 +1,20 @@
-"""manifest.json: one versioned description of an output folder, validated whenever it is read."""
+"""manifest.json: one versioned description of an output folder, validated whenever it is read, and handed on
+as a typed `Manifest`."""
 
 import json
 import math
 import platform
 import re
 import time
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
 import edgeport
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
+from edgeport.parity import Parity
+from edgeport.plan import Plan
 from edgeport.source import sha256_file
 
 SCHEMA_VERSION = 1
@@ -70,39 +74,123 @@ SCHEMA = {
     "not_built": [{"format": str, "quantization": str, "reason": str}],
     "tools": dict,
 }
-METRICS = {  # the parity metrics each family's tables and judges read
-    "causal-lm": ("top1_agreement", "kl_mean", "cosine_mean", "ppl_source", "ppl_artifact", "ppl_delta"),
-    "whisper": ("wer_source", "wer_artifact", "wer_delta", "no_regression_share"),
-}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def build(source, target, plan, built: list, not_built: list[dict], out: Path) -> dict:
+@dataclass
+class SourceEntry:
+    ref: str  # what the user named
+    kind: str  # hf-folder | hf-hub | gguf | ct2
+    model_type: str
+    family: str
+    revision: str | None = None
+    sha256: dict | None = None  # the user's weight files, by name
+
+    @property
+    def model_family(self):
+        from edgeport.families import named
+
+        return named(self.family)
+
+
+@dataclass
+class TargetEntry:
+    name: str
+    ram_gb: float
+    description: str
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the output folder
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ArtifactEntry:
+    format: str
+    quantization: str
+    path: str  # the artifact's folder, relative to the output folder
+    engine: str  # the library that made it, with its version
+    files: list[FileEntry]
+    bytes: int
+    details: dict  # what the converter recorded: its layout, settings and timings
+    parity: Parity
+
+
+@dataclass
+class NotBuilt:
+    format: str
+    quantization: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    edgeport_version: str
+    created: str
+    source: SourceEntry
+    target: TargetEntry
+    plan: Plan
+    artifacts: list[ArtifactEntry]
+    not_built: list[NotBuilt]
+    tools: dict  # package -> version
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> "Manifest":
+        """A manifest read back from JSON, validated before anything is typed."""
+        validate(data, where)
+        artifacts = [
+            ArtifactEntry(
+                **{
+                    **_known(a, ArtifactEntry),
+                    "files": [FileEntry(**_known(f, FileEntry)) for f in a["files"]],
+                    "parity": Parity(**_known(a["parity"], Parity)),
+                }
+            )
+            for a in data["artifacts"]
+        ]
+        return cls(
+            **{k: data[k] for k in ("schema_version", "edgeport_version", "created", "tools")},
+            source=SourceEntry(**_known(data["source"], SourceEntry)),
+            target=TargetEntry(**_known(data["target"], TargetEntry)),
+            plan=Plan.from_dict(data["plan"], f"{where}: plan"),
+            artifacts=artifacts,
+            not_built=[NotBuilt(**_known(n, NotBuilt)) for n in data["not_built"]],
+        )
+
+
+def _known(data: dict, cls) -> dict:
+    """The fields of `cls` in `data` (a manifest may carry more, which this version does not read)."""
+    return {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+
+
+def build(source, target, plan: Plan, built: list, not_built: list[NotBuilt], out: Path) -> Manifest:
     """The manifest for an output folder; `built` holds (Artifact, Parity) pairs whose paths lie under `out`."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "edgeport_version": edgeport.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {
-            "ref": source.ref,
-            "kind": source.kind,
-            "model_type": source.model_type,
-            "family": source.family,
-            "revision": source.revision,
-            "sha256": source.origin_sha256(),
-        },
-        "target": {"name": target.name, "ram_gb": target.ram_gb, "description": target.description},
-        "plan": plan.to_dict(),
-        "artifacts": [_artifact_entry(artifact, parity, out) for artifact, parity in built],
-        "not_built": not_built,
-        "tools": tool_versions(),
-    }
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        edgeport_version=edgeport.__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        source=SourceEntry(
+            source.ref, source.kind, source.model_type, source.family.name, source.revision, source.origin_sha256()
+        ),
+        target=TargetEntry(target.name, target.ram_gb, target.description),
+        plan=plan,
+        artifacts=[_artifact_entry(artifact, parity, out) for artifact, parity in built],
+        not_built=not_built,
+        tools=tool_versions(),
+    )
 
 
-def write(manifest: dict, folder: Path) -> None:
-    manifest = finite(manifest)
-    validate(manifest, folder / FILENAME)
-    (folder / FILENAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+def write(manifest: Manifest, folder: Path) -> None:
+    data = finite(manifest.to_dict())
+    validate(data, folder / FILENAME)
+    (folder / FILENAME).write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def finite(value):
@@ -114,17 +202,16 @@ def finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def read(folder: Path) -> dict:
+def read(folder: Path) -> Manifest:
     """The validated manifest of an output folder. It is data, not instructions: every path it names is checked to
     lie inside `folder` before anything opens it."""
     file = Path(folder) / FILENAME
-    manifest = read_json(file, "is this an `edgeport convert` output folder?")
-    validate(manifest, file)
-    return manifest
+    return Manifest.from_dict(read_json(file, "is this an `edgeport convert` output folder?"), file)
 
 
 def validate(manifest: dict, where: Path) -> None:
-    from edgeport.plan import Plan
+    """`manifest` (as JSON gives it) holds every field this version reads, each of its type."""
+    from edgeport.families import named
 
     if not isinstance(manifest, dict):
         raise EdgeportError(f"{where}: not a manifest")
@@ -136,14 +223,12 @@ def validate(manifest: dict, where: Path) -> None:
         )
     _check(manifest, SCHEMA, where, "")
     Plan.from_dict(manifest["plan"], f"{where}: plan")
-    family = manifest["source"]["family"]
-    if family not in METRICS:
-        raise EdgeportError(f"{where}: source.family must be one of {', '.join(METRICS)}")
+    family = named(manifest["source"]["family"], str(where))
     for i, artifact in enumerate(manifest["artifacts"]):
         parity = artifact["parity"]
         if parity["status"] not in ("passed", "failed", "not checked"):
             raise EdgeportError(f"{where}: artifacts[{i}].parity.status must be passed, failed or not checked")
-        for name in METRICS[family]:
+        for name in family.metrics:
             _check(
                 parity["metrics"].get(name, 0), (*NUMBER, type(None)), where, f"artifacts[{i}].parity.metrics.{name}"
             )
@@ -154,9 +239,9 @@ def validate(manifest: dict, where: Path) -> None:
                 raise EdgeportError(f"{where}: artifacts[{i}].files[{j}] has a negative size or a malformed sha256")
 
 
-def listed_files(manifest: dict) -> set[str]:
+def listed_files(manifest: Manifest) -> set[str]:
     """The paths, relative to the output folder, of every artifact file a validated manifest lists."""
-    return {entry["path"] for artifact in manifest["artifacts"] for entry in artifact["files"]}
+    return {entry.path for artifact in manifest.artifacts for entry in artifact.files}
 
 
 def _check_path(value: str, where: Path, field: str) -> None:
@@ -169,25 +254,25 @@ def _check_path(value: str, where: Path, field: str) -> None:
         raise EdgeportError(f"{where}: {field} '{value}' leads outside the output folder (a symbolic link)")
 
 
-def verify_files(manifest: dict, folder: Path) -> list[str]:
+def verify_files(manifest: Manifest, folder: Path) -> list[str]:
     """Problems with the files the manifest lists: missing, or bytes/sha256 no longer as recorded."""
     problems = []
-    for artifact in manifest["artifacts"]:
-        for entry in artifact["files"]:
-            file = folder / entry["path"]
+    for artifact in manifest.artifacts:
+        for entry in artifact.files:
+            file = folder / entry.path
             if not file.is_file():
-                problems.append(f"{entry['path']}: missing")
-            elif file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-                problems.append(f"{entry['path']}: changed since conversion")
+                problems.append(f"{entry.path}: missing")
+            elif file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+                problems.append(f"{entry.path}: changed since conversion")
     return problems
 
 
-def missing_files(artifact: dict, folder: Path) -> list[str]:
+def missing_files(artifact: ArtifactEntry, folder: Path) -> list[str]:
     """The files of one artifact that are gone or no longer of their recorded size (no hashing: it is fast)."""
     return [
-        entry["path"]
-        for entry in artifact["files"]
-        if not (folder / entry["path"]).is_file() or (folder / entry["path"]).stat().st_size != entry["bytes"]
+        entry.path
+        for entry in artifact.files
+        if not (folder / entry.path).is_file() or (folder / entry.path).stat().st_size != entry.bytes
     ]
 
 
@@ -201,19 +286,19 @@ def tool_versions() -> dict:
     return versions
 
 
-def _artifact_entry(artifact, parity, out: Path) -> dict:
+def _artifact_entry(artifact, parity: Parity, out: Path) -> ArtifactEntry:
     files = sorted(f for f in artifact.path.rglob("*") if f.is_file())
-    entries = [{"path": str(f.relative_to(out)), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
-    return {
-        "format": artifact.format,
-        "quantization": artifact.quantization,
-        "path": str(artifact.path.relative_to(out)),
-        "engine": artifact.engine,
-        "files": entries,
-        "bytes": sum(e["bytes"] for e in entries),
-        "details": artifact.details,
-        "parity": parity.to_dict(),
-    }
+    entries = [FileEntry(str(f.relative_to(out)), f.stat().st_size, sha256_file(f)) for f in files]
+    return ArtifactEntry(
+        format=artifact.format,
+        quantization=artifact.quantization,
+        path=str(artifact.path.relative_to(out)),
+        engine=artifact.engine,
+        files=entries,
+        bytes=sum(e.bytes for e in entries),
+        details=artifact.details,
+        parity=parity,
+    )
 
 
 def _check(value, spec, where: Path, field: str) -> None:

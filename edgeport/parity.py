@@ -1,22 +1,14 @@
-"""Artifact vs source on the same inputs. Causal LMs: top-1 agreement, KL divergence, logits cosine and perplexity
-delta on the same tokens. Whisper: WER of source and artifact on the same speech, the delta, and the share of
-clips where the artifact did no worse (the measure WhisperKit publishes)."""
+"""Artifact vs source: the bounds each quantization is held to, one judge of a metric against its bound, and the
+measures the families compute their metrics with (KL divergence, cosine, perplexity, WER). What a family compares
+(logits on chat prompts, transcripts of speech) is the family's own (edgeport.families)."""
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgeport.audio import SAMPLE_RATE
+from edgeport.errors import EdgeportError
 from edgeport.quantization import lookup
-from edgeport.texts import chat_ids, reference_paragraph
-
-# Chat prompts every causal LM is checked on, with the perplexity text below.
-PROMPTS = (
-    "Summarize in one sentence: the meeting moved the product launch from March to May because testing found "
-    "a memory leak in the audio pipeline.",
-    "Write three short bullet points on why a laptop battery drains faster in cold weather.",
-    "What is the capital of France, and what river runs through it?",
-)
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,32 @@ BOUNDS: dict[str, Bounds] = {
     "mixed_2_6": Bounds(0.25, 4.00, 3.00, 0.50),
     "q2": Bounds(0.15, 6.00, 5.00, 0.80),
 }
-LM_METRICS = ("top1_agreement", "kl_mean", "ppl_delta")
+
+
+def bounds_for(quantization: str) -> Bounds:
+    """The bounds an artifact at `quantization` is judged by (grouped variants as their base quantization)."""
+    return BOUNDS[lookup(quantization).bounds_key]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured figure against its bound."""
+
+    name: str
+    value: float | None
+    bound: float
+    at_least: bool = False  # the value must be at least the bound (else at most)
+
+    @property
+    def ok(self) -> bool:
+        """On the right side of the bound; a figure that could not be computed (NaN, None) is not."""
+        if self.value is None or math.isnan(self.value):
+            return False
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    @property
+    def failure(self) -> str:
+        return f"{self.name} {self.value} {'<' if self.at_least else '>'} {self.bound}"
 
 
 @dataclass
@@ -72,90 +89,13 @@ class Parity:
         return asdict(self)
 
 
-class Reference:
-    """The source's logits for the parity inputs, computed once and shared by every artifact."""
-
-    def __init__(self, source, runner):
-        tokenizer = source.load_tokenizer()
-        self.inputs = [chat_ids(tokenizer, p) for p in PROMPTS]
-        self.text = tokenizer(reference_paragraph())["input_ids"]
-        self.engine = runner.engine
-        self.logits = [runner.logits(ids) for ids in self.inputs]
-        self.text_logits = runner.logits(self.text)
-
-
-def measure(reference: Reference, runner, quantization: str, not_checked: str | None = None) -> Parity:
-    """Compare `runner` (one artifact) with the reference on the same tokens."""
-    artifact_logits = [runner.logits(ids) for ids in reference.inputs]
-    ref = np.concatenate(reference.logits)
-    art = np.concatenate(artifact_logits)
-    ppl_source = perplexity(reference.text_logits, reference.text)
-    ppl_artifact = perplexity(runner.logits(reference.text), reference.text)
-    metrics = {
-        "tokens": int(ref.shape[0]),
-        "top1_agreement": round(float(np.mean(ref.argmax(-1) == art.argmax(-1))), 4),
-        "kl_mean": round(float(np.mean(kl_divergence(ref, art))), 5),
-        "cosine_mean": round(float(np.mean(cosine(ref, art))), 5),
-        "ppl_source": round(ppl_source, 3),
-        "ppl_artifact": round(ppl_artifact, 3),
-        "ppl_delta": round((ppl_artifact - ppl_source) / ppl_source, 4),
-    }
-    bounds = {name: getattr(BOUNDS[lookup(quantization).bounds_key], name) for name in LM_METRICS}
-    return _judged(metrics, bounds, f"source: {reference.engine}; artifact: {runner.engine}", not_checked)
-
-
-PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
-
-
-class SpeechReference:
-    """The source's transcripts of the parity clips, made once and shared by every artifact."""
-
-    def __init__(self, runner, clips):
-        from edgeport.runtime.transcribe import transcribe
-
-        self.clips, self.engine = clips, runner.engine
-        runner.use_language(PARITY_LANGUAGE)
-        self.transcripts = [transcribe(runner, clip.audio).text for clip in clips]
-
-
-def measure_speech(reference: SpeechReference, runner, quantization: str, not_checked: str | None = None) -> Parity:
-    """Transcribe the parity clips with `runner` (one artifact) and compare its WER with the source's."""
-    from edgeport.runtime.transcribe import transcribe, wer
-
-    clips = reference.clips
-    runner.use_language(PARITY_LANGUAGE)
-    texts = [transcribe(runner, clip.audio).text for clip in clips]
-    spoken = [clip.reference for clip in clips]
-    source_wer, artifact_wer = wer(spoken, reference.transcripts), wer(spoken, texts)
-    no_worse = [
-        wer(clip.reference, text) <= wer(clip.reference, source)
-        for clip, text, source in zip(clips, texts, reference.transcripts, strict=True)
-    ]
-    metrics = {
-        "clips": [clip.name for clip in clips],
-        "audio_s": round(sum(len(clip.audio) for clip in clips) / SAMPLE_RATE, 2),
-        "wer_source": round(source_wer, 4),
-        "wer_artifact": round(artifact_wer, 4),
-        "wer_delta": round(artifact_wer - source_wer, 4),
-        "no_regression_share": round(sum(no_worse) / len(clips), 3),
-        "transcripts": texts,
-        "source_transcripts": reference.transcripts,
-    }
-    bounds = {"wer_delta": BOUNDS[lookup(quantization).bounds_key].wer_delta}
-    return _judged(metrics, bounds, f"source: {reference.engine}; artifact: {runner.engine}", not_checked)
-
-
-def _judged(metrics: dict, bounds: dict, method: str, not_checked: str | None) -> Parity:
-    """Every metric named in `bounds` on its right side: top-1 agreement at least, the others at most."""
-    failures = [
-        f"{name} {metrics[name]} {'<' if name == 'top1_agreement' else '>'} {limit}"
-        for name, limit in bounds.items()
-        if (metrics[name] < limit if name == "top1_agreement" else metrics[name] > limit)
-    ]
+def judge(metrics: dict, judged: list[Metric], method: str, not_checked: str | None = None) -> Parity:
+    """Parity from every metric of `metrics` and the ones of them `judged` against their bounds."""
+    failures = [m.failure for m in judged if not m.ok]
     return Parity(
         status="failed" if failures else "passed",
         method=method,
-        bounds=bounds,
+        bounds={m.name: m.bound for m in judged},
         metrics=metrics,
         failures=failures,
         not_checked=[not_checked] if not_checked else [],
@@ -186,3 +126,21 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normalization (numbers, spellings, punctuation, case), as WER is published."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})(text)
+
+
+def wer(reference: str | list[str], hypothesis: str | list[str]) -> float:
+    """Word error rate after normalization; lists are scored as one corpus (errors over all reference words)."""
+    import jiwer
+
+    references = [normalize(r) for r in ([reference] if isinstance(reference, str) else reference)]
+    hypotheses = [normalize(h) for h in ([hypothesis] if isinstance(hypothesis, str) else hypothesis)]
+    if not all(references):
+        raise EdgeportError("a reference transcript is empty after normalization")
+    return float(jiwer.wer(references, hypotheses))

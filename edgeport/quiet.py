@@ -6,6 +6,8 @@ It works through the libraries' own switches, set before they are imported, so t
 of the heavy ones) stays fast.
 """
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -27,3 +29,22 @@ def silence_libraries() -> None:
     warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings from library internals
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def converting():
+    """A converter's libraries at work (the tracer's warnings, the quantizer's advice, coremltools' progress bars)
+    print to a log nobody reads, not over edgeport's own progress line, even under --verbose."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)

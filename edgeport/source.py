@@ -63,8 +63,11 @@ class Source:
         return self.config["model_type"]
 
     @property
-    def family(self) -> str:
-        return "whisper" if self.model_type in WHISPER_TYPES else "causal-lm"
+    def family(self):
+        """The model family (edgeport.families) that plans, checks and benches this source."""
+        from edgeport.families import family_of
+
+        return family_of(self.model_type)
 
     @property
     def text_config(self) -> dict:
@@ -94,12 +97,11 @@ class Source:
         """The source model in transformers on the CPU in float32: the parity reference. `options` go to
         `from_pretrained` (e.g. attn_implementation)."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
+        import transformers
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # edgeport's own spinner reports the step
-        auto = AutoModelForSpeechSeq2Seq if self.family == "whisper" else AutoModelForCausalLM
-        model = auto.from_pretrained(
+        model = getattr(transformers, self.family.auto_model).from_pretrained(
             self.path,
             dtype=torch.float32,
             use_safetensors=True,

@@ -3,6 +3,8 @@
 from dataclasses import asdict, dataclass
 
 from edgeport.errors import MET, MISSED, NOT_CHECKED
+from edgeport.parity import Metric
+from edgeport.runtime.results import BenchResult
 from edgeport.targets import Target
 
 
@@ -26,16 +28,12 @@ class Line:
         return "—" if self.measured is None else f"{self.measured:.4g} {self.unit}".strip()
 
 
-def check(bench: dict, target: Target, host_machine: dict) -> list[Line]:
+def check(bench: BenchResult, target: Target, host_machine: dict) -> list[Line]:
     """Judge `bench` (an `edgeport bench` result) against `target`'s budget."""
-    results = bench["results"]
-    if bench.get("workload") == "transcribe":
-        lines = _transcription_lines(results[0], target.budget)
-    else:
-        lines = _summarization_lines(results, target.budget)
-    peak = max(max(r.get("peak_memory_gb", 0), r["peak_rss_gb"]) for r in results)
+    lines = WORKLOAD_LINES[bench.workload](bench.results, target.budget)
+    peak = max(r.peak_gb for r in bench.results)
     lines.append(_judged("peak memory", target.peak_memory_budget_gb, "GB", True, peak))
-    elsewhere = _measured_elsewhere(bench["machine"], target, host_machine)
+    elsewhere = _measured_elsewhere(bench.machine, target, host_machine)
     if elsewhere:
         for line in lines:
             if line.status != "not checked":
@@ -43,34 +41,37 @@ def check(bench: dict, target: Target, host_machine: dict) -> list[Line]:
     return lines
 
 
-def _summarization_lines(results: list[dict], budget) -> list[Line]:
+def _summarization_lines(results: list, budget) -> list[Line]:
     lines = []
     if budget.ttft_s:
         condition = f"at {budget.prompt_tokens} prompt tokens"
-        at_length = [r for r in results if r["prompt_tokens"] == budget.prompt_tokens]
+        at_length = [r for r in results if r.prompt_tokens == budget.prompt_tokens]
         if at_length:
-            lines.append(_judged("time to first token", budget.ttft_s, "s", True, at_length[0]["ttft_s"], condition))
+            lines.append(_judged("time to first token", budget.ttft_s, "s", True, at_length[0].ttft_s, condition))
         else:
-            measured = ", ".join(str(r["prompt_tokens"]) for r in results)
+            measured = ", ".join(str(r.prompt_tokens) for r in results)
             reason = f"bench measured {measured} prompt tokens; bench with --prompt-tokens {budget.prompt_tokens}"
             lines.append(Line("time to first token", budget.ttft_s, "s", True, None, "not checked", reason, condition))
     if budget.decode_tps:
-        decode = min(r["decode_tps"] for r in results)
+        decode = min(r.decode_tps for r in results)
         lines.append(_judged("decode", budget.decode_tps, "tok/s", False, decode))
     return lines
 
 
-def _transcription_lines(result: dict, budget) -> list[Line]:
-    lines = []
+def _transcription_lines(results: list, budget) -> list[Line]:
+    lines, result = [], results[0]
     if budget.rtf:
-        lines.append(_judged("real-time factor", budget.rtf, "", True, result["rtf"]))
+        lines.append(_judged("real-time factor", budget.rtf, "", True, result.rtf))
     if budget.wer:
-        if "wer" in result:
-            lines.append(_judged("WER", budget.wer, "", True, result["wer"]))
+        if result.wer is not None:
+            lines.append(_judged("WER", budget.wer, "", True, result.wer))
         else:
             reason = "bench with --audio and its --reference"
             lines.append(Line("WER", budget.wer, "", True, None, "not checked", reason))
     return lines
+
+
+WORKLOAD_LINES = {"summarize": _summarization_lines, "transcribe": _transcription_lines}  # the budget each judges
 
 
 def verdict(lines: list[Line]) -> int:
@@ -89,10 +90,8 @@ def to_dicts(lines: list[Line]) -> list[dict]:
 
 
 def _judged(name: str, limit: float, unit: str, at_most: bool, measured: float, condition: str = "") -> Line:
-    if not isinstance(measured, int | float) or isinstance(measured, bool):
-        raise TypeError(f"{name} is {measured!r}, not a number")
-    ok = measured <= limit if at_most else measured >= limit
-    return Line(name, limit, unit, at_most, measured, "met" if ok else "missed", condition=condition)
+    met = Metric(name, measured, limit, at_least=not at_most).ok
+    return Line(name, limit, unit, at_most, measured, "met" if met else "missed", condition=condition)
 
 
 def _measured_elsewhere(measured_on: dict, target: Target, host_machine: dict) -> str:

@@ -4,35 +4,71 @@ Reports time to first token, prefill and decode tokens/s and peak memory, each t
 after a short warm-up run.
 """
 
-import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from edgeport import report
+from edgeport.engines import engine_of, mlx, onnx
 from edgeport.errors import EdgeportError
-from edgeport.texts import chat_ids
+from edgeport.layouts import Layout
+from edgeport.machine import machine, peak_rss_bytes
+from edgeport.manifest import ArtifactEntry
+from edgeport.runtime import BenchOptions
+from edgeport.runtime.results import BenchResult, Measurement
+from edgeport.texts import default_article, read_text, summary_prompt
 
-INSTRUCTION = "Summarize the following text in a few sentences.\n\n"
 WARMUP_TOKENS = 16  # a short warm-up run exercises the prefill and decode kernels before the measured runs
+# MLX's CPU build runs quantized matmuls at well under a token per second (shared/TOOLCHAIN.md): off a Mac the
+# default workload is cut to what finishes in minutes, and the bench says so.
+FULL_WORKLOAD = {"prompt_tokens": [512, 2048], "max_tokens": 128, "runs": 3}
+SLOW_ENGINE_WORKLOAD = {"prompt_tokens": [48], "max_tokens": 4, "runs": 1}
 
 
-@dataclass
-class Measurement:
-    prompt_tokens: int
-    new_tokens: int
-    ttft_s: float
-    prefill_tps: float
-    decode_tps: float
-    peak_memory_gb: float  # as the engine reports it
-    peak_rss_gb: float  # the process's peak resident memory, as the OS sees it
-    # (mean, standard deviation) over the runs, beside the medians above, as llama-bench reports them
-    ttft_s_mean_std: tuple[float, float] = (0.0, 0.0)
-    prefill_tps_mean_std: tuple[float, float] = (0.0, 0.0)
-    decode_tps_mean_std: tuple[float, float] = (0.0, 0.0)
+def bench_artifact(out: Path, artifact: ArtifactEntry, layout: Layout, options: BenchOptions) -> BenchResult:
+    """`edgeport bench` on a causal LM artifact: the summary workload at each prompt length, cut to the model's
+    context and, where the engine runs slowly here, to what finishes in minutes."""
+    if options.audio or options.reference:
+        raise EdgeportError(f"--audio and --reference are for Whisper outputs; {out} holds a causal LM")
+    slow = layout.engine == "mlx" and mlx.slow_here()
+    workload = SLOW_ENGINE_WORKLOAD if slow else FULL_WORKLOAD
+    lengths = options.prompt_tokens or workload["prompt_tokens"]
+    new_tokens = options.max_tokens or workload["max_tokens"]
+    notes = []
+    context = context_length(out / artifact.path)
+    if context and max(lengths) + new_tokens > context:
+        lengths = sorted({min(n, context - new_tokens) for n in lengths})
+        if lengths[0] < 1:
+            raise EdgeportError(f"--max-tokens {new_tokens} leaves no room for a prompt in the {context}-token context")
+        notes.append(f"prompts cut to {', '.join(map(str, lengths))} tokens: the model's context holds {context}")
+    folder, name = out / artifact.path, f"{artifact.format} {artifact.quantization}"
+    with report.step(f"Loading {name}"):
+        runner = engine_of(layout).runner(layout, folder)
+    with report.step("Summarization bench") as progress:
+        text = read_text(options.text) if options.text else default_article()
+        result = bench(runner, text, lengths, new_tokens, options.runs or workload["runs"], progress)
+    if slow and not (options.prompt_tokens and options.max_tokens and options.runs):
+        notes.append(f"workload cut for {slow}; a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs")
+    if layout.for_qnn and runner.providers[0] != onnx.QNN:
+        notes.append(onnx.NOT_NPU_FIGURES)
+    result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
+    result.note = "; ".join(notes) or None
+    return result
 
 
-def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: int, progress=None) -> dict:
+def context_length(folder: Path) -> int | None:
+    """The most tokens the model attends to, from the config.json beside the artifact (None when it has none)."""
+    from edgeport.config import check as check_config
+    from edgeport.files import read_json
+
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    config = check_config(read_json(file, ""), file)
+    return (config.get("text_config") or config).get("max_position_embeddings")
+
+
+def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: int, progress=None) -> BenchResult:
     """Measure `runner` on a summary prompt of each length; `progress(message)` is told of each run."""
     results = []
     for length in prompt_lengths:
@@ -46,61 +82,15 @@ def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: i
                 progress(f"{len(prompt)}-token prompt: run {i}/{runs}")
             samples.append(run_once(runner, prompt, max_tokens))
         results.append(_median(samples))
-    return {
-        "workload": "summarize",
-        "engine": runner.engine,
-        "machine": machine(),
-        "max_tokens": max_tokens,
-        "runs": runs,
-        "results": [asdict(r) for r in results],
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def summary_prompt(tokenizer, text: str, length: int) -> list[int]:
-    """Token ids of a summary request of exactly `length` tokens: the chat template around the instruction and as
-    much of `text` as fits (repeated when it is short), cut at a token rather than a word."""
-    longer = chat_ids(tokenizer, summary_request(tokenizer, text, length, over=True))
-    empty = chat_ids(tokenizer, "")  # the template alone: the tokens before and after the user's message
-    before = _common_prefix(longer, empty)
-    after = min(_common_prefix(longer[::-1], empty[before:][::-1]), len(longer) - before)
-    room = length - before - after
-    if room < 1:
-        raise EdgeportError(f"a {length}-token prompt cannot hold the chat template and the instruction")
-    return longer[:before] + longer[before : len(longer) - after][:room] + longer[len(longer) - after :]
-
-
-def summary_request(tokenizer, text: str, length: int, over: bool = False) -> str:
-    """The user's message: the instruction and the longest prefix of `text` (repeated when it is short) that keeps
-    the chat prompt within `length` tokens; with `over`, the shortest that passes it."""
-    words = text.split()
-    if not words:
-        raise EdgeportError("the text to summarize is empty")
-
-    def request(n: int) -> str:
-        return INSTRUCTION + " ".join(words[:n])
-
-    if len(chat_ids(tokenizer, request(1))) > length:
-        raise EdgeportError(f"a {length}-token prompt cannot hold the summary instruction; use a longer one")
-    while len(chat_ids(tokenizer, request(len(words)))) <= length:
-        words = words + words
-    low, high = 1, len(words)
-    while low < high:  # binary search on the number of words
-        mid = (low + high + 1) // 2
-        if len(chat_ids(tokenizer, request(mid))) <= length:
-            low = mid
-        else:
-            high = mid - 1
-    return request(low + 1 if over else low)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
+    return BenchResult(
+        workload="summarize",
+        engine=runner.engine,
+        machine=machine(),
+        runs=runs,
+        results=results,
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        max_tokens=max_tokens,
+    )
 
 
 def run_once(runner, prompt: list[int], max_tokens: int) -> Measurement:
@@ -119,32 +109,6 @@ def run_once(runner, prompt: list[int], max_tokens: int) -> Measurement:
         peak_memory_gb=round(last.peak_memory_gb, 4),
         peak_rss_gb=round(peak_rss_bytes() / 1e9, 4),
     )
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
-def machine() -> dict:
-    """What the figures were measured on, so `check` knows whether they speak for a target."""
-    return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu_name(), "node": platform.node()}
-
-
-def cpu_name() -> str:
-    if sys.platform == "darwin":
-        import subprocess
-
-        return subprocess.run(
-            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
-        ).stdout.strip()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def _median(samples: list[Measurement]) -> Measurement:

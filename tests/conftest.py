@@ -164,8 +164,7 @@ def run_cli(*args: str):
     from contextlib import redirect_stderr, redirect_stdout
     from io import StringIO
 
-    from edgeport import cli
-    from edgeport.runtime import report
+    from edgeport import cli, report
 
     out, err = StringIO(), StringIO()
     old_argv = sys.argv

@@ -212,6 +212,7 @@ def manifest_seed(folder: Path) -> bytes:
     weights = folder / "mlx" / "model.safetensors"
     weights.parent.mkdir(exist_ok=True)
     weights.write_bytes(safetensors_seed(folder))
+    (folder / "mlx" / "config.json").write_text("{}")  # what marks an mlx-lm folder
     source = Source(ref="seed", kind="hf-folder", config=json.loads(config_seed(folder)))
     plan = make_plan(source, targets.load("m2-air"), ["mlx"])
     artifact = {
@@ -219,7 +220,10 @@ def manifest_seed(folder: Path) -> bytes:
         "quantization": "q4",
         "path": "mlx",
         "engine": "mlx-lm",
-        "files": [{"path": "mlx/model.safetensors", "bytes": weights.stat().st_size, "sha256": "0" * 64}],
+        "files": [
+            {"path": "mlx/model.safetensors", "bytes": weights.stat().st_size, "sha256": "0" * 64},
+            {"path": "mlx/config.json", "bytes": 2, "sha256": "0" * 64},
+        ],
         "bytes": weights.stat().st_size,
         "details": {"shape": "cpu"},
         "parity": {
@@ -281,8 +285,8 @@ def read_ct2(file: Path) -> None:
 def read_config(file: Path) -> None:
     from rich.console import Console
 
+    from edgeport import report
     from edgeport.plan import make_plan
-    from edgeport.runtime import report
     from edgeport.source import Source, read_config
 
     config = read_config(file.parent)
@@ -294,15 +298,13 @@ def read_config(file: Path) -> None:
 def read_manifest(file: Path) -> None:
     from rich.console import Console
 
-    from edgeport import manifest, output
+    from edgeport import manifest, output, report
     from edgeport.cli import _pick_artifact
-    from edgeport.plan import Plan
-    from edgeport.runtime import report
 
     found = manifest.read(file.parent)
     manifest.verify_files(found, file.parent)
     console = Console(file=io.StringIO(), width=80)
-    for grid in (report.plan_table(Plan.from_dict(found["plan"])), report.artifacts_table(found)):
+    for grid in (report.plan_table(found.plan), report.artifacts_table(found)):
         report.show(grid, "rich", console)
     report.show(report.provenance_table(found), "md", console)
     _pick_artifact(found, None, file.parent)

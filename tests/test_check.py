@@ -1,6 +1,9 @@
+from pathlib import Path
+
 from edgeport import targets
+from edgeport.machine import machine
 from edgeport.runtime.check import check, passed
-from edgeport.runtime.summarize import machine
+from edgeport.runtime.results import BenchResult
 
 
 def bench(prompt_tokens=512, ttft=1.0, decode=30.0, peak=0.5, on=None):
@@ -13,7 +16,8 @@ def bench(prompt_tokens=512, ttft=1.0, decode=30.0, peak=0.5, on=None):
         "peak_memory_gb": peak,
         "peak_rss_gb": 0.2,
     }
-    return {"machine": on or machine(), "results": [result]}
+    data = {"workload": "summarize", "engine": "e", "runs": 1, "measured_at": "", "machine": on or machine()}
+    return BenchResult.from_dict({**data, "results": [result]}, Path("bench.json"))
 
 
 def statuses(lines):

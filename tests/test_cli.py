@@ -196,14 +196,12 @@ def test_every_table_reads_at_80_columns(fp16_output):
     """No cell cut to "…", no line past 80 columns, ids whole, in box drawing; a plain markdown table in a pipe."""
     from rich.console import Console
 
-    from edgeport import manifest, targets
-    from edgeport.plan import Plan
-    from edgeport.runtime import report
+    from edgeport import manifest, report, targets
 
     found = manifest.read(fp16_output)
     grids = [
         report.targets_table([targets.load(name) for name in targets.names()]),
-        report.plan_table(Plan.from_dict(found["plan"])),
+        report.plan_table(found.plan),
         report.artifacts_table(found),
         report.provenance_table(found),
     ]

@@ -12,7 +12,9 @@ from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport.convert import coreml
-from edgeport.runtime.runners import COREML_NEEDS_MACOS, CoreMLRunner
+from edgeport.engines.coreml import NEEDS_MACOS as COREML_NEEDS_MACOS
+from edgeport.engines.coreml import CoreMLRunner, read_weights
+from edgeport.families.causal_lm import LMDims
 
 pytestmark = pytest.mark.skipif(sys.platform == "darwin", reason="checks what Linux reports in place of prediction")
 
@@ -84,7 +86,7 @@ def test_weights_read_back_are_the_int4_blocks_of_the_source(gpu_package, tiny_l
     out, _ = gpu_package
     source = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     names = [n for n, _ in source.named_parameters()]
-    weights = coreml.read_weights(out / "coreml" / "model.mlpackage", names)
+    weights = read_weights(out / "coreml" / "model.mlpackage", names)
     original = dict(source.named_parameters())["model.layers.1.mlp.down_proj.weight"].detach().numpy()
     stored = weights["model.layers.1.mlp.down_proj.weight"]
     blocks = original.reshape(original.shape[0], -1, 32)
@@ -148,7 +150,8 @@ def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2)
     model = AutoModelForCausalLM.from_pretrained(
         tiny_qwen2, dtype=torch.float32, attn_implementation="edgeport_fused_sdpa"
     )
-    wrapper = coreml.StatefulCausalLM(model, context_length=64).eval()
+    dims = LMDims.from_config(model.config.to_dict())
+    wrapper = coreml.StatefulCausalLM(model, dims.cache_shape(64)).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     expected = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)(ids).logits[0]
     caches = (wrapper.keyCache.clone(), wrapper.valueCache.clone()) if stateless else ()

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from edgeport import manifest
-from edgeport.runtime.runners import MLXRunner
+from edgeport.engines.mlx import MLXRunner
 
 
 def convert(model, out, *extra):
@@ -42,7 +42,7 @@ def test_fp16_artifact_loads_in_mlx_lm_and_matches_the_source(fixture, request, 
 
 def test_manifest_is_valid_and_its_hashes_are_right(q4_output, tiny_llama):
     out, result = q4_output
-    assert manifest.read(out) == result
+    assert manifest.read(out).to_dict() == result
     assert (
         result["source"]["sha256"]["model.safetensors"]
         == hashlib.sha256((tiny_llama / "model.safetensors").read_bytes()).hexdigest()
@@ -104,7 +104,7 @@ def test_force_replaces_and_an_interrupted_run_leaves_nothing(tiny_llama, tmp_pa
     out = tmp_path / "out"
     convert(tiny_llama, out, "--quant", "fp16")
     convert(tiny_llama, out, "--quant", "q8", "--force")
-    assert manifest.read(out)["artifacts"][0]["quantization"] == "q8"
+    assert manifest.read(out).artifacts[0].quantization == "q8"
 
     import edgeport.convert.mlx as mlx_converter
 
@@ -149,7 +149,7 @@ def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path
     out = tmp_path / "out"
     code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
     assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
-    assert manifest.read(out)["artifacts"][0]["parity"]["status"] == "failed"
+    assert manifest.read(out).artifacts[0].parity.status == "failed"
     code, _, _ = run_cli(
         "convert",
         str(tiny_llama),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from edgeport import manifest
 from edgeport.convert import copy_app_files
 from edgeport.convert import onnx as onnx_convert
-from edgeport.runtime.runners import QNN_ABSENT, ONNXRunner, StaticKVRunner
+from edgeport.engines.onnx import QNN_ABSENT, ONNXRunner, StaticKVRunner
 from edgeport.source import open_source
 
 
@@ -62,7 +62,7 @@ def test_cpu_shape_is_the_genai_builders_model_and_matches_the_source(cpu_output
     nbits = next(n for n in graph.node if n.op_type == "MatMulNBits")
     assert {a.name: a.i for a in nbits.attribute}["block_size"] == 32
     assert artifact["details"]["opset"] >= 17 and artifact["details"]["onnxruntime"]
-    assert manifest.verify_files(result, out) == []
+    assert manifest.verify_files(manifest.read(out), out) == []
 
 
 def test_cpu_runner_generates_what_the_logits_predict(cpu_output, tiny_llama):

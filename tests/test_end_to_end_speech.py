@@ -10,8 +10,7 @@ import pytest
 from conftest import convert, package_path, run_cli
 
 from edgeport.audio import parity_clips
-from edgeport.parity import BOUNDS
-from edgeport.runtime.transcribe import wer
+from edgeport.parity import BOUNDS, wer
 
 pytestmark = pytest.mark.slow
 

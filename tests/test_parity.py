@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from edgeport.parity import BOUNDS, Parity, cosine, kl_divergence, measure, perplexity
+from edgeport.families.causal_lm import CausalLM
+from edgeport.parity import BOUNDS, Parity, cosine, kl_divergence, perplexity
 
 
 class FixedRunner:
@@ -28,21 +29,21 @@ class FakeReference:
 
 
 def test_identical_logits_are_perfect():
-    result = measure(FakeReference(), FixedRunner(0.0), "fp16")
+    result = CausalLM().measure(FakeReference(), FixedRunner(0.0), "fp16")
     assert result.status == "passed" and not result.failures
     assert result.metrics["top1_agreement"] == 1.0 and result.metrics["kl_mean"] == 0.0
     assert result.metrics["cosine_mean"] == pytest.approx(1.0) and result.metrics["ppl_delta"] == 0.0
 
 
 def test_a_damaged_artifact_fails_with_the_reasons():
-    result = measure(FakeReference(), FixedRunner(8.0), "q8")
+    result = CausalLM().measure(FakeReference(), FixedRunner(8.0), "q8")
     assert result.status == "failed"
     assert any(f.startswith("top1_agreement") for f in result.failures)
     assert any(f.startswith("kl_mean") for f in result.failures)
 
 
 def test_what_could_not_run_is_recorded_not_passed_over():
-    result = measure(FakeReference(), FixedRunner(0.0), "q4", not_checked="MLX quantized kernels")
+    result = CausalLM().measure(FakeReference(), FixedRunner(0.0), "q4", not_checked="MLX quantized kernels")
     assert result.to_dict()["not_checked"] == ["MLX quantized kernels"]
 
 

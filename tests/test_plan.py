@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgeport import targets
 from edgeport.errors import EdgeportError
-from edgeport.plan import make_plan, model_size
+from edgeport.families.causal_lm import model_size
+from edgeport.plan import make_plan
 from edgeport.source import Source
 
 LLAMA_8B = {  # Llama-3.1-8B's config.json, the numbers that matter
@@ -117,7 +118,7 @@ def test_tiny_model_sizes_are_consistent(tiny_llama):
 
 def test_the_mixed_recipe_count_is_closed_form():
     """A config's layer count costs the plan nothing: the count matches mlx-lm's per-layer rule without a loop."""
-    from edgeport.plan import mixed_recipe_layers
+    from edgeport.families.causal_lm import mixed_recipe_layers
 
     for layers in range(300):
         per_layer = sum(

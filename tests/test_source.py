@@ -15,7 +15,7 @@ def copy_of(folder, tmp_path):
 
 def test_opens_a_folder_with_its_family_and_hashes(tiny_llama):
     source = open_source(str(tiny_llama))
-    assert (source.kind, source.family, source.model_type) == ("hf-folder", "causal-lm", "llama")
+    assert (source.kind, source.family.name, source.model_type) == ("hf-folder", "causal-lm", "llama")
     weights = tiny_llama / "model.safetensors"
     assert source.origin_sha256() == {"model.safetensors": sha256_file(weights)}
 

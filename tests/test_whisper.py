@@ -21,11 +21,14 @@ from edgeport import targets
 from edgeport.audio import SAMPLE_RATE, load_audio, parity_clips, windows
 from edgeport.convert import copy_app_files, whisper_onnx
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
+from edgeport.engines.mlx import MLXWhisper
+from edgeport.engines.onnx import WhisperONNXRunner
+from edgeport.engines.reference import TorchWhisper
+from edgeport.engines.whisper import start_tokens, transcribe
 from edgeport.errors import EdgeportError
-from edgeport.parity import BOUNDS
-from edgeport.plan import make_plan, whisper_size
-from edgeport.runtime.transcribe import start_tokens, transcribe, wer
-from edgeport.runtime.whisper_runners import MLXWhisper, TorchWhisper, WhisperONNXRunner
+from edgeport.families.whisper import WhisperDims, whisper_size
+from edgeport.parity import BOUNDS, wer
+from edgeport.plan import make_plan
 from edgeport.source import open_source
 
 TOKENS = [50257, 50362, 440, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]  # prompt, then some text
@@ -55,7 +58,7 @@ def reference_logits(model_folder, tokens=TOKENS):
 def test_a_ctranslate2_folder_reads_back_the_weights_ctranslate2_wrote(quantization, tolerance, tiny_whisper, tmp_path):
     folder = ct2_folder(tiny_whisper, tmp_path / "ct2", quantization)
     source = open_source(str(folder))
-    assert (source.kind, source.family, source.config["decoder_layers"]) == ("ct2", "whisper", 2)
+    assert (source.kind, source.family.name, source.config["decoder_layers"]) == ("ct2", "whisper", 2)
     original, rebuilt = load_file(tiny_whisper / "model.safetensors"), load_file(source.path / "model.safetensors")
     assert set(rebuilt) == set(original) - {"proj_out.weight"}  # tied to the embedding
     for name, value in original.items():
@@ -175,7 +178,7 @@ def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
             logits.append(out[0])
         assert np.allclose(torch.cat(logits).numpy(), expected, atol=1e-4)
 
-        stateful = StatefulDecoder(model, 448)
+        stateful = StatefulDecoder(model, WhisperDims.from_config(model.config.to_dict()).cache_shape(448))
         stateful.keyCache.zero_(), stateful.valueCache.zero_()
         for i, token in enumerate(TOKENS):
             mask = torch.full((1, 1, 1, 448), float("-inf"))
@@ -187,8 +190,7 @@ def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
 @pytest.mark.parametrize("static", [False, True])
 def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path):
     _, features, expected = reference_logits(tiny_whisper)
-    shape = whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static)
-    (tmp_path / "whisper.json").write_text(json.dumps(shape))
+    whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static).write(tmp_path)
     copy_app_files(tiny_whisper, tmp_path)
     runner = WhisperONNXRunner(tmp_path)
     runner.begin(runner.encode(features))
@@ -403,8 +405,8 @@ def multilingual_whisper(tmp_path_factory):
 
 def test_a_multilingual_model_detects_the_language_of_each_window(multilingual_whisper):
     """As Whisper does: one decoder step from <|startoftranscript|>, the most likely language token wins."""
-    from edgeport.runtime.transcribe import transcribe
-    from edgeport.runtime.whisper_runners import TorchWhisper
+    from edgeport.engines.reference import TorchWhisper
+    from edgeport.engines.whisper import transcribe
 
     runner = TorchWhisper(open_source(str(multilingual_whisper)))
     clip = parity_clips()[1].audio
@@ -425,7 +427,7 @@ def test_a_multilingual_model_detects_the_language_of_each_window(multilingual_w
 
 
 def test_an_english_only_model_neither_detects_nor_translates(tiny_whisper):
-    from edgeport.runtime.whisper_runners import TorchWhisper
+    from edgeport.engines.reference import TorchWhisper
 
     runner = TorchWhisper(open_source(str(tiny_whisper)))
     assert not runner.multilingual and runner.prompt_for(None) == runner.prompt

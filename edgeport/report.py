@@ -96,7 +96,9 @@ def targets_table(targets: list) -> Grid:
 def plan_table(plan) -> Grid:
     """The plan, one row a format: short cells, each step's reason below when there is more to say than the
     memory cell does."""
-    speech = plan.family == "whisper"
+    from edgeport.families import named
+
+    family = named(plan.family)
     # A mixture of experts reads a fraction of its weights per token; a dense model's untied embedding (of which a
     # token reads one row) is no such fraction, so tied and untied dense models read alike.
     moe = plan.active_params < MOE_ACTIVE_SHARE * plan.params
@@ -105,77 +107,45 @@ def plan_table(plan) -> Grid:
         f"Plan: {model_name(plan.source)} ({plan.model_type}, {_params(plan.params)} parameters{active}) on "
         f"{plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)"
     )
-    speed_columns = ["encoder", "decode", "RTF"] if speech else ["prefill", "decode", "TTFT"]
-    grid = Grid(title, ["format", "quant", "weights", "peak/usable", *speed_columns])
+    grid = Grid(title, ["format", "quant", "weights", "peak/usable", *family.speed_columns])
     for s in plan.steps:
-        speeds = (
-            [f"{s.ttft_s:.3f} s", f"{s.decode_tps:,.0f}", f"{s.rtf:.4f}"]
-            if speech
-            else [f"{s.prefill_tps:,.0f}", f"{s.decode_tps:,.0f}", f"{s.ttft_s:.2f} s"]
-        )
+        speeds = family.plan_speeds(s)
         mark = "[green]✓[/]" if s.fits else "[red]✗[/]"
         memory = f"{mark} {_gb(s.peak_bytes / GB).removesuffix(' GB')}/{plan.usable_ram_gb:.1f} GB"
         grid.rows.append([f"{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), memory, *speeds])
         if not s.fits or ", but" in s.verdict:
             grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}")
     kv = _gb(plan.steps[0].kv_bytes / GB) if plan.steps else "—"
-    grid.notes.append(
-        (
-            f"per 30 s window of speech; KV caches ({kv}) at {plan.context_length} tokens and 1500 frames; RTF "
-            "assumes 100 tokens a window"
-            if speech
-            else f"prefill and decode in tok/s; peak = weights + KV cache ({kv} at {plan.context_length} tokens) + "
-            f"one prefill chunk; TTFT at {plan.prompt_tokens} prompt tokens"
-        )
-        + "; speeds are rooflines (upper bounds)"
-    )
+    grid.notes.append(family.plan_note(plan, kv) + "; speeds are rooflines (upper bounds)")
     return grid
 
 
-def artifacts_table(manifest: dict) -> Grid:
-    speech = manifest["source"].get("family") == "whisper"
-    title = f"Artifacts of {model_name(manifest['source']['ref'])} for {manifest['target']['name']}"
-    metric_columns = ["WER src → artifact", "Δ WER", "clips ok"] if speech else ["top-1", "KL", "cosine", "ppl Δ"]
-    grid = Grid(title, ["format", "quant", "size", "parity", *metric_columns])
-    for a in manifest["artifacts"]:
-        p, m = a["parity"], a["parity"]["metrics"]
-        colour = {"passed": "green", "failed": "red"}.get(p["status"], "yellow")
-        metrics = (
-            [
-                f"{_num(m, 'wer_source', '.3f')} → {_num(m, 'wer_artifact', '.3f')}",
-                _num(m, "wer_delta", "+.3f"),
-                _num(m, "no_regression_share", ".0%"),
-            ]
-            if speech
-            else [
-                _num(m, "top1_agreement", ".3f"),
-                _num(m, "kl_mean", ".4f"),
-                _num(m, "cosine_mean", ".4f"),
-                _num(m, "ppl_delta", "+.1%"),
-            ]
-        )
-        grid.rows.append([a["format"], a["quantization"], _bytes(a["bytes"]), f"[{colour}]{p['status']}[/]", *metrics])
-        name = f"{a['format']} {a['quantization']}"
-        if not speech:
-            grid.notes.append(
-                f"{name}: perplexity {_num(m, 'ppl_source', '.2f')} (source) → {_num(m, 'ppl_artifact', '.2f')}"
-            )
-        grid.notes += [f"{name}: {f}" for f in p["failures"]]
-        grid.notes += [f"{name}: not checked: {n}" for n in p["not_checked"]]
-    for skipped in manifest["not_built"]:
-        grid.rows.append(
-            [skipped["format"], skipped["quantization"], "—", "[yellow]not built[/]"] + [""] * len(metric_columns)
-        )
-        grid.notes.append(f"{skipped['format']} {skipped['quantization']}: not built: {skipped['reason']}")
+def artifacts_table(manifest) -> Grid:
+    family = manifest.source.model_family
+    title = f"Artifacts of {model_name(manifest.source.ref)} for {manifest.target.name}"
+    grid = Grid(title, ["format", "quant", "size", "parity", *family.metric_columns])
+    for a in manifest.artifacts:
+        p, m = a.parity, a.parity.metrics
+        colour = {"passed": "green", "failed": "red"}.get(p.status, "yellow")
+        metrics = family.metric_cells(m, _num)
+        grid.rows.append([a.format, a.quantization, _bytes(a.bytes), f"[{colour}]{p.status}[/]", *metrics])
+        name = f"{a.format} {a.quantization}"
+        grid.notes += family.metric_notes(name, m, _num)
+        grid.notes += [f"{name}: {f}" for f in p.failures]
+        grid.notes += [f"{name}: not checked: {n}" for n in p.not_checked]
+    for skipped in manifest.not_built:
+        blank = [""] * len(family.metric_columns)
+        grid.rows.append([skipped.format, skipped.quantization, "—", "[yellow]not built[/]", *blank])
+        grid.notes.append(f"{skipped.format} {skipped.quantization}: not built: {skipped.reason}")
     return grid
 
 
-def provenance_table(manifest: dict) -> Grid:
+def provenance_table(manifest) -> Grid:
     """Where an output came from: the source's files with their hashes, and the tools that made it."""
-    grid = Grid(f"Provenance of {model_name(manifest['source']['ref'])}", ["what", "value"], ids=1)
-    for name, digest in (manifest["source"].get("sha256") or {}).items():
+    grid = Grid(f"Provenance of {model_name(manifest.source.ref)}", ["what", "value"], ids=1)
+    for name, digest in (manifest.source.sha256 or {}).items():
         grid.rows.append([f"source {name}", f"sha256 {digest}"])
-    grid.rows += [[tool, str(version)] for tool, version in manifest["tools"].items()]
+    grid.rows += [[tool, str(version)] for tool, version in manifest.tools.items()]
     return grid
 
 
@@ -205,28 +175,33 @@ def _num(metrics: dict, name: str, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def bench_table(bench: dict, title: str) -> Grid:
+def bench_table(bench, title: str) -> Grid:
+    """A bench result as its workload reads."""
+    return {"summarize": _summary_table, "transcribe": _transcription_table}[bench.workload](bench, title)
+
+
+def _summary_table(bench, title: str) -> Grid:
     columns = ["prompt", "new", "TTFT s", "prefill tok/s", "decode tok/s", "engine peak", "peak RSS"]
-    grid = Grid(title, columns, notes=[_bench_caption(bench, f"{bench['max_tokens']} new tokens")])
-    for r in bench["results"]:
+    grid = Grid(title, columns, notes=[_bench_caption(bench, f"{bench.max_tokens} new tokens")])
+    for r in bench.results:
         grid.rows.append(
             [
-                str(r["prompt_tokens"]),
-                str(r["new_tokens"]),
+                str(r.prompt_tokens),
+                str(r.new_tokens),
                 _with_spread(r, "ttft_s", ".2f"),
                 _with_spread(r, "prefill_tps", ".1f"),
                 _with_spread(r, "decode_tps", ".1f"),
-                _size(r["peak_memory_gb"]),
-                _size(r["peak_rss_gb"]),
+                _size(r.peak_memory_gb),
+                _size(r.peak_rss_gb),
             ]
         )
     return grid
 
 
-def _with_spread(row: dict, name: str, spec: str) -> str:
+def _with_spread(row, name: str, spec: str) -> str:
     """The median, and mean ± standard deviation where there were several runs."""
-    mean, std = row.get(f"{name}_mean_std") or (0.0, 0.0)
-    median = format(row[name], spec)
+    mean, std = getattr(row, f"{name}_mean_std")
+    median = format(getattr(row, name), spec)
     return f"{median} ({format(mean, spec)} ± {format(std, spec)})" if std else median
 
 
@@ -235,32 +210,32 @@ def _size(gb: float) -> str:
     return f"{gb * 1000:.0f} MB" if gb < 1 else f"{gb:.2f} GB"
 
 
-def transcribe_table(bench: dict, title: str) -> Grid:
+def _transcription_table(bench, title: str) -> Grid:
     columns = ["audio", "windows", "wall", "RTF", "encoder/window", "decoder/window", "tokens", "WER", "peak RSS"]
     grid = Grid(title, columns, notes=[_bench_caption(bench, "RTF = wall time / audio duration")])
-    for r in bench["results"]:
+    for r in bench.results:
         grid.rows.append(
             [
-                f"{r['audio_s']:.1f} s",
-                str(r["windows"]),
-                f"{r['wall_s']:.2f} s",
-                f"{r['rtf']:.4f}",
-                f"{r['encode_s_per_window'] * 1000:.0f} ms",
-                f"{r['decode_s_per_window'] * 1000:.0f} ms",
-                str(r["tokens"]),
-                f"{r['wer']:.3f}" if "wer" in r else "—",
-                _size(r["peak_rss_gb"]),
+                f"{r.audio_s:.1f} s",
+                str(r.windows),
+                f"{r.wall_s:.2f} s",
+                f"{r.rtf:.4f}",
+                f"{r.encode_s_per_window * 1000:.0f} ms",
+                f"{r.decode_s_per_window * 1000:.0f} ms",
+                str(r.tokens),
+                f"{r.wer:.3f}" if r.wer is not None else "—",
+                _size(r.peak_rss_gb),
             ]
         )
     return grid
 
 
-def _bench_caption(bench: dict, workload: str) -> str:
-    machine = bench["machine"]
+def _bench_caption(bench, workload: str) -> str:
+    machine = bench.machine
     return (
-        f"{bench['engine']} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
-        f"median (mean ± std) of {bench['runs']} runs after a warm-up; {workload}"
-        + (f"; {bench['note']}" if bench.get("note") else "")
+        f"{bench.engine} on {machine['cpu'] or machine['arch']} ({machine['system']}); "
+        f"median (mean ± std) of {bench.runs} runs after a warm-up; {workload}"
+        + (f"; {bench.note}" if bench.note else "")
     )
 
 

@@ -1,0 +1,250 @@
+"""The Whisper family, a model of two components as Qualcomm's ai-hub-models treats it: an encoder run once per
+30 s window of speech and a decoder run per token over its KV cache and the encoder's keys and values. Here are its
+dimensions, what the plan predicts for it, how parity judges an artifact of it (WER on the parity speech against
+the source's own transcripts), its bench workload and its table columns.
+
+The plan is per 30 s window of speech:
+- KV bytes      = the decoder's self-attention cache (448 tokens) and cross-attention cache (1500 frames), fp16
+- peak memory   = weights + KV caches + the encoder's activations for one window (attention scores dominate)
+- encoder time  = 2 x encoder parameters x 1500 frames / unit throughput: a compute roofline
+- decode tok/s  = memory bandwidth / (decoder weights + KV caches read per token): a roofline
+- RTF           = (encoder time + TOKENS_PER_WINDOW / decode tok/s) / 30 s; TTFT is the encoder time plus one token
+"""
+
+from dataclasses import dataclass
+
+from edgeport import quantization
+from edgeport.audio import SAMPLE_RATE
+from edgeport.errors import EdgeportError
+from edgeport.parity import Metric, Parity, bounds_for, judge, wer
+from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Step, room_text
+from edgeport.targets import Target
+
+WINDOW_S = 30.0
+TOKENS_PER_WINDOW = 100  # English speech at about 150 words a minute, 1.3 tokens a word
+PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    """Whisper's dimensions, as its config.json gives them."""
+
+    d_model: int
+    vocab: int
+    mels: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_ffn: int
+    decoder_ffn: int
+    encoder_heads: int
+    decoder_heads: int
+    frames: int  # encoder positions per 30 s window
+    tokens: int  # the decoder's context
+
+    @classmethod
+    def from_config(cls, config: dict) -> "WhisperDims":
+        try:
+            return cls(
+                d_model=config["d_model"],
+                vocab=config["vocab_size"],
+                mels=config["num_mel_bins"],
+                encoder_layers=config["encoder_layers"],
+                decoder_layers=config["decoder_layers"],
+                encoder_ffn=config["encoder_ffn_dim"],
+                decoder_ffn=config["decoder_ffn_dim"],
+                encoder_heads=config["encoder_attention_heads"],
+                decoder_heads=config.get("decoder_attention_heads") or config["encoder_attention_heads"],
+                frames=config["max_source_positions"],
+                tokens=config["max_target_positions"],
+            )
+        except KeyError as e:
+            raise EdgeportError(f"config.json lacks {e.args[0]}, which the plan needs") from e
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.decoder_heads
+
+    def cache_shape(self, length: int) -> tuple[int, int, int, int, int]:
+        """The decoder's self-attention K (or V) cache over `length` tokens: layers, batch, heads, length, head dim."""
+        return (self.decoder_layers, 1, self.decoder_heads, length, self.head_dim)
+
+    @property
+    def cross_shape(self) -> tuple[int, int, int, int, int]:
+        """The encoder's keys (or values) as every decoder layer's cross-attention reads them."""
+        return self.cache_shape(self.frames)
+
+
+@dataclass(frozen=True)
+class WhisperSize:
+    params: int
+    matrix_params: int  # what gets quantized: projections, convolutions, token embedding
+    frames: int  # encoder positions per 30 s window
+    encoder_params: int
+    decoder_matrix_params: int  # read per decoded token (the embedding doubles as the output projection)
+    kv_bytes: int  # self-attention cache of max_target_positions tokens + cross-attention cache of one window
+    activation_bytes: int  # the encoder's largest live tensors for one window
+
+    @property
+    def active_params(self) -> int:
+        return self.params  # every weight works on every window
+
+
+def whisper_size(config: dict) -> WhisperSize:
+    """Parameter counts of a Whisper model from its config alone."""
+    w = WhisperDims.from_config(config)
+    d, frames, tokens = w.d_model, w.frames, w.tokens
+    convs = 3 * w.mels * d + 3 * d * d
+    encoder_matrix = convs + w.encoder_layers * (4 * d * d + 2 * d * w.encoder_ffn)
+    decoder_matrix = w.vocab * d + w.decoder_layers * (8 * d * d + 2 * d * w.decoder_ffn)
+    # positions, then per layer the biases (k_proj has none) and norms, then the conv biases and final norms
+    vectors = (
+        (frames + tokens) * d + w.encoder_layers * (8 * d + w.encoder_ffn) + w.decoder_layers * (13 * d + w.decoder_ffn)
+    ) + 6 * d
+    return WhisperSize(
+        params=encoder_matrix + decoder_matrix + vectors,
+        matrix_params=encoder_matrix + decoder_matrix,
+        frames=frames,
+        encoder_params=encoder_matrix + frames * d,
+        decoder_matrix_params=decoder_matrix,
+        kv_bytes=2 * w.decoder_layers * (tokens + frames) * d * KV_BYTES_PER_VALUE,
+        activation_bytes=(w.encoder_heads * frames * frames + frames * (4 * d + w.encoder_ffn)) * 4,
+    )
+
+
+class SpeechReference:
+    """The source's transcripts of the parity clips, made once and shared by every artifact."""
+
+    def __init__(self, runner, clips):
+        from edgeport.engines.whisper import transcribe
+
+        self.clips, self.engine = clips, runner.engine
+        runner.use_language(PARITY_LANGUAGE)
+        self.transcripts = [transcribe(runner, clip.audio).text for clip in clips]
+
+
+class Whisper:
+    name = "whisper"
+    runs = "runs Whisper as"  # "<target> runs Whisper as <formats>"
+    auto_model = "AutoModelForSpeechSeq2Seq"
+    workload = "transcribe"  # the module of edgeport.runtime that benches it
+    components = ("encoder", "decoder")
+    metrics = ("wer_source", "wer_artifact", "wer_delta", "no_regression_share")
+    speed_columns = ("encoder", "decode", "RTF")
+    metric_columns = ("WER src → artifact", "Δ WER", "clips ok")
+
+    # The plan
+
+    def dims(self, source) -> WhisperDims:
+        return WhisperDims.from_config(source.config)
+
+    def formats(self, target: Target) -> tuple:
+        return target.speech_formats
+
+    def size(self, config: dict) -> WhisperSize:
+        return whisper_size(config)
+
+    def context_length(self, source, target: Target) -> int:
+        return source.config["max_target_positions"]
+
+    def prompt_tokens(self, target: Target) -> int:
+        return 0  # planned per 30 s window, not per prompt
+
+    def step(self, size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
+        bits = quantization.get(quant_name, fmt).bits_per_weight()
+        weights, peak = _memory(size, quant_name, fmt)
+        encode_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
+        decode_tps = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + size.kv_bytes)
+        rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
+        usable = target.usable_ram_gb * GB
+        fits = peak <= usable
+        largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, q, fmt)[1] <= usable), None)
+        room = room_text(peak, target)
+        if not fits:
+            verdict = f"does not fit: needs {room}" + (f"; {largest} would fit" if largest else "")
+        elif target.budget.rtf and rtf > target.budget.rtf:
+            verdict = f"fits: {room}, but RTF ≥ {rtf:.3f} misses the {target.budget.rtf:g} budget"
+        else:
+            verdict = f"fits: {room}"
+        return Step(
+            format=fmt,
+            quantization=quant_name,
+            unit=unit,
+            weight_bytes=weights,
+            kv_bytes=size.kv_bytes,
+            peak_bytes=peak,
+            prefill_tps=round(size.frames / encode_s, 1),
+            decode_tps=round(decode_tps, 1),
+            ttft_s=round(encode_s + 1 / decode_tps, 4),
+            fits=fits,
+            verdict=verdict,
+            largest_fitting=largest,
+            rtf=round(rtf, 5),
+        )
+
+    # Parity
+
+    def check_inputs(self, source) -> None:
+        """Before any work: the parity speech must be at hand."""
+        from edgeport.audio import parity_clips
+
+        parity_clips()
+
+    def reference(self, source) -> SpeechReference:
+        from edgeport.audio import parity_clips
+        from edgeport.engines.reference import TorchWhisper
+
+        return SpeechReference(TorchWhisper(source), parity_clips())
+
+    def measure(self, reference: SpeechReference, runner, quant: str, not_checked: str | None = None) -> Parity:
+        """Transcribe the parity clips with `runner` (one artifact) and compare its WER with the source's."""
+        from edgeport.engines.whisper import transcribe
+
+        clips = reference.clips
+        runner.use_language(PARITY_LANGUAGE)
+        texts = [transcribe(runner, clip.audio).text for clip in clips]
+        spoken = [clip.reference for clip in clips]
+        source_wer, artifact_wer = wer(spoken, reference.transcripts), wer(spoken, texts)
+        no_worse = [
+            wer(clip.reference, text) <= wer(clip.reference, source)
+            for clip, text, source in zip(clips, texts, reference.transcripts, strict=True)
+        ]
+        metrics = {
+            "clips": [clip.name for clip in clips],
+            "audio_s": round(sum(len(clip.audio) for clip in clips) / SAMPLE_RATE, 2),
+            "wer_source": round(source_wer, 4),
+            "wer_artifact": round(artifact_wer, 4),
+            "wer_delta": round(artifact_wer - source_wer, 4),
+            "no_regression_share": round(sum(no_worse) / len(clips), 3),
+            "transcripts": texts,
+            "source_transcripts": reference.transcripts,
+        }
+        judged = [Metric("wer_delta", metrics["wer_delta"], bounds_for(quant).wer_delta)]
+        return judge(metrics, judged, f"source: {reference.engine}; artifact: {runner.engine}", not_checked)
+
+    # What a person reads
+
+    def plan_speeds(self, step: Step) -> list[str]:
+        return [f"{step.ttft_s:.3f} s", f"{step.decode_tps:,.0f}", f"{step.rtf:.4f}"]
+
+    def plan_note(self, plan, kv: str) -> str:
+        return (
+            f"per 30 s window of speech; KV caches ({kv}) at {plan.context_length} tokens and 1500 frames; RTF "
+            f"assumes {TOKENS_PER_WINDOW} tokens a window"
+        )
+
+    def metric_cells(self, metrics: dict, num) -> list[str]:
+        return [
+            f"{num(metrics, 'wer_source', '.3f')} → {num(metrics, 'wer_artifact', '.3f')}",
+            num(metrics, "wer_delta", "+.3f"),
+            num(metrics, "no_regression_share", ".0%"),
+        ]
+
+    def metric_notes(self, name: str, metrics: dict, num) -> list[str]:
+        return []
+
+
+def _memory(size: WhisperSize, quant_name: str, fmt: str) -> tuple[int, int]:
+    """Weight bytes and peak bytes of Whisper at a quantization."""
+    bits = quantization.get(quant_name, fmt).bits_per_weight()
+    weights = int(size.matrix_params * bits / 8 + (size.params - size.matrix_params) * NORM_BYTES_PER_VALUE)
+    return weights, weights + size.kv_bytes + size.activation_bytes

@@ -1,0 +1,191 @@
+"""What an artifact folder holds, one dataclass per layout: the converter writes it (as the JSON file beside the
+model, where the layout needs more than the model files say) and the runner reads it back. Which engine runs a
+layout, and whether it is the shape an NPU compiles, is said here once."""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+from edgeport.errors import EdgeportError
+from edgeport.files import read_json
+
+# Tokens per prefill call of the static shapes: what a Qualcomm NPU compiles well, and what the Neural Engine does.
+QNN_PREFILL_CHUNK = 128
+ANE_PREFILL_CHUNK = 64
+MASK_VALUE = -100.0  # additive mask of the QNN graphs: vanishes in softmax, kind to 16-bit activation scales
+
+
+@dataclass(frozen=True)
+class Layout:
+    family: ClassVar[str]
+    format: ClassVar[str]
+    engine: ClassVar[str]  # the module of edgeport.engines that runs it
+    marker: ClassVar[str]  # the file that tells this layout in a folder
+    described: ClassVar[bool] = False  # the marker is edgeport's description of the layout: the fields below
+
+    @property
+    def shape(self) -> str:
+        """ "npu" for the static graphs an NPU compiles, else the unit the dynamic shape is meant for."""
+        return "cpu"
+
+    @property
+    def for_qnn(self) -> bool:
+        """The QDQ graphs Qualcomm's QNN runs (on onnxruntime's QNN EP, or compiled by AI Hub)."""
+        return False
+
+    def write(self, folder: Path) -> None:
+        if self.described:
+            (folder / self.marker).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, folder: Path) -> "Layout":
+        if not cls.described:
+            return cls()
+        file = folder / cls.marker
+        data = read_json(file, "convert again")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except TypeError as e:
+            raise EdgeportError(f"{file}: not the {cls.format} layout this edgeport writes ({e}); convert again") from e
+
+
+@dataclass(frozen=True)
+class MLXModel(Layout):
+    """A folder `mlx_lm.load` reads."""
+
+    family, format, engine, marker = "causal-lm", "mlx", "mlx", "config.json"
+
+    @property
+    def shape(self) -> str:
+        return "gpu"
+
+
+@dataclass(frozen=True)
+class MLXWhisper(Layout):
+    """A folder mlx-whisper's `load_model` reads: its ModelDimensions as config.json, weights in its names."""
+
+    family, format, engine, marker = "whisper", "mlx", "mlx", "weights.safetensors"
+
+    @property
+    def shape(self) -> str:
+        return "gpu"
+
+
+@dataclass(frozen=True)
+class OnnxCPU(Layout):
+    """onnxruntime-genai's folder: a dynamic-shape graph with its KV cache and genai_config.json."""
+
+    family, format, engine, marker = "causal-lm", "onnx", "onnx", "genai_config.json"
+
+
+@dataclass(frozen=True)
+class OnnxNPU(Layout):
+    """`prefill.onnx` over `prefill_chunk` tokens and `decode.onnx` over one, both reading a fixed-length KV cache
+    the app keeps; QDQ-quantized for QNN."""
+
+    family, format, engine, marker, described = "causal-lm", "onnx", "onnx", "npu.json", True
+    prefill_chunk: int
+    context_length: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    mask_value: float
+    inputs: list
+    outputs: list
+    cache: str
+    weights: str | None = None  # set once quantized
+    activations: str | None = None
+    opset: int | None = None
+
+    @property
+    def shape(self) -> str:
+        return "npu"
+
+    @property
+    def for_qnn(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class OnnxWhisper(Layout):
+    """`encoder.onnx` once per 30 s window, `decoder.onnx` per step over a KV cache the app keeps: any number of
+    tokens over a growing cache (CPU shape) or one token over a fixed one (`static`, the NPU shape)."""
+
+    family, format, engine, marker, described = "whisper", "onnx", "onnx", "whisper.json", True
+    static: bool
+    decoder_cache: int | None
+    layers: int
+    heads: int
+    head_dim: int
+    frames: int
+    mask_value: float
+    encoder: dict
+    decoder: dict
+    cache: str
+    weights: str | None = None  # the quantization, set once quantized
+
+    @property
+    def shape(self) -> str:
+        return "npu" if self.static else "cpu"
+
+    @property
+    def for_qnn(self) -> bool:
+        return self.static
+
+
+@dataclass(frozen=True)
+class CoreMLModel(Layout):
+    """`model.mlpackage`: one flexible function (GPU), or `prefill` and `decode` functions over the same weights
+    (Neural Engine, `prefill_chunk` set); the KV cache is Core ML state or passed in and out."""
+
+    family, format, engine, marker, described = "causal-lm", "coreml", "coreml", "coreml.json", True
+    compute_units: str
+    prefill_chunk: int | None
+    context_length: int
+    kv_cache: str  # "state" | "inputs and outputs"
+    cache_shape: list  # layers, batch, KV heads, context, head dim
+
+    @property
+    def shape(self) -> str:
+        return "npu" if self.prefill_chunk else "gpu"
+
+
+@dataclass(frozen=True)
+class CoreMLWhisper(Layout):
+    """`encoder.mlpackage` (features -> cross-attention keys and values) and `decoder.mlpackage` (one token)."""
+
+    family, format, engine, marker, described = "whisper", "coreml", "coreml", "coreml.json", True
+    compute_units: str
+    deployment_target: str
+    kv_cache: str
+    cache_shape: list
+    cross_shape: list
+    mask: str
+
+    @property
+    def shape(self) -> str:
+        return "npu" if self.compute_units == "CPU_AND_NE" else "gpu"
+
+
+@dataclass(frozen=True)
+class CT2Whisper(Layout):
+    """A CTranslate2 folder, as faster-whisper loads it."""
+
+    family, format, engine, marker = "whisper", "ct2", "ct2", "model.bin"
+
+
+# (family, format) -> the layouts its converter writes, the more specific first
+LAYOUTS: dict[tuple[str, str], tuple[type[Layout], ...]] = {}
+for _layout in (MLXModel, MLXWhisper, OnnxNPU, OnnxCPU, OnnxWhisper, CoreMLModel, CoreMLWhisper, CT2Whisper):
+    LAYOUTS.setdefault((_layout.family, _layout.format), ())
+    LAYOUTS[_layout.family, _layout.format] += (_layout,)
+
+
+def read(family: str, fmt: str, folder: Path) -> Layout:
+    """The layout of the artifact in `folder`, as its converter wrote it."""
+    for layout in LAYOUTS.get((family, fmt), ()):
+        if (folder / layout.marker).is_file():
+            return layout.read(folder)
+    raise EdgeportError(f"{folder}: not a {family} {fmt} artifact this edgeport wrote; convert again")

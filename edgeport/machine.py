@@ -1,0 +1,33 @@
+"""The machine at hand: what it is (so `check` knows whether figures speak for a target), what the process has
+used, and the one platform fact every engine's availability rests on."""
+
+import platform
+import sys
+
+ON_MAC = sys.platform == "darwin"  # Core ML prediction, MLX on Metal
+
+
+def machine() -> dict:
+    """What the figures were measured on, so `check` knows whether they speak for a target."""
+    return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu_name(), "node": platform.node()}
+
+
+def cpu_name() -> str:
+    if ON_MAC:
+        import subprocess
+
+        return subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+        ).stdout.strip()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if ON_MAC else peak * 1024  # macOS reports bytes, Linux KiB

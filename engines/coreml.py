@@ -1,0 +1,294 @@
+"""Core ML packages: prediction through coremltools on macOS (the KV cache as Core ML state on iOS 18 / macOS 15,
+passed in and out before), and, anywhere, the package read as data: its interface, how each weight is stored, and
+the weights themselves decompressed, which is how parity checks a package where it cannot run."""
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgeport.engines.loop import Token, TokenClock, hf_tokenizer, mask_at_position, mask_new_at_end
+from edgeport.engines.reference import TorchRunner, TorchWhisper
+from edgeport.engines.whisper import WhisperRunner
+from edgeport.errors import EdgeportError
+from edgeport.layouts import CoreMLModel, CoreMLWhisper, Layout
+from edgeport.machine import ON_MAC
+
+NEEDS_MACOS = "Core ML prediction needs macOS"
+
+
+def unavailable_here() -> str | None:
+    return None if ON_MAC else NEEDS_MACOS
+
+
+def runner(layout: Layout, folder: Path):
+    return CoreMLRunner(folder) if isinstance(layout, CoreMLModel) else CoreMLWhisperRunner(folder)
+
+
+def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
+    """The package itself on a Mac; elsewhere the source's architecture in transformers with the package's
+    weights read back and decompressed: what the compression did, measurable where Core ML cannot predict."""
+    if unavailable_here() is None:
+        return runner(layout, folder), None
+    if isinstance(layout, CoreMLModel):
+        what = "the package's weights were"
+        opened = PackageWeightsRunner(source, folder)
+    else:
+        what = "the packages' weights were"
+        opened = PackageWeightsWhisper(source, folder)
+    return opened, f"{NEEDS_MACOS} ({what} read back, decompressed and run in transformers)"
+
+
+def _predicting(folder: Path):
+    """coremltools, where it can predict."""
+    reason = unavailable_here()
+    if reason:
+        raise EdgeportError(f"{folder}: {reason}; bench it on a Mac (macOS 15 or later)")
+    return coremltools()
+
+
+def coremltools():
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # off macOS it warns at import that it cannot predict
+    import coremltools as ct
+
+    return ct
+
+
+class CoreMLRunner:
+    """A causal LM package: prefill and decode through coremltools' prediction API."""
+
+    def __init__(self, path: Path):
+        ct = _predicting(path)
+        self.layout = layout = CoreMLModel.read(path)
+        units = getattr(ct.ComputeUnit, layout.compute_units)
+        package, self.context = str(path / "model.mlpackage"), layout.context_length
+        if layout.prefill_chunk:  # the Neural Engine shape: static prefill and decode functions
+            self.decoder = ct.models.MLModel(package, compute_units=units, function_name="decode")
+            self.prefiller = ct.models.MLModel(package, compute_units=units, function_name="prefill")
+        else:
+            self.decoder = self.prefiller = ct.models.MLModel(package, compute_units=units)
+        self.chunk = layout.prefill_chunk
+        self.tokenizer = hf_tokenizer(path)
+        self.engine = f"Core ML (coremltools {ct.__version__}, {layout.compute_units})"
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        state = self._new_cache()
+        return np.concatenate(list(self._prefill(ids, state)))
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        start = time.perf_counter()
+        state = self._new_cache()
+        logits = list(self._prefill(prompt, state))[-1]
+        clock, position = TokenClock(len(prompt), start), len(prompt)
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            yield clock.token(self.tokenizer.decode([token]), token)
+            if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens or position >= self.context:
+                break
+            logits = self._predict(self.decoder, [token], position, 1, state)
+            position += 1
+
+    def _prefill(self, ids: list[int], state) -> Iterator[np.ndarray]:
+        width = self.chunk or len(ids)
+        for start in range(0, len(ids), width):
+            chunk = ids[start : start + width]
+            yield self._predict(self.prefiller, chunk, start, width, state)[: len(chunk)]
+
+    def _predict(self, model, tokens: list[int], position: int, width: int, state) -> np.ndarray:
+        attended = self.context if self.chunk else position + width
+        inputs = {
+            "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
+            "causal_mask": mask_at_position(position, width, attended, -np.inf),
+            "position": np.array([position], np.int32),
+        }
+        if isinstance(state, dict):  # before iOS 18 / macOS 15 the cache goes in and comes back out
+            out = model.predict({**inputs, **state})
+            state.update(keyCache=out["keyCacheOut"], valueCache=out["valueCacheOut"])
+        else:
+            out = model.predict(inputs, state=state)
+        return out["logits"][0].astype(np.float32)
+
+    def _new_cache(self):
+        if self.layout.kv_cache == "state":
+            return self.decoder.make_state()
+        shape = self.layout.cache_shape
+        return {"keyCache": np.zeros(shape, np.float16), "valueCache": np.zeros(shape, np.float16)}
+
+
+class CoreMLWhisperRunner(WhisperRunner):
+    """The Whisper pair: `encoder.mlpackage` once per window, `decoder.mlpackage` one token per call."""
+
+    def __init__(self, path: Path):
+        ct = _predicting(path)
+        super().__init__(path)
+        self.layout = layout = CoreMLWhisper.read(path)
+        units = getattr(ct.ComputeUnit, layout.compute_units)
+        self.encoder = ct.models.MLModel(str(path / "encoder.mlpackage"), compute_units=units)
+        self.decoder = ct.models.MLModel(str(path / "decoder.mlpackage"), compute_units=units)
+        self.length = layout.cache_shape[3]
+        self.engine = f"Core ML (coremltools {ct.__version__}, {layout.compute_units})"
+
+    def encode(self, mel: np.ndarray):
+        out = self.encoder.predict({"input_features": mel})
+        return out["cross_key"].astype(np.float16), out["cross_value"].astype(np.float16)
+
+    def begin(self, encoded) -> None:
+        self.cross, self.filled = encoded, 0
+        if self.layout.kv_cache == "state":
+            self.state = self.decoder.make_state()
+        else:
+            shape = list(self.layout.cache_shape)
+            shape[3] -= 1  # the new token's slot is not passed in
+            self.state = {"past_key": np.zeros(shape, np.float16), "past_value": np.zeros(shape, np.float16)}
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        for token in tokens:
+            n = self.filled
+            if n >= self.length - 1:
+                raise EdgeportError(f"the decoder's cache holds {self.length} tokens")
+            stateless = isinstance(self.state, dict)  # the token's own slot is the last one, else its position
+            mask = (mask_new_at_end if stateless else mask_at_position)(n, 1, self.length, -np.inf, np.float16)
+            inputs = {
+                "input_ids": np.array([[token]], np.int32),
+                "position": np.array([n], np.int32),
+                "attention_mask": mask,
+                "cross_key": self.cross[0],
+                "cross_value": self.cross[1],
+            }
+            if stateless:
+                out = self.decoder.predict({**inputs, **self.state})
+                self.state["past_key"][..., n, :] = out["new_key"][..., 0, :]
+                self.state["past_value"][..., n, :] = out["new_value"][..., 0, :]
+            else:
+                out = self.decoder.predict(inputs, state=self.state)
+            self.filled += 1
+        return out["logits"][0, -1].astype(np.float32)
+
+
+class PackageWeightsRunner(TorchRunner):
+    """The source's architecture in transformers with a Core ML package's weights, decompressed."""
+
+    def __init__(self, source, path: Path):
+        super().__init__(source)
+        read, total = load_package_weights(self.model, [path / "model.mlpackage"])
+        self.engine = (
+            f"transformers (torch, CPU, float32) with the package's weights: {read} of {total} "
+            "read back and decompressed, the other (norm scales) rounded to fp16 as the package stores them"
+        )
+
+
+class PackageWeightsWhisper(TorchWhisper):
+    """Whisper's architecture in transformers with the Core ML packages' weights, decompressed."""
+
+    def __init__(self, source, path: Path):
+        super().__init__(source)
+        read, _ = load_package_weights(self.model, [path / "encoder.mlpackage", path / "decoder.mlpackage"])
+        self.engine += f", with the packages' {read} weights read back and decompressed"
+
+
+def load_package_weights(model, packages: list[Path]) -> tuple[int, int]:
+    """Overwrite `model`'s parameters with the weights read back from Core ML `packages`, decompressed. A vector
+    the converter folded away (a norm scale) or merged with an equal one is rounded to fp16, as the package
+    computes it; a missing matrix is an error. Returns (parameters read back, parameters)."""
+    import torch
+
+    parameters = dict(model.named_parameters())  # tied weights appear once
+    weights = {}
+    for package in packages:
+        weights.update(read_weights(package, list(parameters)))
+    missing = [name for name, p in parameters.items() if name not in weights and p.dim() > 1]
+    if missing:
+        raise EdgeportError(f"{packages[0].parent}: the package has no weight for {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if name in weights:
+                parameter.copy_(torch.from_numpy(weights[name]).reshape(parameter.shape))
+            else:
+                parameter.copy_(parameter.to(torch.float16).to(torch.float32))
+    return len(weights), len(parameters)
+
+
+def read_weights(package: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The package's weights as float arrays (compressed ones decompressed), keyed by the transformers parameter
+    names they came from. The converter names each weight after its parameter, dots made underscores; vectors
+    folded into other ops (norm scales) keep no name and are not found."""
+    by_name = {"model_" + name.replace(".", "_"): name for name in names}
+    found = {}
+    for function in _program(package).functions.values():
+        for op in function.operations:
+            if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
+                continue
+            stem = re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name)
+            if stem in by_name and by_name[stem] not in found:
+                value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
+                found[by_name[stem]] = np.asarray(value, dtype=np.float32)
+    return found
+
+
+def describe(package: Path) -> dict:
+    """The saved package as a reader finds it: its interface, and every weight matrix by how it is stored (for one
+    function: a multifunction package's functions share their weights)."""
+    ct = coremltools()
+    description = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
+
+    def features(items) -> list[dict]:
+        found = []
+        for item in items:
+            kind = item.type.WhichOneof("Type")
+            array = item.type.stateType.arrayType if kind == "stateType" else item.type.multiArrayType
+            ranges = array.shapeRange.sizeRanges
+            if ranges:
+                shape = [
+                    r.lowerBound if r.lowerBound == r.upperBound else f"{r.lowerBound}..{r.upperBound}" for r in ranges
+                ]
+            else:
+                shape = [int(d) for d in array.shape]
+            found.append({"name": item.name, "shape": shape})
+        return found
+
+    if description.functions:
+        interface = {
+            f.name: {"inputs": features(f.input), "outputs": features(f.output), "states": features(f.state)}
+            for f in description.functions
+        }
+    else:
+        interface = {
+            "main": {
+                "inputs": features(description.input),
+                "outputs": features(description.output),
+                "states": features(description.state),
+            }
+        }
+    function = next(iter(_program(package).functions.values()))
+    ops = Counter(op.op_type for op in function.operations)
+    packed = {v.name for op in function.operations if op.op_type.startswith("constexpr_") for v in op.inputs.values()}
+    weights = Counter()
+    for op in function.operations:
+        if op.op_type.startswith("constexpr_"):
+            weights[op.op_type] += 1
+        elif op.op_type == "const" and _is_matrix(op.outputs[0].shape) and op.outputs[0].name not in packed:
+            weights[f"const {op.outputs[0].dtype.__name__}"] += 1
+    return {
+        "functions": interface,
+        "weight_matrices_by_storage": dict(weights),
+        "sdpa_ops": ops.get("scaled_dot_product_attention", 0),
+        "ops": sum(ops.values()),
+    }
+
+
+def _is_matrix(shape) -> bool:
+    """At least two dimensions of more than one element: a weight, not a scalar shaped [1, 1, 1, 1]."""
+    return sum(d > 1 for d in shape) >= 2
+
+
+def _program(package: Path):
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    model = coremltools().models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    return load_mil(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)

@@ -1,0 +1,263 @@
+"""ONNX artifacts on onnxruntime: the CPU shape through onnxruntime-genai's generator (its bare graph for logits),
+the NPU shapes through the static-KV loops an app on the device runs, with QNN's HTP backend where
+onnxruntime-qnn provides it and the CPU EP otherwise.
+
+The loops take an explicit `on_call(graph, feeds)` hook: calibration is told every graph call and can ask for a
+copy of its inputs."""
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgeport.engines.loop import Token, TokenClock, hf_tokenizer, mask_new_at_end
+from edgeport.engines.whisper import WhisperRunner
+from edgeport.errors import EdgeportError
+from edgeport.layouts import Layout, OnnxCPU, OnnxNPU, OnnxWhisper
+
+CPU, QNN = "CPUExecutionProvider", "QNNExecutionProvider"
+QNN_ABSENT = "QNN execution provider not available"
+ON_CPU_EP = f"{QNN_ABSENT} (the QDQ graphs ran on onnxruntime's CPU EP, the numerics QNN reproduces)"
+NOT_NPU_FIGURES = f"{QNN_ABSENT}: the NPU graphs ran on onnxruntime's CPU EP, so these are not NPU figures"
+
+CallHook = Callable[[str, Callable[[], dict]], None]  # (graph, a function returning a copy of its feeds)
+
+
+def unavailable_here() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return f"running ONNX artifacts needs onnxruntime: pip install 'edgeport[onnx]' ({e})"
+    return None
+
+
+def qnn_unavailable() -> str | None:
+    """Why QNN's HTP backend cannot run the NPU graphs here, or None when onnxruntime has its EP."""
+    import onnxruntime as ort
+
+    return None if QNN in ort.get_available_providers() else QNN_ABSENT
+
+
+def runner(layout: Layout, folder: Path):
+    if isinstance(layout, OnnxCPU):
+        return ONNXRunner(folder)
+    if isinstance(layout, OnnxNPU):
+        return StaticKVRunner(folder, npu=True)
+    return WhisperONNXRunner(folder, npu=True)
+
+
+def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
+    opened = runner(layout, folder)
+    return opened, ON_CPU_EP if layout.for_qnn and opened.providers[0] != QNN else None
+
+
+def providers(npu: bool) -> list:
+    """onnxruntime's execution providers for a graph: QNN's HTP (NPU) backend first when `npu` and
+    onnxruntime-qnn provides it, the CPU EP always."""
+    chosen: list = [CPU]
+    if npu and qnn_unavailable() is None:
+        backend = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
+        chosen.insert(0, (QNN, {"backend_path": backend}))
+    return chosen
+
+
+class ONNXRunner:
+    """The ONNX CPU shape: onnxruntime-genai's generator for the bench, the bare graph on onnxruntime for logits."""
+
+    def __init__(self, path: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as e:
+            raise EdgeportError(
+                f"running ONNX artifacts needs onnxruntime-genai: pip install 'edgeport[onnx]' ({e})"
+            ) from e
+        self.path, self.og = path, og
+        self.model = og.Model(str(path))
+        self.tokenizer = hf_tokenizer(path)  # chat templates, as every runner's
+        self.og_tokenizer = og.Tokenizer(self.model)  # streaming detokenization in C++, off the decode loop's back
+        self.engine = f"onnxruntime-genai {og.__version__} (CPU)"
+        self.providers = [CPU]
+        self.decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+        self._session = None  # the bare graph, for logits: loaded only when parity asks
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import onnxruntime as ort
+
+        decoder = self.decoder
+        if self._session is None:
+            self._session = ort.InferenceSession(str(self.path / decoder["filename"]), providers=[CPU])
+        empty_past = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+        feeds = {}
+        for i in self._session.get_inputs():
+            dtype = np.float16 if "float16" in i.type else np.float32
+            if i.name == "input_ids":
+                feeds[i.name] = np.array([ids], np.int64)
+            elif i.name == "attention_mask":
+                feeds[i.name] = np.ones((1, len(ids)), np.int64)
+            elif i.name == "position_ids":
+                feeds[i.name] = np.arange(len(ids), dtype=np.int64)[None]
+            else:
+                feeds[i.name] = np.zeros(empty_past, dtype)
+        return self._session.run(["logits"], feeds)[0][0].astype(np.float32)
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + max_tokens, do_sample=False)
+        start = time.perf_counter()
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(prompt)
+        clock, text = TokenClock(len(prompt), start), self.og_tokenizer.create_stream()
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield clock.token(text.decode(token), token)
+            if clock.generated >= max_tokens:
+                break
+
+
+class StaticKVRunner:
+    """The ONNX NPU shape: `prefill.onnx` over a fixed chunk and `decode.onnx` over one token, both reading the
+    fixed-length KV cache this loop keeps, as an app on the device does. With `npu`, onnxruntime's QNN EP (HTP
+    backend) runs it where onnxruntime-qnn provides one; the CPU EP otherwise, and always here."""
+
+    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None):
+        import onnxruntime as ort
+
+        layout = OnnxNPU.read(path)
+        self.prefill_chunk, self.context = layout.prefill_chunk, layout.context_length
+        self.layers, self.mask_value = layout.layers, layout.mask_value
+        self.cache_shape = (layout.layers, 2, 1, layout.kv_heads, layout.context_length, layout.head_dim)
+        chosen = providers(npu)
+        self.sessions = {
+            self.prefill_chunk: ort.InferenceSession(str(path / "prefill.onnx"), providers=chosen),
+            1: ort.InferenceSession(str(path / "decode.onnx"), providers=chosen),
+        }
+        self.providers = self.sessions[1].get_providers()  # what onnxruntime actually took
+        self.tokenizer = hf_tokenizer(path)
+        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]}), static KV cache"
+        self.on_call = on_call
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.reset()
+        return np.concatenate(
+            [
+                self._call(ids[i : i + self.prefill_chunk], self.prefill_chunk)
+                for i in range(0, len(ids), self.prefill_chunk)
+            ]
+        )
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
+        self.reset()
+        start = time.perf_counter()
+        for i in range(0, len(prompt), self.prefill_chunk):
+            logits = self._call(prompt[i : i + self.prefill_chunk], self.prefill_chunk)
+        clock = TokenClock(len(prompt), start)
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            yield clock.token(self.tokenizer.decode([token]), token)
+            if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens:
+                break
+            logits = self._call([token], 1)
+
+    def feeds(self, tokens: list[int], width: int) -> dict[str, np.ndarray]:
+        """The inputs of the graph of `width` for `tokens` (padded to it) after the cache's filled positions."""
+        n = self.filled
+        if n + width > self.context:
+            raise EdgeportError(f"the static KV cache holds {self.context} tokens; this call needs {n + width}")
+        past = self.context - width
+        feeds = {
+            "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
+            "position_ids": np.arange(n, n + width, dtype=np.int32)[None],
+            "attention_mask": mask_new_at_end(n, width, self.context, self.mask_value),
+        }
+        for layer in range(self.layers):
+            feeds[f"past_key_{layer}"] = self.cache[layer, 0, ..., :past, :]
+            feeds[f"past_value_{layer}"] = self.cache[layer, 1, ..., :past, :]
+        return feeds
+
+    def _call(self, tokens: list[int], width: int) -> np.ndarray:
+        """Run the graph of `width` on `tokens`; write their keys and values into the cache."""
+        feeds = self.feeds(tokens, width)
+        if self.on_call:
+            self.on_call("decode" if width == 1 else "prefill", lambda: {k: v.copy() for k, v in feeds.items()})
+        logits, *new = self.sessions[width].run(None, feeds)
+        n, real = self.filled, len(tokens)
+        for layer in range(self.layers):
+            self.cache[layer, 0, ..., n : n + real, :] = new[2 * layer][..., :real, :]
+            self.cache[layer, 1, ..., n : n + real, :] = new[2 * layer + 1][..., :real, :]
+        self.filled += real
+        return logits[0, :real]
+
+    def reset(self) -> None:
+        self.cache = np.zeros(self.cache_shape, np.float32)
+        self.filled = 0
+
+
+class WhisperONNXRunner(WhisperRunner):
+    """The ONNX Whisper artifact: `encoder.onnx` once per window, then `decoder.onnx` per step over the KV cache
+    this loop keeps. The NPU shape is fed one token at a time over its fixed cache, with QNN's EP where
+    onnxruntime-qnn provides one."""
+
+    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None):
+        import onnxruntime as ort
+
+        super().__init__(path)
+        self.layout = OnnxWhisper.read(path)
+        chosen = providers(npu)
+        self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=chosen)
+        self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), providers=chosen)
+        self.providers = self.decoder.get_providers()
+        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]})"
+        self.on_call = on_call
+
+    def encode(self, mel: np.ndarray):
+        feeds = {"input_features": mel}
+        if self.on_call:
+            self.on_call("encoder", lambda: feeds)
+        return self.encoder.run(None, feeds)
+
+    def begin(self, encoded) -> None:
+        self.cross_key, self.cross_value = encoded
+        layout = self.layout
+        length = layout.decoder_cache or 0
+        self.cache = np.zeros((2, layout.layers, 1, layout.heads, length, layout.head_dim), np.float32)
+        self.filled = 0
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        if not self.layout.static:
+            return self._call(tokens)[-1]
+        for token in tokens:
+            logits = self._call([token])
+        return logits[-1]
+
+    def _call(self, tokens: list[int]) -> np.ndarray:
+        n, width, layout = self.filled, len(tokens), self.layout
+        if layout.static and n >= layout.decoder_cache:
+            raise EdgeportError(f"the decoder's static cache holds {layout.decoder_cache} tokens")
+        attended = self.cache.shape[4] + 1 if layout.static else n + width  # the static cache and the token itself
+        feeds = {
+            "input_ids": np.array([tokens], np.int32),
+            "position_ids": np.arange(n, n + width, dtype=np.int32)[None],
+            "attention_mask": mask_new_at_end(n, width, attended, layout.mask_value),
+            "past_key": self.cache[0],
+            "past_value": self.cache[1],
+            "cross_key": self.cross_key,
+            "cross_value": self.cross_value,
+        }
+        if self.on_call:
+            self.on_call(
+                "decoder",
+                lambda: {**feeds, "past_key": feeds["past_key"].copy(), "past_value": feeds["past_value"].copy()},
+            )
+        logits, new_key, new_value = self.decoder.run(None, feeds)
+        if layout.static:
+            self.cache[0, ..., n, :] = new_key[..., 0, :]
+            self.cache[1, ..., n, :] = new_value[..., 0, :]
+        else:
+            self.cache = np.concatenate([self.cache, np.stack([new_key, new_value])], axis=4)
+        self.filled += width
+        return logits[0]
