@@ -31,7 +31,7 @@ from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.engines.onnx import StaticKVRunner
 from edgeport.errors import EdgeportError
-from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU
+from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, builds_qnn_shape
 from edgeport.plan import Step
 from edgeport.quiet import converting
 from edgeport.source import Source
@@ -48,9 +48,10 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as ONNX at `dest` (which must not exist): the NPU shape for a w*a16 quantization, else the
     CPU shape."""
     quant = quantization.get(step.quantization, "onnx")
-    if quant.name not in BUILDER_PRECISION and not quant.activation_bits:
+    npu = builds_qnn_shape("onnx", quant)
+    if quant.name not in BUILDER_PRECISION and not npu:
         raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
-    if quant.activation_bits:
+    if npu:
         layout, details = _npu_shape(source, quant, target.context_length, dest)
     else:
         layout, details = OnnxCPU(), _cpu_shape(source, quant, dest)
@@ -59,7 +60,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
 
 
 def _engine(quant) -> str:
-    if quant.activation_bits:
+    if builds_qnn_shape("onnx", quant):
         return f"torch.onnx {torch.__version__} + onnxruntime.quantization {onnxruntime.__version__} (QNN QDQ)"
     return f"onnxruntime-genai builder {version('onnxruntime-genai')}"
 

@@ -26,7 +26,8 @@ from edgeport.convert.onnx import OPSET, qdq_quantize
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.errors import EdgeportError
-from edgeport.layouts import MASK_VALUE, OnnxWhisper
+from edgeport.families.whisper import COMPONENTS
+from edgeport.layouts import MASK_VALUE, OnnxWhisper, builds_qnn_shape
 from edgeport.plan import Step
 from edgeport.quiet import converting
 from edgeport.source import Source
@@ -41,7 +42,7 @@ CALIBRATION_STRIDE = 4  # every 4th decoder call is calibrated: all positions ar
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as ONNX at `dest` (which must not exist)."""
     quant = quantization.get(step.quantization, "onnx")
-    npu = bool(quant.activation_bits)
+    npu = builds_qnn_shape("onnx", quant)
     if npu and quant.group_size:
         raise EdgeportError(
             f"ONNX Whisper at {quant.name}: onnxruntime's QDQ quantizer puts every weight in blocks, which Whisper's "
@@ -57,10 +58,10 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         copy_app_files(source.path, float_dir)
         if npu:
             feeds = _calibration_feeds(float_dir)
-            for graph in ("encoder", "decoder"):
+            for graph in COMPONENTS:
                 qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", feeds[graph], quant)
         else:
-            for graph in ("encoder", "decoder"):
+            for graph in COMPONENTS:
                 _cpu_precision(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", quant)
     copy_app_files(source.path, dest)
     layout = replace(layout, weights=quant.name)
@@ -146,7 +147,7 @@ def _cpu_precision(exported: Path, dest: Path, quant) -> None:
 
 def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
     """What each float graph sees while transcribing the first windows of the parity speech."""
-    feeds: dict[str, list[dict]] = {"encoder": [], "decoder": []}
+    feeds: dict[str, list[dict]] = {graph: [] for graph in COMPONENTS}
     calls = 0
 
     def record(graph: str, feed) -> None:

@@ -8,6 +8,7 @@ from edgeport import manifest, quantization, report
 from edgeport.convert import CONVERTERS, converter
 from edgeport.engines import engine_of
 from edgeport.errors import EdgeportError
+from edgeport.layouts import builds_qnn_shape
 from edgeport.manifest import NotBuilt
 from edgeport.plan import Plan, Step
 from edgeport.source import Source
@@ -67,18 +68,13 @@ def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool
     return result
 
 
-def _for_qnn(step: Step) -> bool:
-    """Whether a planned step builds the QDQ graphs QNN runs (before there is a layout to ask)."""
-    return step.format == "onnx" and bool(quantization.get(step.quantization, "onnx").activation_bits)
-
-
 def _aihub_skipped(target: Target, steps: list[Step]):
     """Checked before any work: bad --aihub input is an error; an unconfigured client only skips AI Hub."""
     from edgeport.convert import aihub
 
     if not target.aihub_device:
         raise EdgeportError(f"--aihub: {target.name} names no Qualcomm AI Hub device (aihub_device in its profile)")
-    if not any(_for_qnn(step) for step in steps):
+    if not any(builds_qnn_shape(s.format, quantization.get(s.quantization, s.format)) for s in steps):
         raise EdgeportError("--aihub: nothing for an NPU in this plan (AI Hub compiles the ONNX w8a16/w4a16 shape)")
     with report.step(f"Asking Qualcomm AI Hub for {target.aihub_device} (up to {aihub.ANSWER_SECONDS} s)"):
         reason = aihub.available(target.aihub_device)

@@ -23,11 +23,12 @@ class Layout:
     engine: ClassVar[str]  # the module of edgeport.engines that runs it
     marker: ClassVar[str]  # the file that tells this layout in a folder
     described: ClassVar[bool] = False  # the marker is edgeport's description of the layout: the fields below
+    unit: ClassVar[str] = "cpu"  # what the layout is shaped for, where its fields do not say
 
     @property
     def shape(self) -> str:
-        """ "npu" for the static graphs an NPU compiles, else the unit the dynamic shape is meant for."""
-        return "cpu"
+        """What the layout is shaped for: "npu" for the static graphs an NPU compiles, else "gpu" or "cpu"."""
+        return self.unit
 
     @property
     def for_qnn(self) -> bool:
@@ -54,22 +55,14 @@ class Layout:
 class MLXModel(Layout):
     """A folder `mlx_lm.load` reads."""
 
-    family, format, engine, marker = "causal-lm", "mlx", "mlx", "config.json"
-
-    @property
-    def shape(self) -> str:
-        return "gpu"
+    family, format, engine, marker, unit = "causal-lm", "mlx", "mlx", "config.json", "gpu"
 
 
 @dataclass(frozen=True)
 class MLXWhisper(Layout):
     """A folder mlx-whisper's `load_model` reads: its ModelDimensions as config.json, weights in its names."""
 
-    family, format, engine, marker = "whisper", "mlx", "mlx", "weights.safetensors"
-
-    @property
-    def shape(self) -> str:
-        return "gpu"
+    family, format, engine, marker, unit = "whisper", "mlx", "mlx", "weights.safetensors", "gpu"
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,7 @@ class OnnxNPU(Layout):
     """`prefill.onnx` over `prefill_chunk` tokens and `decode.onnx` over one, both reading a fixed-length KV cache
     the app keeps; QDQ-quantized for QNN."""
 
-    family, format, engine, marker, described = "causal-lm", "onnx", "onnx", "npu.json", True
+    family, format, engine, marker, described, unit = "causal-lm", "onnx", "onnx", "npu.json", True, "npu"
     prefill_chunk: int
     context_length: int
     layers: int
@@ -98,10 +91,6 @@ class OnnxNPU(Layout):
     weights: str | None = None  # set once quantized
     activations: str | None = None
     opset: int | None = None
-
-    @property
-    def shape(self) -> str:
-        return "npu"
 
     @property
     def for_qnn(self) -> bool:
@@ -181,6 +170,12 @@ LAYOUTS: dict[tuple[str, str], tuple[type[Layout], ...]] = {}
 for _layout in (MLXModel, MLXWhisper, OnnxNPU, OnnxCPU, OnnxWhisper, CoreMLModel, CoreMLWhisper, CT2Whisper):
     LAYOUTS.setdefault((_layout.family, _layout.format), ())
     LAYOUTS[_layout.family, _layout.format] += (_layout,)
+
+
+def builds_qnn_shape(fmt: str, quant) -> bool:
+    """Whether a step at `quant` builds the QDQ graphs QNN runs (OnnxNPU, static OnnxWhisper): ONNX with
+    quantized activations. A dynamic CPU shape otherwise."""
+    return fmt == "onnx" and bool(quant.activation_bits)
 
 
 def read(family: str, fmt: str, folder: Path) -> Layout:

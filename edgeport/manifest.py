@@ -222,6 +222,11 @@ def validate(manifest: dict, where: Path) -> None:
             "version"
         )
     _check(manifest, SCHEMA, where, "")
+    source = manifest["source"]
+    _check(source.get("revision") or "", str, where, "source.revision")
+    _check(source.get("sha256") or {}, dict, where, "source.sha256")
+    for name, digest in (source.get("sha256") or {}).items():
+        _check(digest, str, where, f"source.sha256.{name[:40]}")
     Plan.from_dict(manifest["plan"], f"{where}: plan")
     family = named(manifest["source"]["family"], str(where))
     for i, artifact in enumerate(manifest["artifacts"]):

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -85,7 +86,9 @@ class Source:
     def origin_sha256(self) -> dict[str, str]:
         return {f.name: sha256_file(f) for f in self.origin_files}
 
-    def load_tokenizer(self):
+    @cached_property
+    def tokenizer(self):
+        """The source's tokenizer, read once (the pre-flight check and the parity reference share it)."""
         from transformers import AutoTokenizer
 
         try:

@@ -8,6 +8,7 @@ layout for the bench (`runner(layout, folder)`) or for parity (`parity_runner(la
 source) -> (runner, what this platform leaves unchecked)`)."""
 
 import importlib
+import importlib.util
 
 from edgeport.layouts import Layout
 
@@ -16,3 +17,10 @@ def engine_of(layout: Layout):
     """The engine module that runs `layout`: `engine_of(layout).runner(layout, folder)` for the bench,
     `.parity_runner(layout, folder, quantized, source)` for parity."""
     return importlib.import_module(f"edgeport.engines.{layout.engine}")
+
+
+def missing(package: str, extra: str) -> str | None:
+    """Why an engine cannot run here when the library it drives is not installed, or None when it is."""
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed: pip install 'edgeport[{extra}]'"
+    return None

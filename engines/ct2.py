@@ -7,16 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeport.engines import missing
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.layouts import Layout
 
 
 def unavailable_here() -> str | None:
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError as e:
-        return f"running CTranslate2 artifacts needs ctranslate2: pip install 'edgeport[speech]' ({e})"
-    return None
+    return missing("ctranslate2", "speech")
 
 
 def runner(layout: Layout, folder: Path):

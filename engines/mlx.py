@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeport.engines import missing
 from edgeport.engines.loop import Token
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
@@ -18,11 +19,7 @@ NO_METAL = "MLX on Metal"  # what off a Mac is left unchecked
 
 
 def unavailable_here() -> str | None:
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError as e:
-        return f"running MLX artifacts needs mlx-lm: pip install 'edgeport[mlx]' ({e})"
-    return None
+    return missing("mlx_lm", "mlx")
 
 
 def runner(layout: Layout, folder: Path):

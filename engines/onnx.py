@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeport.engines import missing
 from edgeport.engines.loop import Token, TokenClock, hf_tokenizer, mask_new_at_end
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
@@ -27,11 +28,7 @@ CallHook = Callable[[str, Callable[[], dict]], None]  # (graph, a function retur
 
 
 def unavailable_here() -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        return f"running ONNX artifacts needs onnxruntime: pip install 'edgeport[onnx]' ({e})"
-    return None
+    return missing("onnxruntime", "onnx")
 
 
 def qnn_unavailable() -> str | None:
@@ -68,12 +65,11 @@ class ONNXRunner:
     """The ONNX CPU shape: onnxruntime-genai's generator for the bench, the bare graph on onnxruntime for logits."""
 
     def __init__(self, path: Path):
-        try:
-            import onnxruntime_genai as og
-        except ImportError as e:
-            raise EdgeportError(
-                f"running ONNX artifacts needs onnxruntime-genai: pip install 'edgeport[onnx]' ({e})"
-            ) from e
+        reason = missing("onnxruntime_genai", "onnx")
+        if reason:
+            raise EdgeportError(reason)
+        import onnxruntime_genai as og
+
         self.path, self.og = path, og
         self.model = og.Model(str(path))
         self.tokenizer = hf_tokenizer(path)  # chat templates, as every runner's

@@ -78,7 +78,7 @@ def test_gguf_becomes_a_hugging_face_folder_that_answers(fixture_gguf):
     assert source.config["rope_theta"] == 100000.0  # mlx-lm reads the top-level key
     model = source.load_reference()
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
-    tokenizer = source.load_tokenizer()
+    tokenizer = source.tokenizer
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :]

@@ -17,14 +17,14 @@ Each family has:
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import CausalLM
 from edgeport.families.whisper import Whisper
+from edgeport.source import WHISPER_TYPES
 
 FAMILIES = {family.name: family for family in (CausalLM(), Whisper())}
-MODEL_TYPES = {"whisper": "whisper"}  # model_type -> family, where it is not a causal LM
 
 
 def family_of(model_type: str):
     """The family a config's model_type belongs to."""
-    return FAMILIES[MODEL_TYPES.get(model_type, CausalLM.name)]
+    return FAMILIES[Whisper.name if model_type in WHISPER_TYPES else CausalLM.name]
 
 
 def named(name: str, where: str = "manifest"):

@@ -136,7 +136,7 @@ class Reference:
     """The source's logits for the parity inputs, computed once and shared by every artifact."""
 
     def __init__(self, source, runner):
-        tokenizer = source.load_tokenizer()
+        tokenizer = source.tokenizer
         self.inputs = [chat_ids(tokenizer, p) for p in PROMPTS]
         self.text = tokenizer(reference_paragraph())["input_ids"]
         self.engine = runner.engine
@@ -202,7 +202,7 @@ class CausalLM:
 
     def check_inputs(self, source) -> None:
         """Before any work: a tokenizer or chat template that cannot run fails now, not after a conversion."""
-        chat_ids(source.load_tokenizer(), PROMPTS[0])
+        chat_ids(source.tokenizer, PROMPTS[0])
 
     def reference(self, source) -> Reference:
         from edgeport.engines.reference import TorchRunner

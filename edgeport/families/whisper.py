@@ -22,6 +22,7 @@ from edgeport.targets import Target
 
 WINDOW_S = 30.0
 TOKENS_PER_WINDOW = 100  # English speech at about 150 words a minute, 1.3 tokens a word
+COMPONENTS = ("encoder", "decoder")  # the graphs or packages every Whisper artifact but CTranslate2's holds
 PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
 
 
@@ -127,7 +128,6 @@ class Whisper:
     runs = "runs Whisper as"  # "<target> runs Whisper as <formats>"
     auto_model = "AutoModelForSpeechSeq2Seq"
     workload = "transcribe"  # the module of edgeport.runtime that benches it
-    components = ("encoder", "decoder")
     metrics = ("wer_source", "wer_artifact", "wer_delta", "no_regression_share")
     speed_columns = ("encoder", "decode", "RTF")
     metric_columns = ("WER src → artifact", "Δ WER", "clips ok")
