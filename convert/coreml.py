@@ -55,7 +55,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     AttentionInterface.register("edgeport_fused_sdpa", fused_sdpa)
     model = source.load_reference(attn_implementation="edgeport_fused_sdpa")  # float32; Core ML computes in fp16
     context = target.context_length
-    cache_shape = source.family.dims(source).cache_shape(context)
+    cache_shape = source.family.dims(source.config).cache_shape(context)
     dest.mkdir()
     package = dest / "model.mlpackage"
     with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, converting():

@@ -166,7 +166,7 @@ def _export_static(source: Source, context_length: int, folder: Path) -> OnnxNPU
     """Export the float prefill and decode graphs into `folder`, described there by their layout."""
     model = source.load_reference(attn_implementation="eager")  # plain MatMul/Softmax: what QNN maps well
     _fuse_rms_norms(model)
-    dims = source.family.dims(source)
+    dims = source.family.dims(source.config)
     past = [f"past_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
     new = [f"new_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
     step = StaticStep(model)

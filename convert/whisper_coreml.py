@@ -34,7 +34,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     quant = quantization.get(step.quantization, "coreml")
     deployment, stateful = deployment_of(target, quant)
     model = source.load_reference()  # float32; Core ML computes in fp16
-    dims = source.family.dims(source)
+    dims = source.family.dims(source.config)
     length, cross, cache = dims.tokens, dims.cross_shape, dims.cache_shape(dims.tokens)
     dest.mkdir()
     with converting():

@@ -50,7 +50,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     quant = quantization.get(step.quantization, "mlx")
     if quant.recipe:
         raise EdgeportError(f"MLX Whisper comes as fp16, bf16 or q8/q6/q5/q4/q3/q2, not the {quant.name} recipe")
-    ours = source.family.dims(source)
+    ours = source.family.dims(source.config)
     dims = whisper.ModelDimensions(
         n_mels=ours.mels,
         n_audio_ctx=ours.frames,

@@ -73,7 +73,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
 def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
     """Export the float encoder and decoder graphs into `folder`; return their layout."""
     model = source.load_reference()
-    dims = source.family.dims(source)
+    dims = source.family.dims(source.config)
     frames = dims.frames
     past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape
     tokens = 1

@@ -258,12 +258,6 @@ def bench(
     found = manifest.read(out)
     family = found.source.model_family
     artifact, layout = _pick_artifact(found, fmt, out)
-    missing = manifest.missing_files(artifact, out)
-    if missing:
-        raise EdgeportError(
-            f"{out}: {', '.join(missing[:3])} of the {artifact.format} artifact is missing or resized since "
-            f"conversion (`edgeport inspect {out}` checks every file); convert again"
-        )
     options = BenchOptions(
         text=text,
         prompt_tokens=_token_counts(prompt_tokens) if prompt_tokens else None,
@@ -327,8 +321,9 @@ def inspect(out, as_json) -> None:
 
 
 def _pick_artifact(found, fmt: str | None, out: Path):
-    """The artifact to bench and its layout: the one of `fmt`, or the fastest this machine runs (the CPU shapes
-    where no engine runs an accelerator here, any that runs here, else the first)."""
+    """The artifact to bench and its layout: the one of `fmt`, or the fastest of those whose files are intact that
+    this machine runs (the CPU shapes where no engine runs an accelerator here, any that runs here, else the
+    first)."""
     from edgeport import layouts
     from edgeport.engines import engine_of, mlx
 
@@ -336,8 +331,15 @@ def _pick_artifact(found, fmt: str | None, out: Path):
     if not candidates:
         have = ", ".join(a.format for a in found.artifacts) or "none"
         raise EdgeportError(f"{out}: no {fmt or ''} artifact to bench (it has: {have})")
+    intact = [a for a in candidates if not manifest.missing_files(a, out)]
+    if not intact:
+        first = candidates[0]
+        raise EdgeportError(
+            f"{out}: {', '.join(manifest.missing_files(first, out)[:3])} of the {first.format} artifact is missing or "
+            f"resized since conversion (`edgeport inspect {out}` checks every file); convert again"
+        )
     family = found.source.family
-    opened = [(a, layouts.read(family, a.format, out / a.path)) for a in candidates]
+    opened = [(a, layouts.read(family, a.format, out / a.path)) for a in intact]
     if fmt is None:
         runnable = [(a, layout) for a, layout in opened if engine_of(layout).unavailable_here() is None]
         on_cpu = [(a, layout) for a, layout in runnable if layout.shape == "cpu"] if mlx.slow_here() else []

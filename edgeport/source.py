@@ -71,11 +71,6 @@ class Source:
         return family_of(self.model_type)
 
     @property
-    def text_config(self) -> dict:
-        """The language model's own config (multimodal configs nest it under text_config)."""
-        return self.config.get("text_config") or self.config
-
-    @property
     def name(self) -> str:
         return source_name(self.ref)
 

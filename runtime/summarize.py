@@ -59,13 +59,14 @@ def bench_artifact(out: Path, artifact: ArtifactEntry, layout: Layout, options: 
 def context_length(folder: Path) -> int | None:
     """The most tokens the model attends to, from the config.json beside the artifact (None when it has none)."""
     from edgeport.config import check as check_config
+    from edgeport.families.causal_lm import text_config
     from edgeport.files import read_json
 
     file = folder / "config.json"
     if not file.is_file():
         return None
     config = check_config(read_json(file, ""), file)
-    return (config.get("text_config") or config).get("max_position_embeddings")
+    return text_config(config).get("max_position_embeddings")
 
 
 def bench(runner, text: str, prompt_lengths: list[int], max_tokens: int, runs: int, progress=None) -> BenchResult:

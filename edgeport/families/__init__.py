@@ -5,7 +5,7 @@ edgeport.convert; runners are chosen from the artifact's layout (edgeport.layout
 
 Each family has:
 - `name`, `metrics` (the parity metrics its tables read), `speed_columns` and `metric_columns` (its tables)
-- `dims(source)`: LMDims or WhisperDims, the one place KV and cache shapes are derived
+- `dims(config)`: LMDims or WhisperDims, the one place KV and cache shapes are derived
 - the plan: `formats(target)`, `size(config)`, `context_length(source, target)`, `prompt_tokens(target)`,
   `step(size, target, format, quantization, unit) -> Step`
 - parity: `check_inputs(source)` (before any work), `reference(source)` (the source's outputs, computed once),

@@ -33,6 +33,11 @@ PROMPTS = (
 )
 
 
+def text_config(config: dict) -> dict:
+    """The language model's own config (multimodal configs nest it under text_config)."""
+    return config.get("text_config") or config
+
+
 @dataclass(frozen=True)
 class LMDims:
     """A decoder-only transformer's dimensions, as its config.json gives them (multimodal configs nest them)."""
@@ -155,14 +160,14 @@ class CausalLM:
 
     # The plan
 
-    def dims(self, source) -> LMDims:
-        return LMDims.from_config(source.text_config)
+    def dims(self, config: dict) -> LMDims:
+        return LMDims.from_config(text_config(config))
 
     def formats(self, target: Target) -> tuple:
         return target.formats
 
     def size(self, config: dict) -> ModelSize:
-        return model_size(config.get("text_config") or config)
+        return model_size(text_config(config))
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length

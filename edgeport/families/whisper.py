@@ -134,8 +134,8 @@ class Whisper:
 
     # The plan
 
-    def dims(self, source) -> WhisperDims:
-        return WhisperDims.from_config(source.config)
+    def dims(self, config: dict) -> WhisperDims:
+        return WhisperDims.from_config(config)
 
     def formats(self, target: Target) -> tuple:
         return target.speech_formats
