@@ -1,7 +1,7 @@
 """How each library runs an artifact, one module per engine, imported by the converters (calibration, weights read
 back) and the runtime alike: `reference` (the source in transformers), `onnx`, `mlx`, `coreml`, `ct2`, and
-`whisper`, the speech loop every Whisper engine shares. `loop` holds what the causal-LM loops share: streamed
-tokens and their clock, attention masks.
+`whisper`, the speech loop every Whisper engine shares. `loop` holds what the loops share: streamed tokens and
+their clock, and the two attention-mask conventions of the static graphs.
 
 Each engine module says once whether it can run here: `unavailable_here() -> reason | None`, and opens a
 layout for the bench (`runner(layout, folder)`) or for parity (`parity_runner(layout, folder, quantized,
