@@ -270,6 +270,7 @@ def bench(
     )
     workload = importlib.import_module(f"edgeport.runtime.{family.workload}")
     result = workload.bench_artifact(out, artifact, layout, options)
+    result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
     _write_json(out / "bench.json", result.to_dict())
     if as_json or output_style == "json":
         _print_json(result.to_dict())

@@ -51,6 +51,11 @@ def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
     return opened, ON_CPU_EP if layout.for_qnn and opened.providers[0] != QNN else None
 
 
+def not_npu_figures(layout: Layout, runner) -> str | None:
+    """What a bench of `layout` must say when its NPU graphs ran on the CPU EP here, or None."""
+    return NOT_NPU_FIGURES if layout.for_qnn and runner.providers[0] != QNN else None
+
+
 def providers(npu: bool) -> list:
     """onnxruntime's execution providers for a graph: QNN's HTP (NPU) backend first when `npu` and
     onnxruntime-qnn provides it, the CPU EP always."""

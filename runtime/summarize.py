@@ -35,24 +35,22 @@ def bench_artifact(out: Path, artifact: ArtifactEntry, layout: Layout, options: 
     lengths = options.prompt_tokens or workload["prompt_tokens"]
     new_tokens = options.max_tokens or workload["max_tokens"]
     notes = []
-    context = context_length(out / artifact.path)
+    folder = out / artifact.path
+    context = context_length(folder)
     if context and max(lengths) + new_tokens > context:
         lengths = sorted({min(n, context - new_tokens) for n in lengths})
         if lengths[0] < 1:
             raise EdgeportError(f"--max-tokens {new_tokens} leaves no room for a prompt in the {context}-token context")
         notes.append(f"prompts cut to {', '.join(map(str, lengths))} tokens: the model's context holds {context}")
-    folder, name = out / artifact.path, f"{artifact.format} {artifact.quantization}"
-    with report.step(f"Loading {name}"):
+    with report.step(f"Loading {artifact.format} {artifact.quantization}"):
         runner = engine_of(layout).runner(layout, folder)
     with report.step("Summarization bench") as progress:
         text = read_text(options.text) if options.text else default_article()
         result = bench(runner, text, lengths, new_tokens, options.runs or workload["runs"], progress)
     if slow and not (options.prompt_tokens and options.max_tokens and options.runs):
         notes.append(f"workload cut for {slow}; a Mac runs 512,2048 prompt tokens, 128 new tokens, 3 runs")
-    if layout.for_qnn and runner.providers[0] != onnx.QNN:
-        notes.append(onnx.NOT_NPU_FIGURES)
-    result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
-    result.note = "; ".join(notes) or None
+    notes.append(onnx.not_npu_figures(layout, runner))
+    result.note = "; ".join(note for note in notes if note) or None
     return result
 
 

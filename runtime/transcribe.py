@@ -39,18 +39,15 @@ def bench_artifact(out: Path, artifact: ArtifactEntry, layout: Layout, options: 
     else:
         clip = parity_clips()[0]
         speech, spoken = clip.audio, clip.reference
-    folder, name = out / artifact.path, f"{artifact.format} {artifact.quantization}"
-    with report.step(f"Loading {name}"):
-        runner = engine_of(layout).runner(layout, folder)
+    with report.step(f"Loading {artifact.format} {artifact.quantization}"):
+        runner = engine_of(layout).runner(layout, out / artifact.path)
         runner.use_language(options.language, options.task)
     with report.step("Transcription bench") as progress:
         result = bench(runner, speech, spoken, options.runs or RUNS, progress)
-    result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
     result.audio = str(options.audio) if options.audio else "two_cities.wav (moonshine-voice)"
     if layout.engine == "mlx" and mlx.slow_here():
         result.note = "MLX's CPU backend in float32, not Metal: these are not Mac figures"
-    if layout.for_qnn and runner.providers[0] != onnx.QNN:
-        result.note = onnx.NOT_NPU_FIGURES
+    result.note = onnx.not_npu_figures(layout, runner) or result.note
     return result
 
 

@@ -71,9 +71,6 @@ def test_cpu_runner_generates_what_the_logits_predict(cpu_output, tiny_llama):
     prompt = runner.tokenizer.encode("It was the best of times")
     tokens = list(runner.generate(prompt, 6))
     assert len(tokens) == 6 and tokens[-1].generated == 6 and tokens[-1].prompt_tokens == len(prompt)
-    first, last = tokens[0], tokens[-1]  # the rates follow from the stream's own clock
-    assert last.generation_tps == pytest.approx(5 / (last.elapsed_s - first.elapsed_s))
-    assert first.prompt_tps == pytest.approx(len(prompt) / first.elapsed_s)
     ids = list(prompt)
     for _ in range(6):  # greedy by hand, from the bare graph's logits
         ids.append(int(np.argmax(runner.logits(ids)[-1])))

@@ -113,3 +113,15 @@ def test_the_two_mask_conventions():
     # New tokens written at their position (Core ML): row r opens the cache up to its own token.
     mask = mask_at_position(2, 3, 8, -np.inf)[0, 0]
     assert [int((row == 0).sum()) for row in mask] == [3, 4, 5]
+
+
+def test_the_token_clock_derives_its_rates_from_its_own_stream(monkeypatch):
+    """TTFT, prefill and decode rates as the clock computes them, on a clock that ticks as told (no real timing)."""
+    from edgeport.engines import loop
+
+    ticks = iter([10.0, 10.5, 10.6, 10.8])  # start, then three tokens
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(ticks))
+    clock = loop.TokenClock(prompt_tokens=100, start=loop.time.perf_counter())
+    first, _, last = (clock.token("x", i) for i in range(3))
+    assert first.elapsed_s == 0.5 and first.prompt_tps == 100 / 0.5 and first.generation_tps == 0.0
+    assert last.generated == 3 and last.generation_tps == pytest.approx(2 / 0.3)
