@@ -1,23 +1,27 @@
-"""Carry a plan out: each step through its converter, each artifact against the source, one manifest, all
-written into the staging folder that `edgeport.output.claim` gives."""
+"""Carry a plan out: the source's reference outputs once, each step through its converter, each artifact against
+the stored reference, one manifest, all written into the staging folder that `edgeport.output.claim` gives."""
 
-import time
 from pathlib import Path
 
-from edgeport import manifest, quantization, report
+from edgeport import isolated, manifest, quantization, report
 from edgeport.convert import CONVERTERS, converter
 from edgeport.engines import engine_of
 from edgeport.errors import EdgeportError
 from edgeport.layouts import builds_qnn_shape
-from edgeport.manifest import NotBuilt
+from edgeport.manifest import REFERENCE, NotBuilt
+from edgeport.parity import skipped
 from edgeport.plan import Plan, Step
 from edgeport.source import Source
 from edgeport.targets import Target
 
 
-def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool = False) -> manifest.Manifest:
+def build(
+    source: Source, target: Target, plan: Plan, staging: Path, aihub: bool = False, parity: str = "full"
+) -> manifest.Manifest:
     """Build every step of `plan` that fits and has a converter; return the manifest written to `staging`.
-    With `aihub`, the ONNX NPU graphs are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
+    Each converter and each parity run works in a process of its own, against the source's reference outputs
+    computed once (at `parity` level: full, fast or none) and stored in `staging`. With `aihub`, the ONNX NPU graphs
+    are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
     family = source.family
     buildable, not_built = [], []
     for step in plan.steps:
@@ -35,37 +39,62 @@ def build(source: Source, target: Target, plan: Plan, staging: Path, aihub: bool
     if not buildable:
         reasons = "; ".join(f"{n.format} {n.quantization}: {n.reason}" for n in not_built)
         raise EdgeportError(f"nothing to build for {target.name}: {reasons}")
-    modules = {step.format: converter(family.name, step.format) for step in buildable}  # missing backends fail now
+    for step in buildable:
+        converter(family.name, step.format)  # a missing backend fails now, not after the first artifact
     if aihub and family.name != "causal-lm":
         raise EdgeportError("--aihub: this version sends the causal LM graphs to Qualcomm AI Hub, not Whisper's")
+    if aihub and parity == "none":
+        raise EdgeportError("--aihub compares the device's outputs with the source's: use --parity full or fast")
     hub_skipped = _aihub_skipped(target, buildable) if aihub else None
     family.check_inputs(source)  # missing parity speech, a tokenizer that cannot run: before any work
 
-    reference = None
-    built = []
+    costs, built, stored = [], [], None
+    reference = staging / REFERENCE
+    if parity != "none":
+        with report.step(f"Running the source in transformers for the parity reference ({parity})"):
+            engine, cost = isolated.run("parity reference", _store_reference, source, parity, reference)
+        stored = manifest.reference_entry(reference, staging, parity, engine)
+        costs.append(cost)
     for step in buildable:
-        start = time.perf_counter()
-        with report.step(f"Converting to {step.format} {step.quantization}"):
-            artifact = modules[step.format].convert(source, step, target, staging / step.format)
-        artifact.details["convert_seconds"] = round(time.perf_counter() - start, 2)
-        start = time.perf_counter()
-        with report.step(f"Parity of {step.format} {step.quantization} against the source") as progress:
-            if reference is None:
-                progress("running the source in transformers")
-                reference = family.reference(source)
-            progress(f"running the {step.format} artifact")
-            quantized = not quantization.get(step.quantization, step.format).is_float
-            runner, not_checked = engine_of(artifact.layout).parity_runner(
-                artifact.layout, artifact.path, quantized, source
-            )
-            parity = family.measure(reference, runner, step.quantization, not_checked)
-        parity.seconds = round(time.perf_counter() - start, 2)
+        name = f"{step.format} {step.quantization}"
+        with report.step(f"Converting to {name}"):
+            artifact, cost = isolated.run(f"convert {name}", _convert, source, step, target, staging / step.format)
+        artifact.details["convert_seconds"] = cost.seconds
+        costs.append(cost)
+        if parity == "none":
+            checked = skipped("skipped by --parity none")
+        else:
+            with report.step(f"Parity of {name} against the source"):
+                checked, cost = isolated.run(f"parity {name}", _check, source, artifact, reference)
+            checked.seconds = cost.seconds
+            costs.append(cost)
         if aihub and artifact.layout.for_qnn:
-            artifact.details["aihub"] = (hub_skipped or _on_aihub(artifact, target, reference, step)).to_dict()
-        built.append((artifact, parity))
-    result = manifest.build(source, target, plan, built, not_built, staging)
+            outputs = family.read_reference(reference)
+            artifact.details["aihub"] = (hub_skipped or _on_aihub(artifact, target, outputs, step)).to_dict()
+        built.append((artifact, checked))
+    result = manifest.build(source, target, plan, built, not_built, staging, stored, costs)
     manifest.write(result, staging)
     return result
+
+
+# What each step process runs: module-level functions, as a process of its own is given them.
+
+
+def _store_reference(source: Source, level: str, folder: Path) -> str:
+    reference = source.family.reference(source, level)
+    reference.save(folder)
+    return reference.engine
+
+
+def _convert(source: Source, step: Step, target: Target, dest: Path):
+    return converter(source.family.name, step.format).convert(source, step, target, dest)
+
+
+def _check(source: Source, artifact, reference: Path):
+    family = source.family
+    quantized = not quantization.get(artifact.quantization, artifact.format).is_float
+    runner, not_checked = engine_of(artifact.layout).parity_runner(artifact.layout, artifact.path, quantized, source)
+    return family.measure(family.read_reference(reference), runner, artifact.quantization, not_checked)
 
 
 def _aihub_skipped(target: Target, steps: list[Step]):

@@ -144,6 +144,14 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-parity-fail", is_flag=True, help="Exit 0 even when an artifact fails parity.")
 @click.option(
+    "--parity",
+    type=click.Choice(["full", "fast", "none"]),
+    default="full",
+    show_default=True,
+    help="Check each artifact against the source on every parity input, on fewer tokens, or not at all "
+    "(recorded as not checked).",
+)
+@click.option(
     "--aihub",
     is_flag=True,
     help="Also compile, profile and run the NPU graphs on the target's Qualcomm AI Hub device "
@@ -160,6 +168,7 @@ def convert(
     quant,
     force,
     allow_parity_fail,
+    parity,
     aihub,
     revision,
     allow_pickle,
@@ -185,11 +194,12 @@ def convert(
         the_plan = make_plan(source, target, _split(formats), quant)
         if not as_json:
             report.show(report.plan_table(the_plan))
-        result = build(source, target, the_plan, staging, aihub=aihub)
+        result = build(source, target, the_plan, staging, aihub=aihub, parity=parity)
     if as_json:
         _print_json(result.to_dict())
     else:
         report.show(report.artifacts_table(result))
+        report.show(report.steps_table(result))
         report.out.print(f"Wrote {out}")
     failed = [a for a in result.artifacts if a.parity.status == "failed"]
     if failed and not allow_parity_fail:

@@ -26,8 +26,11 @@ def cpu_name() -> str:
         return platform.processor()
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes(children: bool = False) -> int:
+    """The most resident memory this process has held; with `children`, the largest of it and of every child
+    process it has waited for (a converter's builder subprocess)."""
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    peak = max(resource.getrusage(w).ru_maxrss for w in who)
     return peak if ON_MAC else peak * 1024  # macOS reports bytes, Linux KiB

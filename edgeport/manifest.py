@@ -6,19 +6,21 @@ import math
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
 import edgeport
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
+from edgeport.isolated import StepCost
 from edgeport.parity import Parity
 from edgeport.plan import Plan
 from edgeport.source import sha256_file
 
 SCHEMA_VERSION = 1
 FILENAME = "manifest.json"
+REFERENCE = "reference"  # the folder of an output holding the source's outputs that parity compared with
 TOOLS = (
     "torch",
     "transformers",
@@ -74,6 +76,11 @@ SCHEMA = {
     "not_built": [{"format": str, "quantization": str, "reason": str}],
     "tools": dict,
 }
+# Fields a manifest of an earlier edgeport lacks, checked where present.
+OPTIONAL = {
+    "reference": {"level": str, "engine": str, "files": [FILE]},
+    "steps": [{"step": str, "seconds": NUMBER, "peak_rss_bytes": int}],
+}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -120,6 +127,15 @@ class ArtifactEntry:
 
 
 @dataclass
+class ReferenceEntry:
+    """The source's outputs on the parity inputs, stored in the output, that every artifact was compared with."""
+
+    level: str  # --parity: full | fast
+    engine: str  # what ran the source
+    files: list[FileEntry]
+
+
+@dataclass
 class NotBuilt:
     format: str
     quantization: str
@@ -137,6 +153,8 @@ class Manifest:
     artifacts: list[ArtifactEntry]
     not_built: list[NotBuilt]
     tools: dict  # package -> version
+    reference: ReferenceEntry | None = None  # None with --parity none
+    steps: list[StepCost] = field(default_factory=list)  # what each step of the conversion cost here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +180,16 @@ class Manifest:
             plan=Plan.from_dict(data["plan"], f"{where}: plan"),
             artifacts=artifacts,
             not_built=[NotBuilt(**_known(n, NotBuilt)) for n in data["not_built"]],
+            reference=_reference(data.get("reference")),
+            steps=[StepCost(**_known(s, StepCost)) for s in data.get("steps") or []],
         )
+
+
+def _reference(data: dict | None) -> ReferenceEntry | None:
+    if data is None:
+        return None
+    files = [FileEntry(**_known(f, FileEntry)) for f in data["files"]]
+    return ReferenceEntry(**{**_known(data, ReferenceEntry), "files": files})
 
 
 def _known(data: dict, cls) -> dict:
@@ -170,7 +197,16 @@ def _known(data: dict, cls) -> dict:
     return {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
 
 
-def build(source, target, plan: Plan, built: list, not_built: list[NotBuilt], out: Path) -> Manifest:
+def build(
+    source,
+    target,
+    plan: Plan,
+    built: list,
+    not_built: list[NotBuilt],
+    out: Path,
+    reference: ReferenceEntry | None,
+    steps: list[StepCost],
+) -> Manifest:
     """The manifest for an output folder; `built` holds (Artifact, Parity) pairs whose paths lie under `out`."""
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -184,7 +220,13 @@ def build(source, target, plan: Plan, built: list, not_built: list[NotBuilt], ou
         artifacts=[_artifact_entry(artifact, parity, out) for artifact, parity in built],
         not_built=not_built,
         tools=tool_versions(),
+        reference=reference,
+        steps=steps,
     )
+
+
+def reference_entry(folder: Path, out: Path, level: str, engine: str) -> ReferenceEntry:
+    return ReferenceEntry(level, engine, _file_entries(folder, out))
 
 
 def write(manifest: Manifest, folder: Path) -> None:
@@ -222,6 +264,9 @@ def validate(manifest: dict, where: Path) -> None:
             "version"
         )
     _check(manifest, SCHEMA, where, "")
+    for name, spec in OPTIONAL.items():
+        if manifest.get(name) is not None:
+            _check(manifest[name], spec, where, name)
     source = manifest["source"]
     _check(source.get("revision") or "", str, where, "source.revision")
     _check(source.get("sha256") or {}, dict, where, "source.sha256")
@@ -235,15 +280,26 @@ def validate(manifest: dict, where: Path) -> None:
         for name in family.metrics:
             _check(parity["metrics"].get(name, 0), METRIC, where, f"artifacts[{i}].parity.metrics.{name}")
         _check_path(artifact["path"], where, f"artifacts[{i}].path")
-        for j, entry in enumerate(artifact["files"]):
-            _check_path(entry["path"], where, f"artifacts[{i}].files[{j}].path")
-            if entry["bytes"] < 0 or not SHA256.fullmatch(entry["sha256"]):
-                raise EdgeportError(f"{where}: artifacts[{i}].files[{j}] has a negative size or a malformed sha256")
+        _check_files(artifact["files"], where, f"artifacts[{i}].files")
+    _check_files((manifest.get("reference") or {}).get("files", []), where, "reference.files")
+
+
+def _check_files(entries: list[dict], where: Path, field: str) -> None:
+    for j, entry in enumerate(entries):
+        _check_path(entry["path"], where, f"{field}[{j}].path")
+        if entry["bytes"] < 0 or not SHA256.fullmatch(entry["sha256"]):
+            raise EdgeportError(f"{where}: {field}[{j}] has a negative size or a malformed sha256")
 
 
 def listed_files(manifest: Manifest) -> set[str]:
-    """The paths, relative to the output folder, of every artifact file a validated manifest lists."""
-    return {entry.path for artifact in manifest.artifacts for entry in artifact.files}
+    """The paths, relative to the output folder, of every file a validated manifest lists."""
+    return {entry.path for entry in _all_files(manifest)}
+
+
+def _all_files(manifest: Manifest) -> list[FileEntry]:
+    """Every artifact's files, and the stored reference's."""
+    reference = manifest.reference.files if manifest.reference else []
+    return [entry for artifact in manifest.artifacts for entry in artifact.files] + reference
 
 
 def _check_path(value: str, where: Path, field: str) -> None:
@@ -259,13 +315,12 @@ def _check_path(value: str, where: Path, field: str) -> None:
 def verify_files(manifest: Manifest, folder: Path) -> list[str]:
     """Problems with the files the manifest lists: missing, or bytes/sha256 no longer as recorded."""
     problems = []
-    for artifact in manifest.artifacts:
-        for entry in artifact.files:
-            file = folder / entry.path
-            if not file.is_file():
-                problems.append(f"{entry.path}: missing")
-            elif file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
-                problems.append(f"{entry.path}: changed since conversion")
+    for entry in _all_files(manifest):
+        file = folder / entry.path
+        if not file.is_file():
+            problems.append(f"{entry.path}: missing")
+        elif file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+            problems.append(f"{entry.path}: changed since conversion")
     return problems
 
 
@@ -288,9 +343,13 @@ def tool_versions() -> dict:
     return versions
 
 
+def _file_entries(folder: Path, out: Path) -> list[FileEntry]:
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return [FileEntry(str(f.relative_to(out)), f.stat().st_size, sha256_file(f)) for f in files]
+
+
 def _artifact_entry(artifact, parity: Parity, out: Path) -> ArtifactEntry:
-    files = sorted(f for f in artifact.path.rglob("*") if f.is_file())
-    entries = [FileEntry(str(f.relative_to(out)), f.stat().st_size, sha256_file(f)) for f in files]
+    entries = _file_entries(artifact.path, out)
     return ArtifactEntry(
         format=artifact.format,
         quantization=artifact.quantization,

@@ -83,7 +83,7 @@ class Parity:
     metrics: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)  # what this platform could not run
-    seconds: float = 0.0  # wall time of the check, the source's reference run included
+    seconds: float = 0.0  # wall time of the check against the stored reference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +100,11 @@ def judge(metrics: dict, judged: list[Metric], method: str, not_checked: str | N
         failures=failures,
         not_checked=[not_checked] if not_checked else [],
     )
+
+
+def skipped(reason: str) -> Parity:
+    """Parity that did not run, and says why (never passed)."""
+    return Parity(status="not checked", method="not run", bounds={}, not_checked=[reason])
 
 
 def kl_divergence(ref_logits: np.ndarray, art_logits: np.ndarray) -> np.ndarray:

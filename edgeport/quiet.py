@@ -20,10 +20,13 @@ ENVIRONMENT = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning
 }
+silenced = False  # whether this process has quieted them (its step processes then do too)
 
 
 def silence_libraries() -> None:
     """Quiet every library for the rest of this process (and the processes it starts)."""
+    global silenced
+    silenced = True
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings from library internals

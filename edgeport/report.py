@@ -2,6 +2,7 @@
 stderr."""
 
 import csv
+import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,13 +131,24 @@ def artifacts_table(manifest) -> Grid:
         metrics = family.metric_cells(m, _num)
         grid.rows.append([a.format, a.quantization, _bytes(a.bytes), f"[{colour}]{p.status}[/]", *metrics])
         name = f"{a.format} {a.quantization}"
-        grid.notes += family.metric_notes(name, m, _num)
+        grid.notes += family.metric_notes(name, m, _num) if m else []
         grid.notes += [f"{name}: {f}" for f in p.failures]
         grid.notes += [f"{name}: not checked: {n}" for n in p.not_checked]
     for skipped in manifest.not_built:
         blank = [""] * len(family.metric_columns)
         grid.rows.append([skipped.format, skipped.quantization, "—", "[yellow]not built[/]", *blank])
         grid.notes.append(f"{skipped.format} {skipped.quantization}: not built: {skipped.reason}")
+    return grid
+
+
+def steps_table(manifest) -> Grid:
+    """What each step of a conversion cost on this machine, each in a process of its own."""
+    where = platform.node() or "this machine"
+    grid = Grid(f"What each step cost on {where}", ["step", "time", "peak memory"], ids=1)
+    for cost in manifest.steps:
+        grid.rows.append([cost.step, f"{cost.seconds:.1f} s", _bytes(cost.peak_rss_bytes)])
+    total = sum(cost.seconds for cost in manifest.steps)
+    grid.notes.append(f"{total:.0f} s in all; peak memory is each step's own process (resident set)")
     return grid
 
 

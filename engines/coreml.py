@@ -174,7 +174,7 @@ class PackageWeightsRunner(TorchRunner):
     """The source's architecture in transformers with a Core ML package's weights, decompressed."""
 
     def __init__(self, source, path: Path):
-        super().__init__(source)
+        super().__init__(source, source.load_reference())  # whole: its weights are overwritten with the package's
         read, total = load_package_weights(self.model, [path / "model.mlpackage"])
         self.engine = (
             f"transformers (torch, CPU, float32) with the package's weights: {read} of {total} "
@@ -186,7 +186,7 @@ class PackageWeightsWhisper(TorchWhisper):
     """Whisper's architecture in transformers with the Core ML packages' weights, decompressed."""
 
     def __init__(self, source, path: Path):
-        super().__init__(source)
+        super().__init__(source, source.load_reference())
         read, _ = load_package_weights(self.model, [path / "encoder.mlpackage", path / "decoder.mlpackage"])
         self.engine += f", with the packages' {read} weights read back and decompressed"
 

@@ -1,8 +1,117 @@
-"""The source in transformers on the CPU in float32: the reference every artifact's parity is measured against."""
+"""The source in transformers on the CPU in float32: the reference every artifact's parity is measured against.
+
+A float32 copy of a whole model is twice a bf16 source: 32 GB for an 8B model. So the reference runs the model
+paged: built empty (on PyTorch's meta device), each block's weights (a decoder layer, the embedding, the output
+projection) read from the safetensors files in float32 when the block runs and let go when it returns. Memory then
+holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
+on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from edgeport.engines.whisper import WhisperRunner
+
+
+def paged(source, pages: Callable[[str], bool]):
+    """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from the safetensors
+    files each time they run; the others are read once, now. A block is an item of a ModuleList (a layer) or a
+    module outside one that holds weights itself (an embedding, a norm, the output projection). None where the
+    checkpoint's tensors are not the model's own (transformers converts them when loading: fused MoE experts)."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # weights on the meta device; buffers (rotary frequencies) computed for real
+        config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+        model = getattr(transformers, source.family.auto_model).from_config(
+            config, dtype=torch.float32, trust_remote_code=source.trust_remote_code
+        )
+    model.tie_weights()
+    keys = _checkpoint_keys(model, _shards(source.path))
+    if keys is None:
+        return None
+    for name, block in _blocks(model):
+        if pages(name):
+            block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys))
+            block.register_forward_hook(lambda module, args, out: _release(module))
+        else:
+            _read(block, name, keys)
+    return model.eval()
+
+
+def _shards(folder: Path) -> dict[str, Path]:
+    """Each tensor's safetensors file (the source was checked when opened: every shard is whole)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+    files = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def _checkpoint_keys(model, files: dict[str, Path]) -> dict[str, tuple[str, Path]] | None:
+    """Each parameter's tensor in the checkpoint: its own, or that of the parameter it is tied to."""
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    keys = {}
+    for names in tied.values():
+        stored = next((name for name in names if name in files), None)
+        if stored is None:
+            return None
+        keys.update(dict.fromkeys(names, (stored, files[stored])))
+    return keys
+
+
+def _blocks(model) -> list[tuple[str, object]]:
+    import torch
+
+    found = []
+
+    def walk(module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            owns = next(child.parameters(recurse=False), None) is not None
+            if isinstance(module, torch.nn.ModuleList) or (owns and next(child.children(), None) is None):
+                found.append((full, child))
+            else:
+                walk(child, full + ".")
+
+    walk(model, "")
+    return found
+
+
+def _read(block, name: str, keys: dict) -> None:
+    """The block's weights from the checkpoint in float32, each file opened (mapped) only while it is read."""
+    import torch
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for local, _ in block.named_parameters():
+        stored, file = keys[f"{name}.{local}"]
+        by_file.setdefault(file, []).append((local, stored))
+    for file, pairs in by_file.items():
+        with safe_open(file, "pt") as f:
+            for local, stored in pairs:
+                owner, _, leaf = local.rpartition(".")
+                module = block.get_submodule(owner) if owner else block
+                module._parameters[leaf] = torch.nn.Parameter(f.get_tensor(stored).float(), requires_grad=False)
+
+
+def _release(block) -> None:
+    import torch
+
+    for module in block.modules():
+        for leaf, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                module._parameters[leaf] = torch.nn.Parameter(parameter.to("meta"), requires_grad=False)
 
 
 class TorchRunner:
@@ -14,7 +123,7 @@ class TorchRunner:
         import torch
 
         self.torch = torch
-        self.model = model or source.load_reference()
+        self.model = model or paged(source, lambda block: True) or source.load_reference()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self.torch.no_grad():
@@ -31,7 +140,11 @@ class TorchWhisper(WhisperRunner):
 
         super().__init__(source.path)
         self.torch = torch
-        self.model = model or source.load_reference()
+        # Only the encoder's layers are paged: the decoder runs once per token, and reading it each time would cost
+        # more than it holds (the encoder is most of a Whisper model).
+        self.model = (
+            model or paged(source, lambda block: block.startswith("model.encoder.layers.")) or source.load_reference()
+        )
         self.engine = f"transformers {transformers.__version__} (torch, CPU, float32)"
 
     def encode(self, mel: np.ndarray):

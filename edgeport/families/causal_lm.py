@@ -12,6 +12,8 @@ Mixture-of-experts models hold every expert in memory but read only the routed o
 """
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from edgeport.targets import Target
 from edgeport.texts import chat_ids, reference_paragraph
 
 ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive at once during prefill
+FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
 
 # Chat prompts every causal LM is checked on, with the perplexity text (texts.reference_paragraph).
 PROMPTS = (
@@ -137,16 +140,53 @@ def mixed_recipe_layers(layers: int) -> int:
     return first + (layers - last) + max(0, last - first) // 3
 
 
+@dataclass
 class Reference:
-    """The source's logits for the parity inputs, computed once and shared by every artifact."""
+    """The source's logits for the parity inputs: computed once in a process of their own, stored in the output
+    folder, and read back by each artifact's parity run."""
 
-    def __init__(self, source, runner):
+    inputs: list[list[int]]  # the chat prompts' token ids
+    text: list[int]  # the perplexity text's token ids
+    logits: list[np.ndarray]  # float32, one [tokens, vocab] array per prompt
+    text_logits: np.ndarray
+    engine: str
+    level: str  # "full" | "fast"
+
+    FILE: ClassVar[str] = "logits.safetensors"
+
+    @classmethod
+    def compute(cls, source, runner, level: str) -> "Reference":
         tokenizer = source.tokenizer
-        self.inputs = [chat_ids(tokenizer, p) for p in PROMPTS]
-        self.text = tokenizer(reference_paragraph())["input_ids"]
-        self.engine = runner.engine
-        self.logits = [runner.logits(ids) for ids in self.inputs]
-        self.text_logits = runner.logits(self.text)
+        inputs = [chat_ids(tokenizer, p) for p in PROMPTS[: 1 if level == "fast" else None]]
+        text = tokenizer(reference_paragraph())["input_ids"][: FAST_TEXT_TOKENS if level == "fast" else None]
+        logits = [runner.logits(ids) for ids in inputs]
+        return cls(inputs, text, logits, runner.logits(text), runner.engine, level)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"text.ids": np.asarray(self.text, np.int64), "text.logits": self.text_logits}
+        for i, (ids, logits) in enumerate(zip(self.inputs, self.logits, strict=True)):
+            tensors[f"prompt.{i}.ids"], tensors[f"prompt.{i}.logits"] = np.asarray(ids, np.int64), logits
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / self.FILE, metadata={"engine": self.engine, "level": self.level})
+
+    @classmethod
+    def read(cls, folder: Path) -> "Reference":
+        from safetensors import safe_open
+
+        with safe_open(folder / cls.FILE, "numpy") as f:
+            names, metadata = f.keys(), f.metadata()
+            tensors = {name: f.get_tensor(name) for name in names}
+        prompts = range(sum(name.endswith(".ids") for name in tensors) - 1)
+        return cls(
+            inputs=[tensors[f"prompt.{i}.ids"].tolist() for i in prompts],
+            text=tensors["text.ids"].tolist(),
+            logits=[tensors[f"prompt.{i}.logits"] for i in prompts],
+            text_logits=tensors["text.logits"],
+            engine=metadata["engine"],
+            level=metadata["level"],
+        )
 
 
 class CausalLM:
@@ -209,10 +249,13 @@ class CausalLM:
         """Before any work: a tokenizer or chat template that cannot run fails now, not after a conversion."""
         chat_ids(source.tokenizer, PROMPTS[0])
 
-    def reference(self, source) -> Reference:
+    def reference(self, source, level: str) -> Reference:
         from edgeport.engines.reference import TorchRunner
 
-        return Reference(source, TorchRunner(source))
+        return Reference.compute(source, TorchRunner(source), level)
+
+    def read_reference(self, folder: Path) -> Reference:
+        return Reference.read(folder)
 
     def measure(self, reference: Reference, runner, quant: str, not_checked: str | None = None) -> Parity:
         """Compare `runner` (one artifact) with the reference on the same tokens."""

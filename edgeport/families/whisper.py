@@ -11,11 +11,15 @@ The plan is per 30 s window of speech:
 - RTF           = (encoder time + TOKENS_PER_WINDOW / decode tok/s) / 30 s; TTFT is the encoder time plus one token
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from edgeport import quantization
 from edgeport.audio import SAMPLE_RATE
 from edgeport.errors import EdgeportError
+from edgeport.files import read_json
 from edgeport.parity import Metric, Parity, bounds_for, judge, wer
 from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Step, room_text
 from edgeport.targets import Target
@@ -112,15 +116,40 @@ def whisper_size(config: dict) -> WhisperSize:
     )
 
 
+@dataclass
 class SpeechReference:
-    """The source's transcripts of the parity clips, made once and shared by every artifact."""
+    """The source's transcripts of the parity clips: made once in a process of their own, stored in the output
+    folder, and read back by each artifact's parity run (the clips themselves come from their package)."""
 
-    def __init__(self, runner, clips):
+    clips: list  # edgeport.audio.Clip
+    transcripts: list[str]
+    engine: str
+    level: str  # "full" | "fast"
+
+    FILE: ClassVar[str] = "transcripts.json"
+
+    @classmethod
+    def compute(cls, runner, level: str) -> "SpeechReference":
+        from edgeport.audio import parity_clips
         from edgeport.engines.whisper import transcribe
 
-        self.clips, self.engine = clips, runner.engine
+        clips = parity_clips()[: 1 if level == "fast" else None]
         runner.use_language(PARITY_LANGUAGE)
-        self.transcripts = [transcribe(runner, clip.audio).text for clip in clips]
+        return cls(clips, [transcribe(runner, clip.audio).text for clip in clips], runner.engine, level)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        transcripts = {clip.name: text for clip, text in zip(self.clips, self.transcripts, strict=True)}
+        data = {"engine": self.engine, "level": self.level, "transcripts": transcripts}
+        (folder / self.FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> "SpeechReference":
+        from edgeport.audio import parity_clips
+
+        data = read_json(folder / cls.FILE, "the parity reference of this output")
+        clips = [clip for clip in parity_clips() if clip.name in data["transcripts"]]
+        return cls(clips, [data["transcripts"][clip.name] for clip in clips], data["engine"], data["level"])
 
 
 class Whisper:
@@ -189,11 +218,13 @@ class Whisper:
 
         parity_clips()
 
-    def reference(self, source) -> SpeechReference:
-        from edgeport.audio import parity_clips
+    def reference(self, source, level: str) -> SpeechReference:
         from edgeport.engines.reference import TorchWhisper
 
-        return SpeechReference(TorchWhisper(source), parity_clips())
+        return SpeechReference.compute(TorchWhisper(source), level)
+
+    def read_reference(self, folder: Path) -> SpeechReference:
+        return SpeechReference.read(folder)
 
     def measure(self, reference: SpeechReference, runner, quant: str, not_checked: str | None = None) -> Parity:
         """Transcribe the parity clips with `runner` (one artifact) and compare its WER with the source's."""

@@ -1,0 +1,125 @@
+"""One step of a conversion (a converter, the source's reference run, one artifact's parity) in its own process,
+so that the memory it took is given back to the machine before the next step starts, and so that what it cost
+(wall time, peak resident memory) is measured for that step alone.
+
+Children come from a fork server that has the heavy libraries imported once, so a step starts in a fraction of a
+second rather than the seconds a fresh interpreter takes to import torch. A child takes the parent's environment
+and working folder as they are when it starts (the fork server's are those of its own start).
+"""
+
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeport import quiet
+from edgeport.errors import EdgeportError
+from edgeport.machine import peak_rss_bytes
+
+PRELOAD = ["numpy", "torch", "transformers", "safetensors", "edgeport.families", "edgeport.parity"]
+STOP_SECONDS = 10  # how long a stopped child has to end its own children before it is killed
+
+
+@dataclass
+class StepCost:
+    """What one step of a conversion cost on this machine."""
+
+    step: str
+    seconds: float
+    peak_rss_bytes: int  # the step's process, or the largest subprocess it ran
+
+
+def run(step: str, function: Callable, *args):
+    """`function(*args)` in a process of its own; returns its value and what the step cost. An error raised there is
+    raised here (an EdgeportError as itself); a step killed by the system (the OOM killer) is an EdgeportError."""
+    context = _context()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(
+        target=_child,
+        args=(send, dict(os.environ), os.getcwd(), quiet.silenced, function, args),
+        name=f"edgeport: {step}",
+    )
+    start = time.perf_counter()
+    child.start()
+    send.close()
+    try:
+        outcome, value, peak = receive.recv()
+    except EOFError:  # the child ended without a word: killed
+        child.join()
+        raise EdgeportError(_killed(step, child.exitcode, time.perf_counter() - start)) from None
+    except BaseException:  # Ctrl-C or SIGTERM here: the child ends its own children, then goes
+        _stop(child)
+        raise
+    finally:
+        receive.close()
+    child.join()
+    if outcome == "error":
+        raise value
+    return value, StepCost(step, round(time.perf_counter() - start, 2), peak)
+
+
+def _context():
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def _child(send, environment: dict, folder: str, silenced: bool, function: Callable, args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(folder)
+    if silenced:
+        quiet.silence_libraries()
+    signal.signal(signal.SIGTERM, _stopped)  # unwound like Ctrl-C: a builder subprocess is ended too
+    try:
+        try:
+            message = ("done", function(*args))
+        except BaseException as e:  # sent back whole, with the child's traceback as a note for --debug
+            e.add_note("".join(traceback.format_exception(e)))
+            message = ("error", e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))
+        send.send((*message, peak_rss_bytes(children=True)))
+    except KeyboardInterrupt:
+        pass  # stopped while answering: the parent is going too, and says so itself
+    finally:
+        send.close()
+
+
+def _stopped(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _picklable(error: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return False
+    return True
+
+
+def _stop(child) -> None:
+    if child.is_alive():
+        child.terminate()
+        child.join(STOP_SECONDS)
+    if child.is_alive():
+        child.kill()
+        child.join()
+
+
+def _killed(step: str, exitcode: int | None, seconds: float) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        cause = " (the system's out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
+        how = f"was killed by {name}{cause}"
+    else:
+        how = f"ended with exit code {exitcode} and no result"
+    return (
+        f"{step} {how} after {seconds:.0f} s; if memory ran out, `edgeport convert --dry-run` shows what each step "
+        "needs here"
+    )

@@ -1,0 +1,161 @@
+"""What lets real-size models convert within the converting machine's memory: each step in a process of its own,
+the source's reference outputs computed once (paged, one block of weights at a time) and stored, `--parity`."""
+
+import json
+import multiprocessing
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import convert, make_model, make_whisper, run_cli
+
+from edgeport import isolated, manifest
+from edgeport.engines.reference import TorchRunner, TorchWhisper, paged
+from edgeport.errors import MISSED, EdgeportError
+from edgeport.families.causal_lm import Reference
+from edgeport.source import open_source
+
+# The step process
+
+
+def test_a_step_returns_its_value_and_what_it_cost():
+    value, cost = isolated.run("sum", sum, [1, 2, 3])
+    assert value == 6 and cost.step == "sum" and cost.seconds >= 0 and cost.peak_rss_bytes > 10 * 2**20
+
+
+def test_a_steps_error_comes_back_as_itself():
+    with pytest.raises(EdgeportError) as raised:
+        isolated.run("fail", _raise_missed, "parity failed")
+    assert str(raised.value) == "parity failed" and raised.value.exit_code == MISSED
+    assert any("Traceback" in note for note in raised.value.__notes__)  # the child's, for --debug
+
+
+def _raise_missed(message: str):
+    raise EdgeportError(message, exit_code=MISSED)
+
+
+def test_a_step_killed_by_the_system_is_one_clear_line():
+    with pytest.raises(EdgeportError, match=r"killed by SIGKILL \(the system's out-of-memory killer sends it\)"):
+        isolated.run("convert mlx q4", signal.raise_signal, signal.SIGKILL)
+
+
+def test_a_stop_ends_the_step_process_too():
+    """Ctrl-C (or SIGTERM, which edgeport turns into the same) while a step runs: the step's process goes as well."""
+    before = set(multiprocessing.active_children())
+    threading.Timer(1.0, signal.pthread_kill, [threading.main_thread().ident, signal.SIGINT]).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        isolated.run("sleep", time.sleep, 60)
+    assert time.monotonic() - start < 30
+    assert not [child for child in multiprocessing.active_children() if child not in before]
+
+
+# The paged reference
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen3", {"head_dim": 16}),
+        ("gemma3_text", {"head_dim": 16}),
+        ("phi3", {"pad_token_id": 0}),
+    ],
+)
+def test_the_paged_reference_is_the_whole_model_to_the_bit(model_type, extra, tmp_path):
+    source = open_source(str(make_model(tmp_path / "m", model_type, **extra)))
+    model = paged(source, lambda block: True)
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing held between blocks
+    ids = list(range(3, 90))
+    paged_logits = TorchRunner(source, model).logits(ids)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    np.testing.assert_array_equal(paged_logits, TorchRunner(source, source.load_reference()).logits(ids))
+
+
+def test_a_checkpoint_the_model_renames_on_loading_is_read_whole(tmp_path):
+    """transformers fuses MoE experts when it loads them: those tensors are not the checkpoint's, so no paging."""
+    source = open_source(
+        str(make_model(tmp_path / "m", "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    )
+    assert paged(source, lambda block: True) is None
+    assert all(p.device.type == "cpu" for p in TorchRunner(source).model.parameters())
+
+
+def test_whispers_encoder_layers_are_paged_and_the_rest_held(tmp_path):
+    source = open_source(str(make_whisper(tmp_path / "w")))
+    runner, whole = TorchWhisper(source), TorchWhisper(source, source.load_reference())
+    devices = {name: p.device.type for name, p in runner.model.named_parameters()}
+    assert {d for n, d in devices.items() if n.startswith("model.encoder.layers.")} == {"meta"}
+    assert {d for n, d in devices.items() if not n.startswith("model.encoder.layers.")} == {"cpu"}
+    mel = np.random.default_rng(0).standard_normal((1, source.config["num_mel_bins"], 3000)).astype(np.float32)
+    encoded, expected = runner.encode(mel), whole.encode(mel)
+    assert (encoded == expected).all()
+    runner.begin(encoded)
+    whole.begin(expected)
+    start = [source.config["decoder_start_token_id"]]
+    np.testing.assert_array_equal(runner.step(start), whole.step(start))
+
+
+# The stored reference and --parity
+
+
+def test_the_reference_is_stored_once_and_each_step_costed(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    result = convert(tiny_llama, out, "host", "-f", "mlx,onnx", "--quant", "fp16")
+    reference = result["reference"]
+    assert reference["level"] == "full" and "transformers" in reference["engine"]
+    assert [f["path"] for f in reference["files"]] == ["reference/logits.safetensors"]
+    steps = [s["step"] for s in result["steps"]]
+    assert steps == ["parity reference", "convert onnx fp16", "parity onnx fp16", "convert mlx fp16", "parity mlx fp16"]
+    assert all(s["peak_rss_bytes"] > 0 and s["seconds"] > 0 for s in result["steps"])
+    stored = Reference.read(out / "reference")
+    assert len(stored.inputs) == 3 and stored.logits[0].dtype == np.float32
+    for artifact in result["artifacts"]:
+        assert artifact["parity"]["metrics"]["tokens"] == sum(len(ids) for ids in stored.inputs)
+
+    code, stdout, _ = run_cli("inspect", str(out))
+    assert code == 0 and "files verified" in stdout
+    (out / "reference" / "logits.safetensors").write_bytes(b"changed")
+    code, stdout, _ = run_cli("inspect", str(out))
+    assert code == 1 and "reference/logits.safetensors" in stdout
+
+
+def test_parity_fast_checks_fewer_tokens(tiny_llama, tmp_path):
+    full = convert(tiny_llama, tmp_path / "full", "host", "-f", "mlx", "--quant", "fp16")
+    fast = convert(tiny_llama, tmp_path / "fast", "host", "-f", "mlx", "--quant", "fp16", "--parity", "fast")
+    tokens = [r["artifacts"][0]["parity"]["metrics"]["tokens"] for r in (full, fast)]
+    assert 0 < tokens[1] < tokens[0] and fast["reference"]["level"] == "fast"
+    assert fast["artifacts"][0]["parity"]["status"] == "passed"
+
+
+def test_parity_none_is_not_checked_and_never_passed(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(
+        "convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "q4", "-o", str(out), "--parity", "none"
+    )
+    assert code == 0, err
+    assert "not checked: skipped by --parity none" in stdout and "passed" not in stdout
+    data = json.loads((out / "manifest.json").read_text())
+    parity = data["artifacts"][0]["parity"]
+    assert parity["status"] == "not checked" and parity["not_checked"] == ["skipped by --parity none"]
+    assert data["reference"] is None and not (out / "reference").exists()
+    assert [s["step"] for s in data["steps"]] == ["convert mlx q4"]
+    assert manifest.read(out).reference is None
+
+
+def test_aihub_needs_a_reference(tiny_llama, tmp_path):
+    code, _, err = run_cli(
+        "convert", str(tiny_llama), "-t", "snapdragon-8-elite", "--aihub", "--parity", "none", "-o", str(tmp_path / "o")
+    )
+    assert code == 3 and "--parity full or fast" in err and not (tmp_path / "o").exists()
+
+
+def test_whispers_reference_is_stored_as_transcripts(tiny_whisper, tmp_path):
+    out = tmp_path / "o"
+    result = convert(tiny_whisper, out, "host", "-f", "ct2", "--parity", "fast", "--allow-parity-fail")
+    stored = json.loads((out / "reference" / "transcripts.json").read_text())
+    assert stored["level"] == "fast" and len(stored["transcripts"]) == 1
+    assert result["artifacts"][0]["parity"]["metrics"]["clips"] == list(stored["transcripts"])
