@@ -11,6 +11,7 @@ import mmap
 import os
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeport.errors import EdgeportError
@@ -59,9 +60,22 @@ def regular_file(file: Path) -> Path:
     return file
 
 
+@dataclass(frozen=True)
+class TensorSpan:
+    dtype: str  # safetensors' name: BF16, F16, F32, …
+    shape: tuple[int, ...]
+    start: int  # where its bytes begin in the file
+    stop: int
+
+
 def check_safetensors(file: Path) -> int:
     """The number of values a safetensors file holds, once every tensor's dtype and shape match its byte span and
     the spans tile the data exactly: sorted, contiguous, within the file."""
+    return sum(_count(list(span.shape)) for span in safetensors_spans(file).values())
+
+
+def safetensors_spans(file: Path) -> dict[str, TensorSpan]:
+    """Every tensor of a safetensors file and where its bytes lie, checked as `check_safetensors` says."""
     size = regular_file(file).stat().st_size
     with file.open("rb") as f:
         prefix = f.read(8)
@@ -75,7 +89,6 @@ def check_safetensors(file: Path) -> int:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(file, "__metadata__ must map names to strings")
     spans = sorted((_tensor_span(file, name, info), name) for name, info in header.items())
-    values = sum(_count(info["shape"]) for info in header.values())
     end = 0
     for (start, stop), name in spans:
         if start != end:
@@ -87,7 +100,11 @@ def check_safetensors(file: Path) -> int:
             f"{file}: truncated or corrupt (header says {end} bytes of tensors, file holds {size - 8 - header_len}); "
             "re-download it"
         )
-    return values
+    base = 8 + header_len
+    return {
+        name: TensorSpan(header[name]["dtype"], tuple(header[name]["shape"]), base + start, base + stop)
+        for (start, stop), name in spans
+    }
 
 
 def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:

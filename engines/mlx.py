@@ -1,6 +1,8 @@
 """MLX artifacts: causal LMs through mlx-lm, Whisper in mlx-whisper's own model. On a Mac MLX runs on Metal; off
-one, on its CPU backend, where quantized matmuls take minutes a pass: parity then measures the same quantized
-weights dequantized to float32."""
+one, on its CPU backend, which multiplies matrices some 70 times slower than torch (2 GFLOPS against 150 on this
+2-core Xeon) and quantized ones slower still. Off a Mac, parity of a quantized causal LM therefore runs the
+artifact's weights, dequantized, in the source's architecture in transformers (paged like the reference); a float
+artifact, and Whisper, run in MLX itself, quantized weights dequantized to float32 as each layer runs."""
 
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from edgeport.layouts import Layout, MLXModel
 from edgeport.machine import ON_MAC
 
 NO_METAL = "MLX on Metal"  # what off a Mac is left unchecked
+DEQUANTIZE_ROWS = 4096
 
 
 def unavailable_here() -> str | None:
@@ -30,12 +33,80 @@ def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
     kind = MLXRunner if isinstance(layout, MLXModel) else MLXWhisper
     if ON_MAC:
         return kind(folder), None
+    if quantized and isinstance(layout, MLXModel):  # a float artifact runs in MLX: its own dtype, overflow and all
+        weights = _in_transformers(source, folder)
+        if weights:
+            return weights, (
+                "mlx-lm's model and MLX's quantized kernels (MLX's CPU build multiplies matrices at a few GFLOPS: off "
+                "a Mac the artifact's weights were read back, dequantized, and run in the source's architecture in "
+                "transformers, float32)"
+            )
     if quantized:
         return kind(folder, dequantize=True), (
             "MLX quantized kernels (off a Mac they take minutes per pass: the quantized weights were "
             "measured dequantized to float32 on MLX's CPU backend)"
         )
     return kind(folder), f"{NO_METAL} (measured on MLX's CPU backend)"
+
+
+def _in_transformers(source, folder: Path):
+    """The source's architecture in transformers, paged, with the MLX artifact's weights; None where mlx-lm stored
+    them under other names or shapes (stacked MoE experts)."""
+    from edgeport.engines.reference import TorchRunner, paged
+
+    model = paged(source, lambda block: True, MLXCheckpoint(folder))
+    if model is None:
+        return None
+    runner = TorchRunner(source, model)
+    runner.engine += " with the MLX artifact's weights, dequantized"
+    return runner
+
+
+class MLXCheckpoint:
+    """An MLX folder's weights as a paged reference reads them: quantized ones dequantized in their scales' dtype
+    (as mlx-lm's `dequantize_model` does), every one widened to float32."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        import mlx.core as mx
+
+        self.mx = mx
+        mx.set_cache_limit(0)  # a freed buffer goes back to the system, not to MLX's cache
+        self.quantization = json.loads((folder / "config.json").read_text()).get("quantization") or {}
+        self.arrays = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            self.arrays.update(mx.load(str(file)))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def read(self, name: str):
+        import torch
+
+        mx, layer = self.mx, name.removesuffix(".weight")
+        weight = self.arrays[name]
+        if f"{layer}.scales" not in self.arrays:
+            widened = weight.astype(mx.float32)
+            mx.eval(widened)
+            return torch.from_numpy(np.asarray(memoryview(widened)))
+        settings = self.quantization.get(layer)  # mixed recipes give some layers their own bits
+        settings = settings if isinstance(settings, dict) else self.quantization
+        scales, biases = self.arrays[f"{layer}.scales"], self.arrays.get(f"{layer}.biases")
+        out = torch.empty((weight.shape[0], scales.shape[1] * settings["group_size"]), dtype=torch.float32)
+        for start in range(0, weight.shape[0], DEQUANTIZE_ROWS):  # a slice at a time: one float32 copy in all
+            rows = slice(start, start + DEQUANTIZE_ROWS)
+            part = mx.dequantize(
+                weight[rows],
+                scales=scales[rows],
+                biases=None if biases is None else biases[rows],
+                group_size=settings["group_size"],
+                bits=settings["bits"],
+                mode=settings.get("mode", "affine"),
+            ).astype(mx.float32)
+            mx.eval(part)
+            out[rows] = torch.from_numpy(np.asarray(memoryview(part)))
+        return out
 
 
 class MLXRunner:
@@ -54,10 +125,7 @@ class MLXRunner:
         if dequantize:
             # Same weight values as the quantized model, computed in float32: what quantization did to
             # the weights, without MLX's CPU quantized kernels (minutes per forward pass on Linux).
-            from mlx_lm.utils import dequantize_model
-
-            self.model = dequantize_model(self.model)
-            self.model.set_dtype(mx.float32)
+            dequantize_when_used(self.model)
             self.engine += ", weights dequantized to float32"
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -103,9 +171,7 @@ class MLXWhisper(WhisperRunner):
         self.model = load_model(str(path), dtype=mx.float32 if on_cpu else mx.float16)
         self.engine = f"mlx-whisper {version('mlx-whisper')} ({mx.default_device()})"
         if dequantize:  # what quantization did to the weights, without MLX's slow CPU quantized kernels
-            from mlx_lm.utils import dequantize_model
-
-            self.model = dequantize_model(self.model)
+            dequantize_when_used(self.model)
             self.engine += ", weights dequantized"
         if on_cpu:
             self.model.set_dtype(mx.float32)  # MLX's CPU backend has no fast float16 matmul
@@ -119,6 +185,44 @@ class MLXWhisper(WhisperRunner):
     def step(self, tokens: list[int]) -> np.ndarray:
         logits, self.cache, _ = self.model.decoder(self.mx.array([tokens]), self.audio, kv_cache=self.cache)
         return np.array(logits[0, -1].astype(self.mx.float32))
+
+
+def dequantize_when_used(model) -> None:
+    """Run `model`'s quantized layers in float32, each weight dequantized when its layer runs and let go after: the
+    model holds its quantized weights only (a float32 copy of all of them is 8 times a 4-bit model). The values are
+    those of mlx-lm's `dequantize_model`: dequantized in the scales' own dtype, then widened."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    def weight(layer, rows=None):
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+        biases = layer.get("biases")
+        return mx.dequantize(
+            pick(layer["weight"]),
+            scales=pick(layer["scales"]).astype(layer.scale_dtype),
+            biases=None if biases is None else pick(biases).astype(layer.scale_dtype),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        ).astype(mx.float32)
+
+    class Linear(nn.QuantizedLinear):
+        def __call__(self, x):
+            x = x @ weight(self).T
+            return x + self["bias"] if "bias" in self else x
+
+    class Embedding(nn.QuantizedEmbedding):
+        def __call__(self, x):
+            return weight(self, rows=x)
+
+        def as_linear(self, x):
+            return x @ weight(self).T
+
+    for _, layer in model.named_modules():
+        kind = {nn.QuantizedLinear: Linear, nn.QuantizedEmbedding: Embedding}.get(type(layer))
+        if kind:
+            layer.scale_dtype, layer.__class__ = layer["scales"].dtype, kind
+    model.set_dtype(mx.float32)
 
 
 def slow_here() -> str | None:

@@ -6,7 +6,6 @@ projection) read from the safetensors files in float32 when the block runs and l
 holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
 on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +13,48 @@ import numpy as np
 
 from edgeport.engines.whisper import WhisperRunner
 
+STORED = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # the dtypes a reference reads (torch names)
+SLICE_VALUES = 2**24  # values read from a file at a time: 32 MB of bf16
 
-def paged(source, pages: Callable[[str], bool]):
-    """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from the safetensors
-    files each time they run; the others are read once, now. A block is an item of a ModuleList (a layer) or a
-    module outside one that holds weights itself (an embedding, a norm, the output projection). None where the
-    checkpoint's tensors are not the model's own (transformers converts them when loading: fused MoE experts)."""
+
+class Checkpoint:
+    """A model folder's safetensors tensors, each read into float32 by plain file reads a slice at a time: no mapping
+    of the file stays in memory, and no copy in the stored dtype is made beside the float32 one."""
+
+    def __init__(self, folder: Path):
+        from edgeport.headers import safetensors_spans
+
+        self.spans = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            self.spans.update({name: (file, span) for name, span in safetensors_spans(file).items()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.spans and self.spans[name][1].dtype in STORED
+
+    def read(self, name: str):
+        import torch
+
+        file, span = self.spans[name]
+        stored = getattr(torch, STORED[span.dtype])
+        out = torch.empty(span.shape, dtype=torch.float32)
+        flat, done = out.view(-1), 0
+        with open(file, "rb") as f:
+            f.seek(span.start)
+            while done < flat.numel():
+                count = min(SLICE_VALUES, flat.numel() - done)
+                raw = bytearray(count * stored.itemsize)
+                f.readinto(raw)
+                flat[done : done + count] = torch.frombuffer(raw, dtype=stored)
+                done += count
+        return out
+
+
+def paged(source, pages: Callable[[str], bool], checkpoint=None):
+    """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from `checkpoint` (by
+    default the source's own safetensors) each time they run; the others are read once, now. A block is an item of
+    a ModuleList (a layer) or a module outside one that holds weights itself (an embedding, a norm, the output
+    projection). None where the checkpoint's tensors are not the model's own: transformers converts some when
+    loading (fused MoE experts), and a checkpoint may be stored in a dtype the reference does not read."""
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -30,43 +65,30 @@ def paged(source, pages: Callable[[str], bool]):
             config, dtype=torch.float32, trust_remote_code=source.trust_remote_code
         )
     model.tie_weights()
-    keys = _checkpoint_keys(model, _shards(source.path))
+    checkpoint = checkpoint or Checkpoint(source.path)
+    keys = _checkpoint_keys(model, checkpoint)
     if keys is None:
         return None
     for name, block in _blocks(model):
         if pages(name):
-            block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys))
+            block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
         else:
-            _read(block, name, keys)
+            _read(block, name, keys, checkpoint)
     return model.eval()
 
 
-def _shards(folder: Path) -> dict[str, Path]:
-    """Each tensor's safetensors file (the source was checked when opened: every shard is whole)."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: folder / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
-    files = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
-    return files
-
-
-def _checkpoint_keys(model, files: dict[str, Path]) -> dict[str, tuple[str, Path]] | None:
+def _checkpoint_keys(model, checkpoint) -> dict[str, str] | None:
     """Each parameter's tensor in the checkpoint: its own, or that of the parameter it is tied to."""
     tied: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(parameter), []).append(name)
     keys = {}
     for names in tied.values():
-        stored = next((name for name in names if name in files), None)
+        stored = next((name for name in names if name in checkpoint), None)
         if stored is None:
             return None
-        keys.update(dict.fromkeys(names, (stored, files[stored])))
+        keys.update(dict.fromkeys(names, stored))
     return keys
 
 
@@ -88,21 +110,13 @@ def _blocks(model) -> list[tuple[str, object]]:
     return found
 
 
-def _read(block, name: str, keys: dict) -> None:
-    """The block's weights from the checkpoint in float32, each file opened (mapped) only while it is read."""
+def _read(block, name: str, keys: dict, checkpoint) -> None:
     import torch
-    from safetensors import safe_open
 
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for local, _ in block.named_parameters():
-        stored, file = keys[f"{name}.{local}"]
-        by_file.setdefault(file, []).append((local, stored))
-    for file, pairs in by_file.items():
-        with safe_open(file, "pt") as f:
-            for local, stored in pairs:
-                owner, _, leaf = local.rpartition(".")
-                module = block.get_submodule(owner) if owner else block
-                module._parameters[leaf] = torch.nn.Parameter(f.get_tensor(stored).float(), requires_grad=False)
+    for local, _ in list(block.named_parameters()):
+        owner, _, leaf = local.rpartition(".")
+        module = block.get_submodule(owner) if owner else block
+        module._parameters[leaf] = torch.nn.Parameter(checkpoint.read(keys[f"{name}.{local}"]), requires_grad=False)
 
 
 def _release(block) -> None:
