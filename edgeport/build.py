@@ -11,19 +11,14 @@ from edgeport.layouts import builds_qnn_shape
 from edgeport.manifest import REFERENCE, NotBuilt
 from edgeport.parity import skipped
 from edgeport.plan import Plan, Step
+from edgeport.preflight import Work
 from edgeport.source import Source
 from edgeport.targets import Target
 
 
-def build(
-    source: Source, target: Target, plan: Plan, staging: Path, aihub: bool = False, parity: str = "full"
-) -> manifest.Manifest:
-    """Build every step of `plan` that fits and has a converter; return the manifest written to `staging`.
-    Each converter and each parity run works in a process of its own, against the source's reference outputs
-    computed once (at `parity` level: full, fast or none) and stored in `staging`. With `aihub`, the ONNX NPU graphs
-    are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
-    family = source.family
-    buildable, not_built = [], []
+def buildable(plan: Plan, family) -> tuple[list[Step], list[NotBuilt]]:
+    """The steps of `plan` that fit the target and have a converter, and why each other one is not built."""
+    steps, not_built = [], []
     for step in plan.steps:
         reason = (
             step.verdict
@@ -35,17 +30,39 @@ def build(
         if reason:
             not_built.append(NotBuilt(step.format, step.quantization, reason))
         else:
-            buildable.append(step)
-    if not buildable:
+            steps.append(step)
+    return steps, not_built
+
+
+def build(
+    source: Source,
+    target: Target,
+    plan: Plan,
+    staging: Path,
+    work: Work,
+    aihub: bool = False,
+) -> manifest.Manifest:
+    """Build every step of `plan` that fits and has a converter; return the manifest written to `staging`.
+    Each converter and each parity run works in a process of its own, against the source's reference outputs
+    computed once (at `work.parity` level: full, fast or none) and stored in `staging`. `work` is the preflight's:
+    formats this machine has no memory for are not built, parity runs it has no memory for are not checked. With
+    `aihub`, the ONNX NPU graphs are also compiled, profiled and run on the target's Qualcomm AI Hub device."""
+    family, parity = source.family, work.parity
+    steps, not_built = buildable(plan, family)
+    for step in steps:
+        if step.format in work.left_out:
+            not_built.append(NotBuilt(step.format, step.quantization, work.left_out[step.format]))
+    buildable_steps = [s for s in steps if s.format not in work.left_out]
+    if not buildable_steps:
         reasons = "; ".join(f"{n.format} {n.quantization}: {n.reason}" for n in not_built)
         raise EdgeportError(f"nothing to build for {target.name}: {reasons}")
-    for step in buildable:
+    for step in buildable_steps:
         converter(family.name, step.format)  # a missing backend fails now, not after the first artifact
     if aihub and family.name != "causal-lm":
         raise EdgeportError("--aihub: this version sends the causal LM graphs to Qualcomm AI Hub, not Whisper's")
     if aihub and parity == "none":
         raise EdgeportError("--aihub compares the device's outputs with the source's: use --parity full or fast")
-    hub_skipped = _aihub_skipped(target, buildable) if aihub else None
+    hub_skipped = _aihub_skipped(target, buildable_steps) if aihub else None
     family.check_inputs(source)  # missing parity speech, a tokenizer that cannot run: before any work
 
     costs, built, stored = [], [], None
@@ -55,14 +72,14 @@ def build(
             engine, cost = isolated.run("parity reference", _store_reference, source, parity, reference)
         stored = manifest.reference_entry(reference, staging, parity, engine)
         costs.append(cost)
-    for step in buildable:
+    for step in buildable_steps:
         name = f"{step.format} {step.quantization}"
         with report.step(f"Converting to {name}"):
             artifact, cost = isolated.run(f"convert {name}", _convert, source, step, target, staging / step.format)
         artifact.details["convert_seconds"] = cost.seconds
         costs.append(cost)
-        if parity == "none":
-            checked = skipped("skipped by --parity none")
+        if parity == "none" or step.format in work.unchecked:
+            checked = skipped(work.unchecked.get(step.format, "skipped by --parity none"))
         else:
             with report.step(f"Parity of {name} against the source"):
                 checked, cost = isolated.run(f"parity {name}", _check, source, artifact, reference)
@@ -72,7 +89,7 @@ def build(
             outputs = family.read_reference(reference)
             artifact.details["aihub"] = (hub_skipped or _on_aihub(artifact, target, outputs, step)).to_dict()
         built.append((artifact, checked))
-    result = manifest.build(source, target, plan, built, not_built, staging, stored, costs)
+    result = manifest.build(source, target, plan, built, not_built, staging, stored, costs, work.estimates)
     manifest.write(result, staging)
     return result
 

@@ -152,6 +152,15 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
     "(recorded as not checked).",
 )
 @click.option(
+    "--max-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GB",
+    help="Memory the conversion may use at once (default: what this machine has available now).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan of work (steps, their cost here, files) and stop before any."
+)
+@click.option(
     "--aihub",
     is_flag=True,
     help="Also compile, profile and run the NPU graphs on the target's Qualcomm AI Hub device "
@@ -169,32 +178,52 @@ def convert(
     force,
     allow_parity_fail,
     parity,
+    max_memory,
+    dry_run,
     aihub,
     revision,
     allow_pickle,
     trust_remote_code,
     as_json,
 ) -> None:
-    """Build every artifact of MODEL that the target runs, check each against the source, write a manifest."""
-    from edgeport import output
-    from edgeport.build import build
+    """Build every artifact of MODEL that the target runs, check each against the source, write a manifest.
+    Before any weight is read or downloaded, each step's memory, time and disk on this machine are predicted from
+    the config, and what this machine has no room for is refused (or, for formats not asked for by name, left out)."""
+    from edgeport import output, preflight
+    from edgeport.build import build, buildable
     from edgeport.plan import make_plan
     from edgeport.source import open_source, source_name
 
     target = targets.load(target_name, ram)
     out = out or Path("out") / f"{source_name(model)}-{target.name}"
     local = Path(model).expanduser()
-    # Claimed before the source is read (which can take minutes): a refusal costs the user nothing.
-    with output.claim(out, force=force, sources=[local] if local.exists() else []) as staging:
-        with report.step(f"Opening {source_name(model)}"):
-            source = open_source(
-                model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-            )
-        output.refuse_overlap(out, source.local_paths())
+    opening = {"revision": revision, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+
+    def work_for(source):
         the_plan = make_plan(source, target, _split(formats), quant)
+        steps, _ = buildable(the_plan, source.family)
+        room = preflight.Room.here(out, max_memory)
+        return the_plan, preflight.plan_work(source, steps, parity, room, asked=formats is not None)
+
+    if dry_run:
+        the_plan, work = work_for(open_source(model, config_only=True, **opening))
+        if as_json:
+            _print_json({"plan": the_plan.to_dict(), "work": _dict(work)})
+        else:
+            report.show(report.plan_table(the_plan))
+            report.show(report.work_table(work, out))
+        return
+    # Claimed before the source is read (which can take minutes): a refusal costs the user nothing. The weights are
+    # read (or downloaded) only once the plan and the preflight say something will be built.
+    with output.claim(out, force=force, sources=[local] if local.exists() else []) as staging:
+        the_plan, work = work_for(open_source(model, config_only=True, **opening))
         if not as_json:
             report.show(report.plan_table(the_plan))
-        result = build(source, target, the_plan, staging, aihub=aihub, parity=parity)
+            report.show(report.work_table(work, out))
+        with report.step(f"Opening {source_name(model)}"):
+            source = open_source(model, **opening)
+        output.refuse_overlap(out, source.local_paths())
+        result = build(source, target, the_plan, staging, work, aihub=aihub)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -368,6 +397,12 @@ def _read_text(file: Path) -> str:
         return regular_file(file).read_text()
     except UnicodeDecodeError as e:
         raise EdgeportError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _dict(value) -> dict:
+    from dataclasses import asdict
+
+    return asdict(value)
 
 
 def _interrupt(signum: int, frame) -> None:

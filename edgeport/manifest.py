@@ -80,6 +80,7 @@ SCHEMA = {
 OPTIONAL = {
     "reference": {"level": str, "engine": str, "files": [FILE]},
     "steps": [{"step": str, "seconds": NUMBER, "peak_rss_bytes": int}],
+    "preflight": [{"step": str, "peak_bytes": int, "seconds": NUMBER}],
 }
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -155,6 +156,7 @@ class Manifest:
     tools: dict  # package -> version
     reference: ReferenceEntry | None = None  # None with --parity none
     steps: list[StepCost] = field(default_factory=list)  # what each step of the conversion cost here
+    preflight: list[dict] = field(default_factory=list)  # what the preflight predicted for each step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +184,7 @@ class Manifest:
             not_built=[NotBuilt(**_known(n, NotBuilt)) for n in data["not_built"]],
             reference=_reference(data.get("reference")),
             steps=[StepCost(**_known(s, StepCost)) for s in data.get("steps") or []],
+            preflight=data.get("preflight") or [],
         )
 
 
@@ -206,6 +209,7 @@ def build(
     out: Path,
     reference: ReferenceEntry | None,
     steps: list[StepCost],
+    estimates: list,
 ) -> Manifest:
     """The manifest for an output folder; `built` holds (Artifact, Parity) pairs whose paths lie under `out`."""
     return Manifest(
@@ -222,6 +226,7 @@ def build(
         tools=tool_versions(),
         reference=reference,
         steps=steps,
+        preflight=[asdict(e) for e in estimates],
     )
 
 

@@ -141,6 +141,32 @@ def artifacts_table(manifest) -> Grid:
     return grid
 
 
+def work_table(work, out) -> Grid:
+    """The preflight's plan of work: each step in order with its predicted cost on this machine, and what it
+    leaves out."""
+    where = platform.node() or "this machine"
+    grid = Grid(f"Plan of work on {where}", ["step", "memory", "time", "writes"], ids=1)
+    for e in work.estimates:
+        left_out = e.format in work.left_out or (e.parity and e.format in work.unchecked)
+        step = f"[dim]{e.step} (left out)[/]" if left_out else e.step
+        writes = _bytes(e.writes_bytes) if e.writes_bytes else "—"
+        grid.rows.append([step, f"≈ {_bytes(e.peak_bytes)}", f"≈ {_duration(e.seconds)}", writes])
+    total = sum(e.seconds for e in work.estimates if e.format not in work.left_out)
+    folders = sorted({f"{e.format}/" for e in work.estimates if e.format and e.format not in work.left_out})
+    files = [*folders, *(["reference/"] if work.parity != "none" else []), "manifest.json"]
+    grid.notes.append(
+        f"predicted from the config: peak memory of each step's own process, and time on a machine like the one the "
+        f"rates were measured on (≈ {_duration(total)} in all); into {out}: {', '.join(files)}"
+    )
+    grid.notes += [f"{fmt}: not built: {why}" for fmt, why in work.left_out.items()]
+    grid.notes += [f"{fmt}: not checked: {why}" for fmt, why in work.unchecked.items()]
+    return grid
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def steps_table(manifest) -> Grid:
     """What each step of a conversion cost on this machine, each in a process of its own."""
     where = platform.node() or "this machine"

@@ -159,3 +159,63 @@ def test_whispers_reference_is_stored_as_transcripts(tiny_whisper, tmp_path):
     stored = json.loads((out / "reference" / "transcripts.json").read_text())
     assert stored["level"] == "fast" and len(stored["transcripts"]) == 1
     assert result["artifacts"][0]["parity"]["metrics"]["clips"] == list(stored["transcripts"])
+
+
+# The preflight and --dry-run
+
+
+def test_dry_run_prints_the_plan_of_work_and_writes_nothing(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, err = run_cli("convert", str(tiny_llama), "-t", "m2-air", "-o", str(out), "--dry-run")
+    assert code == 0, err
+    for step in ("parity reference", "convert mlx q4", "parity mlx q4", "convert coreml int4-block32"):
+        assert step in stdout
+    assert "mlx/, reference/, manifest.json" in stdout.replace("coreml/, ", "")
+    assert list(tmp_path.iterdir()) == []
+    code, stdout, _ = run_cli("convert", str(tiny_llama), "-t", "m2-air", "-o", str(out), "--dry-run", "--json")
+    work = json.loads(stdout)["work"]
+    assert [e["step"] for e in work["estimates"]][:2] == ["parity reference", "convert mlx q4"]
+    assert all(e["peak_bytes"] > 0 for e in work["estimates"]) and work["left_out"] == {}
+
+
+def test_a_format_asked_for_that_does_not_fit_here_is_refused_before_any_work(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    code, _, err = run_cli(
+        "convert", str(tiny_llama), "-t", "m2-air", "-f", "mlx,coreml", "-o", str(out), "--max-memory", "1.0"
+    )
+    assert code == 3 and "coreml: needs about" in err and "1.0 GB are available" in err
+    assert "mlx fits (-f mlx)" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_format_not_asked_for_that_does_not_fit_is_left_out(tiny_llama, tmp_path):
+    code, stdout, err = run_cli(
+        "convert", str(tiny_llama), "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", "1.0", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [a["format"] for a in result["artifacts"]] == ["mlx"]
+    (left_out,) = result["not_built"]
+    assert left_out["format"] == "coreml" and "of memory here" in left_out["reason"]
+    predicted = {e["step"]: e["peak_bytes"] for e in result["preflight"]}
+    assert {s["step"] for s in result["steps"]} <= set(predicted)
+
+
+def test_no_room_for_the_reference_says_to_skip_it(tiny_llama, tmp_path):
+    code, _, err = run_cli("convert", str(tiny_llama), "-t", "host", "-o", str(tmp_path / "o"), "--max-memory", "0.1")
+    assert code == 3 and "parity reference needs about" in err and "--parity none" in err
+
+
+def test_a_hub_model_is_downloaded_only_once_the_preflight_passes(tiny_llama, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(tiny_llama / "config.json"))
+
+    def snapshot_download(*args, **kwargs):
+        raise AssertionError("the weights were asked for")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    code, _, err = run_cli("convert", "org/model", "-t", "m2-air", "-o", str(tmp_path / "o"), "--dry-run")
+    assert code == 0, err
+    code, _, err = run_cli("convert", "org/model", "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", "0.3")
+    assert code == 3 and "needs about" in err and not (tmp_path / "o").exists()

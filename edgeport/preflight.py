@@ -1,0 +1,246 @@
+"""Before any weight is read or downloaded: what each step of a conversion will cost on this machine (peak memory,
+wall time, disk), from the config alone, and which steps the machine has room for.
+
+A step's peak resident memory is a fixed part (the interpreter and the libraries it imports) plus bytes per unit of
+the model that the step holds at once: per parameter, per byte of the source's weights, per byte of the artifact,
+per parameter of the largest block the paged reference reads at a time. The rates are fitted to what `edgeport
+convert` measured on a 135M (SmolLM2) and a 1.24B (Llama-3.2-1B shape) model on a 2-core x86 Linux box
+(`make bench-scale` writes the figures to bench/scale.json with the prediction beside each). Wall times scale with
+the machine; they feed the progress bar's ETA and are estimates, not promises.
+"""
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from edgeport import quantization
+from edgeport.errors import EdgeportError
+from edgeport.layouts import builds_qnn_shape
+from edgeport.plan import GB, Step
+
+REFERENCE_TOKENS = 320  # parity tokens at --parity full (three chat prompts and the paragraph), a little over
+FAST_TOKENS = 110
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Peak memory and wall time of one kind of step, as a fixed part plus parts per unit of the model."""
+
+    base_gb: float
+    per_param: float = 0.0  # bytes per parameter of the model
+    per_source_byte: float = 0.0
+    per_artifact_byte: float = 0.0
+    per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
+    seconds: float = 0.0  # fixed
+    seconds_per_gparam: float = 0.0  # per billion parameters
+    temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
+
+
+# Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.62 GB; the ONNX builder 1.57 /
+# 10.5 GB; ONNX CPU parity 1.00 / 3.84 GB; quantized MLX parity 1.06 / 2.32 GB; Core ML convert 2.43 / 11.9 GB.
+REFERENCE = Rate(0.69, per_block_param=4, seconds=4, seconds_per_gparam=20)
+REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
+CONVERT = {
+    ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
+    ("causal-lm", "onnx", "cpu"): Rate(0.48, per_param=8.1, seconds=6, seconds_per_gparam=48),
+    ("causal-lm", "onnx", "npu"): Rate(1.0, per_param=24, seconds=60, seconds_per_gparam=900, temporary_per_param=8),
+    ("causal-lm", "coreml"): Rate(1.27, per_param=8.6, seconds=60, seconds_per_gparam=240, temporary_per_param=2),
+    ("whisper", "mlx"): Rate(0.5, per_param=6, seconds=5, seconds_per_gparam=60),
+    ("whisper", "onnx"): Rate(0.8, per_param=12, seconds=20, seconds_per_gparam=300, temporary_per_param=4),
+    ("whisper", "coreml"): Rate(1.0, per_param=10, seconds=60, seconds_per_gparam=400, temporary_per_param=2),
+    ("whisper", "ct2"): Rate(0.5, per_param=6, seconds=5, seconds_per_gparam=60),
+}
+PARITY = {
+    ("causal-lm", "mlx", "quantized"): Rate(0.87, per_artifact_byte=1, per_block_param=4, seconds_per_gparam=30),
+    ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
+    ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
+    ("causal-lm", "onnx", "npu"): Rate(0.8, per_param=8, seconds=5, seconds_per_gparam=60),
+    ("causal-lm", "coreml"): Rate(0.69, per_param=8, seconds=5, seconds_per_gparam=40),
+    ("whisper", "mlx"): Rate(0.6, per_param=8, seconds=10, seconds_per_gparam=400),
+    ("whisper", "onnx"): Rate(0.8, per_param=8, seconds=10, seconds_per_gparam=300),
+    ("whisper", "coreml"): Rate(0.8, per_param=8, seconds=10, seconds_per_gparam=300),
+    ("whisper", "ct2"): Rate(0.5, per_param=4, seconds=10, seconds_per_gparam=200),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What one step of a conversion is predicted to cost here."""
+
+    step: str  # named as the manifest's steps are
+    peak_bytes: int
+    seconds: float
+    writes_bytes: int  # into the output
+    temporary_bytes: int  # into the temporary folder, removed when the step ends
+    format: str | None = None  # the plan step it belongs to (None for the reference)
+    parity: bool = False
+
+
+@dataclass(frozen=True)
+class Room:
+    """What this machine has for the conversion now."""
+
+    memory_bytes: int  # available memory, or --max-memory
+    output_disk_bytes: int  # free on the output's file system
+    temporary_disk_bytes: int
+
+    @classmethod
+    def here(cls, out: Path, max_memory_gb: float | None = None) -> "Room":
+        available = psutil.virtual_memory().available
+        memory = int(max_memory_gb * GB) if max_memory_gb else available
+        parent = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.exists())
+        return cls(memory, shutil.disk_usage(parent).free, shutil.disk_usage(tempfile.gettempdir()).free)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the estimates need of a source, from its config and its files' sizes alone."""
+
+    family: str
+    params: int
+    source_bytes: int
+    block_params: int  # the largest block the paged reference reads at once
+    vocab: int
+    pageable: bool
+
+
+def model_of(source) -> Model:
+    family = source.family
+    size = family.size(source.config)
+    dims = family.dims(source.config)
+    # The weights the converters read: a folder's safetensors (before the source is opened, its files by name); a
+    # GGUF or CTranslate2 source is read from its float16 copy in edgeport's cache.
+    files = source.origin_files or (sorted(Path(source.path).glob("*.safetensors")) if source.path else [])
+    stored = sum(f.stat().st_size for f in files) if source.kind in ("hf-folder", "hf-hub") else 0
+    if family.name == "whisper":  # the decoder is held whole, the encoder read a layer at a time
+        layer = (size.encoder_params - dims.frames * dims.d_model) // max(dims.encoder_layers, 1)
+        block = size.params - size.encoder_params + layer
+        vocab, pageable = dims.vocab, True
+    else:
+        per_layer = (size.matrix_params - dims.vocab * dims.hidden * (1 if dims.tied else 2)) // dims.layers
+        block = max(dims.vocab * dims.hidden, per_layer)
+        vocab, pageable = dims.vocab, not dims.experts  # transformers fuses MoE experts when loading
+    return Model(family.name, size.params, stored or 2 * size.params, block, vocab, pageable)
+
+
+def estimate(model: Model, steps: list[Step], parity: str) -> list[Estimate]:
+    """The work `build` will do for `steps`, in its order, each step's cost here."""
+    work = []
+    if parity != "none":
+        tokens = FAST_TOKENS if parity == "fast" else REFERENCE_TOKENS
+        logits = tokens * model.vocab * 4 if model.family == "causal-lm" else 0
+        rate = REFERENCE if model.pageable else REFERENCE_WHOLE
+        work.append(_cost("parity reference", rate, model, 0, extra=logits, writes=logits))
+    for step in steps:
+        name = f"{step.format} {step.quantization}"
+        shape = _shape(step)
+        convert = CONVERT.get((model.family, step.format, shape)) or CONVERT[model.family, step.format]
+        work.append(_cost(f"convert {name}", convert, model, step.weight_bytes, fmt=step.format, writes=None))
+        if parity != "none":
+            check = PARITY.get((model.family, step.format, shape)) or PARITY[model.family, step.format]
+            work.append(_cost(f"parity {name}", check, model, step.weight_bytes, fmt=step.format, parity=True))
+    return work
+
+
+def _shape(step: Step) -> str:
+    quant = quantization.get(step.quantization, step.format)
+    if step.format == "onnx":
+        return "npu" if builds_qnn_shape("onnx", quant) else "cpu"
+    return "float" if quant.is_float else "quantized"
+
+
+def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False, extra=0, writes=0) -> Estimate:
+    peak = (
+        rate.base_gb * GB
+        + rate.per_param * model.params
+        + rate.per_source_byte * model.source_bytes
+        + rate.per_artifact_byte * artifact
+        + rate.per_block_param * model.block_params
+        + extra
+    )
+    return Estimate(
+        step=name,
+        peak_bytes=int(peak),
+        seconds=round(rate.seconds + rate.seconds_per_gparam * model.params / 1e9, 1),
+        writes_bytes=artifact if writes is None else writes,
+        temporary_bytes=int(rate.temporary_per_param * model.params),
+        format=fmt,
+        parity=parity,
+    )
+
+
+@dataclass
+class Work:
+    """The preflight's answer: each step's estimate, and what this machine has no room for."""
+
+    parity: str  # full | fast | none
+    estimates: list[Estimate]
+    left_out: dict[str, str]  # format -> why it is not built here
+    unchecked: dict[str, str]  # format -> why its parity does not run here
+
+
+def plan_work(source, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
+    """The work of converting `source` into `steps` with `parity`, refused with one line where this machine has no
+    room for it (see `fitting`)."""
+    estimates = estimate(model_of(source), steps, parity)
+    kept, left_out = fitting(estimates, room, asked)
+    return Work(parity, estimates, left_out, parity_left_out(kept, room))
+
+
+def fitting(work: list[Estimate], room: Room, asked: bool) -> tuple[list[Estimate], dict[str, str]]:
+    """The work this machine has room for, and why each format left out is left out. A conversion that does not fit
+    is refused with one line; so is any of it when the user `asked` for the formats by name. A parity run that does
+    not fit leaves its artifact built and not checked (the caller records that)."""
+    too_big = {e.step: e for e in work if e.peak_bytes > room.memory_bytes}
+    left_out = {}
+    for e in work:
+        if e.step in too_big and not e.parity and e.format:
+            left_out[e.format] = f"needs about {_gb(e.peak_bytes)} of memory here for {e.step}, {_room(room)}"
+    reference = too_big.get("parity reference")
+    if reference:
+        raise EdgeportError(
+            f"running the source for the parity reference needs about {_gb(reference.peak_bytes)} of memory here, "
+            f"{_room(room)}, {_gb(reference.peak_bytes - room.memory_bytes)} short: pass --parity none to skip it"
+        )
+    kept = [e for e in work if e.format not in left_out]
+    others = sorted({e.format for e in kept if e.format})
+    if left_out and (asked or not others):
+        fmt, why = next(iter(left_out.items()))
+        fit = "fits" if len(others) == 1 else "fit"
+        instead = f"; {', '.join(others)} {fit} (-f {','.join(others)})" if others else ""
+        more = max(e.peak_bytes for e in work if e.format == fmt and not e.parity) - room.memory_bytes
+        raise EdgeportError(f"{fmt}: {why}, {_gb(more)} short: convert it on a machine with more memory{instead}")
+    writes = sum(e.writes_bytes for e in kept)
+    if writes > room.output_disk_bytes:
+        raise EdgeportError(
+            f"the output needs about {_gb(writes)} of disk, {_gb(room.output_disk_bytes)} are free where it goes: "
+            f"free {_gb(writes - room.output_disk_bytes)} or choose another --out"
+        )
+    temporary = max((e.temporary_bytes for e in kept), default=0)
+    if temporary > room.temporary_disk_bytes:
+        raise EdgeportError(
+            f"a step needs about {_gb(temporary)} of temporary disk, {_gb(room.temporary_disk_bytes)} are free in "
+            f"{tempfile.gettempdir()}: free {_gb(temporary - room.temporary_disk_bytes)} or set TMPDIR to a disk "
+            "with room"
+        )
+    return kept, left_out
+
+
+def parity_left_out(work: list[Estimate], room: Room) -> dict[str, str]:
+    """The parity runs (by format) that need more memory than there is: their artifacts are not checked."""
+    return {
+        e.format: f"its parity run needs about {_gb(e.peak_bytes)} of memory here, {_room(room)}"
+        for e in work
+        if e.parity and e.peak_bytes > room.memory_bytes
+    }
+
+
+def _room(room: Room) -> str:
+    return f"{_gb(room.memory_bytes)} are available"
+
+
+def _gb(count: float) -> str:
+    return f"{count / GB:.1f} GB"
