@@ -67,28 +67,32 @@ def build(
 
     costs, built, stored = [], [], None
     reference = staging / REFERENCE
-    if parity != "none":
-        with report.step(f"Running the source in transformers for the parity reference ({parity})"):
-            engine, cost = isolated.run("parity reference", _store_reference, source, parity, reference)
-        stored = manifest.reference_entry(reference, staging, parity, engine)
-        costs.append(cost)
-    for step in buildable_steps:
-        name = f"{step.format} {step.quantization}"
-        with report.step(f"Converting to {name}"):
-            artifact, cost = isolated.run(f"convert {name}", _convert, source, step, target, staging / step.format)
-        artifact.details["convert_seconds"] = cost.seconds
-        costs.append(cost)
-        if parity == "none" or step.format in work.unchecked:
-            checked = skipped(work.unchecked.get(step.format, "skipped by --parity none"))
-        else:
-            with report.step(f"Parity of {name} against the source"):
-                checked, cost = isolated.run(f"parity {name}", _check, source, artifact, reference)
-            checked.seconds = cost.seconds
+    planned = [e for e in work.estimates if e.format not in work.left_out]
+    with report.WorkProgress(planned) as progress:
+        if parity != "none":
+            description = f"Running the source in transformers for the parity reference ({parity})"
+            with progress.step("parity reference", description):
+                engine, cost = isolated.run("parity reference", _store_reference, source, parity, reference)
+            stored = manifest.reference_entry(reference, staging, parity, engine)
             costs.append(cost)
-        if aihub and artifact.layout.for_qnn:
-            outputs = family.read_reference(reference)
-            artifact.details["aihub"] = (hub_skipped or _on_aihub(artifact, target, outputs, step)).to_dict()
-        built.append((artifact, checked))
+        for step in buildable_steps:
+            name = f"{step.format} {step.quantization}"
+            with progress.step(f"convert {name}", f"Converting to {name}"):
+                artifact, cost = isolated.run(f"convert {name}", _convert, source, step, target, staging / step.format)
+            artifact.details["convert_seconds"] = cost.seconds
+            costs.append(cost)
+            if parity == "none" or step.format in work.unchecked:
+                checked = skipped(work.unchecked.get(step.format, "skipped by --parity none"))
+            else:
+                with progress.step(f"parity {name}", f"Parity of {name} against the source"):
+                    checked, cost = isolated.run(f"parity {name}", _check, source, artifact, reference)
+                checked.seconds = cost.seconds
+                costs.append(cost)
+            if aihub and artifact.layout.for_qnn:
+                outputs = family.read_reference(reference)
+                result = hub_skipped or _on_aihub(artifact, target, outputs, step, progress)
+                artifact.details["aihub"] = result.to_dict()
+            built.append((artifact, checked))
     result = manifest.build(source, target, plan, built, not_built, staging, stored, costs, work.estimates)
     manifest.write(result, staging)
     return result
@@ -130,11 +134,11 @@ def _aihub_skipped(target: Target, steps: list[Step]):
     return None
 
 
-def _on_aihub(artifact, target: Target, reference, step: Step):
+def _on_aihub(artifact, target: Target, reference, step: Step, progress: report.WorkProgress):
     from edgeport.convert import aihub
 
-    with report.step(f"Qualcomm AI Hub: {target.aihub_device}") as progress:
-        result = aihub.run(artifact.path, target.aihub_device, reference, step.quantization, progress)
+    with progress.step("aihub", f"Qualcomm AI Hub: {target.aihub_device}") as detail:
+        result = aihub.run(artifact.path, target.aihub_device, reference, step.quantization, detail)
     if result.status != "passed":
         report.err.print(f"[yellow]AI Hub: {result.reason or 'device outputs outside the parity bounds'}[/]")
     return result

@@ -203,7 +203,7 @@ def convert(
         the_plan = make_plan(source, target, _split(formats), quant)
         steps, _ = buildable(the_plan, source.family)
         room = preflight.Room.here(out, max_memory)
-        return the_plan, preflight.plan_work(source, steps, parity, room, asked=formats is not None)
+        return the_plan, preflight.plan_work(source, the_plan, steps, parity, room, asked=formats is not None)
 
     if dry_run:
         the_plan, work = work_for(open_source(model, config_only=True, **opening))

@@ -19,7 +19,7 @@ import psutil
 from edgeport import quantization
 from edgeport.errors import EdgeportError
 from edgeport.layouts import builds_qnn_shape
-from edgeport.plan import GB, Step
+from edgeport.plan import GB, Plan, Step
 
 REFERENCE_TOKENS = 320  # parity tokens at --parity full (three chat prompts and the paragraph), a little over
 FAST_TOKENS = 110
@@ -34,6 +34,7 @@ class Rate:
     per_source_byte: float = 0.0
     per_artifact_byte: float = 0.0
     per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
+    per_cache_byte: float = 0.0  # per byte of a float32 KV cache over the target's context
     seconds: float = 0.0  # fixed
     seconds_per_gparam: float = 0.0  # per billion parameters
     temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
@@ -46,7 +47,11 @@ REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "cpu"): Rate(0.48, per_param=8.1, seconds=6, seconds_per_gparam=48),
-    ("causal-lm", "onnx", "npu"): Rate(1.0, per_param=24, seconds=60, seconds_per_gparam=900, temporary_per_param=8),
+    # The NPU shape calibrates on every intermediate tensor of some 20 calls over a static cache of the whole
+    # context: 14.1 GB for the 135M model at 4096 tokens (its cache 0.19 GB); the 1.24B one passed 23 GB.
+    ("causal-lm", "onnx", "npu"): Rate(
+        1.0, per_param=8, per_cache_byte=64, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
+    ),
     ("causal-lm", "coreml"): Rate(1.27, per_param=8.6, seconds=60, seconds_per_gparam=240, temporary_per_param=2),
     ("whisper", "mlx"): Rate(0.5, per_param=6, seconds=5, seconds_per_gparam=60),
     ("whisper", "onnx"): Rate(0.8, per_param=12, seconds=20, seconds_per_gparam=300, temporary_per_param=4),
@@ -54,7 +59,9 @@ CONVERT = {
     ("whisper", "ct2"): Rate(0.5, per_param=6, seconds=5, seconds_per_gparam=60),
 }
 PARITY = {
-    ("causal-lm", "mlx", "quantized"): Rate(0.87, per_artifact_byte=1, per_block_param=4, seconds_per_gparam=30),
+    ("causal-lm", "mlx", "quantized"): Rate(
+        0.87, per_artifact_byte=1, per_block_param=4, seconds=9, seconds_per_gparam=25
+    ),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_param=8, seconds=5, seconds_per_gparam=60),
@@ -105,9 +112,10 @@ class Model:
     block_params: int  # the largest block the paged reference reads at once
     vocab: int
     pageable: bool
+    cache_bytes: int  # a float32 KV cache over the plan's context
 
 
-def model_of(source) -> Model:
+def model_of(source, context_length: int) -> Model:
     family = source.family
     size = family.size(source.config)
     dims = family.dims(source.config)
@@ -119,11 +127,13 @@ def model_of(source) -> Model:
         layer = (size.encoder_params - dims.frames * dims.d_model) // max(dims.encoder_layers, 1)
         block = size.params - size.encoder_params + layer
         vocab, pageable = dims.vocab, True
+        cache = 2 * 4 * dims.decoder_layers * (dims.tokens + dims.frames) * dims.d_model
     else:
         per_layer = (size.matrix_params - dims.vocab * dims.hidden * (1 if dims.tied else 2)) // dims.layers
         block = max(dims.vocab * dims.hidden, per_layer)
         vocab, pageable = dims.vocab, not dims.experts  # transformers fuses MoE experts when loading
-    return Model(family.name, size.params, stored or 2 * size.params, block, vocab, pageable)
+        cache = 2 * 4 * dims.layers * dims.kv_heads * dims.head_dim * context_length
+    return Model(family.name, size.params, stored or 2 * size.params, block, vocab, pageable, cache)
 
 
 def estimate(model: Model, steps: list[Step], parity: str) -> list[Estimate]:
@@ -159,6 +169,7 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         + rate.per_source_byte * model.source_bytes
         + rate.per_artifact_byte * artifact
         + rate.per_block_param * model.block_params
+        + rate.per_cache_byte * model.cache_bytes
         + extra
     )
     return Estimate(
@@ -182,10 +193,10 @@ class Work:
     unchecked: dict[str, str]  # format -> why its parity does not run here
 
 
-def plan_work(source, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
-    """The work of converting `source` into `steps` with `parity`, refused with one line where this machine has no
-    room for it (see `fitting`)."""
-    estimates = estimate(model_of(source), steps, parity)
+def plan_work(source, plan: Plan, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
+    """The work of converting `source` into `steps` of `plan` with `parity`, refused with one line where this
+    machine has no room for it (see `fitting`)."""
+    estimates = estimate(model_of(source, plan.context_length), steps, parity)
     kept, left_out = fitting(estimates, room, asked)
     return Work(parity, estimates, left_out, parity_left_out(kept, room))
 

@@ -27,6 +27,74 @@ def step(description: str) -> Iterator:
     err.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
 
 
+class WorkProgress:
+    """One bar over a whole conversion: the step in hand, the share of the predicted work done, the time elapsed and
+    an ETA; a tick line for each step done. Within a step the bar moves with the clock, up to most of the step's
+    predicted share, so a step that runs long stalls the bar rather than overrunning it. The ETA is rich's: the
+    predicted work left at the pace the finished work went."""
+
+    def __init__(self, estimates: list):
+        self.predicted = {e.step: max(e.seconds, 1.0) for e in estimates}
+        self.count, self.done, self.finished = len(estimates), 0.0, 0
+
+    def __enter__(self) -> "WorkProgress":
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("", total=sum(self.predicted.values()) or 1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    @contextmanager
+    def step(self, name: str, description: str) -> Iterator:
+        """Step `name` (as the preflight named it; one it did not predict takes no share) under way."""
+        import threading
+
+        share = self.predicted.get(name, 0.0)
+        counted = name in self.predicted
+        label = f"[{self.finished + 1}/{self.count}] {description}" if counted else description
+        start, stop = time.perf_counter(), threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(0.5):
+                moved = min(time.perf_counter() - start, 0.9 * share)
+                self.bar.update(self.task, completed=self.done + moved)
+
+        self.bar.update(self.task, description=label)
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield lambda detail: self.bar.update(self.task, description=f"{label}: {detail}")
+        finally:
+            stop.set()
+            ticker.join()
+        self.done += share
+        self.finished += counted
+        self.bar.update(self.task, completed=self.done)
+        err.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
 STYLES = ("rich", "md", "csv")
 MOE_ACTIVE_SHARE = 0.6  # below this share of weights read per token, a model is shown with its active count
 
