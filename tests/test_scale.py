@@ -219,3 +219,26 @@ def test_a_hub_model_is_downloaded_only_once_the_preflight_passes(tiny_llama, tm
     assert code == 0, err
     code, _, err = run_cli("convert", "org/model", "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", "0.3")
     assert code == 3 and "needs about" in err and not (tmp_path / "o").exists()
+
+
+def test_the_estimates_follow_the_models_shape(tmp_path):
+    """The reference reads one block at a time where it can: its estimate grows with the largest block, not the
+    model; a checkpoint that cannot be paged (fused MoE experts) is estimated whole."""
+    from edgeport import preflight
+    from edgeport.plan import make_plan
+    from edgeport.targets import load
+
+    def reference_peak(folder):
+        source = open_source(str(folder), config_only=True)
+        plan = make_plan(source, load("host"), ["mlx"])
+        model = preflight.model_of(source, plan.context_length)
+        (reference, *_) = preflight.estimate(model, plan.steps, "full")
+        return model, reference.peak_bytes
+
+    dense, dense_peak = reference_peak(make_model(tmp_path / "dense", "llama", num_hidden_layers=8))
+    deep, deep_peak = reference_peak(make_model(tmp_path / "deep", "llama", num_hidden_layers=16))
+    assert dense.pageable and deep.params > dense.params and deep_peak == dense_peak
+    moe, moe_peak = reference_peak(
+        make_model(tmp_path / "moe", "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    )
+    assert not moe.pageable and moe_peak > preflight.REFERENCE_WHOLE.base_gb * 1e9 + 4 * moe.params - 1
