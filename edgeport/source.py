@@ -81,6 +81,10 @@ class Source:
     def origin_sha256(self) -> dict[str, str]:
         return {f.name: sha256_file(f) for f in self.origin_files}
 
+    def __getstate__(self) -> dict:
+        """What a step process is given: the tokenizer read here is read there again when needed."""
+        return {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
+
     @cached_property
     def tokenizer(self):
         """The source's tokenizer, read once (the pre-flight check and the parity reference share it)."""
