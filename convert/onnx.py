@@ -18,6 +18,7 @@ from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -141,7 +142,7 @@ def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> tuple[
     return layout, {"shape": layout.shape, "calibration": calibration, **asdict(layout)}
 
 
-def qdq_quantize(exported: Path, dest: Path, feeds: list[dict], quant) -> None:
+def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
     `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
     prepared = exported.with_suffix(".prepared.onnx")
@@ -266,28 +267,44 @@ class StaticStep(torch.nn.Module):
         return (out.logits, *new)
 
 
-def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
+def _calibration_feeds(float_dir: Path) -> dict[str, list[Path]]:
     """The inputs each float graph sees while prefilling a real summary request and decoding from it, by graph.
     The chat template matters: its first tokens carry the largest activations (attention sinks), and a range
     calibrated without them would clip them."""
-    feeds: dict[str, list[dict]] = {}
-    runner = StaticKVRunner(float_dir, on_call=lambda graph, copy: feeds.setdefault(graph, []).append(copy()))
+    feeds = RecordedFeeds(float_dir / "calibration")
+    runner = StaticKVRunner(float_dir, on_call=feeds.record)
     chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
     prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
     for _ in runner.generate(prompt, CALIBRATION_DECODE_STEPS + 1):
         pass
-    return feeds
+    return feeds.files
+
+
+class RecordedFeeds:
+    """A graph's inputs written to files as each call happens, for the calibrator to read back one at a time:
+    memory holds one call's inputs (each a whole static KV cache), not every call's."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, list[Path]] = {}
+        folder.mkdir(exist_ok=True)
+
+    def record(self, graph: str, copy) -> None:
+        files = self.files.setdefault(graph, [])
+        files.append(self.folder / f"{graph}-{len(files)}.npz")
+        np.savez(files[-1], **copy())
 
 
 class _Reader(CalibrationDataReader):
-    """Recorded feeds as onnxruntime's calibration reader, a `stride` of them at a time."""
+    """Recorded feeds as onnxruntime's calibration reader, a `stride` of them at a time, each read when asked for."""
 
-    def __init__(self, feeds: list[dict]):
+    def __init__(self, feeds: list[Path]):
         self.feeds = feeds
         self.pending = iter(feeds)
 
     def get_next(self) -> dict | None:
-        return next(self.pending, None)
+        file = next(self.pending, None)
+        return None if file is None else dict(np.load(file))
 
     def __len__(self) -> int:
         return len(self.feeds)

@@ -22,7 +22,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from edgeport import quantization
 from edgeport.audio import parity_clips, windows
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.onnx import OPSET, qdq_quantize
+from edgeport.convert.onnx import OPSET, RecordedFeeds, qdq_quantize
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.errors import EdgeportError
@@ -145,9 +145,9 @@ def _cpu_precision(exported: Path, dest: Path, quant) -> None:
         onnx.save(convert_float_to_float16(onnx.load(exported), keep_io_types=True), dest)
 
 
-def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
+def _calibration_feeds(float_dir: Path) -> dict[str, list[Path]]:
     """What each float graph sees while transcribing the first windows of the parity speech."""
-    feeds: dict[str, list[dict]] = {graph: [] for graph in COMPONENTS}
+    feeds = RecordedFeeds(float_dir / "calibration")
     calls = 0
 
     def record(graph: str, feed) -> None:
@@ -156,11 +156,11 @@ def _calibration_feeds(float_dir: Path) -> dict[str, list[dict]]:
             calls += 1
             if (calls - 1) % CALIBRATION_STRIDE:  # the window's first call, then every 4th
                 return
-        feeds[graph].append(feed())
+        feeds.record(graph, feed)
 
     audio = parity_clips()[0].audio
     runner = WhisperONNXRunner(float_dir, on_call=record)
     for start, end in windows(audio)[:CALIBRATION_WINDOWS]:
         calls = 0
         runner.decode(runner.encode(runner.mel(audio[start:end])))
-    return feeds
+    return feeds.files
