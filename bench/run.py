@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 from rich.table import Table
+from sampling import sample
 
 from edgeport.machine import cpu_name
 from edgeport.source import open_source
@@ -393,19 +394,10 @@ def edgeport_bench(out: Path, fmt: str, prompt_tokens: int, max_tokens: int) -> 
 
 def measure(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS in MB (sampled every 20 ms, children included) of a command."""
-    start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while process.poll() is None:
-        try:
-            tree = [process, *process.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.02)
-    if process.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{process.stderr.read()}")
-    return round(time.perf_counter() - start, 2), round(peak / 1e6, 1)
+    done = sample(command)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return done.seconds, round(done.total_rss / 1e6, 1)
 
 
 def run(command: list[str]) -> str:

@@ -15,12 +15,11 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
+from sampling import sample
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -177,23 +176,11 @@ def _write_shards(shapes: dict, dtype, folder: Path) -> None:
 
 
 def measure(command: list[str]) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS in bytes of the largest process of the tree and of the whole tree (sampled every
-    20 ms), and the exit code of a command."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, max(p.memory_info().rss for p in tree))
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.02)
-    stderr = process.stderr.read()
-    if process.returncode not in (0, 1):
-        print(f"  {' '.join(command[:4])}: exit {process.returncode}: {stderr.strip().splitlines()[-1:]}")
-    return round(time.perf_counter() - start, 1), peak, process.returncode
+    """Wall seconds, the peak RSS of the largest process of the command's tree, and its exit code."""
+    done = sample(command)
+    if done.returncode not in (0, 1):
+        print(f"  {' '.join(command[:4])}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    return round(done.seconds, 1), done.largest_rss, done.returncode
 
 
 def source_bytes(folder: Path) -> int:
