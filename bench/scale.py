@@ -257,6 +257,9 @@ def main() -> None:
         "memory_bytes": psutil.virtual_memory().total,
         "system": platform.platform(),
     }
+    earlier = json.loads((HERE / "scale.json").read_text())["results"] if (HERE / "scale.json").exists() else []
+    ran = {r["model"] for r in results}
+    results = [r for r in earlier if r["model"] not in ran] + results  # the models not run this time are kept
     (HERE / "scale.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     print(f"wrote {HERE / 'scale.json'}")
 

@@ -178,19 +178,30 @@ def test_dry_run_prints_the_plan_of_work_and_writes_nothing(tiny_llama, tmp_path
     assert all(e["peak_bytes"] > 0 for e in work["estimates"]) and work["left_out"] == {}
 
 
+def room_for_all_but_coreml(model, tmp_path) -> str:
+    """A --max-memory (GB) between what the reference and the MLX conversion need and what Core ML's needs."""
+    code, stdout, err = run_cli("convert", str(model), "-t", "m2-air", "-o", str(tmp_path / "x"), "--dry-run", "--json")
+    assert code == 0, err
+    peaks = {e["step"]: e["peak_bytes"] for e in json.loads(stdout)["work"]["estimates"]}
+    others = max(peaks["parity reference"], peaks["convert mlx q4"])
+    assert peaks["convert coreml int4-block32"] > others
+    return f"{(others + peaks['convert coreml int4-block32']) / 2e9:.4f}"
+
+
 def test_a_format_asked_for_that_does_not_fit_here_is_refused_before_any_work(tiny_llama, tmp_path):
-    out = tmp_path / "o"
+    out, limit = tmp_path / "o", room_for_all_but_coreml(tiny_llama, tmp_path)
     code, _, err = run_cli(
-        "convert", str(tiny_llama), "-t", "m2-air", "-f", "mlx,coreml", "-o", str(out), "--max-memory", "1.0"
+        "convert", str(tiny_llama), "-t", "m2-air", "-f", "mlx,coreml", "-o", str(out), "--max-memory", limit
     )
-    assert code == 3 and "coreml: needs about" in err and "1.0 GB are available" in err
+    assert code == 3 and "coreml: needs about" in err and "GB are available" in err
     assert "mlx fits (-f mlx)" in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_format_not_asked_for_that_does_not_fit_is_left_out(tiny_llama, tmp_path):
+    limit = room_for_all_but_coreml(tiny_llama, tmp_path)
     code, stdout, err = run_cli(
-        "convert", str(tiny_llama), "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", "1.0", "--json"
+        "convert", str(tiny_llama), "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", limit, "--json"
     )
     assert code == 0, err
     result = json.loads(stdout)
