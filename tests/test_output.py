@@ -119,12 +119,15 @@ def test_a_relative_output_and_source(model, tmp_path, monkeypatch):
 
 
 def edgeport_process(*args, cwd):
+    """edgeport as a user's shell starts it, where Ctrl-C works even if this suite runs as a background job (whose
+    SIGINT the shell ignores, and every process it starts inherits that)."""
     return subprocess.Popen(
         [sys.executable, "-m", "edgeport", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
