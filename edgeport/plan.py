@@ -31,6 +31,17 @@ class Step:
     rtf: float | None = None  # Whisper: predicted wall time / audio duration (prefill_tps is encoder frames/s)
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What converting a model holds at once beside its weights, for the preflight (edgeport.preflight): the largest
+    block of weights the paged reference reads at a time, whether it can page at all, and a float32 KV cache over
+    the context."""
+
+    block_params: int
+    pageable: bool
+    cache_bytes: int
+
+
 @dataclass
 class Plan:
     source: str

@@ -127,22 +127,20 @@ class Model:
 def model_of(source, context_length: int) -> Model:
     family = source.family
     size = family.size(source.config)
-    dims = family.dims(source.config)
     # The weights the converters read: a folder's safetensors (before the source is opened, its files by name); a
     # GGUF or CTranslate2 source is read from its float16 copy in edgeport's cache.
     files = source.origin_files or (sorted(Path(source.path).glob("*.safetensors")) if source.path else [])
     stored = sum(f.stat().st_size for f in files) if source.kind in ("hf-folder", "hf-hub") else 0
-    if family.name == "whisper":  # the decoder is held whole, the encoder read a layer at a time
-        layer = (size.encoder_params - dims.frames * dims.d_model) // max(dims.encoder_layers, 1)
-        block = size.params - size.encoder_params + layer
-        vocab, pageable = dims.vocab, True
-        cache = 2 * 4 * dims.decoder_layers * (dims.tokens + dims.frames) * dims.d_model
-    else:
-        per_layer = (size.matrix_params - dims.vocab * dims.hidden * (1 if dims.tied else 2)) // dims.layers
-        block = max(dims.vocab * dims.hidden, per_layer)
-        vocab, pageable = dims.vocab, not dims.experts  # transformers fuses MoE experts when loading
-        cache = 2 * 4 * dims.layers * dims.kv_heads * dims.head_dim * context_length
-    return Model(family.name, size.params, stored or 2 * size.params, block, vocab, pageable, cache)
+    footprint = family.footprint(source.config, context_length)
+    return Model(
+        family=family.name,
+        params=size.params,
+        source_bytes=stored or 2 * size.params,
+        block_params=footprint.block_params,
+        vocab=family.dims(source.config).vocab,
+        pageable=footprint.pageable,
+        cache_bytes=footprint.cache_bytes,
+    )
 
 
 def estimate(model: Model, steps: list[Step], parity: str) -> list[Estimate]:

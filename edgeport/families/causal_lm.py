@@ -20,7 +20,7 @@ import numpy as np
 from edgeport import quantization
 from edgeport.errors import EdgeportError
 from edgeport.parity import Metric, Parity, bounds_for, cosine, judge, kl_divergence, perplexity
-from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Step, room_text
+from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
 from edgeport.targets import Target
 from edgeport.texts import chat_ids, reference_paragraph
 
@@ -208,6 +208,14 @@ class CausalLM:
 
     def size(self, config: dict) -> ModelSize:
         return model_size(text_config(config))
+
+    def footprint(self, config: dict, context_length: int) -> Footprint:
+        """A block is a layer or the embedding (or output projection), whichever is larger; transformers fuses MoE
+        experts when loading, so their checkpoint cannot be paged."""
+        d, size = self.dims(config), self.size(config)
+        per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
+        cache = 2 * 4 * d.layers * d.kv_heads * d.head_dim * context_length
+        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache)
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length

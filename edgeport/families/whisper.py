@@ -21,7 +21,7 @@ from edgeport.audio import SAMPLE_RATE
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
 from edgeport.parity import Metric, Parity, bounds_for, judge, wer
-from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Step, room_text
+from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
 from edgeport.targets import Target
 
 WINDOW_S = 30.0
@@ -171,6 +171,13 @@ class Whisper:
 
     def size(self, config: dict) -> WhisperSize:
         return whisper_size(config)
+
+    def footprint(self, config: dict, context_length: int) -> Footprint:
+        """The paged reference holds the decoder whole and reads the encoder a layer at a time."""
+        w, size = self.dims(config), self.size(config)
+        layer = (size.encoder_params - w.frames * w.d_model) // max(w.encoder_layers, 1)
+        cache = 2 * 4 * w.decoder_layers * (w.tokens + w.frames) * w.d_model
+        return Footprint(size.params - size.encoder_params + layer, True, cache)
 
     def context_length(self, source, target: Target) -> int:
         return source.config["max_target_positions"]
