@@ -22,7 +22,7 @@ from edgeport.source import open_source
 
 def test_a_step_returns_its_value_and_what_it_cost():
     value, cost = isolated.run("sum", sum, [1, 2, 3])
-    assert value == 6 and cost.step == "sum" and cost.seconds >= 0 and cost.peak_rss_bytes > 10 * 2**20
+    assert value == 6 and cost.step == "sum" and isinstance(cost.seconds, float) and cost.peak_rss_bytes > 10 * 2**20
 
 
 def test_a_steps_error_comes_back_as_itself():
