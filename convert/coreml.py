@@ -1,20 +1,30 @@
-"""Causal LM -> Core ML ML Program (.mlpackage) with its KV cache as Core ML state, as Apple's "On Device Llama 3.1
-with Core ML" recipe builds it: traced from transformers through a small wrapper, fp16 compute, weights compressed
+"""Causal LM -> Core ML ML Programs (.mlpackage) with the KV cache as Core ML state, as Apple's "On Device Llama 3.1
+with Core ML" recipe builds them: traced from transformers through a small wrapper, fp16 compute, weights compressed
 by coremltools.optimize as the quantization asks.
+
+The model is built in chunks of consecutive layers, one package each, as the community's Core ML LLM exports are:
+the Neural Engine compiles only packages of limited size (the target's `coreml_chunk_gb`), and converting a chunk
+holds only its own weights, read from the source a block at a time (at most PART_PARAMS parameters), so that an 8B
+model converts within the memory of the machine that converts it. The first chunk holds the embedding, the last the
+final norm and the output projection; the hidden states pass from one to the next in fp16 (`coreml.json` lists them).
 
 Two shapes, chosen by the target's compute unit:
 - GPU/CPU (`unit = "gpu"`): one function whose query length and attended length are flexible (RangeDim), so one
   model runs prefill chunks and single-token decode.
-- Neural Engine (`unit = "npu"`): the ANE runs static shapes only, so the package holds two functions over the
-  same weights and state, `prefill` (ANE_PREFILL_CHUNK tokens) and `decode` (one token), both attending over the whole
-  fixed-length cache behind a mask.
+- Neural Engine (`unit = "npu"`): the ANE runs static shapes only, so each package holds two functions over the
+  same weights and state, `prefill` (ANE_PREFILL_CHUNK tokens) and `decode` (one token), both attending over the
+  whole fixed-length cache behind a mask.
 Before iOS 18 / macOS 15 (the target's `coreml_deployment`) there is no state and no multifunction package: one
 flexible function takes the caches as inputs and returns the updated ones.
 
-Off macOS the package cannot predict; it is checked by structure and by its weights read back (see parity).
+Off macOS the packages cannot predict; they are checked by structure and by their weights read back (see parity).
 """
 
+import gc
+import re
 import tempfile
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,9 +39,11 @@ from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from edgeport import quantization  # noqa: E402
 from edgeport.convert import Artifact, copy_app_files  # noqa: E402
+from edgeport.engines.reference import paged  # noqa: E402
 from edgeport.errors import EdgeportError  # noqa: E402
-from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLModel  # noqa: E402
-from edgeport.plan import Step  # noqa: E402
+from edgeport.families.causal_lm import PART_PARAMS, LayerSpan  # noqa: E402
+from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLChunk, CoreMLModel  # noqa: E402
+from edgeport.plan import GB, Step  # noqa: E402
 from edgeport.quiet import converting  # noqa: E402
 from edgeport.source import Source  # noqa: E402
 from edgeport.targets import Target  # noqa: E402
@@ -45,41 +57,105 @@ DEPLOYMENT_TARGETS = {
 WITH_STATE = {"iOS18", "macOS15"}  # Core ML state, fused SDPA, int4 blocks and multifunction packages start here
 COMPRESSED_OPS = ("linear", "gather")  # the matrices: projections, output head and embedding; norms stay fp16
 MIN_WEIGHTS = 256  # coremltools' default threshold (2048 elements) would leave small models' projections in fp16
+ATTENTION = "edgeport_fused_sdpa"
 
 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
-    """Write `source` as `dest/model.mlpackage` (dest must not exist) with the tokenizer files beside it."""
+    """Write `source` as `dest/model-NN-of-NN.mlpackage` chunks (dest must not exist) with the tokenizer files."""
     quant = quantization.get(step.quantization, "coreml")
     deployment, stateful = deployment_of(target, quant)
     neural_engine = step.unit == "npu" and stateful  # static prefill/decode functions need a multifunction package
-    AttentionInterface.register("edgeport_fused_sdpa", fused_sdpa)
-    model = source.load_reference(attn_implementation="edgeport_fused_sdpa")  # float32; Core ML computes in fp16
-    context = target.context_length
-    cache_shape = source.family.dims(source.config).cache_shape(context)
-    dest.mkdir()
-    package = dest / "model.mlpackage"
-    with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, converting():
-        if neural_engine:
-            descriptor = ct.utils.MultiFunctionDescriptor()
-            for name, width in (("prefill", ANE_PREFILL_CHUNK), ("decode", 1)):
-                part = Path(tmp) / f"{name}.mlpackage"
-                compress(_convert(model, cache_shape, width, deployment), quant, stateful).save(str(part))
-                descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
-            descriptor.default_function_name = "decode"
-            ct.utils.save_multifunction(descriptor, str(package))
-        else:
-            compress(_convert(model, cache_shape, None, deployment), quant, stateful).save(str(package))
-    copy_app_files(source.path, dest)
+    AttentionInterface.register(ATTENTION, fused_sdpa)
+    spans = chunk_spans(source, quant, target)
     layout = CoreMLModel(
         compute_units="CPU_AND_NE" if neural_engine else "CPU_AND_GPU",
         prefill_chunk=ANE_PREFILL_CHUNK if neural_engine else None,
-        context_length=context,
+        context_length=target.context_length,
         kv_cache="state" if stateful else "inputs and outputs",
-        cache_shape=list(cache_shape),
+        cache_shape=list(source.family.dims(source.config).cache_shape(target.context_length)),
+        chunks=[
+            CoreMLChunk(f"model-{i + 1:02d}-of-{len(spans):02d}.mlpackage", span.start, span.stop)
+            for i, span in enumerate(spans)
+        ],
     )
+    dest.mkdir()
+    whole = None  # the source read whole, where its checkpoint cannot be read a block at a time
+    with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, converting():
+        for chunk in layout.chunks:
+            model = _chunk_weights(source, chunk, layout)
+            if model is None:
+                whole = whole or in_half(source.load_reference(attn_implementation=ATTENTION))
+                model = whole
+            package = dest / chunk.package
+            if neural_engine:
+                descriptor = ct.utils.MultiFunctionDescriptor()
+                for name, width in (("prefill", ANE_PREFILL_CHUNK), ("decode", 1)):
+                    part = Path(tmp) / f"{name}.mlpackage"
+                    mlmodel = _convert(model, chunk, layout, width, deployment)
+                    compress(mlmodel, quant, stateful).save(str(part))
+                    descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
+                descriptor.default_function_name = "decode"
+                ct.utils.save_multifunction(descriptor, str(package))
+            else:
+                mlmodel = _convert(model, chunk, layout, None, deployment)
+                model = None  # the float32 weights go before compression makes its copies
+                compress(mlmodel, quant, stateful).save(str(package))
+            del model, mlmodel
+            gc.collect()
+    copy_app_files(source.path, dest)
     layout.write(dest)
-    details = {"deployment_target": deployment, **asdict(layout), **describe(package)}
+    packages = {chunk.package: describe(dest / chunk.package) for chunk in layout.chunks}
+    storage = sum((Counter(p["weight_matrices_by_storage"]) for p in packages.values()), Counter())
+    details = {
+        "deployment_target": deployment,
+        **asdict(layout),
+        "weight_matrices_by_storage": dict(storage),
+        "sdpa_ops": sum(p["sdpa_ops"] for p in packages.values()),
+        "packages": packages,
+    }
     return Artifact("coreml", quant.name, dest, f"coremltools {ct.__version__}", layout, details)
+
+
+def chunk_spans(source: Source, quant, target: Target) -> list[LayerSpan]:
+    """The layers of each chunk: as few chunks as keep each within the target's package size (its weights as
+    stored) and within PART_PARAMS parameters."""
+    bound = PART_PARAMS
+    if target.coreml_chunk_gb:
+        bits = quant.bits_per_weight()
+        bound = min(bound, target.coreml_chunk_gb * GB * 8 / bits)
+    return source.family.parts(source.config, bound)
+
+
+def _chunk_weights(source: Source, chunk: CoreMLChunk, layout: CoreMLModel):
+    """The source's model with only `chunk`'s blocks read (in float32), the others left on the meta device; None
+    where the checkpoint cannot be read a block at a time."""
+    last = layout.cache_shape[0]
+
+    def in_chunk(block: str) -> bool:
+        layer = re.search(r"\.layers\.(\d+)$", block)
+        if layer:
+            return chunk.first_layer <= int(layer.group(1)) < chunk.end_layer
+        return chunk.first_layer == 0 if "embed" in block else chunk.end_layer == last
+
+    model = paged(source, lambda block: False, only=in_chunk, attn_implementation=ATTENTION)
+    return model and in_half(model)
+
+
+def in_half(model):
+    """`model` with every matrix it holds (linear layers, embeddings) in fp16, computed in fp16 and handing float32
+    on. coremltools then converts them as they are: given float32 matrices, its passes hold several copies of each
+    (9.7 GB to convert Llama-3's 1 GB output projection, against 1.9 GB in fp16). The program is the same, since
+    it computes in fp16."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding) and module.weight.device.type != "meta":
+            module.to(torch.float16)
+            module.register_forward_pre_hook(lambda _, args: tuple(_half(a) for a in args))
+            module.register_forward_hook(lambda _, args, out: out.float())
+    return model
+
+
+def _half(value):
+    return value.half() if torch.is_tensor(value) and value.is_floating_point() else value
 
 
 def deployment_of(target: Target, quant) -> tuple[str, bool]:
@@ -116,14 +192,15 @@ class _SliceCache:
     """What transformers' attention asks of a cache, over the wrapper's caches: the new keys and values go in at
     `position` and the first `end` positions are read back. Over Core ML state the write is in place; over caches
     passed in (before iOS 18) each layer's cache is rebuilt around the new entries, which converts without the
-    index tensors an in-place write to an input would need."""
+    index tensors an in-place write to an input would need. A chunk's caches hold its own layers, from `first`."""
 
-    def __init__(self, keys, values, position, end, in_place: bool):
+    def __init__(self, keys, values, position, end, in_place: bool, first: int = 0):
         self.keys, self.values, self.position, self.end, self.in_place = keys, values, position, end, in_place
+        self.first = first
         self.updated: dict[int, tuple] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        new = []
+        new, layer_idx = [], layer_idx - self.first
         for cache, states in ((self.keys, key_states), (self.values, value_states)):
             start, stop = self.position, self.position + states.shape[-2]
             if self.in_place:
@@ -139,64 +216,103 @@ class _SliceCache:
         return self.position
 
 
-class StatefulCausalLM(torch.nn.Module):
-    """input_ids [1, q], causal_mask [1, 1, q, end] (additive: 0 where a token may attend, -inf elsewhere) and
-    position [1] (tokens already in the cache) -> logits [1, q, vocab]; keyCache and valueCache are Core ML state.
-    Before iOS 18 / macOS 15 there is no state: the caches are passed in and the updated ones returned."""
+class _Window(torch.nn.ModuleList):
+    """The decoder's layers, all registered under their own indices (so the package names each weight after its
+    parameter), of which the model's forward runs only [first, end)."""
 
-    def __init__(self, model, cache_shape: tuple[int, ...]):
+    def __init__(self, layers: torch.nn.ModuleList, first: int, end: int):
         super().__init__()
-        self.model = model
+        self._modules.update(layers._modules)
+        self.first, self.end = first, end
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # transformers runs `self.layers[: num_hidden_layers]`
+            return list(self._modules.values())[self.first : self.end]
+        return super().__getitem__(index)
+
+
+@contextmanager
+def _running_only(model, chunk: CoreMLChunk, last_layer: int):
+    """`model` running only `chunk`'s layers, and its final norm only where the chunk ends the decoder."""
+    decoder = model.base_model
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = _Window(layers, chunk.first_layer, chunk.end_layer)
+    if chunk.end_layer < last_layer:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield model
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+class StatefulCausalLM(torch.nn.Module):
+    """One chunk: input_ids [1, q] (the first chunk) or hidden_states [1, q, hidden], causal_mask [1, 1, q, end]
+    (additive: 0 where a token may attend, -inf elsewhere) and position [1] (tokens already in the cache) -> logits
+    [1, q, vocab] (the last chunk) or the hidden states after its layers; keyCache and valueCache (the chunk's
+    layers) are Core ML state. Before iOS 18 / macOS 15 there is no state: the caches are passed in and the updated
+    ones returned. A model in one chunk is the whole model, input_ids to logits."""
+
+    def __init__(self, model, cache_shape: tuple[int, ...], first_layer: int = 0, last: bool = True):
+        super().__init__()
+        self.model, self.first_layer, self.last = model, first_layer, last
         shape = cache_shape  # layers, batch, KV heads, context, head dim
         self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
 
-    def forward(self, input_ids, causal_mask, position, key_cache=None, value_cache=None):
-        width, end = input_ids.shape[-1], causal_mask.shape[-1]
+    def forward(self, inputs, causal_mask, position, key_cache=None, value_cache=None):
+        width, end = inputs.shape[1], causal_mask.shape[-1]
         past = position[0]
         stateless = key_cache is not None
         keys, values = (key_cache, value_cache) if stateless else (self.keyCache, self.valueCache)
-        cache = _SliceCache(keys, values, past, end, in_place=not stateless)
-        position_ids = (torch.arange(width) + past).unsqueeze(0)
-        logits = self.model(
-            input_ids=input_ids,
+        cache = _SliceCache(keys, values, past, end, not stateless, self.first_layer)
+        given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs}
+        arguments = dict(
             attention_mask=causal_mask,
-            position_ids=position_ids,
+            position_ids=(torch.arange(width) + past).unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
-        ).logits
+            **given,
+        )
+        out = self.model(**arguments).logits if self.last else self.model.base_model(**arguments).last_hidden_state
         if not stateless:
-            return logits
+            return out
         layers = [cache.updated[i] for i in range(len(cache.updated))]
-        return logits, torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
+        return out, torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
-def _convert(model, cache_shape: tuple[int, ...], width: int | None, deployment: str):
-    """Trace and convert; `width` None is the flexible shape, else a static one over the whole cache."""
-    context = cache_shape[3]
-    wrapper = StatefulCausalLM(model, cache_shape).eval()
+def _convert(model, chunk: CoreMLChunk, layout: CoreMLModel, width: int | None, deployment: str):
+    """Trace and convert one chunk; `width` None is the flexible shape, else a static one over the whole cache."""
+    context, last_layer = layout.context_length, layout.cache_shape[0]
+    first, last = chunk.first_layer == 0, chunk.end_layer == last_layer
+    hidden = model.config.get_text_config().hidden_size
     stateful = deployment in WITH_STATE
     example_width = width or 2
-    example = (
-        torch.zeros(1, example_width, dtype=torch.int32),
-        torch.zeros(1, 1, example_width, context if width else example_width + 1),
-        torch.tensor([context - example_width if width else 1], dtype=torch.int32),
-    )
-    cache = ct.TensorType(shape=tuple(wrapper.keyCache.shape), dtype=np.float16)
-    if not stateful:
-        example += (wrapper.keyCache, wrapper.valueCache)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
     if width:
         query, attended = width, context
     else:
         query, attended = ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1)
-    inputs = [
-        ct.TensorType("input_ids", shape=(1, query), dtype=np.int32),
+    if first:
+        example = (torch.zeros(1, example_width, dtype=torch.int32),)
+        inputs = [ct.TensorType("input_ids", shape=(1, query), dtype=np.int32)]
+    else:
+        example = (torch.zeros(1, example_width, hidden),)
+        inputs = [ct.TensorType("hidden_states", shape=(1, query, hidden), dtype=np.float16)]
+    example += (
+        torch.zeros(1, 1, example_width, context if width else example_width + 1),
+        torch.tensor([context - example_width if width else 1], dtype=torch.int32),
+    )
+    inputs += [
         ct.TensorType("causal_mask", shape=(1, 1, query, attended), dtype=np.float16),
         ct.TensorType("position", shape=(1,), dtype=np.int32),
     ]
-    outputs = [ct.TensorType("logits", dtype=np.float16)]
+    outputs = [ct.TensorType("logits" if last else "output_hidden_states", dtype=np.float16)]
+    with _running_only(model, chunk, last_layer):
+        wrapper = StatefulCausalLM(model, layout.chunk_cache_shape(chunk), chunk.first_layer, last).eval()
+        cache = ct.TensorType(shape=tuple(wrapper.keyCache.shape), dtype=np.float16)
+        if not stateful:
+            example += (wrapper.keyCache, wrapper.valueCache)
+        with torch.no_grad():
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
     if stateful:
         states = [ct.StateType(cache, name="keyCache"), ct.StateType(cache, name="valueCache")]
     else:

@@ -125,20 +125,47 @@ class OnnxWhisper(Layout):
 
 
 @dataclass(frozen=True)
+class CoreMLChunk:
+    """One package of a chunked model: decoder layers [first_layer, end_layer). The first chunk takes `input_ids`
+    (it holds the embedding), the others the previous chunk's `hidden_states`; the last one returns `logits`, the
+    others `output_hidden_states` (fp16, [1, tokens, hidden]). Each holds the KV cache of its own layers."""
+
+    package: str
+    first_layer: int
+    end_layer: int
+
+    @property
+    def layers(self) -> int:
+        return self.end_layer - self.first_layer
+
+
+@dataclass(frozen=True)
 class CoreMLModel(Layout):
-    """`model.mlpackage`: one flexible function (GPU), or `prefill` and `decode` functions over the same weights
-    (Neural Engine, `prefill_chunk` set); the KV cache is Core ML state or passed in and out."""
+    """`chunks`, run in order: .mlpackages of consecutive layers, each with one flexible function (GPU), or
+    `prefill` and `decode` functions over the same weights (Neural Engine, `prefill_chunk` set); each chunk's KV
+    cache is Core ML state or passed in and out. Every chunk takes the same `causal_mask` and `position`."""
 
     family, format, engine, marker, described = "causal-lm", "coreml", "coreml", "coreml.json", True
     compute_units: str
     prefill_chunk: int | None
     context_length: int
     kv_cache: str  # "state" | "inputs and outputs"
-    cache_shape: list  # layers, batch, KV heads, context, head dim
+    cache_shape: list  # the whole model's: layers, batch, KV heads, context, head dim
+    chunks: list  # of CoreMLChunk, in the order they run
+
+    def __post_init__(self):
+        chunks = [c if isinstance(c, CoreMLChunk) else CoreMLChunk(**c) for c in self.chunks]
+        for chunk in chunks:  # names a runner joins to the folder: nothing that leads out of it
+            if Path(chunk.package).name != chunk.package or not chunk.package.endswith(".mlpackage"):
+                raise TypeError(f"chunk package {chunk.package!r} is not a .mlpackage in the folder")
+        object.__setattr__(self, "chunks", chunks)
 
     @property
     def shape(self) -> str:
         return "npu" if self.prefill_chunk else "gpu"
+
+    def chunk_cache_shape(self, chunk: CoreMLChunk) -> list:
+        return [chunk.layers, *self.cache_shape[1:]]
 
 
 @dataclass(frozen=True)

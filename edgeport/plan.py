@@ -34,12 +34,13 @@ class Step:
 @dataclass(frozen=True)
 class Footprint:
     """What converting a model holds at once beside its weights, for the preflight (edgeport.preflight): the largest
-    block of weights the paged reference reads at a time, whether it can page at all, and a float32 KV cache over
-    the context."""
+    block of weights the paged reference reads at a time, whether it can page at all, a float32 KV cache over the
+    context, and the largest part a converter that works part by part builds at once."""
 
     block_params: int
     pageable: bool
     cache_bytes: int
+    part_params: int
 
 
 @dataclass

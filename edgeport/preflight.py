@@ -34,6 +34,7 @@ class Rate:
     per_source_byte: float = 0.0
     per_artifact_byte: float = 0.0
     per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
+    per_part_param: float = 0.0  # bytes per parameter of the largest part a converter builds at a time
     per_cache_byte: float = 0.0  # per byte of a float32 KV cache over the target's context
     seconds: float = 0.0  # fixed
     seconds_per_gparam: float = 0.0  # per billion parameters
@@ -122,6 +123,7 @@ class Model:
     vocab: int
     pageable: bool
     cache_bytes: int  # a float32 KV cache over the plan's context
+    part_params: int  # the largest part a converter that works part by part (Core ML's chunks) builds at once
 
 
 def model_of(source, context_length: int) -> Model:
@@ -140,6 +142,7 @@ def model_of(source, context_length: int) -> Model:
         vocab=family.dims(source.config).vocab,
         pageable=footprint.pageable,
         cache_bytes=footprint.cache_bytes,
+        part_params=footprint.part_params,
     )
 
 
@@ -178,6 +181,7 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         + rate.per_source_byte * model.source_bytes
         + rate.per_artifact_byte * artifact
         + rate.per_block_param * model.block_params
+        + rate.per_part_param * model.part_params
         + rate.per_cache_byte * model.cache_bytes
         + extra
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeport.engines.loop import Token, TokenClock, hf_tokenizer, mask_at_position, mask_new_at_end
-from edgeport.engines.reference import TorchRunner, TorchWhisper
+from edgeport.engines.reference import Checkpoint, TorchRunner, TorchWhisper, paged
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
 from edgeport.layouts import CoreMLModel, CoreMLWhisper, Layout
@@ -60,64 +60,75 @@ def coremltools():
 
 
 class CoreMLRunner:
-    """A causal LM package: prefill and decode through coremltools' prediction API."""
+    """A causal LM's chunks: prefill and decode through coremltools' prediction API, each call through every chunk
+    in order, the hidden states passed on."""
 
     def __init__(self, path: Path):
         ct = _predicting(path)
         self.layout = layout = CoreMLModel.read(path)
         units = getattr(ct.ComputeUnit, layout.compute_units)
-        package, self.context = str(path / "model.mlpackage"), layout.context_length
-        if layout.prefill_chunk:  # the Neural Engine shape: static prefill and decode functions
-            self.decoder = ct.models.MLModel(package, compute_units=units, function_name="decode")
-            self.prefiller = ct.models.MLModel(package, compute_units=units, function_name="prefill")
-        else:
-            self.decoder = self.prefiller = ct.models.MLModel(package, compute_units=units)
-        self.chunk = layout.prefill_chunk
+        self.context, self.chunk = layout.context_length, layout.prefill_chunk
+        self.decoders, self.prefillers = [], []
+        for chunk in layout.chunks:
+            package = str(path / chunk.package)
+            if layout.prefill_chunk:  # the Neural Engine shape: static prefill and decode functions
+                decoder = ct.models.MLModel(package, compute_units=units, function_name="decode")
+                prefiller = ct.models.MLModel(package, compute_units=units, function_name="prefill")
+            else:
+                decoder = prefiller = ct.models.MLModel(package, compute_units=units)
+            self.decoders.append(decoder)
+            self.prefillers.append(prefiller)
         self.tokenizer = hf_tokenizer(path)
-        self.engine = f"Core ML (coremltools {ct.__version__}, {layout.compute_units})"
+        self.engine = f"Core ML (coremltools {ct.__version__}, {layout.compute_units}, {len(layout.chunks)} chunks)"
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        state = self._new_cache()
-        return np.concatenate(list(self._prefill(ids, state)))
+        states = self._new_caches()
+        return np.concatenate(list(self._prefill(ids, states)))
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
         start = time.perf_counter()
-        state = self._new_cache()
-        logits = list(self._prefill(prompt, state))[-1]
+        states = self._new_caches()
+        logits = list(self._prefill(prompt, states))[-1]
         clock, position = TokenClock(len(prompt), start), len(prompt)
         for _ in range(max_tokens):
             token = int(np.argmax(logits[-1]))
             yield clock.token(self.tokenizer.decode([token]), token)
             if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens or position >= self.context:
                 break
-            logits = self._predict(self.decoder, [token], position, 1, state)
+            logits = self._predict(self.decoders, [token], position, 1, states)
             position += 1
 
-    def _prefill(self, ids: list[int], state) -> Iterator[np.ndarray]:
+    def _prefill(self, ids: list[int], states: list) -> Iterator[np.ndarray]:
         width = self.chunk or len(ids)
         for start in range(0, len(ids), width):
             chunk = ids[start : start + width]
-            yield self._predict(self.prefiller, chunk, start, width, state)[: len(chunk)]
+            yield self._predict(self.prefillers, chunk, start, width, states)[: len(chunk)]
 
-    def _predict(self, model, tokens: list[int], position: int, width: int, state) -> np.ndarray:
+    def _predict(self, models: list, tokens: list[int], position: int, width: int, states: list) -> np.ndarray:
         attended = self.context if self.chunk else position + width
-        inputs = {
-            "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
+        shared = {
             "causal_mask": mask_at_position(position, width, attended, -np.inf),
             "position": np.array([position], np.int32),
         }
-        if isinstance(state, dict):  # before iOS 18 / macOS 15 the cache goes in and comes back out
-            out = model.predict({**inputs, **state})
-            state.update(keyCache=out["keyCacheOut"], valueCache=out["valueCacheOut"])
-        else:
-            out = model.predict(inputs, state=state)
+        given = {"input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32)}
+        for model, state in zip(models, states, strict=True):
+            inputs = {**shared, **given}
+            if isinstance(state, dict):  # before iOS 18 / macOS 15 the cache goes in and comes back out
+                out = model.predict({**inputs, **state})
+                state.update(keyCache=out["keyCacheOut"], valueCache=out["valueCacheOut"])
+            else:
+                out = model.predict(inputs, state=state)
+            given = {"hidden_states": out.get("output_hidden_states")}
         return out["logits"][0].astype(np.float32)
 
-    def _new_cache(self):
+    def _new_caches(self) -> list:
         if self.layout.kv_cache == "state":
-            return self.decoder.make_state()
-        shape = self.layout.cache_shape
-        return {"keyCache": np.zeros(shape, np.float16), "valueCache": np.zeros(shape, np.float16)}
+            return [decoder.make_state() for decoder in self.decoders]
+        caches = []
+        for chunk in self.layout.chunks:
+            shape = self.layout.chunk_cache_shape(chunk)
+            caches.append({"keyCache": np.zeros(shape, np.float16), "valueCache": np.zeros(shape, np.float16)})
+        return caches
 
 
 class CoreMLWhisperRunner(WhisperRunner):
@@ -171,15 +182,58 @@ class CoreMLWhisperRunner(WhisperRunner):
 
 
 class PackageWeightsRunner(TorchRunner):
-    """The source's architecture in transformers with a Core ML package's weights, decompressed."""
+    """The source's architecture in transformers with the Core ML packages' weights, decompressed: paged, a block
+    read back from its chunk's package when it runs; the source read whole where its checkpoint cannot page."""
 
     def __init__(self, source, path: Path):
-        super().__init__(source, source.load_reference())  # whole: its weights are overwritten with the package's
-        read, total = load_package_weights(self.model, [path / "model.mlpackage"])
+        layout = CoreMLModel.read(path)
+        packages = [path / chunk.package for chunk in layout.chunks]
+        model = paged(source, lambda block: True, checkpoint=PackageWeights(source, path, layout))
+        if model is None:
+            model = source.load_reference()
+            load_package_weights(model, packages)
+        super().__init__(source, model)
         self.engine = (
-            f"transformers (torch, CPU, float32) with the package's weights: {read} of {total} "
-            "read back and decompressed, the other (norm scales) rounded to fp16 as the package stores them"
+            f"transformers (torch, CPU, float32) with the weights of the {len(packages)} packages read back and "
+            "decompressed, a block at a time; the norm scales (which the packages fold into other ops) rounded "
+            "to fp16 as they compute them"
         )
+
+
+class PackageWeights:
+    """A chunked Core ML model's weights as the paged reference reads a checkpoint: each tensor from the package of
+    the chunk that holds its layer, decompressed; a vector the converter folded into another op (a norm scale)
+    from the source, rounded to fp16. One chunk's program is held at a time."""
+
+    def __init__(self, source, path: Path, layout: CoreMLModel):
+        self.source, self.path, self.layout = Checkpoint(source.path), path, layout
+        self.loaded: tuple[str, dict] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return True  # every parameter under its own name: a tied output projection has its own copy in a package
+
+    def read(self, name: str):
+        import torch
+
+        op = self._ops(self._chunk_of(name)).get("model_" + name.replace(".", "_"))
+        if op is not None:
+            return torch.from_numpy(decompressed(op))
+        if name in self.source and len(self.source.spans[name][1].shape) == 1:
+            return self.source.read(name).half().float()
+        raise EdgeportError(f"{self.path}: the packages have no weight for {name}; convert again")
+
+    def _chunk_of(self, name: str):
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        chunks = self.layout.chunks
+        if layer:
+            return next(c for c in chunks if c.first_layer <= int(layer.group(1)) < c.end_layer)
+        return chunks[0] if "embed" in name else chunks[-1]
+
+    def _ops(self, chunk) -> dict:
+        if self.loaded is None or self.loaded[0] != chunk.package:
+            self.loaded = None  # the previous chunk's program goes first
+            self.loaded = (chunk.package, weight_ops(self.path / chunk.package))
+        return self.loaded[1]
 
 
 class PackageWeightsWhisper(TorchWhisper):
@@ -215,19 +269,31 @@ def load_package_weights(model, packages: list[Path]) -> tuple[int, int]:
 
 def read_weights(package: Path, names: list[str]) -> dict[str, np.ndarray]:
     """The package's weights as float arrays (compressed ones decompressed), keyed by the transformers parameter
-    names they came from. The converter names each weight after its parameter, dots made underscores; vectors
-    folded into other ops (norm scales) keep no name and are not found."""
-    by_name = {"model_" + name.replace(".", "_"): name for name in names}
+    names they came from."""
+    ops = weight_ops(package)
+    found = {}
+    for name in names:
+        op = ops.get("model_" + name.replace(".", "_"))
+        if op is not None:
+            found[name] = decompressed(op)
+    return found
+
+
+def weight_ops(package: Path) -> dict:
+    """The package's constants by the name of the parameter they came from: the converter names each weight after
+    its parameter, dots made underscores, "model_" before it; vectors folded into other ops (norm scales) keep no
+    name and are not found."""
     found = {}
     for function in _program(package).functions.values():
         for op in function.operations:
-            if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
-                continue
-            stem = re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name)
-            if stem in by_name and by_name[stem] not in found:
-                value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
-                found[by_name[stem]] = np.asarray(value, dtype=np.float32)
+            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+                found.setdefault(re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name), op)
     return found
+
+
+def decompressed(op) -> np.ndarray:
+    value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
+    return np.asarray(value, dtype=np.float32)
 
 
 def describe(package: Path) -> dict:

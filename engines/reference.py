@@ -49,12 +49,14 @@ class Checkpoint:
         return out
 
 
-def paged(source, pages: Callable[[str], bool], checkpoint=None):
+def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[[str], bool] | None = None, **options):
     """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from `checkpoint` (by
-    default the source's own safetensors) each time they run; the others are read once, now. A block is an item of
-    a ModuleList (a layer) or a module outside one that holds weights itself (an embedding, a norm, the output
-    projection). None where the checkpoint's tensors are not the model's own: transformers converts some when
-    loading (fused MoE experts), and a checkpoint may be stored in a dtype the reference does not read."""
+    default the source's own safetensors) each time they run; the others are read once, now, or, where `only` is
+    given and does not hold, left on the meta device (a converter that builds the model part by part). A block is
+    an item of a ModuleList (a layer) or a module outside one that holds weights itself (an embedding, a norm, the
+    output projection). `options` go to `from_config` (e.g. attn_implementation). None where the checkpoint's
+    tensors are not the model's own: transformers converts some when loading (fused MoE experts), and a checkpoint
+    may be stored in a dtype the reference does not read."""
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -62,7 +64,7 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None):
     with init_empty_weights():  # weights on the meta device; buffers (rotary frequencies) computed for real
         config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
         model = getattr(transformers, source.family.auto_model).from_config(
-            config, dtype=torch.float32, trust_remote_code=source.trust_remote_code
+            config, dtype=torch.float32, trust_remote_code=source.trust_remote_code, **options
         )
     model.tie_weights()
     checkpoint = checkpoint or Checkpoint(source.path)
@@ -70,6 +72,8 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None):
     if keys is None:
         return None
     for name, block in _blocks(model):
+        if only is not None and not only(name):
+            continue
         if pages(name):
             block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
@@ -85,10 +89,10 @@ def _checkpoint_keys(model, checkpoint) -> dict[str, str] | None:
         tied.setdefault(id(parameter), []).append(name)
     keys = {}
     for names in tied.values():
-        stored = next((name for name in names if name in checkpoint), None)
-        if stored is None:
+        stored = [name for name in names if name in checkpoint]
+        if not stored:
             return None
-        keys.update(dict.fromkeys(names, stored))
+        keys.update({name: name if name in stored else stored[0] for name in names})
     return keys
 
 

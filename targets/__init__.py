@@ -56,6 +56,7 @@ class Target:
     measured: bool = False  # figures measured on this machine rather than taken from a spec sheet
     aihub_device: str | None = None  # the Qualcomm AI Hub device that stands for this target
     coreml_deployment: str | None = None  # the oldest OS an app ships to, e.g. iOS18: what Core ML may use
+    coreml_chunk_gb: float | None = None  # the most weights one .mlpackage may hold there (the Neural Engine's limit)
 
     @property
     def usable_ram_gb(self) -> float:
@@ -168,6 +169,7 @@ def parse(data: dict, source: str) -> Target:
         speech_formats=preferences("speech_formats"),
         aihub_device=_optional_string(data, "aihub_device", source),
         coreml_deployment=_optional_string(data, "coreml_deployment", source),
+        coreml_chunk_gb=_optional_positive(data, "coreml_chunk_gb", source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),
@@ -184,6 +186,13 @@ def _optional_string(data: dict, key: str, source: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise EdgeportError(f"{source}: field {key} must be a string")
     return value
+
+
+def _optional_positive(data: dict, key: str, source: str) -> float | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+        raise EdgeportError(f"{source}: field {key} must be a positive number")
+    return None if value is None else float(value)
 
 
 def _measure_host(target: Target) -> Target:

@@ -1,6 +1,7 @@
 """Core ML conversion for real on tiny models: coremltools converts, compresses and saves here; the package is then
 checked by its structure and by its weights read back, since only macOS can run it."""
 
+import itertools
 import json
 import sys
 from dataclasses import replace
@@ -44,7 +45,8 @@ def test_gpu_shape_is_one_flexible_stateful_function(gpu_package):
     _, artifact = gpu_package
     details = artifact["details"]
     assert (details["deployment_target"], details["compute_units"]) == ("macOS15", "CPU_AND_GPU")
-    (main,) = details["functions"].values()
+    (package,) = details["packages"].values()  # a tiny model is one chunk
+    (main,) = package["functions"].values()
     inputs = {i["name"]: i["shape"] for i in main["inputs"]}
     assert inputs == {"input_ids": [1, "1..4096"], "causal_mask": [1, 1, "1..4096", "1..4096"], "position": [1]}
     assert [s["name"] for s in main["states"]] == ["keyCache", "valueCache"]
@@ -56,7 +58,8 @@ def test_neural_engine_shape_is_two_static_functions_over_one_state(ane_package)
     _, artifact = ane_package
     details = artifact["details"]
     assert details["compute_units"] == "CPU_AND_NE" and details["prefill_chunk"] == 64
-    functions = details["functions"]
+    (package,) = details["packages"].values()
+    functions = package["functions"]
     assert set(functions) == {"prefill", "decode"}
     assert functions["prefill"]["inputs"][1]["shape"] == [1, 1, 64, 4096]
     assert functions["decode"]["inputs"][1]["shape"] == [1, 1, 1, 4096]
@@ -70,7 +73,7 @@ def test_every_matrix_is_int4_blocks_and_the_app_has_what_it_needs(package, requ
     assert artifact["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": 16}
     files = {f["path"].split("/", 1)[1] for f in artifact["files"]}
     assert {"tokenizer.json", "chat_template.jinja", "coreml.json", "config.json"} <= files
-    assert any(f.startswith("model.mlpackage/") for f in files)
+    assert any(f.startswith("model-01-of-01.mlpackage/") for f in files)
 
 
 @pytest.mark.parametrize("package", ["gpu_package", "ane_package"])
@@ -86,7 +89,7 @@ def test_weights_read_back_are_the_int4_blocks_of_the_source(gpu_package, tiny_l
     out, _ = gpu_package
     source = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     names = [n for n, _ in source.named_parameters()]
-    weights = read_weights(out / "coreml" / "model.mlpackage", names)
+    weights = read_weights(out / "coreml" / "model-01-of-01.mlpackage", names)
     original = dict(source.named_parameters())["model.layers.1.mlp.down_proj.weight"].detach().numpy()
     stored = weights["model.layers.1.mlp.down_proj.weight"]
     blocks = original.reshape(original.shape[0], -1, 32)
@@ -132,7 +135,7 @@ def test_before_ios_18_the_cache_is_inputs_and_outputs(quant, storage, tiny_llam
     artifact = coreml.convert(source, step, target, tmp_path / "coreml")
     details = artifact.details
     assert details["kv_cache"] == "inputs and outputs" and details["prefill_chunk"] is None  # no multifunction
-    (main,) = details["functions"].values()
+    ((main,),) = [p["functions"].values() for p in details["packages"].values()]
     assert [i["name"] for i in main["inputs"]] == ["input_ids", "causal_mask", "position", "keyCache", "valueCache"]
     assert [o["name"] for o in main["outputs"]] == ["logits", "keyCacheOut", "valueCacheOut"]
     assert main["states"] == [] and details["sdpa_ops"] == 0  # the fused op is iOS 18's
@@ -164,6 +167,122 @@ def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2)
             out = wrapper(ids[:, position : position + width].int(), mask, torch.tensor([position]), *caches)
         if stateless:
             out, *caches = out
+        got.append(out[0])
+        position += width
+    np.testing.assert_allclose(torch.cat(got).numpy(), expected.detach().numpy(), atol=2e-2)  # the cache is fp16
+
+
+def test_layer_spans_are_the_fewest_within_the_bound_and_balanced():
+    from edgeport.families.causal_lm import layer_spans
+
+    llama_8b = dict(  # meta-llama/Llama-3.1-8B's config.json
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        intermediate_size=14336,
+    )
+    spans = layer_spans(llama_8b, 5e8)
+    assert [(s.start, s.stop) for s in spans][:2] == [(0, 1), (1, 3)] and spans[-1].stop == 32
+    assert all(a.stop == b.start for a, b in itertools.pairwise(spans))
+    layer = 218_112_000  # 4 attention and 3 MLP projections and two norms
+    assert spans[1].params == 2 * layer and spans[0].params == layer + 128256 * 4096  # with the embedding
+    assert sum(s.params for s in spans) == 8_030_261_248  # untied: every weight in one chunk
+    assert len(layer_spans(llama_8b, 1e12)) == 1
+    assert len(layer_spans(llama_8b, 1)) == 32  # a layer larger than the bound is a span of its own
+    # fewest spans, and no larger than needed: 4 layers of 1B in 3 spans of sizes 2, 1, 1 would be as few but larger
+    spans = layer_spans({**llama_8b, "num_hidden_layers": 4, "vocab_size": 8}, 2.5 * layer)
+    assert [s.stop - s.start for s in spans] == [2, 2]
+
+
+def chunky_target(tmp_path, chunk_gb=1e-7):
+    """The iPhone's profile with a package bound so small that each layer of a tiny model is a chunk of its own."""
+    from edgeport.targets import _profiles
+
+    text = (_profiles() / "iphone-15-pro.toml").read_text()
+    text = text.replace("coreml_chunk_gb = 0.25", f"coreml_chunk_gb = {chunk_gb}").replace(
+        'name = "iphone-15-pro"', 'name = "chunky"'
+    )
+    file = tmp_path / "chunky.toml"
+    file.write_text(text)
+    return file
+
+
+def test_a_model_past_the_package_bound_is_chunks_of_layers_run_in_order(tiny_qwen2, tmp_path):
+    out = tmp_path / "chunks"
+    artifact = convert(tiny_qwen2, out, str(chunky_target(tmp_path)))
+    layout = json.loads((out / "coreml" / "coreml.json").read_text())
+    assert [(c["package"], c["first_layer"], c["end_layer"]) for c in layout["chunks"]] == [
+        ("model-01-of-02.mlpackage", 0, 1),
+        ("model-02-of-02.mlpackage", 1, 2),
+    ]
+    first, last = (artifact["details"]["packages"][c["package"]]["functions"] for c in layout["chunks"])
+    assert [i["name"] for i in first["decode"]["inputs"]] == ["input_ids", "causal_mask", "position"]
+    assert [o["name"] for o in first["prefill"]["outputs"]] == ["output_hidden_states"]
+    assert [i["name"] for i in last["decode"]["inputs"]] == ["hidden_states", "causal_mask", "position"]
+    assert [o["name"] for o in last["decode"]["outputs"]] == ["logits"]
+    assert last["prefill"]["states"][0]["shape"] == [1, 1, 2, 4096, 16]  # its own layer's cache
+    # 2 layers x 7 projections, the embedding in the first chunk and the (tied) output head in the last
+    assert artifact["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": 16}
+    parity = artifact["parity"]
+    assert parity["status"] == "passed", parity["failures"]
+    assert "2 packages read back" in parity["method"]
+
+
+def test_a_layout_naming_a_package_outside_its_folder_is_refused(tmp_path):
+    from edgeport.errors import EdgeportError
+    from edgeport.layouts import CoreMLModel
+
+    (tmp_path / "coreml.json").write_text(
+        json.dumps(
+            {
+                "compute_units": "CPU_AND_GPU",
+                "prefill_chunk": None,
+                "context_length": 64,
+                "kv_cache": "state",
+                "cache_shape": [1, 1, 1, 64, 8],
+                "chunks": [{"package": "../../victim.mlpackage", "first_layer": 0, "end_layer": 1}],
+            }
+        )
+    )
+    with pytest.raises(EdgeportError, match="convert again"):
+        CoreMLModel.read(tmp_path)
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_chunks_chained_compute_what_the_source_does(stateless, tiny_qwen2):
+    """What Core ML runs for a model in two chunks, run in torch: each chunk's wrapper over its own cache, the
+    hidden states passed on, against one full pass."""
+    from transformers import AttentionInterface
+
+    from edgeport.layouts import CoreMLChunk
+
+    AttentionInterface.register(coreml.ATTENTION, coreml.fused_sdpa)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32, attn_implementation=coreml.ATTENTION)
+    coreml.in_half(model)  # as it is converted
+    dims = LMDims.from_config(model.config.to_dict())
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    expected = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)(ids).logits[0]
+    chunks = [CoreMLChunk("a.mlpackage", 0, 1), CoreMLChunk("b.mlpackage", 1, 2)]
+    wrappers, caches = [], []
+    for chunk in chunks:
+        wrapper = coreml.StatefulCausalLM(
+            model, (1, *dims.cache_shape(64)[1:]), chunk.first_layer, chunk.end_layer == 2
+        )
+        wrappers.append(wrapper.eval())
+        caches.append([wrapper.keyCache.clone(), wrapper.valueCache.clone()] if stateless else [])
+    got, position = [], 0
+    for width in (8, 8, 1, 1, 1, 1):
+        mask = torch.full((1, 1, width, position + width), float("-inf"))
+        for row in range(width):
+            mask[0, 0, row, : position + row + 1] = 0
+        out = ids[:, position : position + width].int()
+        for chunk, wrapper, cache in zip(chunks, wrappers, caches, strict=True):
+            with torch.no_grad(), coreml._running_only(model, chunk, 2):
+                out = wrapper(out, mask, torch.tensor([position]), *cache)
+            if stateless:
+                out, *cache[:] = out
         got.append(out[0])
         position += width
     np.testing.assert_allclose(torch.cat(got).numpy(), expected.detach().numpy(), atol=2e-2)  # the cache is fp16

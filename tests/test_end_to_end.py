@@ -31,7 +31,8 @@ def test_convert_for_m2_air_builds_4bit_mlx_and_core_ml_within_parity_bounds(con
     # every projection of the 30 layers and the tied embedding: int4 in blocks of 32
     assert coreml["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": 30 * 7 + 1}
     assert coreml["details"]["sdpa_ops"] == 30
-    (main,) = coreml["details"]["functions"].values()
+    (package,) = coreml["details"]["packages"].values()  # 135M parameters: one chunk
+    (main,) = package["functions"].values()
     assert [s["shape"] for s in main["states"]] == [[30, 1, 3, 4096, 64]] * 2
     digest = hashlib.sha256(fixture_gguf.read_bytes()).hexdigest()
     assert result["source"]["sha256"] == {fixture_gguf.name: digest}

@@ -24,6 +24,9 @@ from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Footprin
 from edgeport.targets import Target
 from edgeport.texts import chat_ids, reference_paragraph
 
+# The most parameters a converter that builds the model part by part (Core ML's chunks) holds at once: it keeps the
+# conversion of an 8B model within the memory of the machine that converts it.
+PART_PARAMS = 400_000_000
 ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive at once during prefill
 FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
 
@@ -133,6 +136,43 @@ def model_size(config: dict) -> ModelSize:
     )
 
 
+@dataclass(frozen=True)
+class LayerSpan:
+    """Layers [start, stop) of the decoder, built on their own: the first span takes the token embedding and the
+    last one ends with the final norm and the output projection (its own copy where the two are tied)."""
+
+    start: int
+    stop: int
+    params: int
+
+
+def layer_spans(config: dict, max_params: float) -> list[LayerSpan]:
+    """The decoder's layers in the fewest consecutive spans of at most `max_params` each (a layer that is larger
+    alone is a span of its own), balanced so that the largest span is as small as that count allows."""
+    d, size = LMDims.from_config(config), model_size(config)
+    table = d.vocab * d.hidden
+    layer = (size.params - table * (1 if d.tied else 2) - d.hidden) // d.layers
+    weights = [layer] * d.layers
+    weights[0] += table
+    weights[-1] += table + d.hidden
+    count = len(_greedy(weights, max_params))
+    low, high = min(weights), int(max_params)
+    while low < high:  # the smallest capacity that still needs no more spans
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(_greedy(weights, middle)) <= count else (middle + 1, high)
+    return [LayerSpan(start, stop, sum(weights[start:stop])) for start, stop in _greedy(weights, low)]
+
+
+def _greedy(weights: list[int], capacity: float) -> list[tuple[int, int]]:
+    spans, start, total = [], 0, 0
+    for i, weight in enumerate(weights):
+        if i > start and total + weight > capacity:
+            spans.append((start, i))
+            start, total = i, 0
+        total += weight
+    return [*spans, (start, len(weights))]
+
+
 def mixed_recipe_layers(layers: int) -> int:
     """How many of `layers` mlx-lm's mixed recipes raise: the first and last eighth, and every third layer between
     (counted in closed form, so a config's layer count costs nothing)."""
@@ -211,11 +251,15 @@ class CausalLM:
 
     def footprint(self, config: dict, context_length: int) -> Footprint:
         """A block is a layer or the embedding (or output projection), whichever is larger; transformers fuses MoE
-        experts when loading, so their checkpoint cannot be paged."""
+        experts when loading, so their checkpoint cannot be paged. A part is the largest span of PART_PARAMS."""
         d, size = self.dims(config), self.size(config)
         per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
         cache = 2 * 4 * d.layers * d.kv_heads * d.head_dim * context_length
-        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache)
+        part = max(span.params for span in self.parts(config, PART_PARAMS))
+        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part)
+
+    def parts(self, config: dict, max_params: float) -> list[LayerSpan]:
+        return layer_spans(text_config(config), max_params)
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length

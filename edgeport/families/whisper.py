@@ -173,11 +173,12 @@ class Whisper:
         return whisper_size(config)
 
     def footprint(self, config: dict, context_length: int) -> Footprint:
-        """The paged reference holds the decoder whole and reads the encoder a layer at a time."""
+        """The paged reference holds the decoder whole and reads the encoder a layer at a time; Whisper is converted
+        whole."""
         w, size = self.dims(config), self.size(config)
         layer = (size.encoder_params - w.frames * w.d_model) // max(w.encoder_layers, 1)
         cache = 2 * 4 * w.decoder_layers * (w.tokens + w.frames) * w.d_model
-        return Footprint(size.params - size.encoder_params + layer, True, cache)
+        return Footprint(size.params - size.encoder_params + layer, True, cache, size.params)
 
     def context_length(self, source, target: Target) -> int:
         return source.config["max_target_positions"]
