@@ -1,5 +1,6 @@
-"""Qualcomm AI Hub for the ONNX NPU shape: compile each graph to a QNN context binary for the target's device,
-profile it there, and run the parity prompts on the device against the source's logits.
+"""Qualcomm AI Hub for the ONNX NPU shape: compile each graph of each part to a QNN context binary for the target's
+device, profile it there, and run the parity prompts on the device against the source's logits, the parts' prefill
+graphs one after another, each on what the previous one returned on the device.
 
 Everything goes through the `qai_hub` client, configured by the user (`qai-hub configure --api_token ...`
 writes ~/.qai_hub/client.ini). edgeport never reads, prints or stores the token.
@@ -17,9 +18,9 @@ import qai_hub as hub
 
 from edgeport.engines.onnx import StaticKVRunner
 from edgeport.errors import EdgeportError
+from edgeport.layouts import OnnxNPU
 from edgeport.parity import Metric, bounds_for, judge, kl_divergence
 
-GRAPHS = ("prefill", "decode")
 COMPILE_OPTIONS = "--target_runtime qnn_context_binary"
 NOT_CONFIGURED = (
     "Qualcomm AI Hub is not configured: run `qai-hub configure --api_token <your token>` "
@@ -89,8 +90,10 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
     device_name = device.name
     out = artifact_dir / "aihub"
     out.mkdir()
-    targets = {}
-    for graph in GRAPHS:
+    layout = OnnxNPU.read(artifact_dir)
+    compiled = {}
+    for file in [graph for part in layout.parts for graph in (part.prefill, part.decode)]:
+        graph = file.removesuffix(".onnx")
         progress(f"AI Hub: compiling {graph} for {device_name}")
         with tempfile.TemporaryDirectory(prefix="edgeport-aihub-") as scratch:
             job = hub.submit_compile_job(
@@ -101,31 +104,36 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
             )
         result.jobs[f"compile_{graph}"] = _job(job)
         _wait(job, f"compiling {graph}")
-        targets[graph] = job.get_target_model()
+        compiled[file] = job.get_target_model()
         binary = out / f"{graph}.bin"
-        targets[graph].download(str(binary))
+        compiled[file].download(str(binary))
         result.binaries.append(str(binary.relative_to(artifact_dir)))
 
         progress(f"AI Hub: profiling {graph} on {device_name}")
-        job = hub.submit_profile_job(model=targets[graph], device=device, name=f"edgeport {graph} profile")
+        job = hub.submit_profile_job(model=compiled[file], device=device, name=f"edgeport {graph} profile")
         result.jobs[f"profile_{graph}"] = _job(job)
         _wait(job, f"profiling {graph}")
         result.profile[graph] = _profile_summary(job.download_profile())
 
-    progress(f"AI Hub: running the parity prompts on {device_name}")
     runner = StaticKVRunner(artifact_dir)
-    inputs, lengths = {}, []
-    for ids in reference.inputs:
-        runner.reset()
-        tokens = ids[: runner.prefill_chunk]
-        lengths.append(len(tokens))
-        for name, value in runner.feeds(tokens, runner.prefill_chunk).items():
-            inputs.setdefault(name, []).append(value)
-    job = hub.submit_inference_job(model=targets["prefill"], device=device, inputs=inputs, name="edgeport parity")
-    result.jobs["inference_prefill"] = _job(job)
-    _wait(job, "running the parity prompts")
-    outputs = job.download_output_data()
-    result.inference = _compare(outputs["logits"], reference.logits, lengths, quantization)
+    width = runner.prefill_chunk
+    prompts = [ids[:width] for ids in reference.inputs]  # one prefill call each, on an empty cache
+    given = [np.array([p + [0] * (width - len(p))], np.int32) for p in prompts]
+    for part in runner.parts:
+        graph = part.part.prefill.removesuffix(".onnx")
+        progress(f"AI Hub: running the parity prompts through {graph} on {device_name}")
+        inputs = {}
+        for x in given:
+            for name, value in part.feeds(x, 0, width).items():
+                inputs.setdefault(name, []).append(value)
+        job = hub.submit_inference_job(
+            model=compiled[part.part.prefill], device=device, inputs=inputs, name=f"edgeport parity {graph}"
+        )
+        result.jobs[f"inference_{graph}"] = _job(job)
+        _wait(job, f"running the parity prompts through {graph}")
+        outputs = job.download_output_data()
+        given = outputs["logits" if part.part.end_layer == layout.layers else "output_hidden_states"]
+    result.inference = _compare(given, reference.logits, [len(p) for p in prompts], quantization)
     result.status = result.inference["status"]
 
 

@@ -21,10 +21,8 @@ Off macOS the packages cannot predict; they are checked by structure and by thei
 """
 
 import gc
-import re
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from edgeport import quantization  # noqa: E402
 from edgeport.convert import Artifact, copy_app_files  # noqa: E402
-from edgeport.engines.reference import paged  # noqa: E402
+from edgeport.engines.reference import part_of, running_only  # noqa: E402
 from edgeport.errors import EdgeportError  # noqa: E402
 from edgeport.families.causal_lm import PART_PARAMS, LayerSpan  # noqa: E402
 from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLChunk, CoreMLModel  # noqa: E402
@@ -82,7 +80,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     whole = None  # the source read whole, where its checkpoint cannot be read a block at a time
     with tempfile.TemporaryDirectory(prefix="edgeport-coreml-") as tmp, converting():
         for chunk in layout.chunks:
-            model = _chunk_weights(source, chunk, layout)
+            model = _chunk_weights(source, chunk)
             if model is None:
                 whole = whole or in_half(source.load_reference(attn_implementation=ATTENTION))
                 model = whole
@@ -126,18 +124,10 @@ def chunk_spans(source: Source, quant, target: Target) -> list[LayerSpan]:
     return source.family.parts(source.config, bound)
 
 
-def _chunk_weights(source: Source, chunk: CoreMLChunk, layout: CoreMLModel):
-    """The source's model with only `chunk`'s blocks read (in float32), the others left on the meta device; None
-    where the checkpoint cannot be read a block at a time."""
-    last = layout.cache_shape[0]
-
-    def in_chunk(block: str) -> bool:
-        layer = re.search(r"\.layers\.(\d+)$", block)
-        if layer:
-            return chunk.first_layer <= int(layer.group(1)) < chunk.end_layer
-        return chunk.first_layer == 0 if "embed" in block else chunk.end_layer == last
-
-    model = paged(source, lambda block: False, only=in_chunk, attn_implementation=ATTENTION)
+def _chunk_weights(source: Source, chunk: CoreMLChunk):
+    """The source's model with only `chunk`'s blocks read, its matrices in fp16; None where the checkpoint cannot
+    be read a block at a time."""
+    model = part_of(source, chunk.first_layer, chunk.end_layer, attn_implementation=ATTENTION)
     return model and in_half(model)
 
 
@@ -216,35 +206,6 @@ class _SliceCache:
         return self.position
 
 
-class _Window(torch.nn.ModuleList):
-    """The decoder's layers, all registered under their own indices (so the package names each weight after its
-    parameter), of which the model's forward runs only [first, end)."""
-
-    def __init__(self, layers: torch.nn.ModuleList, first: int, end: int):
-        super().__init__()
-        self._modules.update(layers._modules)
-        self.first, self.end = first, end
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):  # transformers runs `self.layers[: num_hidden_layers]`
-            return list(self._modules.values())[self.first : self.end]
-        return super().__getitem__(index)
-
-
-@contextmanager
-def _running_only(model, chunk: CoreMLChunk, last_layer: int):
-    """`model` running only `chunk`'s layers, and its final norm only where the chunk ends the decoder."""
-    decoder = model.base_model
-    layers, norm = decoder.layers, decoder.norm
-    decoder.layers = _Window(layers, chunk.first_layer, chunk.end_layer)
-    if chunk.end_layer < last_layer:
-        decoder.norm = torch.nn.Identity()
-    try:
-        yield model
-    finally:
-        decoder.layers, decoder.norm = layers, norm
-
-
 class StatefulCausalLM(torch.nn.Module):
     """One chunk: input_ids [1, q] (the first chunk) or hidden_states [1, q, hidden], causal_mask [1, 1, q, end]
     (additive: 0 where a token may attend, -inf elsewhere) and position [1] (tokens already in the cache) -> logits
@@ -306,7 +267,7 @@ def _convert(model, chunk: CoreMLChunk, layout: CoreMLModel, width: int | None, 
         ct.TensorType("position", shape=(1,), dtype=np.int32),
     ]
     outputs = [ct.TensorType("logits" if last else "output_hidden_states", dtype=np.float16)]
-    with _running_only(model, chunk, last_layer):
+    with running_only(model, chunk.first_layer, chunk.end_layer):
         wrapper = StatefulCausalLM(model, layout.chunk_cache_shape(chunk), chunk.first_layer, last).eval()
         cache = ct.TensorType(shape=tuple(wrapper.keyCache.shape), dtype=np.float16)
         if not stateful:

@@ -2,13 +2,18 @@
 
 - CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
   MatMulNBits weights and the genai_config.json its generator runs.
-- NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported twice from transformers,
-  as `prefill.onnx` over QNN_PREFILL_CHUNK tokens and `decode.onnx` over one, both reading a fixed-length KV cache
-  that the app keeps (the graphs return only the new keys and values). Both are then QDQ-quantized for QNN with
-  onnxruntime's QNN helpers, calibrated on real text. `npu.json` (the OnnxNPU layout) records the shapes and names.
+- NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported from transformers as a
+  prefill graph over QNN_PREFILL_CHUNK tokens and a decode graph over one, both reading a fixed-length KV cache
+  that the app keeps (the graphs return only the new keys and values). As Qualcomm AI Hub's exports are, the model
+  comes in parts of consecutive layers (the target's `qnn_part_gb`, and PART_PARAMS), each with its two graphs.
+  Each part is exported from its own blocks, run over a real summary request (prefill chunks, then decode steps)
+  on the inputs the previous part gave, and QDQ-quantized for QNN with onnxruntime's QNN helpers, calibrated on
+  what it saw; then the next part. Memory holds one part and one calibration call. `npu.json` (the OnnxNPU layout)
+  records the parts, the shapes and the names.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,10 +35,13 @@ from transformers import DynamicCache
 
 from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.engines.onnx import StaticKVRunner
+from edgeport.engines.loop import hf_tokenizer
+from edgeport.engines.onnx import PartRunner, part_calls, providers
+from edgeport.engines.reference import part_of, running_only
 from edgeport.errors import EdgeportError
-from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, builds_qnn_shape
-from edgeport.plan import Step
+from edgeport.families.causal_lm import PART_PARAMS
+from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
+from edgeport.plan import GB, Step
 from edgeport.quiet import converting
 from edgeport.source import Source
 from edgeport.targets import Target
@@ -53,7 +61,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     if quant.name not in BUILDER_PRECISION and not npu:
         raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
     if npu:
-        layout, details = _npu_shape(source, quant, target.context_length, dest)
+        layout, details = _npu_shape(source, quant, target, dest)
     else:
         layout, details = OnnxCPU(), _cpu_shape(source, quant, dest)
     details.update(onnxruntime=onnxruntime.__version__)
@@ -114,32 +122,109 @@ def _run_builder(command: list[str]) -> tuple[int, list[str]]:
     return builder.returncode, log.strip().splitlines()
 
 
-def _npu_shape(source: Source, quant, context_length: int, dest: Path) -> tuple[OnnxNPU, dict]:
-    if context_length <= QNN_PREFILL_CHUNK:
-        raise EdgeportError(
-            f"a static KV cache needs a context longer than the {QNN_PREFILL_CHUNK}-token prefill chunk"
-        )
+def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxNPU, dict]:
+    layout = npu_layout(source, quant, target)
+    calls, given = _calibration_calls(hf_tokenizer(source.path), layout)
     dest.mkdir()
+    whole = None  # the source read whole, where its checkpoint cannot be read a block at a time
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, converting():  # the quantizer's advice
-        float_dir = Path(tmp)
-        layout = _export_static(source, context_length, float_dir)
-        copy_app_files(source.path, float_dir)
-        calibration = _calibration_feeds(float_dir)
-        for graph in ("prefill", "decode"):
-            qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", calibration[graph], quant)
+        for part in layout.parts:
+            floats = Path(tmp) / "float"
+            floats.mkdir()
+            model = part_of(source, part.first_layer, part.end_layer, attn_implementation="eager")
+            if model is None:
+                whole = whole or source.load_reference(attn_implementation="eager")
+                model = whole
+            export_part(model, part, layout, floats)
+            del model
+            feeds = RecordedFeeds(floats / "calibration")
+            given = part_calls(PartRunner(floats, layout, part, providers(False), feeds.record), calls, given)
+            for graph, file in (("prefill", part.prefill), ("decode", part.decode)):
+                qdq_quantize(floats / file, dest / file, feeds.files[graph], quant)
+            shutil.rmtree(floats)
     copy_app_files(source.path, dest)
     blocks = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
     layout = replace(
         layout,
         weights=f"{quant.bits}-bit {blocks}",
         activations=f"{quant.activation_bits}-bit",
-        opset=_opset(dest / "decode.onnx"),
+        opset=_opset(dest / layout.parts[0].decode),
     )
     layout.write(dest)
     calibration = (
-        f"{CALIBRATION_CHUNKS} prefill chunks and {CALIBRATION_DECODE_STEPS} decode steps of Python's reference docs"
+        f"{CALIBRATION_CHUNKS} prefill chunks and {CALIBRATION_DECODE_STEPS} decode steps of Python's reference "
+        "docs, part by part"
     )
     return layout, {"shape": layout.shape, "calibration": calibration, **asdict(layout)}
+
+
+def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
+    """The NPU shape of `source` for `target`: its parts, each within the target's `qnn_part_gb` of weights as
+    quantized and within PART_PARAMS, as few as that allows."""
+    context = target.context_length
+    if context <= QNN_PREFILL_CHUNK:
+        raise EdgeportError(
+            f"a static KV cache needs a context longer than the {QNN_PREFILL_CHUNK}-token prefill chunk"
+        )
+    bound = PART_PARAMS
+    if target.qnn_part_gb:
+        bound = min(bound, target.qnn_part_gb * GB * 8 / quant.bits_per_weight())
+    spans = source.family.parts(source.config, bound)
+    dims = source.family.dims(source.config)
+    n = len(spans)
+    return OnnxNPU(
+        prefill_chunk=QNN_PREFILL_CHUNK,
+        context_length=context,
+        layers=dims.layers,
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab,
+        mask_value=MASK_VALUE,
+        inputs=[
+            "input_ids (first part) or hidden_states",
+            "position_ids",
+            "attention_mask",
+            "past_{key,value}_<layer>",
+        ],
+        outputs=["logits | output_hidden_states", "new_{key,value}_<layer>"],
+        cache="the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
+        "first context_length - W positions and returns W new ones to write after the n already filled",
+        parts=[
+            OnnxPart(f"prefill-{i + 1:02d}-of-{n:02d}.onnx", f"decode-{i + 1:02d}-of-{n:02d}.onnx", s.start, s.stop)
+            for i, s in enumerate(spans)
+        ],
+    )
+
+
+def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
+    """Export `part`'s float prefill and decode graphs of `model` (a transformers causal LM holding at least the
+    part's weights) into `folder`."""
+    _fuse_rms_norms(model)
+    first, last = part.first_layer == 0, part.end_layer == layout.layers
+    past = [f"past_{kind}_{i}" for i in part.layers for kind in ("key", "value")]
+    new = [f"new_{kind}_{i}" for i in part.layers for kind in ("key", "value")]
+    step = StaticStep(model, part.first_layer, last)
+    hidden = model.config.get_text_config().hidden_size
+    for width in (layout.prefill_chunk, 1):
+        inputs = torch.zeros(1, width, dtype=torch.int32) if first else torch.zeros(1, width, hidden)
+        example = (
+            inputs,
+            torch.zeros(1, width, dtype=torch.int32),
+            torch.zeros(1, 1, width, layout.context_length),
+            *[torch.zeros(1, layout.kv_heads, layout.context_length - width, layout.head_dim) for _ in past],
+        )
+        file = folder / part.graph(width)
+        with torch.no_grad(), running_only(model, part.first_layer, part.end_layer), converting():
+            torch.onnx.export(  # converting(): tracer warnings about transformers' cache internals
+                step,
+                example,
+                str(file),
+                input_names=["input_ids" if first else "hidden_states", "position_ids", "attention_mask", *past],
+                output_names=["logits" if last else "output_hidden_states", *new],
+                opset_version=OPSET,
+                dynamo=False,  # the TorchScript exporter keeps the static shapes as given
+            )
+        _annotate_shapes(file)
 
 
 def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
@@ -161,49 +246,6 @@ def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
         config.extra_options["BlockSize"] = quant.group_size
     quantize(prepared, dest, config)
-
-
-def _export_static(source: Source, context_length: int, folder: Path) -> OnnxNPU:
-    """Export the float prefill and decode graphs into `folder`, described there by their layout."""
-    model = source.load_reference(attn_implementation="eager")  # plain MatMul/Softmax: what QNN maps well
-    _fuse_rms_norms(model)
-    dims = source.family.dims(source.config)
-    past = [f"past_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
-    new = [f"new_{kind}_{i}" for i in range(dims.layers) for kind in ("key", "value")]
-    step = StaticStep(model)
-    for graph, width in (("prefill", QNN_PREFILL_CHUNK), ("decode", 1)):
-        example = (
-            torch.zeros(1, width, dtype=torch.int32),
-            torch.zeros(1, width, dtype=torch.int32),
-            torch.zeros(1, 1, width, context_length),
-            *[torch.zeros(1, dims.kv_heads, context_length - width, dims.head_dim) for _ in past],
-        )
-        with torch.no_grad(), converting():  # tracer warnings about transformers' cache internals
-            torch.onnx.export(
-                step,
-                example,
-                str(folder / f"{graph}.onnx"),
-                input_names=["input_ids", "position_ids", "attention_mask", *past],
-                output_names=["logits", *new],
-                opset_version=OPSET,
-                dynamo=False,  # the TorchScript exporter keeps the static shapes as given
-            )
-        _annotate_shapes(folder / f"{graph}.onnx")
-    layout = OnnxNPU(
-        prefill_chunk=QNN_PREFILL_CHUNK,
-        context_length=context_length,
-        layers=dims.layers,
-        kv_heads=dims.kv_heads,
-        head_dim=dims.head_dim,
-        vocab_size=dims.vocab,
-        mask_value=MASK_VALUE,
-        inputs=["input_ids", "position_ids", "attention_mask", "past_{key,value}_<layer>"],
-        outputs=["logits", "new_{key,value}_<layer>"],
-        cache="the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
-        "first context_length - W positions and returns W new ones to write after the n already filled",
-    )
-    layout.write(folder)
-    return layout
 
 
 def _annotate_shapes(model_file: Path) -> None:
@@ -245,39 +287,47 @@ def _fuse_rms_norms(model: torch.nn.Module) -> None:
 
 
 class StaticStep(torch.nn.Module):
-    """transformers' model over a given past: the cache is filled from the inputs, the new entries returned."""
+    """transformers' model over a given past: the cache of the part's layers (from `first_layer`) is filled from
+    the inputs, the new entries returned. The first part takes token ids, the others hidden states; the last one
+    returns logits, the others its hidden states."""
 
-    def __init__(self, model):
+    def __init__(self, model, first_layer: int = 0, last: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.first_layer, self.last = model, first_layer, last
 
-    def forward(self, input_ids, position_ids, attention_mask, *past):
+    def forward(self, inputs, position_ids, attention_mask, *past):
         cache = DynamicCache(config=self.model.config)
-        for layer in range(len(past) // 2):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.model(
-            input_ids=input_ids.long(),
+        layers = range(self.first_layer, self.first_layer + len(past) // 2)
+        for i, layer in enumerate(layers):
+            cache.update(past[2 * i], past[2 * i + 1], layer)
+        given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs.long()}
+        arguments = dict(
             position_ids=position_ids.long(),
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=True,
+            **given,
         )
-        width = input_ids.shape[1]
-        new = [t[:, :, -width:] for layer in cache.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *new)
+        out = self.model(**arguments).logits if self.last else self.model.base_model(**arguments).last_hidden_state
+        width = inputs.shape[1]
+        new = [t[:, :, -width:] for layer in layers for t in (cache.layers[layer].keys, cache.layers[layer].values)]
+        return (out, *new)
 
 
-def _calibration_feeds(float_dir: Path) -> dict[str, list[Path]]:
-    """The inputs each float graph sees while prefilling a real summary request and decoding from it, by graph.
-    The chat template matters: its first tokens carry the largest activations (attention sinks), and a range
-    calibrated without them would clip them."""
-    feeds = RecordedFeeds(float_dir / "calibration")
-    runner = StaticKVRunner(float_dir, on_call=feeds.record)
-    chunks = min(CALIBRATION_CHUNKS, (runner.context - CALIBRATION_DECODE_STEPS) // runner.prefill_chunk)
-    prompt = summary_prompt(runner.tokenizer, default_article(), chunks * runner.prefill_chunk)
-    for _ in runner.generate(prompt, CALIBRATION_DECODE_STEPS + 1):
-        pass
-    return feeds.files
+def _calibration_calls(tokenizer, layout: OnnxNPU) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+    """What the first part sees while a real summary request is prefilled and answered: prefill chunks of the
+    prompt, then decode steps on the article's first tokens (teacher-forced: the parts run one after another, so no
+    part can wait for the logits). The chat template matters: its first tokens carry the largest activations
+    (attention sinks), and a range calibrated without them would clip them. Returns each call's (real tokens,
+    graph width) and its input."""
+    width = layout.prefill_chunk
+    chunks = min(CALIBRATION_CHUNKS, (layout.context_length - CALIBRATION_DECODE_STEPS) // width)
+    prompt = summary_prompt(tokenizer, default_article(), chunks * width)
+    answer = tokenizer.encode(default_article(), add_special_tokens=False)[:CALIBRATION_DECODE_STEPS]
+    pieces = [prompt[i : i + width] for i in range(0, len(prompt), width)]
+    calls = [(len(piece), width) for piece in pieces] + [(1, 1)] * len(answer)
+    given = [np.array([piece + [0] * (width - len(piece))], np.int32) for piece in pieces]
+    return calls, given + [np.array([[token]], np.int32) for token in answer]
 
 
 class RecordedFeeds:

@@ -73,9 +73,29 @@ class OnnxCPU(Layout):
 
 
 @dataclass(frozen=True)
+class OnnxPart:
+    """One part of the NPU shape: decoder layers [first_layer, end_layer) as a `prefill` graph over the prefill
+    chunk and a `decode` graph over one token. The first part takes `input_ids` (it holds the embedding), the others
+    the previous part's `output_hidden_states` as `hidden_states`; the last returns `logits`. Each reads and
+    returns the KV cache of its own layers."""
+
+    prefill: str
+    decode: str
+    first_layer: int
+    end_layer: int
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.end_layer)
+
+    def graph(self, width: int) -> str:
+        return self.decode if width == 1 else self.prefill
+
+
+@dataclass(frozen=True)
 class OnnxNPU(Layout):
-    """`prefill.onnx` over `prefill_chunk` tokens and `decode.onnx` over one, both reading a fixed-length KV cache
-    the app keeps; QDQ-quantized for QNN."""
+    """`parts`, run in order, each a graph over `prefill_chunk` tokens and one over a single token, all reading a
+    fixed-length KV cache the app keeps; QDQ-quantized for QNN."""
 
     family, format, engine, marker, described, unit = "causal-lm", "onnx", "onnx", "npu.json", True, "npu"
     prefill_chunk: int
@@ -88,9 +108,18 @@ class OnnxNPU(Layout):
     inputs: list
     outputs: list
     cache: str
+    parts: list  # of OnnxPart, in the order they run
     weights: str | None = None  # set once quantized
     activations: str | None = None
     opset: int | None = None
+
+    def __post_init__(self):
+        parts = [p if isinstance(p, OnnxPart) else OnnxPart(**p) for p in self.parts]
+        for part in parts:  # names a runner joins to the folder: nothing that leads out of it
+            for file in (part.prefill, part.decode):
+                if Path(file).name != file or not file.endswith(".onnx"):
+                    raise TypeError(f"graph {file!r} is not a .onnx file in the folder")
+        object.__setattr__(self, "parts", parts)
 
     @property
     def for_qnn(self) -> bool:

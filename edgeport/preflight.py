@@ -35,6 +35,7 @@ class Rate:
     per_artifact_byte: float = 0.0
     per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
     per_part_param: float = 0.0  # bytes per parameter of the largest part a converter builds at a time
+    per_part_cache_byte: float = 0.0  # per byte of that part's share of the float32 KV cache
     per_cache_byte: float = 0.0  # per byte of a float32 KV cache over the target's context
     seconds: float = 0.0  # fixed
     seconds_per_gparam: float = 0.0  # per billion parameters
@@ -42,25 +43,25 @@ class Rate:
 
 
 # Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.63 GB; the ONNX builder 1.57 /
-# 10.5 GB; ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB; Core ML convert 2.43 / 16.5 GB
-# (the Neural Engine's two-function package 2.80 / 21.0 GB); Core ML parity off a Mac 1.69 / 11.7 GB.
+# 10.5 GB; ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML converts a chunk of at most
+# PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB for the Neural Engine's
+# two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the 262M-parameter
+# embedding the largest). The NPU shape builds a part at a time too.
 # Whisper's rates rest on tiny.en (39M) alone: its fixed parts are measured, its per-parameter parts are not yet.
 REFERENCE = Rate(0.69, per_block_param=4, seconds=4, seconds_per_gparam=20)
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "cpu"): Rate(0.48, per_param=8.1, seconds=6, seconds_per_gparam=48),
-    # The NPU shape calibrates on every intermediate tensor of calls over a static cache of the whole context:
-    # 10.3 GB for the 135M model at 4096 tokens (its float32 cache 0.19 GB); the 1.24B one passed 23 GB.
+    # The NPU shape calibrates a part at a time on every intermediate tensor of calls over a static cache of the
+    # whole context: 10.3 GB for the 135M model's 30 layers at 4096 tokens (their float32 cache 0.19 GB).
     ("causal-lm", "onnx", "npu"): Rate(
-        1.0, per_param=8, per_cache_byte=44, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
+        1.0, per_part_param=8, per_part_cache_byte=44, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
     ),
-    ("causal-lm", "coreml", "gpu"): Rate(
-        0.72, per_param=12.7, seconds=60, seconds_per_gparam=250, temporary_per_param=2
-    ),
-    # the Neural Engine's package: two functions (prefill, decode) converted, then merged
+    ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=7.6, seconds=20, seconds_per_gparam=125),
+    # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged
     ("causal-lm", "coreml", "npu"): Rate(
-        0.57, per_param=16.5, seconds=80, seconds_per_gparam=300, temporary_per_param=4
+        0.57, per_part_param=22, seconds=40, seconds_per_gparam=300, temporary_per_param=1
     ),
     ("whisper", "mlx"): Rate(0.25, per_param=6, seconds=2, seconds_per_gparam=60),
     ("whisper", "onnx"): Rate(0.8, per_param=12, seconds=12, seconds_per_gparam=300, temporary_per_param=4),
@@ -75,7 +76,9 @@ PARITY = {
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_param=8, seconds=5, seconds_per_gparam=60),
-    ("causal-lm", "coreml"): Rate(0.45, per_param=9.6, seconds=5, seconds_per_gparam=60),
+    ("causal-lm", "coreml"): Rate(
+        0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2
+    ),
     ("whisper", "mlx"): Rate(0.4, per_param=8, seconds=20, seconds_per_gparam=3000),
     ("whisper", "onnx"): Rate(0.45, per_param=4, seconds=3, seconds_per_gparam=300),
     ("whisper", "coreml"): Rate(0.5, per_param=8, seconds=25, seconds_per_gparam=300),
@@ -182,6 +185,7 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         + rate.per_artifact_byte * artifact
         + rate.per_block_param * model.block_params
         + rate.per_part_param * model.part_params
+        + rate.per_part_cache_byte * model.cache_bytes * model.part_params / model.params
         + rate.per_cache_byte * model.cache_bytes
         + extra
     )

@@ -3,6 +3,7 @@ passed in and out before), and, anywhere, the package read as data: its interfac
 the weights themselves decompressed, which is how parity checks a package where it cannot run."""
 
 import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -182,13 +183,15 @@ class CoreMLWhisperRunner(WhisperRunner):
 
 
 class PackageWeightsRunner(TorchRunner):
-    """The source's architecture in transformers with the Core ML packages' weights, decompressed: paged, a block
-    read back from its chunk's package when it runs; the source read whole where its checkpoint cannot page."""
+    """The source's architecture in transformers with the Core ML packages' weights, decompressed: paged, each
+    block read when it runs from the packages' weights decompressed once into a scratch folder; the source read
+    whole where its checkpoint cannot page."""
 
     def __init__(self, source, path: Path):
         layout = CoreMLModel.read(path)
         packages = [path / chunk.package for chunk in layout.chunks]
-        model = paged(source, lambda block: True, checkpoint=PackageWeights(source, path, layout))
+        self.scratch = tempfile.TemporaryDirectory(prefix="edgeport-coreml-weights-")  # removed with the runner
+        model = paged(source, lambda block: True, checkpoint=PackageWeights(source, layout, path, self.scratch.name))
         if model is None:
             model = source.load_reference()
             load_package_weights(model, packages)
@@ -201,13 +204,20 @@ class PackageWeightsRunner(TorchRunner):
 
 
 class PackageWeights:
-    """A chunked Core ML model's weights as the paged reference reads a checkpoint: each tensor from the package of
-    the chunk that holds its layer, decompressed; a vector the converter folded into another op (a norm scale)
-    from the source, rounded to fp16. One chunk's program is held at a time."""
+    """A chunked Core ML model's weights as the paged reference reads a checkpoint. Each package's weights are
+    decompressed once, one at a time, into fp16 .npy files in `scratch` (the precision Core ML computes them in),
+    then read from there by name as blocks run. A vector the converter folded into another op (a norm scale) comes
+    from the source, rounded to fp16; a missing matrix is an error."""
 
-    def __init__(self, source, path: Path, layout: CoreMLModel):
-        self.source, self.path, self.layout = Checkpoint(source.path), path, layout
-        self.loaded: tuple[str, dict] | None = None
+    def __init__(self, source, layout: CoreMLModel, path: Path, scratch: str):
+        self.source, self.layout, self.path = Checkpoint(source.path), layout, path
+        self.folders = {}
+        for chunk in layout.chunks:
+            folder = self.folders[chunk.package] = Path(scratch) / chunk.package
+            folder.mkdir()
+            for stem, op in weight_ops(path / chunk.package).items():
+                if stem.startswith("model_"):
+                    np.save(folder / f"{stem}.npy", decompressed(op).astype(np.float16))
 
     def __contains__(self, name: str) -> bool:
         return True  # every parameter under its own name: a tied output projection has its own copy in a package
@@ -215,9 +225,9 @@ class PackageWeights:
     def read(self, name: str):
         import torch
 
-        op = self._ops(self._chunk_of(name)).get("model_" + name.replace(".", "_"))
-        if op is not None:
-            return torch.from_numpy(decompressed(op))
+        file = self.folders[self._chunk_of(name).package] / f"model_{name.replace('.', '_')}.npy"
+        if file.is_file():
+            return torch.from_numpy(np.load(file).astype(np.float32))
         if name in self.source and len(self.source.spans[name][1].shape) == 1:
             return self.source.read(name).half().float()
         raise EdgeportError(f"{self.path}: the packages have no weight for {name}; convert again")
@@ -228,12 +238,6 @@ class PackageWeights:
         if layer:
             return next(c for c in chunks if c.first_layer <= int(layer.group(1)) < c.end_layer)
         return chunks[0] if "embed" in name else chunks[-1]
-
-    def _ops(self, chunk) -> dict:
-        if self.loaded is None or self.loaded[0] != chunk.package:
-            self.loaded = None  # the previous chunk's program goes first
-            self.loaded = (chunk.package, weight_ops(self.path / chunk.package))
-        return self.loaded[1]
 
 
 class PackageWeightsWhisper(TorchWhisper):

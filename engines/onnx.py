@@ -17,7 +17,7 @@ from edgeport.engines import missing
 from edgeport.engines.loop import Token, TokenClock, hf_tokenizer, mask_new_at_end
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
-from edgeport.layouts import Layout, OnnxCPU, OnnxNPU, OnnxWhisper
+from edgeport.layouts import Layout, OnnxCPU, OnnxNPU, OnnxPart, OnnxWhisper
 
 CPU, QNN = "CPUExecutionProvider", "QNNExecutionProvider"
 QNN_ABSENT = "QNN execution provider not available"
@@ -120,36 +120,98 @@ class ONNXRunner:
                 break
 
 
+class PartRunner:
+    """One part of the ONNX NPU shape over its own layers' slice of the static KV cache: its graphs are opened when
+    first called (`graphs` limits which), so a caller can hold one part's weights at a time."""
+
+    def __init__(self, path: Path, layout: OnnxNPU, part: OnnxPart, chosen: list, on_call: CallHook | None = None):
+        self.path, self.layout, self.part, self.chosen, self.on_call = path, layout, part, chosen, on_call
+        self.input = "input_ids" if part.first_layer == 0 else "hidden_states"
+        self.sessions: dict[int, object] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        layout = self.layout
+        shape = (len(self.part.layers), 2, 1, layout.kv_heads, layout.context_length, layout.head_dim)
+        self.cache = np.zeros(shape, np.float32)
+
+    def feeds(self, given: np.ndarray, filled: int, width: int) -> dict[str, np.ndarray]:
+        """The inputs of the graph of `width` for `given` (token ids or hidden states, padded to it) after the
+        cache's `filled` positions."""
+        context = self.layout.context_length
+        if filled + width > context:
+            raise EdgeportError(f"the static KV cache holds {context} tokens; this call needs {filled + width}")
+        past = context - width
+        feeds = {
+            self.input: given,
+            "position_ids": np.arange(filled, filled + width, dtype=np.int32)[None],
+            "attention_mask": mask_new_at_end(filled, width, context, self.layout.mask_value),
+        }
+        for i, layer in enumerate(self.part.layers):
+            feeds[f"past_key_{layer}"] = self.cache[i, 0, ..., :past, :]
+            feeds[f"past_value_{layer}"] = self.cache[i, 1, ..., :past, :]
+        return feeds
+
+    def call(self, given: np.ndarray, filled: int, width: int, real: int) -> np.ndarray:
+        """Run the graph of `width`; write the keys and values of its `real` tokens into the cache. Returns its
+        output: the hidden states the next part takes, or the logits."""
+        feeds = self.feeds(given, filled, width)
+        if self.on_call:
+            graph = "decode" if width == 1 else "prefill"
+            self.on_call(graph, lambda: {k: v.copy() for k, v in feeds.items()})
+        out, *new = self.session(width).run(None, feeds)
+        for i in range(len(self.part.layers)):
+            self.cache[i, 0, ..., filled : filled + real, :] = new[2 * i][..., :real, :]
+            self.cache[i, 1, ..., filled : filled + real, :] = new[2 * i + 1][..., :real, :]
+        return out
+
+    def session(self, width: int):
+        import onnxruntime as ort
+
+        if width not in self.sessions:
+            file = str(self.path / self.part.graph(width))
+            self.sessions[width] = ort.InferenceSession(file, providers=self.chosen)
+        return self.sessions[width]
+
+
+def part_calls(runner: PartRunner, calls: list[tuple[int, int]], given: list[np.ndarray]) -> list[np.ndarray]:
+    """One part over a sequence of calls from an empty cache, each (real tokens, graph width) on its input in
+    `given` (token ids, or the previous part's outputs); returns the part's outputs, in order."""
+    outputs, filled = [], 0
+    runner.reset()
+    for (real, width), x in zip(calls, given, strict=True):
+        outputs.append(runner.call(x, filled, width, real))
+        filled += real
+    return outputs
+
+
 class StaticKVRunner:
-    """The ONNX NPU shape: `prefill.onnx` over a fixed chunk and `decode.onnx` over one token, both reading the
-    fixed-length KV cache this loop keeps, as an app on the device does. With `npu`, onnxruntime's QNN EP (HTP
-    backend) runs it where onnxruntime-qnn provides one; the CPU EP otherwise, and always here."""
+    """The ONNX NPU shape: its parts in order, each a graph over a fixed prefill chunk and one over a single token,
+    all reading the fixed-length KV cache this loop keeps, as an app on the device does. With `npu`, onnxruntime's
+    QNN EP (HTP backend) runs it where onnxruntime-qnn provides one; the CPU EP otherwise, and always here.
+    `logits` runs a part at a time over the whole sequence, so it holds one part's weights at a time."""
 
     def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None):
         import onnxruntime as ort
 
-        layout = OnnxNPU.read(path)
+        self.path, self.layout = path, OnnxNPU.read(path)
+        layout = self.layout
         self.prefill_chunk, self.context = layout.prefill_chunk, layout.context_length
-        self.layers, self.mask_value = layout.layers, layout.mask_value
-        self.cache_shape = (layout.layers, 2, 1, layout.kv_heads, layout.context_length, layout.head_dim)
-        chosen = providers(npu)
-        self.sessions = {
-            self.prefill_chunk: ort.InferenceSession(str(path / "prefill.onnx"), providers=chosen),
-            1: ort.InferenceSession(str(path / "decode.onnx"), providers=chosen),
-        }
-        self.providers = self.sessions[1].get_providers()  # what onnxruntime actually took
+        self.chosen = providers(npu)
+        self.providers = [p if isinstance(p, str) else p[0] for p in self.chosen]
+        self.parts = [PartRunner(path, layout, part, self.chosen, on_call) for part in layout.parts]
         self.tokenizer = hf_tokenizer(path)
-        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]}), static KV cache"
-        self.on_call = on_call
+        self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]}), static KV cache, {len(self.parts)} parts"
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        self.reset()
-        return np.concatenate(
-            [
-                self._call(ids[i : i + self.prefill_chunk], self.prefill_chunk)
-                for i in range(0, len(ids), self.prefill_chunk)
-            ]
-        )
+        width = self.prefill_chunk
+        chunks = [ids[i : i + width] for i in range(0, len(ids), width)]
+        calls = [(len(chunk), width) for chunk in chunks]
+        given = [np.array([chunk + [0] * (width - len(chunk))], np.int32) for chunk in chunks]
+        for part in self.parts:
+            given = part_calls(part, calls, given)
+            part.sessions.clear()  # its weights go before the next part's come
+        return np.concatenate([out[0, :real] for (real, _), out in zip(calls, given, strict=True)])
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
         self.reset()
@@ -164,37 +226,17 @@ class StaticKVRunner:
                 break
             logits = self._call([token], 1)
 
-    def feeds(self, tokens: list[int], width: int) -> dict[str, np.ndarray]:
-        """The inputs of the graph of `width` for `tokens` (padded to it) after the cache's filled positions."""
-        n = self.filled
-        if n + width > self.context:
-            raise EdgeportError(f"the static KV cache holds {self.context} tokens; this call needs {n + width}")
-        past = self.context - width
-        feeds = {
-            "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
-            "position_ids": np.arange(n, n + width, dtype=np.int32)[None],
-            "attention_mask": mask_new_at_end(n, width, self.context, self.mask_value),
-        }
-        for layer in range(self.layers):
-            feeds[f"past_key_{layer}"] = self.cache[layer, 0, ..., :past, :]
-            feeds[f"past_value_{layer}"] = self.cache[layer, 1, ..., :past, :]
-        return feeds
-
     def _call(self, tokens: list[int], width: int) -> np.ndarray:
-        """Run the graph of `width` on `tokens`; write their keys and values into the cache."""
-        feeds = self.feeds(tokens, width)
-        if self.on_call:
-            self.on_call("decode" if width == 1 else "prefill", lambda: {k: v.copy() for k, v in feeds.items()})
-        logits, *new = self.sessions[width].run(None, feeds)
-        n, real = self.filled, len(tokens)
-        for layer in range(self.layers):
-            self.cache[layer, 0, ..., n : n + real, :] = new[2 * layer][..., :real, :]
-            self.cache[layer, 1, ..., n : n + real, :] = new[2 * layer + 1][..., :real, :]
-        self.filled += real
-        return logits[0, :real]
+        """Run every part's graph of `width` on `tokens`; their keys and values go into the parts' caches."""
+        out = np.array([tokens + [0] * (width - len(tokens))], np.int32)
+        for part in self.parts:
+            out = part.call(out, self.filled, width, len(tokens))
+        self.filled += len(tokens)
+        return out[0, : len(tokens)]
 
     def reset(self) -> None:
-        self.cache = np.zeros(self.cache_shape, np.float32)
+        for part in self.parts:
+            part.reset()
         self.filled = 0
 
 

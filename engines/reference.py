@@ -6,7 +6,9 @@ projection) read from the safetensors files in float32 when the block runs and l
 holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
 on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
 
+import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,48 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[
         else:
             _read(block, name, keys, checkpoint)
     return model.eval()
+
+
+def part_of(source, first: int, end: int, **options):
+    """The source's model with only decoder layers [first, end) read (in float32), with the embedding where the
+    part starts the decoder and the final norm and output projection where it ends it; the rest stays on the meta
+    device. `options` go to `from_config`. None where the checkpoint cannot be read a block at a time."""
+    layers = source.family.dims(source.config).layers
+
+    def in_part(block: str) -> bool:
+        layer = re.search(r"\.layers\.(\d+)$", block)
+        if layer:
+            return first <= int(layer.group(1)) < end
+        return first == 0 if "embed" in block else end == layers
+
+    return paged(source, lambda block: False, only=in_part, **options)
+
+
+@contextmanager
+def running_only(model, first: int, end: int):
+    """`model` (a transformers causal LM) running only decoder layers [first, end), and its final norm only where
+    they end the decoder: one part of a model that a converter builds part by part. Its weights keep their names."""
+    import torch
+
+    class Window(torch.nn.ModuleList):
+        """All the layers, registered under their own indices, of which the forward runs [first, end)."""
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):  # transformers runs `self.layers[: num_hidden_layers]`
+                return list(self._modules.values())[first:end]
+            return super().__getitem__(index)
+
+    decoder = model.base_model
+    layers, norm = decoder.layers, decoder.norm
+    window = Window()
+    window._modules.update(layers._modules)
+    decoder.layers = window
+    if end < len(layers):
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield model
+    finally:
+        decoder.layers, decoder.norm = layers, norm
 
 
 def _checkpoint_keys(model, checkpoint) -> dict[str, str] | None:

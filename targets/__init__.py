@@ -57,6 +57,7 @@ class Target:
     aihub_device: str | None = None  # the Qualcomm AI Hub device that stands for this target
     coreml_deployment: str | None = None  # the oldest OS an app ships to, e.g. iOS18: what Core ML may use
     coreml_chunk_gb: float | None = None  # the most weights one .mlpackage may hold there (the Neural Engine's limit)
+    qnn_part_gb: float | None = None  # the most weights one part of the NPU shape may hold (one QNN context binary)
 
     @property
     def usable_ram_gb(self) -> float:
@@ -170,6 +171,7 @@ def parse(data: dict, source: str) -> Target:
         aihub_device=_optional_string(data, "aihub_device", source),
         coreml_deployment=_optional_string(data, "coreml_deployment", source),
         coreml_chunk_gb=_optional_positive(data, "coreml_chunk_gb", source),
+        qnn_part_gb=_optional_positive(data, "qnn_part_gb", source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),

@@ -83,10 +83,9 @@ def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (
         hub.calls.append(("inference", model.onnx_file, device.name))
         job = FakeJob(hub, "inference", model.onnx_file)
         session = ort.InferenceSession(model.onnx_file)
-        count = len(inputs["input_ids"])
-        job.outputs = {
-            "logits": [session.run(["logits"], {k: v[i] for k, v in inputs.items()})[0] for i in range(count)]
-        }
+        count = len(next(iter(inputs.values())))
+        output = session.get_outputs()[0].name  # logits, or the hidden states the next part takes
+        job.outputs = {output: [session.run([output], {k: v[i] for k, v in inputs.items()})[0] for i in range(count)]}
         return job
 
     hub.get_devices = get_devices
@@ -97,38 +96,49 @@ def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (
     return hub
 
 
-def convert(model, out, *extra):
-    return run_cli("convert", str(model), "-t", "snapdragon-8-gen-3", "--out", str(out), "--aihub", "--json", *extra)
+def convert(model, out, *extra, target="snapdragon-8-gen-3"):
+    return run_cli("convert", str(model), "-t", target, "--out", str(out), "--aihub", "--json", *extra)
 
 
-def test_compiles_profiles_and_runs_each_graph_on_the_targets_device(tiny_llama, tmp_path, monkeypatch):
+def two_part_target(tmp_path):
+    """The Galaxy S24's profile with a part bound so small that each layer of a tiny model is a part of its own."""
+    from edgeport.targets import _profiles
+
+    text = (_profiles() / "snapdragon-8-gen-3.toml").read_text().replace("qnn_part_gb = 1.0", "qnn_part_gb = 1e-7")
+    file = tmp_path / "two-parts.toml"
+    file.write_text(text.replace('name = "snapdragon-8-gen-3"', 'name = "two-parts"'))
+    return str(file)
+
+
+def test_compiles_profiles_and_runs_each_graph_of_each_part_on_the_targets_device(tiny_llama, tmp_path, monkeypatch):
     hub = fake_hub()
     monkeypatch.setattr(aihub, "hub", hub)
-    code, stdout, err = convert(tiny_llama, tmp_path / "o")
+    code, stdout, err = convert(tiny_llama, tmp_path / "o", target=two_part_target(tmp_path))
     assert code == 0, err
     (artifact,) = json.loads(stdout)["artifacts"]
     result = artifact["details"]["aihub"]
     assert result["status"] == "passed" and result["device"] == "Samsung Galaxy S24 (Family)"
     kinds = [c[0] for c in hub.calls]
-    assert kinds == ["get_devices", "compile", "profile", "compile", "profile", "inference"]
+    assert kinds == ["get_devices", *["compile", "profile"] * 4, "inference", "inference"]
     compiles = [c for c in hub.calls if c[0] == "compile"]
-    assert [c[1].rsplit("/", 1)[1] for c in compiles] == ["prefill.onnx", "decode.onnx"]
+    graphs = ["prefill-01-of-02", "decode-01-of-02", "prefill-02-of-02", "decode-02-of-02"]
+    assert [c[1].rsplit("/", 1)[1] for c in compiles] == [f"{g}.onnx" for g in graphs]
     assert all(c[3] == "--target_runtime qnn_context_binary" for c in compiles)
+    inferences = [c[1].rsplit("/", 1)[1] for c in hub.calls if c[0] == "inference"]
+    assert inferences == ["prefill-01-of-02.onnx", "prefill-02-of-02.onnx"]  # the second on the first's output
     assert set(result["jobs"]) == {
-        "compile_prefill",
-        "profile_prefill",
-        "compile_decode",
-        "profile_decode",
-        "inference_prefill",
+        *(f"{kind}_{graph}" for graph in graphs for kind in ("compile", "profile")),
+        "inference_prefill-01-of-02",
+        "inference_prefill-02-of-02",
     }
-    assert result["profile"]["decode"] == {
+    assert result["profile"]["decode-02-of-02"] == {
         "latency_ms": 12.345,
         "peak_memory_mb": [10.0, 20.0],
         "layers_per_compute_unit": {"NPU": 2, "CPU": 1},
     }
     assert result["inference"]["top1_agreement"] > 0.9 and result["inference"]["tokens"] > 10
     files = {f["path"] for f in artifact["files"]}
-    assert {"onnx/aihub/prefill.bin", "onnx/aihub/decode.bin"} <= files  # downloaded and hashed
+    assert {f"onnx/aihub/{graph}.bin" for graph in graphs} <= files  # downloaded and hashed
 
 
 def test_without_a_configured_client_the_local_artifacts_are_still_built(tiny_llama, tmp_path, monkeypatch):
@@ -139,7 +149,7 @@ def test_without_a_configured_client_the_local_artifacts_are_still_built(tiny_ll
     (artifact,) = json.loads(stdout)["artifacts"]
     assert artifact["details"]["aihub"]["status"] == "not run"
     assert SECRET not in (tmp_path / "o" / "manifest.json").read_text()
-    assert (tmp_path / "o" / "onnx" / "prefill.onnx").exists()
+    assert (tmp_path / "o" / "onnx" / "prefill-01-of-01.onnx").exists()
 
 
 def test_the_real_client_without_configuration_is_reported_not_raised(tiny_llama, tmp_path, monkeypatch):
@@ -153,7 +163,7 @@ def test_a_failed_job_is_recorded_and_the_build_kept(tiny_llama, tmp_path, monke
     assert code == 0, err
     result = json.loads(stdout)["artifacts"][0]["details"]["aihub"]
     assert result["status"] == "failed" and "op not supported" in result["reason"]
-    assert "compile_prefill" in result["jobs"]
+    assert "compile_prefill-01-of-01" in result["jobs"]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from edgeport.convert import coreml
 from edgeport.engines.coreml import NEEDS_MACOS as COREML_NEEDS_MACOS
 from edgeport.engines.coreml import CoreMLRunner, read_weights
+from edgeport.engines.reference import running_only
 from edgeport.families.causal_lm import LMDims
 
 pytestmark = pytest.mark.skipif(sys.platform == "darwin", reason="checks what Linux reports in place of prediction")
@@ -279,7 +280,7 @@ def test_chunks_chained_compute_what_the_source_does(stateless, tiny_qwen2):
             mask[0, 0, row, : position + row + 1] = 0
         out = ids[:, position : position + width].int()
         for chunk, wrapper, cache in zip(chunks, wrappers, caches, strict=True):
-            with torch.no_grad(), coreml._running_only(model, chunk, 2):
+            with torch.no_grad(), running_only(model, chunk.first_layer, chunk.end_layer):
                 out = wrapper(out, mask, torch.tensor([position]), *cache)
             if stateless:
                 out, *cache[:] = out

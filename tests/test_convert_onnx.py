@@ -3,6 +3,7 @@ exported from transformers and QDQ-quantized for QNN, both run on onnxruntime's 
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ import torch
 from conftest import convert, run_cli
 from transformers import AutoModelForCausalLM
 
-from edgeport import manifest
+from edgeport import manifest, quantization, targets
 from edgeport.convert import copy_app_files
 from edgeport.convert import onnx as onnx_convert
 from edgeport.engines.onnx import QNN_ABSENT, ONNXRunner, StaticKVRunner
@@ -33,9 +34,17 @@ def npu_output(request, tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_static(tiny_llama, tmp_path_factory):
-    """The float prefill and decode graphs before quantization, at a short context."""
+    """The float prefill and decode graphs before quantization, at a short context, in two parts (a part bound so
+    small that each layer is one)."""
     folder = tmp_path_factory.mktemp("static")
-    onnx_convert._export_static(open_source(str(tiny_llama)), 256, folder)
+    source = open_source(str(tiny_llama))
+    target = replace(targets.load("snapdragon-8-elite"), context_length=256, qnn_part_gb=1e-7)
+    layout = onnx_convert.npu_layout(source, quantization.get("w4a16", "onnx"), target)
+    assert [(p.first_layer, p.end_layer) for p in layout.parts] == [(0, 1), (1, 2)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager")
+    for part in layout.parts:
+        onnx_convert.export_part(model, part, layout, folder)
+    layout.write(folder)
     copy_app_files(tiny_llama, folder)
     return folder
 
@@ -77,13 +86,20 @@ def test_cpu_runner_generates_what_the_logits_predict(cpu_output, tiny_llama):
     assert [t.id for t in tokens] == ids[len(prompt) :]
 
 
-def test_static_graphs_have_fixed_shapes_and_match_transformers(float_static, tiny_llama):
-    for graph, width in (("prefill", 128), ("decode", 1)):
-        model = onnx.load(float_static / f"{graph}.onnx")
-        for tensor in [*model.graph.input, *model.graph.output]:
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.type.tensor_type.shape.dim]
-            assert all(isinstance(d, int) and d > 0 for d in dims), (graph, tensor.name, dims)
-        assert [d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim] == [1, 1, width, 256]
+def test_static_graphs_have_fixed_shapes_chain_their_parts_and_match_transformers(float_static, tiny_llama):
+    for part in ("01", "02"):
+        for graph, width in ((f"prefill-{part}-of-02", 128), (f"decode-{part}-of-02", 1)):
+            model = onnx.load(float_static / f"{graph}.onnx")
+            for tensor in [*model.graph.input, *model.graph.output]:
+                shape = tensor.type.tensor_type.shape.dim
+                dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape]
+                assert all(isinstance(d, int) and d > 0 for d in dims), (graph, tensor.name, dims)
+            assert [d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim] == [1, 1, width, 256]
+            names = [t.name for t in [*model.graph.input, *model.graph.output]]
+            layer = int(part) - 1  # each part reads and returns its own layer's cache
+            assert names[0] == ("input_ids" if part == "01" else "hidden_states")
+            assert names[3:5] == [f"past_key_{layer}", f"past_value_{layer}"]
+            assert names[5] == ("output_hidden_states" if part == "01" else "logits")
     runner = StaticKVRunner(float_static)
     ids = runner.tokenizer.encode("It was the best of times, it was the worst of times. " * 20)[:200]
     expected = reference_logits(tiny_llama, ids)
@@ -99,6 +115,23 @@ def test_static_decode_loop_is_greedy_generation(float_static, tiny_llama):
     assert "".join(ours) == runner.tokenizer.decode(theirs[0, len(prompt) :])
 
 
+def test_the_windows_on_snapdragon_example_runs_the_parts_as_edgeport_does(float_static):
+    import subprocess
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "windows-on-snapdragon" / "generate.py"
+    request = "It was the age of wisdom"
+    done = subprocess.run(
+        [sys.executable, str(example), str(float_static), request], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "running on CPUExecutionProvider" in done.stderr  # no NPU here
+    runner = StaticKVRunner(float_static)
+    prompt = runner.tokenizer.encode(request)  # the example encodes with tokenizers, special tokens included
+    tokens = [t for t in runner.generate(prompt, 40) if t.id != runner.tokenizer.eos_token_id]
+    assert tokens and done.stdout.startswith("".join(t.text for t in tokens))
+
+
 def test_static_cache_refuses_to_overflow(float_static):
     runner = StaticKVRunner(float_static)
     with pytest.raises(Exception, match="static KV cache holds 256 tokens"):
@@ -111,7 +144,7 @@ def test_npu_shape_is_qdq_at_the_planned_precision(npu_output):
     quant = artifact["quantization"]
     details = artifact["details"]
     assert details["shape"] == "npu" and details["context_length"] == 4096 and details["opset"] >= 21
-    for graph in ("prefill", "decode"):
+    for graph in ("prefill-01-of-01", "decode-01-of-01"):  # a tiny model is one part
         model = onnx.load(out / "onnx" / f"{graph}.onnx")
         initializers = {i.name: i for i in model.graph.initializer}
         ops = [n.op_type for n in model.graph.node]

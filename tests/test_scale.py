@@ -182,36 +182,50 @@ def test_dry_run_prints_the_plan_of_work_and_writes_nothing(tiny_llama, tmp_path
     assert all(e["peak_bytes"] > 0 for e in work["estimates"]) and work["left_out"] == {}
 
 
-def room_for_all_but_coreml(model, tmp_path) -> str:
-    """A --max-memory (GB) between what the reference and the MLX conversion need and what Core ML's needs."""
-    code, stdout, err = run_cli("convert", str(model), "-t", "m2-air", "-o", str(tmp_path / "x"), "--dry-run", "--json")
+def two_format_target(tmp_path) -> str:
+    """A device of the user's own: the Snapdragon 8 Elite's profile that runs MLX too. Its NPU shape's conversion
+    needs the most memory of any step, even for a tiny model."""
+    from edgeport.targets import _profiles
+
+    text = (_profiles() / "snapdragon-8-elite.toml").read_text().replace('name = "snapdragon-8-elite"', 'name = "both"')
+    npu = '  { name = "onnx", quantization = "w4a16", unit = "npu" },\n'
+    file = tmp_path / "both.toml"
+    file.write_text(text.replace(npu, npu + '  { name = "mlx", quantization = "q4", unit = "gpu" },\n', 1))
+    return str(file)
+
+
+def room_for_all_but_onnx(model, target, tmp_path) -> str:
+    """A --max-memory (GB) between what the reference and the MLX conversion need and what the NPU shape's needs."""
+    code, stdout, err = run_cli("convert", str(model), "-t", target, "-o", str(tmp_path / "x"), "--dry-run", "--json")
     assert code == 0, err
     peaks = {e["step"]: e["peak_bytes"] for e in json.loads(stdout)["work"]["estimates"]}
     others = max(peaks["parity reference"], peaks["convert mlx q4"])
-    assert peaks["convert coreml int4-block32"] > others
-    return f"{(others + peaks['convert coreml int4-block32']) / 2e9:.4f}"
+    assert peaks["convert onnx w4a16"] > others
+    return f"{(others + peaks['convert onnx w4a16']) / 2e9:.4f}"
 
 
 def test_a_format_asked_for_that_does_not_fit_here_is_refused_before_any_work(tiny_llama, tmp_path):
-    out, limit = tmp_path / "o", room_for_all_but_coreml(tiny_llama, tmp_path)
+    target = two_format_target(tmp_path)
+    out, limit = tmp_path / "o", room_for_all_but_onnx(tiny_llama, target, tmp_path)
     code, _, err = run_cli(
-        "convert", str(tiny_llama), "-t", "m2-air", "-f", "mlx,coreml", "-o", str(out), "--max-memory", limit
+        "convert", str(tiny_llama), "-t", target, "-f", "mlx,onnx", "-o", str(out), "--max-memory", limit
     )
-    assert code == 3 and "coreml: needs about" in err and "GB are available" in err
+    assert code == 3 and "onnx: needs about" in err and "GB are available" in err
     assert "mlx fits (-f mlx)" in err and "Traceback" not in err
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "both.toml"]
 
 
 def test_a_format_not_asked_for_that_does_not_fit_is_left_out(tiny_llama, tmp_path):
-    limit = room_for_all_but_coreml(tiny_llama, tmp_path)
+    target = two_format_target(tmp_path)
+    limit = room_for_all_but_onnx(tiny_llama, target, tmp_path)
     code, stdout, err = run_cli(
-        "convert", str(tiny_llama), "-t", "m2-air", "-o", str(tmp_path / "o"), "--max-memory", limit, "--json"
+        "convert", str(tiny_llama), "-t", target, "-o", str(tmp_path / "o"), "--max-memory", limit, "--json"
     )
     assert code == 0, err
     result = json.loads(stdout)
     assert [a["format"] for a in result["artifacts"]] == ["mlx"]
     (left_out,) = result["not_built"]
-    assert left_out["format"] == "coreml" and "of memory here" in left_out["reason"]
+    assert left_out["format"] == "onnx" and "of memory here" in left_out["reason"]
     predicted = {e["step"]: e["peak_bytes"] for e in result["preflight"]}
     assert {s["step"] for s in result["steps"]} <= set(predicted)
 

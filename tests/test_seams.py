@@ -30,6 +30,7 @@ NPU = layouts.OnnxNPU(
     inputs=["input_ids"],
     outputs=["logits"],
     cache="…",
+    parts=[layouts.OnnxPart("prefill-01-of-01.onnx", "decode-01-of-01.onnx", 0, 2)],
 )
 
 
@@ -77,6 +78,7 @@ def test_a_layout_written_is_read_back_and_names_its_engine(tmp_path):
     (tmp_path / "genai_config.json").write_text("{}")  # both markers: the NPU layout is the more specific
     found = layouts.read("causal-lm", "onnx", tmp_path)
     assert found == NPU and found.shape == "npu" and found.for_qnn
+    assert found.parts == [layouts.OnnxPart("prefill-01-of-01.onnx", "decode-01-of-01.onnx", 0, 2)]  # typed again
     assert engine_of(found).__name__ == "edgeport.engines.onnx"
     (tmp_path / "npu.json").unlink()
     assert layouts.read("causal-lm", "onnx", tmp_path) == layouts.OnnxCPU()

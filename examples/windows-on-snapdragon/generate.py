@@ -3,8 +3,10 @@
     pip install onnxruntime-qnn tokenizers numpy
     python generate.py out/my-model-snapdragon-x-elite/onnx "Summarize: ..."
 
-The graphs are static: prefill.onnx takes a fixed chunk of tokens, decode.onnx one token, and both read the KV
-cache this script keeps (npu.json describes them). Greedy decoding, for brevity.
+The model comes in parts of consecutive layers, run in order (npu.json lists them): each has a static prefill graph
+over a fixed chunk of tokens and a decode graph over one token, both reading the KV cache of its own layers that
+this script keeps. The first part takes input_ids, each other one the previous part's output_hidden_states as
+hidden_states; the last returns logits. Greedy decoding, for brevity.
 """
 
 import json
@@ -19,11 +21,15 @@ folder, request = Path(sys.argv[1]), sys.argv[2]
 npu = json.loads((folder / "npu.json").read_text())
 chunk, context, layers, mask_value = npu["prefill_chunk"], npu["context_length"], npu["layers"], npu["mask_value"]
 providers = [("QNNExecutionProvider", {"backend_path": "QnnHtp.dll"}), "CPUExecutionProvider"]
-sessions = {
-    w: ort.InferenceSession(str(folder / f"{g}.onnx"), providers=providers)
-    for w, g in ((chunk, "prefill"), (1, "decode"))
-}
-print("running on", sessions[1].get_providers()[0], file=sys.stderr)  # CPUExecutionProvider means no NPU was found
+parts = [
+    {
+        chunk: ort.InferenceSession(str(folder / part["prefill"]), providers=providers),
+        1: ort.InferenceSession(str(folder / part["decode"]), providers=providers),
+        "layers": range(part["first_layer"], part["end_layer"]),
+    }
+    for part in npu["parts"]
+]
+print("running on", parts[0][1].get_providers()[0], file=sys.stderr)  # CPUExecutionProvider: no NPU was found
 
 tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
 eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
@@ -32,25 +38,25 @@ filled = 0
 
 
 def step(tokens: list[int], width: int) -> np.ndarray:
-    """One call of the graph of `width`: returns the logits of `tokens` and writes their keys and values."""
+    """One call of every part's graph of `width`: returns the logits of `tokens` and writes their keys and values."""
     global filled
     past = context - width
     mask = np.full((1, 1, width, context), mask_value, np.float32)
     mask[..., :filled] = 0
     mask[0, 0][:, past:] = np.where(np.tri(width, dtype=bool), 0, mask_value)
-    feeds = {
-        "input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32),
-        "position_ids": np.arange(filled, filled + width, dtype=np.int32)[None],
-        "attention_mask": mask,
-    }
-    for i in range(layers):
-        feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[i, 0, ..., :past, :], cache[i, 1, ..., :past, :]
-    logits, *new = sessions[width].run(None, feeds)
-    for i in range(layers):
-        cache[i, 0, ..., filled : filled + len(tokens), :] = new[2 * i][..., : len(tokens), :]
-        cache[i, 1, ..., filled : filled + len(tokens), :] = new[2 * i + 1][..., : len(tokens), :]
+    given = {"input_ids": np.array([tokens + [0] * (width - len(tokens))], np.int32)}
+    positions = np.arange(filled, filled + width, dtype=np.int32)[None]
+    for part in parts:
+        feeds = {**given, "position_ids": positions, "attention_mask": mask}
+        for i in part["layers"]:
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[i, 0, ..., :past, :], cache[i, 1, ..., :past, :]
+        out, *new = part[width].run(None, feeds)
+        for n, i in enumerate(part["layers"]):
+            cache[i, 0, ..., filled : filled + len(tokens), :] = new[2 * n][..., : len(tokens), :]
+            cache[i, 1, ..., filled : filled + len(tokens), :] = new[2 * n + 1][..., : len(tokens), :]
+        given = {"hidden_states": out}
     filled += len(tokens)
-    return logits[0, len(tokens) - 1]
+    return out[0, len(tokens) - 1]
 
 
 prompt = tokenizer.encode(request).ids  # apply the model's chat template (chat_template.jinja) for chat models
