@@ -267,7 +267,8 @@ def bench_coreml(gguf: Path, scratch: Path) -> dict:
         command = [str(BIN / "edgeport"), "convert", str(gguf), "-t", "m2-air", "-f", "coreml", "--quant", quant]
         wall, rss = measure([*command, "--out", str(out), "--allow-parity-fail"])
         (artifact,) = json.loads((out / "manifest.json").read_text())["artifacts"]
-        package = sum(f["bytes"] for f in artifact["files"] if f["path"].startswith("coreml/") and ".mlpackage/" in f["path"])
+        files = artifact["files"]
+        package = sum(f["bytes"] for f in files if f["path"].startswith("coreml/") and ".mlpackage/" in f["path"])
         metrics = artifact["parity"]["metrics"]
         rows[quant] = {
             "wall_s": wall,

@@ -76,9 +76,7 @@ PARITY = {
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_param=8, seconds=5, seconds_per_gparam=60),
-    ("causal-lm", "coreml"): Rate(
-        0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2
-    ),
+    ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
     ("whisper", "mlx"): Rate(0.4, per_param=8, seconds=20, seconds_per_gparam=3000),
     ("whisper", "onnx"): Rate(0.45, per_param=4, seconds=3, seconds_per_gparam=300),
     ("whisper", "coreml"): Rate(0.5, per_param=8, seconds=25, seconds_per_gparam=300),
