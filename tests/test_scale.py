@@ -14,6 +14,7 @@ from conftest import convert, make_model, make_whisper, run_cli
 from edgeport import isolated, manifest
 from edgeport.engines.reference import TorchRunner, TorchWhisper, paged
 from edgeport.errors import MISSED, EdgeportError
+from edgeport.families import FAMILIES
 from edgeport.families.causal_lm import Reference
 from edgeport.source import open_source
 
@@ -271,3 +272,40 @@ def test_the_estimates_follow_the_models_shape(tmp_path):
         make_model(tmp_path / "moe", "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     )
     assert not moe.pageable and moe_peak > preflight.REFERENCE_WHOLE.base_gb * 1e9 + 4 * moe.params - 1
+
+
+def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
+    """Both convert a part of at most PART_PARAMS at a time: for an 8B model their estimates follow the largest
+    part, not the model."""
+    from edgeport import preflight
+    from edgeport.families.causal_lm import PART_PARAMS
+
+    config = dict(  # meta-llama/Llama-3.1-8B's config.json
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        intermediate_size=14336,
+    )
+    family = FAMILIES["causal-lm"]
+    footprint = family.footprint(config, 4096)
+    spans = family.parts(config, PART_PARAMS)
+    # the last part: a layer, the output projection and the final norm
+    assert footprint.part_params == max(s.params for s in spans) == 218_112_000 + 128256 * 4096 + 4096
+    model = preflight.Model(
+        family="causal-lm",
+        params=8_030_261_248,
+        source_bytes=16_060_522_496,
+        block_params=525_336_576,
+        vocab=128256,
+        pageable=True,
+        cache_bytes=footprint.cache_bytes,
+        part_params=footprint.part_params,
+    )
+    gpu = preflight._cost("convert", preflight.CONVERT["causal-lm", "coreml", "gpu"], model, 0)
+    npu = preflight._cost("convert", preflight.CONVERT["causal-lm", "onnx", "npu"], model, 0)
+    for estimate in (gpu, npu):
+        assert estimate.peak_bytes < 16e9  # within the 16 GB of bf16 weights: one part at a time
+    assert gpu.peak_bytes == pytest.approx(0.5e9 + 7.6 * footprint.part_params)
