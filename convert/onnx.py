@@ -50,6 +50,11 @@ from edgeport.texts import default_article, summary_prompt
 OPSET = 21
 CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
 CALIBRATION_DECODE_STEPS = 16
+# Calibrating one prefill call holds every intermediate tensor of the part's layers: measured, about 18 float32
+# tensors the size of a layer's attention scores (heads x 128 x context), 1.2 GB a layer for Llama-3.2-1B at 4096
+# tokens (0.34 GB for SmolLM2-135M). A part has no more layers than fit in CALIBRATION_GB.
+CALIBRATION_TENSORS_PER_LAYER = 18
+CALIBRATION_GB = 4
 BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
 
 
@@ -160,7 +165,8 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
 
 def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     """The NPU shape of `source` for `target`: its parts, each within the target's `qnn_part_gb` of weights as
-    quantized and within PART_PARAMS, as few as that allows."""
+    quantized, within PART_PARAMS, and with no more layers than the calibrator can hold the intermediate tensors of
+    in CALIBRATION_GB, as few as that allows."""
     context = target.context_length
     if context <= QNN_PREFILL_CHUNK:
         raise EdgeportError(
@@ -169,8 +175,10 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     bound = PART_PARAMS
     if target.qnn_part_gb:
         bound = min(bound, target.qnn_part_gb * GB * 8 / quant.bits_per_weight())
-    spans = source.family.parts(source.config, bound)
     dims = source.family.dims(source.config)
+    scores = dims.heads * QNN_PREFILL_CHUNK * context * 4  # one layer's attention scores in one call, float32
+    layers = max(1, int(CALIBRATION_GB * GB // (CALIBRATION_TENSORS_PER_LAYER * scores)))
+    spans = source.family.parts(source.config, bound, layers)
     n = len(spans)
     return OnnxNPU(
         prefill_chunk=QNN_PREFILL_CHUNK,
