@@ -85,8 +85,8 @@ def _child(send, environment: dict, folder: str, silenced: bool, function: Calla
             e.add_note("".join(traceback.format_exception(e)))
             message = ("error", e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))
         send.send((*message, peak_rss_bytes(children=True)))
-    except KeyboardInterrupt:
-        pass  # stopped while answering: the parent is going too, and says so itself
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass  # stopped while answering, or the parent is gone: it says what happened itself
     finally:
         send.close()
 
