@@ -220,12 +220,17 @@ class PackageWeights:
                     np.save(folder / f"{stem}.npy", decompressed(op).astype(np.float16))
 
     def __contains__(self, name: str) -> bool:
-        return True  # every parameter under its own name: a tied output projection has its own copy in a package
+        """Whether the packages hold `name` (a tied output projection has its own copy in a package of its own, but
+        not beside the embedding, where Core ML keeps one of two equal tensors) or the source does."""
+        return self._file(name).is_file() or name in self.source
+
+    def _file(self, name: str) -> Path:
+        return self.folders[self._chunk_of(name).package] / f"model_{name.replace('.', '_')}.npy"
 
     def read(self, name: str):
         import torch
 
-        file = self.folders[self._chunk_of(name).package] / f"model_{name.replace('.', '_')}.npy"
+        file = self._file(name)
         if file.is_file():
             return torch.from_numpy(np.load(file).astype(np.float32))
         if name in self.source and len(self.source.spans[name][1].shape) == 1:

@@ -282,3 +282,14 @@ def test_chunks_chained_compute_what_the_source_does(stateless, tiny_qwen2):
         got.append(out[0])
         position += width
     np.testing.assert_allclose(torch.cat(got).numpy(), expected.detach().numpy(), atol=2e-2)  # the cache is fp16
+
+
+def test_a_tied_output_projection_is_read_back_from_the_embedding_core_ml_keeps_for_both(tmp_path):
+    """In one package Core ML keeps one of the two equal tensors; in chunks each end has its own copy."""
+    from conftest import make_model
+
+    model = make_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    for target, matrices in (("m2-air", 15), (str(chunky_target(tmp_path)), 16)):
+        artifact = convert(model, tmp_path / f"o{matrices}", target)
+        assert artifact["details"]["weight_matrices_by_storage"] == {"constexpr_blockwise_shift_scale": matrices}
+        assert artifact["parity"]["status"] == "passed", artifact["parity"]["failures"]
