@@ -54,9 +54,10 @@ CONVERT = {
     ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "cpu"): Rate(0.48, per_param=8.1, seconds=6, seconds_per_gparam=48),
     # The NPU shape calibrates a part at a time on every intermediate tensor of calls over a static cache of the
-    # whole context: 10.3 GB for the 135M model's 30 layers at 4096 tokens (their float32 cache 0.19 GB).
+    # whole context: 10.3 GB for the 135M model's 30 layers at once (their float32 cache 0.19 GB); 14.0 GB for the
+    # 1.24B one in parts of at most 3 layers (the largest 384M parameters).
     ("causal-lm", "onnx", "npu"): Rate(
-        1.0, per_part_param=8, per_part_cache_byte=44, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
+        1.0, per_part_param=24, per_part_cache_byte=20, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
     ),
     ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=7.6, seconds=20, seconds_per_gparam=125),
     # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged
@@ -75,7 +76,7 @@ PARITY = {
     ),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
-    ("causal-lm", "onnx", "npu"): Rate(0.8, per_param=8, seconds=5, seconds_per_gparam=60),
+    ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
     ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
     ("whisper", "mlx"): Rate(0.4, per_param=8, seconds=20, seconds_per_gparam=3000),
     ("whisper", "onnx"): Rate(0.45, per_param=4, seconds=3, seconds_per_gparam=300),

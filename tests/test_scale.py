@@ -275,29 +275,25 @@ def test_the_estimates_follow_the_models_shape(tmp_path):
 
 
 def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
-    """Both convert a part of at most PART_PARAMS at a time: for an 8B model their estimates follow the largest
-    part, not the model."""
+    """Both convert a part of at most PART_PARAMS at a time: a model twice as deep with the same largest part costs
+    them what it costs the reference to read, not twice the memory."""
     from edgeport import preflight
     from edgeport.families.causal_lm import PART_PARAMS
 
-    config = LLAMA_3_1_8B
     family = FAMILIES["causal-lm"]
-    footprint = family.footprint(config, 4096)
-    spans = family.parts(config, PART_PARAMS)
+    footprint = family.footprint(LLAMA_3_1_8B, 4096)
     # the last part: a layer, the output projection and the final norm
-    assert footprint.part_params == max(s.params for s in spans) == 218_112_000 + 128256 * 4096 + 4096
-    model = preflight.Model(
-        family="causal-lm",
-        params=8_030_261_248,
-        source_bytes=16_060_522_496,
-        block_params=525_336_576,
-        vocab=128256,
-        pageable=True,
-        cache_bytes=footprint.cache_bytes,
-        part_params=footprint.part_params,
-    )
-    gpu = preflight._cost("convert", preflight.CONVERT["causal-lm", "coreml", "gpu"], model, 0)
-    npu = preflight._cost("convert", preflight.CONVERT["causal-lm", "onnx", "npu"], model, 0)
-    for estimate in (gpu, npu):
-        assert estimate.peak_bytes < 16e9  # within the 16 GB of bf16 weights: one part at a time
-    assert gpu.peak_bytes == pytest.approx(0.5e9 + 7.6 * footprint.part_params)
+    largest = 218_112_000 + 128256 * 4096 + 4096
+    assert footprint.part_params == max(s.params for s in family.parts(LLAMA_3_1_8B, PART_PARAMS)) == largest
+
+    def converting(config, rate):
+        size, footprint = family.size(config), family.footprint(config, 4096)
+        model = preflight.Model(
+            "causal-lm", size.params, 2 * size.params, footprint.block_params, 128256, True, 0, footprint.part_params
+        )
+        return preflight._cost("convert", rate, model, 0).peak_bytes
+
+    deeper = {**LLAMA_3_1_8B, "num_hidden_layers": 64}
+    for rate in (preflight.CONVERT["causal-lm", "coreml", "gpu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
+        assert converting(deeper, rate) == converting(LLAMA_3_1_8B, rate)
+    assert converting(LLAMA_3_1_8B, preflight.CONVERT["causal-lm", "coreml", "gpu"]) < 16e9  # the bf16 weights
