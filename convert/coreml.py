@@ -96,7 +96,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 ct.utils.save_multifunction(descriptor, str(package))
             else:
                 mlmodel = _convert(model, chunk, layout, None, deployment)
-                model = None  # the float32 weights go before compression makes its copies
+                model = None  # the chunk's weights go before compression makes its copies
                 compress(mlmodel, quant, stateful).save(str(package))
             del model, mlmodel
             gc.collect()

@@ -121,8 +121,8 @@ class ONNXRunner:
 
 
 class PartRunner:
-    """One part of the ONNX NPU shape over its own layers' slice of the static KV cache: its graphs are opened when
-    first called (`graphs` limits which), so a caller can hold one part's weights at a time."""
+    """One part of the ONNX NPU shape over its own layers' slice of the static KV cache. Each graph is opened when
+    first called, and let go by clearing `sessions`, so a caller can hold one part's weights at a time."""
 
     def __init__(self, path: Path, layout: OnnxNPU, part: OnnxPart, chosen: list, on_call: CallHook | None = None):
         self.path, self.layout, self.part, self.chosen, self.on_call = path, layout, part, chosen, on_call
