@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from edgeport import quantization  # noqa: E402
 from edgeport.convert import Artifact, copy_app_files  # noqa: E402
-from edgeport.engines.reference import part_of, running_only  # noqa: E402
+from edgeport.engines.reference import part_forward, part_of, running_only  # noqa: E402
 from edgeport.errors import EdgeportError  # noqa: E402
 from edgeport.families.causal_lm import PART_PARAMS, LayerSpan  # noqa: E402
 from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLChunk, CoreMLModel  # noqa: E402
@@ -226,15 +226,15 @@ class StatefulCausalLM(torch.nn.Module):
         stateless = key_cache is not None
         keys, values = (key_cache, value_cache) if stateless else (self.keyCache, self.valueCache)
         cache = _SliceCache(keys, values, past, end, not stateless, self.first_layer)
-        given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs}
-        arguments = dict(
+        out = part_forward(
+            self.model,
+            inputs,
+            self.last,
             attention_mask=causal_mask,
             position_ids=(torch.arange(width) + past).unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
-            **given,
         )
-        out = self.model(**arguments).logits if self.last else self.model.base_model(**arguments).last_hidden_state
         if not stateless:
             return out
         layers = [cache.updated[i] for i in range(len(cache.updated))]

@@ -37,7 +37,7 @@ from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
-from edgeport.engines.reference import part_of, running_only
+from edgeport.engines.reference import part_forward, part_of, running_only
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import PART_PARAMS
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
@@ -308,15 +308,15 @@ class StaticStep(torch.nn.Module):
         layers = range(self.first_layer, self.first_layer + len(past) // 2)
         for i, layer in enumerate(layers):
             cache.update(past[2 * i], past[2 * i + 1], layer)
-        given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs.long()}
-        arguments = dict(
+        out = part_forward(
+            self.model,
+            inputs if inputs.is_floating_point() else inputs.long(),
+            self.last,
             position_ids=position_ids.long(),
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=True,
-            **given,
         )
-        out = self.model(**arguments).logits if self.last else self.model.base_model(**arguments).last_hidden_state
         width = inputs.shape[1]
         new = [t[:, :, -width:] for layer in layers for t in (cache.layers[layer].keys, cache.layers[layer].values)]
         return (out, *new)

@@ -99,6 +99,15 @@ def part_of(source, first: int, end: int, **options):
     return paged(source, lambda block: False, only=in_part, **options)
 
 
+def part_forward(model, inputs, last: bool, **arguments):
+    """One part of `model` (see `running_only`) on `inputs`: token ids where the part starts the decoder, else the
+    previous part's hidden states; returns logits where it ends the decoder, else its own hidden states."""
+    given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs}
+    if last:
+        return model(**given, **arguments).logits
+    return model.base_model(**given, **arguments).last_hidden_state
+
+
 @contextmanager
 def running_only(model, first: int, end: int):
     """`model` (a transformers causal LM) running only decoder layers [first, end), and its final norm only where
