@@ -1,7 +1,8 @@
 """Causal LM -> ONNX, in the shape the target's compute unit runs (Whisper: `whisper_onnx`).
 
 - CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
-  MatMulNBits weights and the genai_config.json its generator runs.
+  MatMulNBits weights and the genai_config.json its generator runs; its int4 pass goes a weight at a time
+  (`onnx_builder`).
 - NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported from transformers as a
   prefill graph over QNN_PREFILL_CHUNK tokens and a decode graph over one, both reading a fixed-length KV cache
   that the app keeps (the graphs return only the new keys and values). As Qualcomm AI Hub's exports are, the model
@@ -91,7 +92,7 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
         command = [
             sys.executable,
             "-m",
-            "onnxruntime_genai.models.builder",
+            "edgeport.convert.onnx_builder",
             "-i",
             str(source.path),
             "-o",

@@ -2,6 +2,7 @@
 exported from transformers and QDQ-quantized for QNN, both run on onnxruntime's CPU EP."""
 
 import json
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import convert, run_cli
+from conftest import convert, make_model, run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport import manifest, quantization, targets
@@ -72,6 +73,39 @@ def test_cpu_shape_is_the_genai_builders_model_and_matches_the_source(cpu_output
     assert {a.name: a.i for a in nbits.attribute}["block_size"] == 32
     assert artifact["details"]["opset"] >= 17 and artifact["details"]["onnxruntime"]
     assert manifest.verify_files(manifest.read(out), out) == []
+
+
+def build_cpu_shape(module: str, model_folder, out):
+    command = [sys.executable, "-m", module, "-i", str(model_folder), "-o", str(out), "-p", "int4", "-e", "cpu"]
+    command += [
+        "-c",
+        str(out.parent / "cache"),
+        "--extra_options",
+        "hf_token=false",
+        "block_size=32",
+        "accuracy_level=4",
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    model = onnx.load(out / "model.onnx")
+    nodes = [(n.op_type, n.name, list(n.input), list(n.output), list(n.attribute)) for n in model.graph.node]
+    return nodes, {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}, model.opset_import
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_int4_pass_a_weight_at_a_time_writes_what_the_builders_own_pass_writes(tied, tmp_path):
+    """edgeport runs onnxruntime-genai's builder with its int4 pass given one weight at a time (the builder's own
+    pass holds every weight in float32 at once): the graph and every weight must come out the same."""
+    model_folder = make_model(tmp_path / "model", "llama", tie_word_embeddings=tied)
+    own_nodes, own_weights, own_opsets = build_cpu_shape(
+        "onnxruntime_genai.models.builder", model_folder, tmp_path / "own"
+    )
+    nodes, weights, opsets = build_cpu_shape("edgeport.convert.onnx_builder", model_folder, tmp_path / "ours")
+    assert sum(op == "MatMulNBits" for op, *_ in nodes) == 2 * 5 + 1
+    assert nodes == own_nodes and opsets == own_opsets
+    assert weights.keys() == own_weights.keys()
+    for name, weight in weights.items():
+        assert weight.dtype == own_weights[name].dtype, name
+        np.testing.assert_array_equal(weight, own_weights[name], err_msg=name)
 
 
 def test_cpu_runner_generates_what_the_logits_predict(cpu_output, tiny_llama):

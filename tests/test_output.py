@@ -144,7 +144,7 @@ def wait_for(condition, what, process, timeout=180):
 
 def builder_children(pid):
     try:
-        return [p for p in psutil.Process(pid).children(recursive=True) if "onnxruntime_genai" in " ".join(p.cmdline())]
+        return [p for p in psutil.Process(pid).children(recursive=True) if "onnx_builder" in " ".join(p.cmdline())]
     except psutil.NoSuchProcess:
         return []
 
