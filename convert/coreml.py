@@ -230,9 +230,9 @@ class StatefulCausalLM(torch.nn.Module):
             self.model,
             inputs,
             self.last,
+            cache,
             attention_mask=causal_mask,
             position_ids=(torch.arange(width) + past).unsqueeze(0),
-            past_key_values=cache,
             use_cache=True,
         )
         if not stateless:

@@ -313,9 +313,9 @@ class StaticStep(torch.nn.Module):
             self.model,
             inputs if inputs.is_floating_point() else inputs.long(),
             self.last,
+            cache,
             position_ids=position_ids.long(),
             attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=True,
         )
         width = inputs.shape[1]

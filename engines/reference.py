@@ -6,6 +6,7 @@ projection) read from the safetensors files in float32 when the block runs and l
 holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
 on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
 
+import inspect
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -99,10 +100,22 @@ def part_of(source, first: int, end: int, **options):
     return paged(source, lambda block: False, only=in_part, **options)
 
 
-def part_forward(model, inputs, last: bool, **arguments):
-    """One part of `model` (see `running_only`) on `inputs`: token ids where the part starts the decoder, else the
-    previous part's hidden states; returns logits where it ends the decoder, else its own hidden states."""
+def kv_cache(model, cache) -> dict:
+    """`cache` as the keyword `model`'s forward takes it: `cache` in newer transformers, where `past_key_values` is
+    deprecated (to go in 5.40), and `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def part_forward(model, inputs, last: bool, cache, **arguments):
+    """One part of `model` (see `running_only`) on `inputs` over the KV `cache`: token ids where the part starts the
+    decoder, else the previous part's hidden states; returns logits where it ends the decoder, else its own hidden
+    states."""
     given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs}
+    given |= kv_cache(model, cache)
     if last:
         return model(**given, **arguments).logits
     return model.base_model(**given, **arguments).last_hidden_state
@@ -230,8 +243,8 @@ class TorchWhisper(WhisperRunner):
             out = self.model(
                 encoder_outputs=(self.encoded,),
                 decoder_input_ids=self.torch.tensor([tokens]),
-                past_key_values=self.cache,
                 use_cache=True,
+                **kv_cache(self.model, self.cache),
             )
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         return out.logits[0, -1].float().numpy()
