@@ -106,13 +106,24 @@ class Room:
     memory_bytes: int  # available memory, or --max-memory
     output_disk_bytes: int  # free on the output's file system
     temporary_disk_bytes: int
+    cache_disk_bytes: int | None = None  # free where the source's weights will be fetched or converted to, if any
 
     @classmethod
-    def here(cls, out: Path, max_memory_gb: float | None = None) -> "Room":
+    def here(cls, out: Path, max_memory_gb: float | None = None, cache: Path | None = None) -> "Room":
         available = psutil.virtual_memory().available
         memory = int(max_memory_gb * GB) if max_memory_gb else available
-        parent = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.exists())
-        return cls(memory, shutil.disk_usage(parent).free, shutil.disk_usage(tempfile.gettempdir()).free)
+        return cls(
+            memory,
+            shutil.disk_usage(_existing(out)).free,
+            shutil.disk_usage(tempfile.gettempdir()).free,
+            shutil.disk_usage(_existing(cache)).free if cache else None,
+        )
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: the file system it will be on."""
+    path = Path(path).expanduser().resolve()
+    return next(p for p in [path, *path.parents] if p.exists())
 
 
 @dataclass(frozen=True)
@@ -213,9 +224,28 @@ class Work:
 def plan_work(source, plan: Plan, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
     """The work of converting `source` into `steps` of `plan` with `parity`, refused with one line where this
     machine has no room for it (see `fitting`)."""
-    estimates = estimate(model_of(source, plan.context_length), steps, parity)
+    model = model_of(source, plan.context_length)
+    room_for_the_source(source, model, room)
+    estimates = estimate(model, steps, parity)
     kept, left_out = fitting(estimates, room, asked)
     return Work(parity, estimates, left_out, parity_left_out(kept, room))
+
+
+def room_for_the_source(source, model: Model, room: Room) -> None:
+    """Opening the source whole first writes its weights into a cache where they are not there yet: a hub
+    snapshot, or a GGUF's or CTranslate2 model's float16 copy (2 bytes a parameter, either way about)."""
+    if source.fills_cache is None or room.cache_disk_bytes is None:
+        return
+    needs = 2 * model.params
+    if needs > room.cache_disk_bytes:
+        what, setting = (
+            ("downloading it", "HF_HUB_CACHE") if source.kind == "hf-hub" else ("its float16 copy", "EDGEPORT_CACHE")
+        )
+        raise EdgeportError(
+            f"{source.ref}: {what} needs about {_gb(needs)} of disk in {source.fills_cache}, "
+            f"{_gb(room.cache_disk_bytes)} are free there: free {_gb(needs - room.cache_disk_bytes)} or set {setting} "
+            "to a disk with room"
+        )
 
 
 def fitting(work: list[Estimate], room: Room, asked: bool) -> tuple[list[Estimate], dict[str, str]]:

@@ -58,6 +58,9 @@ class Source:
     revision: str | None = None
     origin_files: list[Path] = field(default_factory=list)  # the user's weight files, hashed in the manifest
     trust_remote_code: bool = False
+    # Opened for its config only: the cache that opening it whole will write its weights into (a hub snapshot, a
+    # GGUF's or CTranslate2 model's float16 copy), where they are not there yet.
+    fills_cache: Path | None = None
 
     @property
     def model_type(self) -> str:
@@ -226,8 +229,16 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
     try:
         if config_only:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
             config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-            return Source(ref=repo_id, kind="hf-hub", config=read_config(config_file.parent))
+            fetched = any(config_file.parent.glob("*.safetensors"))
+            return Source(
+                ref=repo_id,
+                kind="hf-hub",
+                config=read_config(config_file.parent),
+                fills_cache=None if fetched else Path(HF_HUB_CACHE),
+            )
         patterns = HUB_PATTERNS + ([f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except EdgeportError:
@@ -266,9 +277,18 @@ def _open_gguf(file: Path, config_only: bool) -> Source:
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
     config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
     weights_hold(config, values, file)
-    if not config_only and not (folder / "config.json").exists():
+    converted = (folder / "config.json").exists()
+    if not config_only and not converted:
         _gguf_to_hf(file, folder)
-    return Source(ref=str(file), kind="gguf", config=config, path=None if config_only else folder, origin_files=[file])
+    if config_only:
+        return Source(
+            ref=str(file),
+            kind="gguf",
+            config=config,
+            origin_files=[file],
+            fills_cache=None if converted else cache_dir(),
+        )
+    return Source(ref=str(file), kind="gguf", config=config, path=folder, origin_files=[file])
 
 
 def _open_ct2(folder: Path, config_only: bool) -> Source:
@@ -277,8 +297,15 @@ def _open_ct2(folder: Path, config_only: bool) -> Source:
     weights, tokenizer = folder / "model.bin", folder / "tokenizer.json"
     if not tokenizer.is_file():
         raise EdgeportError(f"{folder}: no tokenizer.json beside model.bin (faster-whisper folders carry one)")
-    if config_only:
-        return Source(ref=str(folder), kind="ct2", config=ct2.hf_config(folder), origin_files=[weights])
+    if config_only:  # not hashed yet: a copy of a folder of this name counts as this one's
+        converted = any((copy / "config.json").exists() for copy in (cache_dir() / "ct2").glob(f"{folder.name}-*"))
+        return Source(
+            ref=str(folder),
+            kind="ct2",
+            config=ct2.hf_config(folder),
+            origin_files=[weights],
+            fills_cache=None if converted else cache_dir(),
+        )
     files = "".join(sha256_file(f) for f in (weights, tokenizer, folder / "config.json"))
     hf_folder = cache_dir() / "ct2" / f"{folder.name}-{hashlib.sha256(files.encode()).hexdigest()[:16]}"
     if not (hf_folder / "config.json").exists():

@@ -251,6 +251,50 @@ def test_a_hub_model_is_downloaded_only_once_the_preflight_passes(tiny_llama, tm
     assert code == 3 and "needs about" in err and not (tmp_path / "o").exists()
 
 
+def test_no_disk_for_a_hub_models_weights_is_said_before_they_are_fetched(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    snapshot, hub_cache = tmp_path / "snapshot", tmp_path / "hub"
+    snapshot.mkdir()
+    hub_cache.mkdir()
+    shutil.copy(tiny_llama / "config.json", snapshot)  # the config fetched, the weights not yet
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(snapshot / "config.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+
+    def snapshot_download(*args, **kwargs):
+        raise AssertionError("the weights were asked for")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    usage = shutil.disk_usage
+    full = lambda path: usage(path)._replace(free=1000) if str(path).startswith(str(hub_cache)) else usage(path)  # noqa: E731
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    code, _, err = run_cli("convert", "org/model", "-t", "m2-air", "-o", str(tmp_path / "elsewhere" / "o"))
+    assert code == 3 and "org/model: downloading it needs about" in err and f"of disk in {hub_cache}" in err
+    assert "HF_HUB_CACHE" in err and not (tmp_path / "elsewhere" / "o").exists()
+
+
+def test_a_gguf_sources_float16_copy_needs_room_in_the_cache(fixture_gguf, tmp_path, monkeypatch):
+    from edgeport import preflight
+    from edgeport.plan import make_plan
+    from edgeport.targets import load
+
+    monkeypatch.setenv("EDGEPORT_CACHE", str(tmp_path / "cache"))  # no copy made yet
+    source = open_source(str(fixture_gguf), config_only=True)
+    assert source.fills_cache == tmp_path / "cache"
+    plan = make_plan(source, load("m2-air"), ["mlx"], None)
+    copy = 2 * source.family.size(source.config).params
+    for free, refused in ((copy - 1, True), (copy + 1, False)):
+        room = preflight.Room(10**12, 10**12, 10**12, cache_disk_bytes=free)
+        if refused:
+            with pytest.raises(EdgeportError, match=r"its float16 copy needs about .* EDGEPORT_CACHE"):
+                preflight.plan_work(source, plan, [], "none", room, asked=False)
+        else:
+            preflight.plan_work(source, plan, [], "none", room, asked=False)
+
+
 def test_the_estimates_follow_the_models_shape(tmp_path):
     """The reference reads one block at a time where it can: its estimate grows with the largest block, not the
     model; a checkpoint that cannot be paged (fused MoE experts) is estimated whole."""
