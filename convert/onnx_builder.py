@@ -56,14 +56,10 @@ def _quantizer(model: Model) -> DefaultWeightOnlyQuantizer:
 
 def _quantize_node(graph: ir.Graph, node: ir.Node, quantizer: DefaultWeightOnlyQuantizer) -> None:
     """Give the quantizer a graph holding only this node's weight, then put its node and initializers in place."""
-    if not _weight_size(node):
-        return
-    weight = node.inputs[0 if node.op_type == "Gather" else 1]
+    weight = _weight(node)
     alone = onnx.GraphProto(initializer=[ir.serde.serialize_tensor(weight.const_value)])
-    replacement = quantizer.quantize(ir.serde.serialize_node(node), [alone])
-    if len(replacement) != 1 or replacement[0].op_type == node.op_type:
-        return  # left in float by the quantizer (a shape it does not quantize), as in the builder's own pass
-    (proto,) = replacement
+    (proto,) = quantizer.quantize(ir.serde.serialize_node(node), [alone])  # one node, for a 2-D weight
+    given = {value.name: value for value in node.inputs if value is not None}
     added = {}
     for tensor in alone.initializer:
         if tensor.name != weight.name:
@@ -74,7 +70,7 @@ def _quantize_node(graph: ir.Graph, node: ir.Node, quantizer: DefaultWeightOnlyQ
             )
             graph.register_initializer(added[tensor.name])
     del alone, tensor
-    inputs = [added[name] if name in added else node.inputs[0] for name in proto.input]
+    inputs = [added[name] if name in added else given[name] for name in proto.input]
     attributes = ir.convenience.convert_attributes(
         {a.name: onnx.helper.get_attribute_value(a) for a in proto.attribute}
     )
@@ -108,21 +104,22 @@ def _page_out_the_source() -> None:
                 libc.madvise(start, end - start, _MADV_PAGEOUT)  # an older kernel refuses it: nothing is lost
 
 
-def _weight_size(node: ir.Node) -> int:
+def _weight(node: ir.Node) -> ir.Value | None:
+    """The node's constant weight, if it has one."""
     weight = node.inputs[0 if node.op_type == "Gather" else 1]
-    return weight.const_value.size if weight is not None and weight.const_value is not None else 0
+    return weight if weight is not None and weight.const_value is not None else None
 
 
 def to_nbits_a_weight_at_a_time(self: Model) -> ir.Model:
-    if not _is_plain(self):
-        return _builders_own_pass(self)
-    quantizer = _quantizer(self)
     graph = self.model.graph
     excluded = set(self.quant_attrs["nodes_to_exclude"])
     types = set(self.quant_attrs["op_types_to_quantize"])
-    nodes = [node for node in graph if node.op_type in types and node.name not in excluded]
+    nodes = [node for node in graph if node.op_type in types and node.name not in excluded and _weight(node)]
+    if not _is_plain(self) or any(len(_weight(node).shape) != 2 for node in nodes):
+        return _builders_own_pass(self)
+    quantizer = _quantizer(self)
     # Largest first: the output projection's float copies come while the fewest source pages are resident.
-    for node in sorted(nodes, key=_weight_size, reverse=True):
+    for node in sorted(nodes, key=lambda node: _weight(node).const_value.size, reverse=True):
         _quantize_node(graph, node, quantizer)
     self.model.opset_imports.setdefault("com.microsoft", 1)
     return self.model
