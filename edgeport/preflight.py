@@ -42,9 +42,9 @@ class Rate:
     temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
 
 
-# Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.63 GB; the ONNX builder 0.96 / 4.48 GB
-# (its int4 pass a weight at a time, the largest first: the output projection's float32 copies make the peak); ONNX
-# CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML converts a chunk of at most
+# Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.63 GB; the ONNX builder 0.96 / 4.65 GB
+# (its int4 pass a weight at a time, the largest first: the output projection's float32 copies make the peak; fitted
+# with the 3.21B shape's 7.96 GB too); ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML converts a chunk of at most
 # PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB for the Neural Engine's
 # two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the 262M-parameter
 # embedding the largest). The NPU shape builds a part at a time too.
@@ -53,7 +53,7 @@ REFERENCE = Rate(0.69, per_block_param=4, seconds=4, seconds_per_gparam=20)
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
-    ("causal-lm", "onnx", "cpu"): Rate(0.54, per_block_param=15, seconds=6, seconds_per_gparam=48),
+    ("causal-lm", "onnx", "cpu"): Rate(0.51, per_param=0.92, per_block_param=11.4, seconds=6, seconds_per_gparam=48),
     # The NPU shape calibrates a part at a time on every intermediate tensor of calls over a static cache of the
     # whole context: 10.3 GB for the 135M model's 30 layers at once (their float32 cache 0.19 GB); 14.0 GB for the
     # 1.24B one in parts of at most 3 layers (the largest 384M parameters).
