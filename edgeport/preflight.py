@@ -44,10 +44,10 @@ class Rate:
 
 # Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.63 GB; the ONNX builder 0.96 / 4.65 GB
 # (its int4 pass a weight at a time, the largest first: the output projection's float32 copies make the peak; fitted
-# with the 3.21B shape's 7.96 GB too); ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML converts a chunk of at most
-# PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB for the Neural Engine's
-# two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the 262M-parameter
-# embedding the largest). The NPU shape builds a part at a time too.
+# with the 3.21B shape's 7.96 GB too); ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML
+# converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
+# for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
+# 262M-parameter embedding the largest). The NPU shape builds a part at a time too.
 # Whisper's rates rest on tiny.en (39M) alone: its fixed parts are measured, its per-parameter parts are not yet.
 REFERENCE = Rate(0.69, per_block_param=4, seconds=4, seconds_per_gparam=20)
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged

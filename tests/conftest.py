@@ -32,6 +32,16 @@ def isolated_cache(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def converters_imported_once():
+    """The suite's in-process conversions share one fork server: it imports every converter's libraries once, where
+    each step process would import them again (seconds each for coremltools and onnxruntime's quantizer)."""
+    from edgeport import isolated
+    from edgeport.convert import CONVERTERS
+
+    isolated.preload(*sorted({module for module, _ in CONVERTERS.values()}))
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
