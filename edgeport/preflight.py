@@ -42,18 +42,19 @@ class Rate:
     temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
 
 
-# Measured (135M / 1.24B): the reference 0.86 / 2.0 GB; mlx convert 0.46 / 1.63 GB; the ONNX builder 0.96 / 4.65 GB
-# (its int4 pass a weight at a time, the largest first: the output projection's float32 copies make the peak; fitted
-# with the 3.21B shape's 7.96 GB too); ONNX CPU parity 1.00 / 3.85 GB; quantized MLX parity 1.06 / 3.3 GB. Core ML
+# Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
+# peak GB: the reference 0.86 / 2.01 / 2.68 / 3.59; mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
+# 1.06 / 3.3 / 4.71 / 8.45; the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a weight at a time, the largest
+# first: the output projection's float32 copies make the peak); ONNX CPU parity 1.00 / 3.84 / 7.47 / 14.75. Core ML
 # converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
 # for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
 # 262M-parameter embedding the largest). The NPU shape builds a part at a time too.
 # Whisper's rates rest on tiny.en (39M) alone: its fixed parts are measured, its per-parameter parts are not yet.
-REFERENCE = Rate(0.69, per_block_param=4, seconds=4, seconds_per_gparam=20)
+REFERENCE = Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20)
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
-    ("causal-lm", "mlx"): Rate(0.33, per_source_byte=0.5, seconds=2, seconds_per_gparam=10),
-    ("causal-lm", "onnx", "cpu"): Rate(0.51, per_param=0.92, per_block_param=11.4, seconds=6, seconds_per_gparam=48),
+    ("causal-lm", "mlx"): Rate(0.38, per_source_byte=0.38, seconds=2, seconds_per_gparam=10),
+    ("causal-lm", "onnx", "cpu"): Rate(0.49, per_param=0.39, per_block_param=14.6, seconds=6, seconds_per_gparam=48),
     # The NPU shape calibrates a part at a time on every intermediate tensor of calls over a static cache of the
     # whole context: 10.3 GB for the 135M model's 30 layers at once (their float32 cache 0.19 GB); 14.0 GB for the
     # 1.24B one in parts of at most 3 layers (the largest 384M parameters).
@@ -73,10 +74,10 @@ CONVERT = {
 }
 PARITY = {
     ("causal-lm", "mlx", "quantized"): Rate(
-        0.87, per_artifact_byte=1.9, per_block_param=4, seconds=9, seconds_per_gparam=25
+        0.81, per_param=0.49, per_block_param=6.6, seconds=9, seconds_per_gparam=25
     ),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
-    ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=2.57, seconds=2, seconds_per_gparam=10),
+    ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=1.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
     ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
     ("whisper", "mlx"): Rate(0.4, per_param=8, seconds=20, seconds_per_gparam=3000),
