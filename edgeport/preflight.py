@@ -40,6 +40,8 @@ class Rate:
     seconds: float = 0.0  # fixed
     seconds_per_gparam: float = 0.0  # per billion parameters
     temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
+    temporary_per_part_param: float = 0.0  # the same, per parameter of the largest part (written a part at a time)
+    temporary_per_part_cache_byte: float = 0.0  # and per byte of that part's share of the float32 KV cache
 
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
@@ -59,12 +61,18 @@ CONVERT = {
     # whole context: 10.3 GB for the 135M model's 30 layers at once (their float32 cache 0.19 GB); 14.0 GB for the
     # 1.24B one in parts of at most 3 layers (the largest 384M parameters).
     ("causal-lm", "onnx", "npu"): Rate(
-        1.0, per_part_param=24, per_part_cache_byte=20, seconds=60, seconds_per_gparam=2000, temporary_per_param=8
+        1.0,
+        per_part_param=24,
+        per_part_cache_byte=20,
+        seconds=60,
+        seconds_per_gparam=2000,
+        temporary_per_part_param=16,  # a part's float prefill and decode graphs, and their prepared copies
+        temporary_per_part_cache_byte=20,  # its calibration calls' inputs, each a whole static cache of its layers
     ),
     ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=7.6, seconds=20, seconds_per_gparam=125),
     # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged
     ("causal-lm", "coreml", "npu"): Rate(
-        0.57, per_part_param=22, seconds=40, seconds_per_gparam=300, temporary_per_param=1
+        0.57, per_part_param=22, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
     ),
     ("whisper", "mlx"): Rate(0.25, per_param=6, seconds=2, seconds_per_gparam=60),
     ("whisper", "onnx"): Rate(0.8, per_param=12, seconds=12, seconds_per_gparam=300, temporary_per_param=4),
@@ -206,7 +214,11 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         peak_bytes=int(peak),
         seconds=round(rate.seconds + rate.seconds_per_gparam * model.params / 1e9, 1),
         writes_bytes=artifact if writes is None else writes,
-        temporary_bytes=int(rate.temporary_per_param * model.params),
+        temporary_bytes=int(
+            rate.temporary_per_param * model.params
+            + rate.temporary_per_part_param * model.part_params
+            + rate.temporary_per_part_cache_byte * model.cache_bytes * model.part_params / model.params
+        ),
         format=fmt,
         parity=parity,
     )

@@ -341,3 +341,20 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
     for rate in (preflight.CONVERT["causal-lm", "coreml", "gpu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
         assert converting(deeper, rate) == converting(LLAMA_3_1_8B, rate)
     assert converting(LLAMA_3_1_8B, preflight.CONVERT["causal-lm", "coreml", "gpu"]) < 16e9  # the bf16 weights
+
+    def scratch(config, rate):  # the temporary disk: a part's graphs and calibration inputs, written a part at a time
+        size, footprint = family.size(config), family.footprint(config, 4096)
+        model = preflight.Model(
+            "causal-lm",
+            size.params,
+            2 * size.params,
+            footprint.block_params,
+            128256,
+            True,
+            footprint.cache_bytes,
+            footprint.part_params,
+        )
+        return preflight._cost("convert", rate, model, 0).temporary_bytes
+
+    for rate in (preflight.CONVERT["causal-lm", "coreml", "npu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
+        assert 0 < scratch(deeper, rate) < 1.1 * scratch(LLAMA_3_1_8B, rate) < 16e9
