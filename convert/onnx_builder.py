@@ -18,7 +18,7 @@ import sys
 import onnx
 import onnx_ir as ir
 import onnxruntime_genai.models  # noqa: F401  (puts the builder's own modules on sys.path, as `-m` would)
-from builders.base import Model  # the builder imports its modules by these top-level names
+from builders.base import Model  # the builder's own module names; pyproject pins the builder this pass is tested on
 from onnxruntime.quantization.matmul_nbits_quantizer import (
     DefaultWeightOnlyQuantConfig,
     DefaultWeightOnlyQuantizer,
