@@ -312,9 +312,14 @@ def test_mlx_q4_whisper_dequantized_parity_equals_the_quantized_kernels(tiny_whi
     assert np.allclose(logits[0], logits[1], atol=1e-2)
 
 
-def test_snapdragon_gets_static_qdq_graphs(tiny_whisper, tmp_path):
-    out = tmp_path / "snapdragon"
-    result = convert(tiny_whisper, out, "snapdragon-8-gen-3", "--allow-parity-fail")
+@pytest.fixture(scope="module")
+def snapdragon_output(tiny_whisper, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whisper") / "snapdragon"
+    return out, convert(tiny_whisper, out, "snapdragon-8-gen-3", "--allow-parity-fail")
+
+
+def test_snapdragon_gets_static_qdq_graphs(snapdragon_output, tiny_whisper, tmp_path):
+    out, result = snapdragon_output
     (artifact,) = result["artifacts"]
     assert (artifact["quantization"], artifact["details"]["shape"]) == ("w8a16", "npu")
     assert artifact["parity"]["not_checked"][0].startswith("QNN execution provider not available")
@@ -362,12 +367,11 @@ def test_onnx_fp16_for_a_cpu_and_what_it_refuses(tiny_whisper, tmp_path):
     assert code == 3 and "fp16 or int8" in err and not (tmp_path / "x").exists()
 
 
-def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(tiny_whisper, tmp_path):
+def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(snapdragon_output):
     import subprocess
     from pathlib import Path
 
-    out = tmp_path / "snapdragon"
-    convert(tiny_whisper, out, "snapdragon-8-gen-3", "--allow-parity-fail")
+    out, _ = snapdragon_output
     audio = package_path("moonshine_voice", "assets/beckett.wav")
     example = Path(__file__).parents[1] / "examples" / "windows-on-snapdragon" / "transcribe.py"
     done = subprocess.run([sys.executable, str(example), str(out / "onnx"), str(audio)], capture_output=True, text=True)
