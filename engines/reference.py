@@ -6,6 +6,7 @@ projection) read from the safetensors files in float32 when the block runs and l
 holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
 on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -103,7 +104,12 @@ def part_of(source, first: int, end: int, **options):
 def kv_cache(model, cache) -> dict:
     """`cache` as the keyword `model`'s forward takes it: `cache` in newer transformers, where `past_key_values` is
     deprecated (to go in 5.40), and `past_key_values` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:  # read once per class: Whisper's decoder asks at every token
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):
