@@ -89,16 +89,13 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 descriptor = ct.utils.MultiFunctionDescriptor()
                 for name, width in (("prefill", ANE_PREFILL_CHUNK), ("decode", 1)):
                     part = Path(tmp) / f"{name}.mlpackage"
-                    mlmodel = _convert(model, chunk, layout, width, deployment)
-                    compress(mlmodel, quant, stateful).save(str(part))
+                    _convert(model, chunk, layout, width, deployment, quant).save(str(part))
                     descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
                 descriptor.default_function_name = "decode"
                 ct.utils.save_multifunction(descriptor, str(package))
             else:
-                mlmodel = _convert(model, chunk, layout, None, deployment)
-                model = None  # the chunk's weights go before compression makes its copies
-                compress(mlmodel, quant, stateful).save(str(package))
-            del model, mlmodel
+                _convert(model, chunk, layout, None, deployment, quant).save(str(package))
+            del model
             gc.collect()
     copy_app_files(source.path, dest)
     layout.write(dest)
@@ -241,7 +238,7 @@ class StatefulCausalLM(torch.nn.Module):
         return out, torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
 
 
-def _convert(model, chunk: CoreMLChunk, layout: CoreMLModel, width: int | None, deployment: str):
+def _convert(model, chunk: CoreMLChunk, layout: CoreMLModel, width: int | None, deployment: str, quant):
     """Trace and convert one chunk; `width` None is the flexible shape, else a static one over the whole cache."""
     context, last_layer = layout.context_length, layout.cache_shape[0]
     first, last = chunk.first_layer == 0, chunk.end_layer == last_layer
@@ -283,11 +280,12 @@ def _convert(model, chunk: CoreMLChunk, layout: CoreMLModel, width: int | None, 
             ct.TensorType("valueCache", shape=cache.shape, dtype=np.float16),
         ]
         outputs += [ct.TensorType("keyCacheOut", dtype=np.float16), ct.TensorType("valueCacheOut", dtype=np.float16)]
-    return ct_convert(traced, inputs, outputs, states, deployment)
+    return ct_convert(traced, inputs, outputs, states, deployment, quant)
 
 
-def ct_convert(traced, inputs: list, outputs: list, states: list | None, deployment: str):
-    """A traced module as an fp16 ML Program for `deployment`, without loading it (which only macOS can)."""
+def ct_convert(traced, inputs: list, outputs: list, states: list | None, deployment: str, quant):
+    """A traced module as an fp16 ML Program for `deployment`, its weights compressed as `quant` asks, without
+    loading it (which only macOS can)."""
     return ct.convert(
         traced,
         inputs=inputs,
@@ -295,20 +293,25 @@ def ct_convert(traced, inputs: list, outputs: list, states: list | None, deploym
         states=states,
         minimum_deployment_target=DEPLOYMENT_TARGETS[deployment],
         compute_precision=ct.precision.FLOAT16,
+        pass_pipeline=pipeline(quant, deployment in WITH_STATE),
         skip_model_load=True,
     )
 
 
-def compress(mlmodel, quant, stateful: bool):
-    """Weights compressed by coremltools.optimize as `quant` asks; norms stay fp16."""
+def pipeline(quant, stateful: bool):
+    """coremltools' default passes with coremltools.optimize's compression among them: after the fp16 cast, before
+    the clean-up passes that fold the compressed weights into their ops. Compressing the converted model afterwards
+    (`cto.linear_quantize_weights(mlmodel)`) gives the same program but first writes the fp16 one out, reads it back
+    and runs every pass again: twice the time and a second copy of the weights."""
+    passes = ct.PassPipeline.DEFAULT
     if quant.is_float:
-        return mlmodel
+        return passes
     if quant.name == "palettize4":  # a table per 16 output channels from iOS 18, one per tensor before
         grouped = (
             {"granularity": "per_grouped_channel", "group_size": 16} if stateful else {"granularity": "per_tensor"}
         )
         op = cto.OpPalettizerConfig(nbits=4, mode="kmeans", weight_threshold=MIN_WEIGHTS, **grouped)
-        compress = cto.palettize_weights
+        name = "compression::palettize_weights"
     else:
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric",
@@ -317,6 +320,9 @@ def compress(mlmodel, quant, stateful: bool):
             block_size=quant.group_size or 32,
             weight_threshold=MIN_WEIGHTS,
         )
-        compress = cto.linear_quantize_weights
-    config = cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
-    return compress(mlmodel, config)
+        name = "compression::linear_quantize_weights"
+    passes.insert_pass(len(passes.passes) - len(ct.PassPipeline.CLEANUP.passes), name)
+    passes.set_options(
+        name, {"config": cto.OptimizationConfig(op_type_configs={op_type: op for op_type in COMPRESSED_OPS})}
+    )
+    return passes

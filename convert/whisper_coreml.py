@@ -17,7 +17,7 @@ from coremltools.converters.mil.mil import types
 
 from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.coreml import compress, ct, ct_convert, deployment_of
+from edgeport.convert.coreml import ct, ct_convert, deployment_of
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
 from edgeport.engines.coreml import describe
 from edgeport.layouts import CoreMLWhisper
@@ -44,8 +44,9 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
             [ct.TensorType("cross_key", dtype=np.float16), ct.TensorType("cross_value", dtype=np.float16)],
             None,
             deployment,
+            quant,
         )
-        compress(encoder, quant, stateful).save(str(dest / "encoder.mlpackage"))
+        encoder.save(str(dest / "encoder.mlpackage"))
         token = [
             ct.TensorType("input_ids", shape=(1, 1), dtype=np.int32),
             ct.TensorType("position", shape=(1,), dtype=np.int32),
@@ -61,6 +62,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 [ct.TensorType("logits", dtype=np.float16)],
                 [ct.StateType(state, name="keyCache"), ct.StateType(state, name="valueCache")],
                 deployment,
+                quant,
             )
         else:  # the cache goes in without the new token's slot; the new entries come back
             past = (*cache[:3], length - 1, cache[4])
@@ -75,8 +77,9 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 [ct.TensorType(name, dtype=np.float16) for name in ("logits", "new_key", "new_value")],
                 None,
                 deployment,
+                quant,
             )
-        compress(decoder, quant, stateful).save(str(dest / "decoder.mlpackage"))
+        decoder.save(str(dest / "decoder.mlpackage"))
     copy_app_files(source.path, dest)
     layout = CoreMLWhisper(
         compute_units=UNITS[step.unit],
@@ -106,11 +109,11 @@ class _PositionAsIds(torch.nn.Module):
         return self.step(input_ids, position[None], attention_mask, past_key, past_value, cross_key, cross_value)
 
 
-def _convert(wrapper, inputs: list, outputs: list, states: list | None, deployment: str):
+def _convert(wrapper, inputs: list, outputs: list, states: list | None, deployment: str, quant):
     """Trace `wrapper` on zeros of the inputs' shapes and convert it."""
     example = tuple(
         torch.zeros(i.shape.shape, dtype=torch.int32 if types.is_int(i.dtype) else torch.float32) for i in inputs
     )
     with torch.no_grad():
         traced = torch.jit.trace(wrapper.eval(), example, check_trace=False)
-    return ct_convert(traced, inputs, outputs, states, deployment)
+    return ct_convert(traced, inputs, outputs, states, deployment, quant)
