@@ -1,5 +1,5 @@
 """Whisper -> the layout mlx-whisper loads: `config.json` with its ModelDimensions and `weights.safetensors` in its
-own names, float16 or affine-quantized. mlx-whisper ships no converter, so the names are mapped here, in one table.
+own names (the layout's `weight_name`), float16 or affine-quantized.
 """
 
 import json
@@ -20,28 +20,6 @@ from edgeport.plan import Step
 from edgeport.source import Source
 from edgeport.targets import Target
 
-# transformers name fragment -> mlx-whisper's (OpenAI's) name fragment, applied in order
-RENAMES = (
-    ("model.", ""),
-    ("encoder.layer_norm.", "encoder.ln_post."),
-    ("decoder.layer_norm.", "decoder.ln."),
-    ("embed_tokens.weight", "token_embedding.weight"),
-    ("decoder.embed_positions.weight", "decoder.positional_embedding"),
-    (".layers.", ".blocks."),
-    ("self_attn_layer_norm", "attn_ln"),
-    ("encoder_attn_layer_norm", "cross_attn_ln"),
-    ("final_layer_norm", "mlp_ln"),
-    ("self_attn.", "attn."),
-    ("encoder_attn.", "cross_attn."),
-    ("q_proj", "query"),
-    ("k_proj", "key"),
-    ("v_proj", "value"),
-    ("out_proj", "out"),
-    ("fc1", "mlp1"),
-    ("fc2", "mlp2"),
-)
-# Not stored by mlx-whisper: the output projection is the token embedding, the encoder's positions are computed.
-DROPPED = ("proj_out.weight", "model.encoder.embed_positions.weight")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -95,10 +73,9 @@ def mlx_weights(folder: Path, dtype) -> dict[str, mx.array]:
     weights = {}
     for file in sorted(folder.glob("*.safetensors")):
         for name, value in mx.load(str(file)).items():
-            if name in DROPPED:
+            if name in (MLXWhisper.OUTPUT_PROJECTION, MLXWhisper.ENCODER_POSITIONS):
                 continue
-            for old, new in RENAMES:
-                name = name.replace(old, new)
+            name = MLXWhisper.weight_name(name)
             if name.startswith("encoder.conv") and name.endswith("weight"):
                 value = value.transpose(0, 2, 1)  # [out, in, kernel] -> MLX's [out, kernel, in]
             weights[name] = value.astype(dtype)

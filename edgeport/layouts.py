@@ -60,9 +60,39 @@ class MLXModel(Layout):
 
 @dataclass(frozen=True)
 class MLXWhisper(Layout):
-    """A folder mlx-whisper's `load_model` reads: its ModelDimensions as config.json, weights in its names."""
+    """A folder mlx-whisper's `load_model` reads: its ModelDimensions as config.json, weights in its names (OpenAI's;
+    `weight_name` maps transformers' onto them; mlx-whisper ships no converter)."""
 
     family, format, engine, marker, unit = "whisper", "mlx", "mlx", "weights.safetensors", "gpu"
+    # transformers name fragment -> mlx-whisper's name fragment, applied in order
+    RENAMES: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("model.", ""),
+        ("encoder.layer_norm.", "encoder.ln_post."),
+        ("decoder.layer_norm.", "decoder.ln."),
+        ("embed_tokens.weight", "token_embedding.weight"),
+        ("decoder.embed_positions.weight", "decoder.positional_embedding"),
+        (".layers.", ".blocks."),
+        ("self_attn_layer_norm", "attn_ln"),
+        ("encoder_attn_layer_norm", "cross_attn_ln"),
+        ("final_layer_norm", "mlp_ln"),
+        ("self_attn.", "attn."),
+        ("encoder_attn.", "cross_attn."),
+        ("q_proj", "query"),
+        ("k_proj", "key"),
+        ("v_proj", "value"),
+        ("out_proj", "out"),
+        ("fc1", "mlp1"),
+        ("fc2", "mlp2"),
+    )
+    # Not stored by mlx-whisper: the output projection is the token embedding, the encoder's positions are computed.
+    OUTPUT_PROJECTION, ENCODER_POSITIONS = "proj_out.weight", "model.encoder.embed_positions.weight"
+
+    @staticmethod
+    def weight_name(name: str) -> str:
+        """mlx-whisper's name for the transformers weight `name`."""
+        for old, new in MLXWhisper.RENAMES:
+            name = name.replace(old, new)
+        return name
 
 
 @dataclass(frozen=True)

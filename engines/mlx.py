@@ -1,8 +1,9 @@
 """MLX artifacts: causal LMs through mlx-lm, Whisper in mlx-whisper's own model. On a Mac MLX runs on Metal; off
 one, on its CPU backend, which multiplies matrices some 70 times slower than torch (2 GFLOPS against 150 on this
-2-core Xeon) and quantized ones slower still. Off a Mac, parity of a quantized causal LM therefore runs the
-artifact's weights, dequantized, in the source's architecture in transformers (paged like the reference); a float
-artifact, and Whisper, run in MLX itself, quantized weights dequantized to float32 as each layer runs."""
+2-core Xeon) and has no fast float16 or bfloat16 arithmetic: a 4-bit model runs 40 times faster with float32
+activations, so off a Mac the bench runs it so. Off a Mac, parity of a quantized causal LM, and of Whisper (whose
+encoder would take minutes per 30 s window), therefore runs the artifact's weights, dequantized, in the source's
+architecture in transformers (paged like the reference); a float causal LM runs in MLX itself, in its own dtype."""
 
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from edgeport.engines.loop import Token
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
 from edgeport.layouts import Layout, MLXModel
+from edgeport.layouts import MLXWhisper as MLXWhisperLayout
 from edgeport.machine import ON_MAC
 
 NO_METAL = "MLX on Metal"  # what off a Mac is left unchecked
@@ -26,27 +28,44 @@ def unavailable_here() -> str | None:
 
 
 def runner(layout: Layout, folder: Path):
-    return MLXRunner(folder) if isinstance(layout, MLXModel) else MLXWhisper(folder)
+    return MLXRunner(folder, float32=not ON_MAC) if isinstance(layout, MLXModel) else MLXWhisper(folder)
 
 
 def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
-    kind = MLXRunner if isinstance(layout, MLXModel) else MLXWhisper
     if ON_MAC:
-        return kind(folder), None
-    if quantized and isinstance(layout, MLXModel):  # a float artifact runs in MLX: its own dtype, overflow and all
-        weights = _in_transformers(source, folder)
-        if weights:
-            return weights, (
-                "mlx-lm's model and MLX's quantized kernels (MLX's CPU build multiplies matrices at a few GFLOPS: off "
-                "a Mac the artifact's weights were read back, dequantized, and run in the source's architecture in "
-                "transformers, float32)"
-            )
-    if quantized:
-        return kind(folder, dequantize=True), (
-            "MLX quantized kernels (off a Mac they take minutes per pass: the quantized weights were "
-            "measured dequantized to float32 on MLX's CPU backend)"
+        return runner(layout, folder), None
+    if isinstance(layout, MLXWhisperLayout):  # a large encoder takes MLX's CPU build minutes per 30 s window
+        return _whisper_in_transformers(source, folder, quantized), (
+            "mlx-whisper's model and MLX's kernels (MLX's CPU build multiplies matrices at a few GFLOPS: off a Mac the "
+            "artifact's weights were read back, dequantized, and run in the source's architecture in transformers, "
+            "float32)"
         )
-    return kind(folder), f"{NO_METAL} (measured on MLX's CPU backend)"
+    if not quantized:  # a float artifact runs in MLX: its own dtype, overflow and all
+        return MLXRunner(folder), f"{NO_METAL} (measured on MLX's CPU backend)"
+    weights = _in_transformers(source, folder)
+    if weights:
+        return weights, (
+            "mlx-lm's model and MLX's quantized kernels (MLX's CPU build multiplies matrices at a few GFLOPS: off "
+            "a Mac the artifact's weights were read back, dequantized, and run in the source's architecture in "
+            "transformers, float32)"
+        )
+    return MLXRunner(folder, dequantize=True), (
+        "MLX quantized kernels (off a Mac they take minutes per pass: the quantized weights were "
+        "measured dequantized to float32 on MLX's CPU backend)"
+    )
+
+
+def _whisper_in_transformers(source, folder: Path, quantized: bool):
+    """Whisper's architecture in transformers with the mlx-whisper artifact's weights, the encoder paged as the
+    reference pages it."""
+    from edgeport.engines.reference import TorchWhisper, paged
+
+    model = paged(source, lambda block: block.startswith("model.encoder.layers."), MLXWhisperCheckpoint(folder))
+    if model is None:
+        raise EdgeportError(f"{folder}: its weights do not map back onto {source.ref}'s architecture")
+    runner = TorchWhisper(source, model)
+    runner.engine += " with the MLX artifact's weights" + (", dequantized" if quantized else "")
+    return runner
 
 
 def _in_transformers(source, folder: Path):
@@ -109,10 +128,36 @@ class MLXCheckpoint:
         return out
 
 
+class MLXWhisperCheckpoint(MLXCheckpoint):
+    """An mlx-whisper folder's weights under the transformers names they were converted from; the encoder's
+    positions, which mlx-whisper computes rather than stores, computed as it does."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        super().__init__(folder)
+        dims = json.loads((folder / "config.json").read_text())
+        self.positions = (dims["n_audio_ctx"], dims["n_audio_state"])
+
+    def __contains__(self, name: str) -> bool:
+        return name == MLXWhisperLayout.ENCODER_POSITIONS or MLXWhisperLayout.weight_name(name) in self.arrays
+
+    def read(self, name: str):
+        import torch
+        from mlx_whisper.whisper import sinusoids
+
+        if name == MLXWhisperLayout.ENCODER_POSITIONS:
+            return torch.from_numpy(np.asarray(sinusoids(*self.positions).astype(self.mx.float32)))
+        value = super().read(MLXWhisperLayout.weight_name(name))
+        if name.startswith("model.encoder.conv") and name.endswith(".weight"):
+            value = value.permute(0, 2, 1).contiguous()  # MLX's [out, kernel, in] -> torch's [out, in, kernel]
+        return value
+
+
 class MLXRunner:
     """A causal LM through mlx-lm."""
 
-    def __init__(self, path: Path, dequantize: bool = False):
+    def __init__(self, path: Path, dequantize: bool = False, float32: bool = False):
         reason = unavailable_here()
         if reason:
             raise EdgeportError(reason)
@@ -127,6 +172,9 @@ class MLXRunner:
             # the weights, without MLX's CPU quantized kernels (minutes per forward pass on Linux).
             dequantize_when_used(self.model)
             self.engine += ", weights dequantized to float32"
+        elif float32:  # the quantized weights as stored; their scales, the norms and the activations in float32
+            self.model.set_dtype(mx.float32)
+            self.engine += ", float32 activations"
 
     def logits(self, ids: list[int]) -> np.ndarray:
         out = self.model(self.mx.array([ids]))[0].astype(self.mx.float32)
@@ -155,7 +203,7 @@ class MLXRunner:
 class MLXWhisper(WhisperRunner):
     """Whisper in mlx-whisper's own model: its encoder once per window, its decoder per step with its KV cache."""
 
-    def __init__(self, path: Path, dequantize: bool = False):
+    def __init__(self, path: Path):
         import json
         from importlib.metadata import version
 
@@ -170,9 +218,6 @@ class MLXWhisper(WhisperRunner):
         on_cpu = mx.default_device() == mx.cpu
         self.model = load_model(str(path), dtype=mx.float32 if on_cpu else mx.float16)
         self.engine = f"mlx-whisper {version('mlx-whisper')} ({mx.default_device()})"
-        if dequantize:  # what quantization did to the weights, without MLX's slow CPU quantized kernels
-            dequantize_when_used(self.model)
-            self.engine += ", weights dequantized"
         if on_cpu:
             self.model.set_dtype(mx.float32)  # MLX's CPU backend has no fast float16 matmul
 
@@ -227,4 +272,4 @@ def dequantize_when_used(model) -> None:
 
 def slow_here() -> str | None:
     """Why MLX cannot run at its speed here (off a Mac it runs on its CPU build), or None on a Mac."""
-    return None if ON_MAC else "MLX's CPU build off a Mac (quantized matmuls at well under 1 token/s)"
+    return None if ON_MAC else "MLX's CPU build off a Mac (float32 activations, a few tokens/s at best)"

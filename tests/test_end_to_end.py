@@ -57,8 +57,12 @@ def test_bench_measures_and_check_decides(converted):
 
     code, stdout, _ = run_cli("check", str(out), "--target", "host", "--json")
     verdict = json.loads(stdout)
-    assert code == (0 if verdict["met"] else 1)
-    assert {line["budget"] for line in verdict["lines"]} == {"time to first token", "decode", "peak memory"}
+    status = {line["budget"]: line["status"] for line in verdict["lines"]}
+    assert status.keys() == {"time to first token", "decode", "peak memory"}
+    missed, unjudged = "missed" in status.values(), "not checked" in status.values()
+    assert code == (1 if missed else 2 if unjudged else 0) and verdict["met"] == (code == 0)
+    if bench["machine"]["system"] != "Darwin":  # the cut workload's 48 tokens cannot vouch for a TTFT at 512
+        assert status["time to first token"] == "not checked"
 
 
 @pytest.mark.parametrize("target, quant", [("host", "int4-block32"), ("snapdragon-8-gen-3", "w8a16")])
