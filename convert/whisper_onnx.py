@@ -87,6 +87,7 @@ def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
             opset_version=OPSET,
             dynamo=False,
         )
+        model.model.encoder.to("meta")  # exported: the decoder's export would carry a copy of its weights along
         torch.onnx.export(
             DecoderStep(model),
             (
