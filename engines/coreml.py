@@ -189,69 +189,71 @@ class PackageWeightsRunner(TorchRunner):
 
     def __init__(self, source, path: Path):
         layout = CoreMLModel.read(path)
-        packages = [path / chunk.package for chunk in layout.chunks]
-        self.scratch = tempfile.TemporaryDirectory(prefix="edgeport-coreml-weights-")  # removed with the runner
-        model = paged(source, lambda block: True, checkpoint=PackageWeights(source, layout, path, self.scratch.name))
-        if model is None:
-            model = source.load_reference()
-            load_package_weights(model, packages)
-        super().__init__(source, model)
+        self.weights = PackageWeights(source, path, [chunk.package for chunk in layout.chunks])
+        super().__init__(source, self.weights.paged(lambda block: True))
         self.engine = (
-            f"transformers (torch, CPU, float32) with the weights of the {len(packages)} packages read back and "
+            f"transformers (torch, CPU, float32) with the weights of the {len(layout.chunks)} packages read back and "
             "decompressed, a block at a time; the norm scales (which the packages fold into other ops) rounded "
             "to fp16 as they compute them"
         )
 
 
-class PackageWeights:
-    """A chunked Core ML model's weights as the paged reference reads a checkpoint. Each package's weights are
-    decompressed once, one at a time, into fp16 .npy files in `scratch` (the precision Core ML computes them in),
-    then read from there by name as blocks run. A vector the converter folded into another op (a norm scale) comes
-    from the source, rounded to fp16; a missing matrix is an error."""
+class PackageWeightsWhisper(TorchWhisper):
+    """Whisper's architecture in transformers with the Core ML packages' weights, decompressed: the encoder paged
+    as the reference pages it."""
 
-    def __init__(self, source, layout: CoreMLModel, path: Path, scratch: str):
-        self.source, self.layout, self.path = Checkpoint(source.path), layout, path
-        self.folders = {}
-        for chunk in layout.chunks:
-            folder = self.folders[chunk.package] = Path(scratch) / chunk.package
+    def __init__(self, source, path: Path):
+        self.weights = PackageWeights(source, path, ["encoder.mlpackage", "decoder.mlpackage"])
+        super().__init__(source, self.weights.paged(lambda block: block.startswith("model.encoder.layers.")))
+        self.engine += ", with the packages' weights read back and decompressed"
+
+
+class PackageWeights:
+    """Core ML packages' weights as the paged reference reads a checkpoint. Each package's weights are decompressed
+    once, one package at a time, into fp16 .npy files in a scratch folder (the precision Core ML computes them in;
+    removed with this object), then read from there by name as blocks run. A vector the converter folded into
+    another op (a norm scale) comes from the source, rounded to fp16; a missing matrix is an error."""
+
+    def __init__(self, source, path: Path, packages: list[str]):
+        self.source, self.path, self.packages = source, path, [path / package for package in packages]
+        self.checkpoint = Checkpoint(source.path)
+        self.scratch = tempfile.TemporaryDirectory(prefix="edgeport-coreml-weights-")
+        self.folders = []
+        for package in self.packages:
+            folder = Path(self.scratch.name) / package.name
             folder.mkdir()
-            for stem, op in weight_ops(path / chunk.package).items():
+            for stem, op in weight_ops(package).items():
                 if stem.startswith("model_"):
                     np.save(folder / f"{stem}.npy", decompressed(op).astype(np.float16))
+            self.folders.append(folder)
+
+    def paged(self, pages):
+        """The source's model with these weights, the blocks `pages` names read as they run; the source read whole
+        and overwritten where its checkpoint cannot page."""
+        model = paged(self.source, pages, checkpoint=self)
+        if model is None:
+            model = self.source.load_reference()
+            load_package_weights(model, self.packages)
+        return model
 
     def __contains__(self, name: str) -> bool:
         """Whether the packages hold `name` (a tied output projection has its own copy in a package of its own, but
         not beside the embedding, where Core ML keeps one of two equal tensors) or the source does."""
-        return self._file(name).is_file() or name in self.source
+        return self._file(name) is not None or name in self.checkpoint
 
-    def _file(self, name: str) -> Path:
-        return self.folders[self._chunk_of(name).package] / f"model_{name.replace('.', '_')}.npy"
+    def _file(self, name: str) -> Path | None:
+        stem = f"model_{name.replace('.', '_')}.npy"
+        return next((folder / stem for folder in self.folders if (folder / stem).is_file()), None)
 
     def read(self, name: str):
         import torch
 
         file = self._file(name)
-        if file.is_file():
+        if file is not None:
             return torch.from_numpy(np.load(file).astype(np.float32))
-        if name in self.source and len(self.source.spans[name][1].shape) == 1:
-            return self.source.read(name).half().float()
+        if name in self.checkpoint and len(self.checkpoint.spans[name][1].shape) == 1:
+            return self.checkpoint.read(name).half().float()
         raise EdgeportError(f"{self.path}: the packages have no weight for {name}; convert again")
-
-    def _chunk_of(self, name: str):
-        layer = re.search(r"\.layers\.(\d+)\.", name)
-        chunks = self.layout.chunks
-        if layer:
-            return next(c for c in chunks if c.first_layer <= int(layer.group(1)) < c.end_layer)
-        return chunks[0] if "embed" in name else chunks[-1]
-
-
-class PackageWeightsWhisper(TorchWhisper):
-    """Whisper's architecture in transformers with the Core ML packages' weights, decompressed."""
-
-    def __init__(self, source, path: Path):
-        super().__init__(source, source.load_reference())
-        read, _ = load_package_weights(self.model, [path / "encoder.mlpackage", path / "decoder.mlpackage"])
-        self.engine += f", with the packages' {read} weights read back and decompressed"
 
 
 def load_package_weights(model, packages: list[Path]) -> tuple[int, int]:
