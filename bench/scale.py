@@ -163,7 +163,9 @@ def _write_shards(shapes: dict, dtype, folder: Path) -> None:
         shard, size = {}, 0
 
     for tensor_name, shape in shapes.items():
-        if len(shape) == 1:  # norm scales and biases
+        # Norm scales are ones; biases random as trained ones are: equal vectors become one constant in Core ML,
+        # shared by a convolution and a linear layer, which coremltools will not compress for one and not the other.
+        if len(shape) == 1 and not tensor_name.endswith("bias"):
             tensor = torch.ones(shape, dtype=dtype)
         else:
             tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
