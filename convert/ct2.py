@@ -26,11 +26,8 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     quant = quantization.get(step.quantization, "ct2")
     logging.disable_progress_bar()  # the converter loads the model through transformers; our spinner reports it
     files = [name for name in FILES if (source.path / name).exists()]  # names, which it finds in the model folder
-    # A float16 checkpoint loaded as float16, in half the memory: the same int8 weights and scales as from float32,
-    # and the tensors CTranslate2 does not quantize kept in float16, the values they were stored with.
-    half = _stored_in_float16(source.path)
     try:
-        TransformersConverter(str(source.path), copy_files=files, low_cpu_mem_usage=True, load_as_float16=half).convert(
+        TransformersConverter(str(source.path), copy_files=files, low_cpu_mem_usage=True).convert(
             str(dest), quantization=QUANTIZATION[quant.name]
         )
     except (ValueError, KeyError, OSError) as e:
@@ -38,13 +35,6 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     _fill_lang_ids(dest, source.path)
     engine = f"ctranslate2 {ctranslate2.__version__}"
     return Artifact("ct2", quant.name, dest, engine, CT2Whisper(), {"weights": QUANTIZATION[quant.name]})
-
-
-def _stored_in_float16(folder: Path) -> bool:
-    from edgeport.headers import safetensors_spans
-
-    files = list(folder.glob("*.safetensors"))
-    return bool(files) and {span.dtype for f in files for span in safetensors_spans(f).values()} == {"F16"}
 
 
 def _fill_lang_ids(dest: Path, model_folder: Path) -> None:

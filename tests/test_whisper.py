@@ -17,12 +17,10 @@ from ctranslate2.converters import TransformersConverter
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration
 
-from edgeport import isolated, targets
+from edgeport import targets
 from edgeport.audio import SAMPLE_RATE, load_audio, parity_clips, windows
 from edgeport.convert import copy_app_files, whisper_onnx
-from edgeport.convert import ct2 as ct2_convert
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
-from edgeport.ct2 import read_model_bin
 from edgeport.engines import mlx as mlx_engine
 from edgeport.engines.mlx import MLXWhisper
 from edgeport.engines.onnx import WhisperONNXRunner
@@ -226,29 +224,6 @@ def test_host_gets_ctranslate2_and_onnx_int8_judged_by_wer(host_output, tiny_whi
     onnx_artifact = result["artifacts"][1]
     decoder = onnx.load(out / onnx_artifact["path"] / "decoder.onnx")
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in decoder.graph.node}
-
-
-def test_a_float16_checkpoint_goes_to_ctranslate2_through_float16_with_the_same_weights(tiny_whisper, tmp_path):
-    """Loaded in float16 (half the memory of float32), a float16 checkpoint converts to the same int8 weights and
-    scales that CTranslate2's converter writes from float32; the tensors it does not quantize (norms, biases,
-    positions) stay float16, which holds their values exactly."""
-    half = tmp_path / "half"
-    WhisperForConditionalGeneration.from_pretrained(tiny_whisper).half().save_pretrained(half)
-    copy_app_files(tiny_whisper, half)
-    assert ct2_convert._stored_in_float16(half) and not ct2_convert._stored_in_float16(tiny_whisper)
-    convert(half, tmp_path / "out", "host", "-f", "ct2", "--allow-parity-fail")
-    isolated.run("ct2 from float32", _ct2_int8, half, tmp_path / "float32")  # where edgeport's step ran
-    _, ours = read_model_bin(tmp_path / "out" / "ct2" / "model.bin")
-    _, theirs = read_model_bin(tmp_path / "float32" / "model.bin")
-    assert ours.keys() == theirs.keys()
-    for name, value in theirs.items():
-        assert ours[name].dtype in {value.dtype, np.dtype(np.float16)}, name
-        assert np.array_equal(ours[name].astype(value.dtype), value), name
-    assert ours["decoder/embeddings/weight"].dtype == np.int8  # quantized, scales and all, as from float32
-
-
-def _ct2_int8(model, dest):
-    TransformersConverter(str(model), low_cpu_mem_usage=True).convert(str(dest), quantization="int8")
 
 
 def test_faster_whisper_runs_the_ctranslate2_artifact(host_output):
