@@ -51,8 +51,15 @@ class Rate:
 # converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
 # for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
 # 262M-parameter embedding the largest). The NPU shape builds a part at a time too.
-# Whisper's rates rest on tiny.en (39M) alone: its fixed parts are measured, its per-parameter parts are not yet.
-REFERENCE = Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20)
+# Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
+# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference
+# 0.71 / 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39; ONNX int8 convert
+# 1.23 / 9.16 (onnxruntime's quantize_dynamic of the 2.5 GB float encoder), parity 0.64 / 2.30; Core ML convert
+# 1.41 / 7.97; MLX convert 0.40 / 1.95, parity (the artifact's weights in transformers) 0.90 / 3.37.
+REFERENCE = {
+    "causal-lm": Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20),
+    "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
+}
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.38, per_source_byte=0.38, seconds=2, seconds_per_gparam=10),
@@ -74,11 +81,11 @@ CONVERT = {
     ("causal-lm", "coreml", "npu"): Rate(
         0.57, per_part_param=22, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
     ),
-    ("whisper", "mlx"): Rate(0.25, per_param=6, seconds=2, seconds_per_gparam=60),
-    ("whisper", "onnx"): Rate(0.8, per_param=12, seconds=12, seconds_per_gparam=300, temporary_per_param=4),
+    ("whisper", "mlx"): Rate(0.32, per_param=2.0, seconds=1, seconds_per_gparam=5),
+    ("whisper", "onnx"): Rate(0.84, per_param=10.3, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(1.5, per_param=30, seconds=15, seconds_per_gparam=600, temporary_per_param=4),
-    ("whisper", "coreml"): Rate(1.0, per_param=10, seconds=20, seconds_per_gparam=400, temporary_per_param=2),
-    ("whisper", "ct2"): Rate(0.5, per_param=6, seconds=3, seconds_per_gparam=60),
+    ("whisper", "coreml"): Rate(1.09, per_param=8.5, seconds=12, seconds_per_gparam=100, temporary_per_param=2),
+    ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),
 }
 PARITY = {
     ("causal-lm", "mlx", "quantized"): Rate(
@@ -88,10 +95,10 @@ PARITY = {
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=1.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
     ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
-    ("whisper", "mlx"): Rate(0.4, per_param=8, seconds=20, seconds_per_gparam=3000),
-    ("whisper", "onnx"): Rate(0.45, per_param=4, seconds=3, seconds_per_gparam=300),
+    ("whisper", "mlx"): Rate(0.78, per_param=3.2, seconds=12, seconds_per_gparam=290),
+    ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
     ("whisper", "coreml"): Rate(0.5, per_param=8, seconds=25, seconds_per_gparam=300),
-    ("whisper", "ct2"): Rate(0.3, per_param=4, seconds=3, seconds_per_gparam=200),
+    ("whisper", "ct2"): Rate(0.4, per_param=1.22, seconds=1, seconds_per_gparam=90),
 }
 
 
@@ -175,7 +182,7 @@ def estimate(model: Model, steps: list[Step], parity: str) -> list[Estimate]:
     if parity != "none":
         tokens = FAST_TOKENS if parity == "fast" else REFERENCE_TOKENS
         logits = tokens * model.vocab * 4 if model.family == "causal-lm" else 0
-        rate = REFERENCE if model.pageable else REFERENCE_WHOLE
+        rate = REFERENCE[model.family] if model.pageable else REFERENCE_WHOLE
         work.append(_cost("parity reference", rate, model, 0, extra=logits, writes=logits))
     for step in steps:
         name = f"{step.format} {step.quantization}"
