@@ -10,8 +10,10 @@ and working folder as they are when it starts (the fork server's are those of it
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -50,27 +52,33 @@ def run(step: str, function: Callable, *args):
     raised here (an EdgeportError as itself); a step killed by the system (the OOM killer) is an EdgeportError."""
     for name, value in GIVE_BACK_FREED.items():
         os.environ.setdefault(name, value)
+    # The step's temporary files go in a folder of its own, removed here however the step ends: a process the OOM
+    # killer ends cleans nothing up, and coremltools leaves every package it converts in the temporary folder.
+    scratch = tempfile.mkdtemp(prefix="edgeport-step-")
     context = _context()
     receive, send = context.Pipe(duplex=False)
     child = context.Process(
         target=_child,
-        args=(send, dict(os.environ), os.getcwd(), quiet.silenced, function, args),
+        args=(send, {**os.environ, "TMPDIR": scratch}, os.getcwd(), quiet.silenced, function, args),
         name=f"edgeport: {step}",
     )
     start = time.perf_counter()
-    child.start()
-    send.close()
     try:
-        outcome, value, peak = receive.recv()
-    except EOFError:  # the child ended without a word: killed
+        child.start()
+        send.close()
+        try:
+            outcome, value, peak = receive.recv()
+        except EOFError:  # the child ended without a word: killed
+            child.join()
+            raise EdgeportError(_killed(step, child.exitcode, time.perf_counter() - start)) from None
+        except BaseException:  # Ctrl-C or SIGTERM here: the child ends its own children, then goes
+            _stop(child)
+            raise
+        finally:
+            receive.close()
         child.join()
-        raise EdgeportError(_killed(step, child.exitcode, time.perf_counter() - start)) from None
-    except BaseException:  # Ctrl-C or SIGTERM here: the child ends its own children, then goes
-        _stop(child)
-        raise
     finally:
-        receive.close()
-    child.join()
+        shutil.rmtree(scratch, ignore_errors=True)
     if outcome == "error":
         raise value
     return value, StepCost(step, round(time.perf_counter() - start, 2), peak)
@@ -87,6 +95,7 @@ def _context():
 def _child(send, environment: dict, folder: str, silenced: bool, function: Callable, args: tuple) -> None:
     os.environ.clear()
     os.environ.update(environment)
+    tempfile.tempdir = None  # read again from TMPDIR: the step's own folder
     os.chdir(folder)
     if silenced:
         quiet.silence_libraries()

@@ -55,7 +55,8 @@ class Rate:
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference
 # 0.71 / 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39; ONNX int8 convert
 # 1.23 / 9.16 (onnxruntime's quantize_dynamic of the 2.5 GB float encoder), parity 0.64 / 2.30; Core ML convert
-# 1.41 / 7.97; MLX convert 0.40 / 1.95, parity (the artifact's weights in transformers) 0.90 / 3.37.
+# 1.41 / 7.97, parity (paged like the reference) - / 1.73; MLX convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's
+# weights in transformers) 0.90 / 3.37 (q8: 2.63). The Snapdragon graphs of turbo were killed at 24.4 GB here.
 REFERENCE = {
     "causal-lm": Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
@@ -82,6 +83,7 @@ CONVERT = {
         0.57, per_part_param=22, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
     ),
     ("whisper", "mlx"): Rate(0.32, per_param=2.0, seconds=1, seconds_per_gparam=5),
+    ("whisper", "mlx", "quantized"): Rate(0.32, per_param=3.1, seconds=2, seconds_per_gparam=15),
     ("whisper", "onnx"): Rate(0.84, per_param=10.3, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(1.5, per_param=30, seconds=15, seconds_per_gparam=600, temporary_per_param=4),
     ("whisper", "coreml"): Rate(1.09, per_param=8.5, seconds=12, seconds_per_gparam=100, temporary_per_param=2),
@@ -95,9 +97,9 @@ PARITY = {
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=1.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
     ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
-    ("whisper", "mlx"): Rate(0.78, per_param=3.2, seconds=12, seconds_per_gparam=290),
+    ("whisper", "mlx"): Rate(0.78, per_param=1.26, per_artifact_byte=0.97, seconds=12, seconds_per_gparam=290),
     ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
-    ("whisper", "coreml"): Rate(0.5, per_param=8, seconds=25, seconds_per_gparam=300),
+    ("whisper", "coreml"): Rate(0.71, per_block_param=5.3, seconds=20, seconds_per_gparam=400, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.4, per_param=1.22, seconds=1, seconds_per_gparam=90),
 }
 

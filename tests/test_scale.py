@@ -4,8 +4,10 @@ the source's reference outputs computed once (paged, one block of weights at a t
 import json
 import multiprocessing
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +57,23 @@ def test_a_stop_ends_the_step_process_too():
         assert not [child for child in multiprocessing.active_children() if child not in before]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_steps_temporary_files_go_with_it_however_it_ends():
+    """A step killed by the system cleans nothing up itself, and libraries (coremltools) leave files behind."""
+    kept, _ = isolated.run("leave", _leave_a_temporary_file)
+    assert not kept.exists() and kept.parent.parent.name.startswith("edgeport-step-")
+    with pytest.raises(EdgeportError, match="killed by SIGKILL"):
+        isolated.run("leave and die", _leave_a_temporary_file, True)
+    assert not [p for p in Path(tempfile.gettempdir()).glob("edgeport-step-*") if (p / "left").exists()]
+
+
+def _leave_a_temporary_file(die: bool = False) -> Path:
+    folder = Path(tempfile.mkdtemp())
+    (folder / "left").write_bytes(b"x" * 1024)
+    if die:
+        signal.raise_signal(signal.SIGKILL)
+    return folder / "left"
 
 
 def test_a_step_gives_back_the_blocks_it_frees():
