@@ -19,7 +19,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, replace
+from functools import partial
 from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
@@ -29,7 +31,8 @@ import onnx
 import onnxruntime
 import torch
 from onnx.external_data_helper import uses_external_data
-from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+from onnxruntime.quantization import CalibrationDataReader, QuantType, qdq_quantizer, quant_utils, quantize_static
+from onnxruntime.quantization.calibrate import MinMaxCalibrater, TensorsData, save_tensors_data
 from onnxruntime.quantization.execution_providers import qnn
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from transformers import DynamicCache
@@ -51,11 +54,6 @@ from edgeport.texts import default_article, summary_prompt
 OPSET = 21
 CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
 CALIBRATION_DECODE_STEPS = 16
-# Calibrating one prefill call holds every intermediate tensor of the part's layers: measured, about 18 float32
-# tensors the size of a layer's attention scores (heads x 128 x context), 1.2 GB a layer for Llama-3.2-1B at 4096
-# tokens (0.34 GB for SmolLM2-135M). A part has no more layers than fit in CALIBRATION_GB.
-CALIBRATION_TENSORS_PER_LAYER = 18
-CALIBRATION_GB = 4
 BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
 
 
@@ -166,8 +164,7 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
 
 def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     """The NPU shape of `source` for `target`: its parts, each within the target's `qnn_part_gb` of weights as
-    quantized, within PART_PARAMS, and with no more layers than the calibrator can hold the intermediate tensors of
-    in CALIBRATION_GB, as few as that allows."""
+    quantized and within PART_PARAMS, as few as that allows."""
     context = target.context_length
     if context <= QNN_PREFILL_CHUNK:
         raise EdgeportError(
@@ -177,9 +174,7 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     if target.qnn_part_gb:
         bound = min(bound, target.qnn_part_gb * GB * 8 / quant.bits_per_weight())
     dims = source.family.dims(source.config)
-    scores = dims.heads * QNN_PREFILL_CHUNK * context * 4  # one layer's attention scores in one call, float32
-    layers = max(1, int(CALIBRATION_GB * GB // (CALIBRATION_TENSORS_PER_LAYER * scores)))
-    spans = source.family.parts(source.config, bound, layers)
+    spans = source.family.parts(source.config, bound)
     n = len(spans)
     return OnnxNPU(
         prefill_chunk=QNN_PREFILL_CHUNK,
@@ -239,22 +234,102 @@ def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
 def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
     `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
+    embedded = _weights_apart(exported)  # else torch wrote them apart itself: over protobuf's 2 GB
     prepared = exported.with_suffix(".prepared.onnx")
-    external = _uses_external_data(exported)  # torch wrote the weights apart: over protobuf's 2 GB
-    if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=external):  # writes only changes
+    if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=True):  # writes only changes
         prepared = exported
     config = qnn.get_qnn_qdq_config(
         prepared,
-        _Reader(feeds),
+        None,  # calibrated below
         activation_type=QuantType.QUInt16,
         weight_type=QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4,
         per_channel=True,
         init_overrides=_sensitive_layers(prepared, quant),
-        stride=1,  # one calibration sample in memory at a time
     )
+    config.use_external_data_format = not embedded  # the quantized graph keeps its weights in it where it can
     if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
         config.extra_options["BlockSize"] = quant.group_size
-    quantize(prepared, dest, config)
+    with tempfile.TemporaryDirectory(prefix="edgeport-calibration-") as tmp, _whole_array_blocks():
+        ranges = Path(tmp) / "ranges.json"
+        save_tensors_data(_ranges(prepared, config, Path(tmp) / "augmented.onnx", feeds), ranges)
+        quantize_static(
+            prepared,
+            dest,
+            calibration_cache_path=ranges,
+            **{option: getattr(config, option) for option in STATIC_QUANT_OPTIONS},
+        )
+
+
+# What quantize() passes on from a StaticQuantConfig to quantize_static (which alone takes precomputed ranges).
+STATIC_QUANT_OPTIONS = (
+    "calibrate_method",
+    "quant_format",
+    "activation_type",
+    "weight_type",
+    "op_types_to_quantize",
+    "nodes_to_quantize",
+    "nodes_to_exclude",
+    "per_channel",
+    "reduce_range",
+    "use_external_data_format",
+    "extra_options",
+)
+
+
+class _Calibrater(MinMaxCalibrater):
+    """onnxruntime's min-max calibrator, its session run in priority-based order. In the default order the session
+    computes the whole graph before any of the ReduceMin/ReduceMax nodes the calibrator adds, so every intermediate
+    tensor of a call is alive at once (0.9 GB a layer of Whisper large-v3-turbo's encoder, 1.2 GB a layer of
+    Llama-3.2-1B's prefill over a 4096-token cache); in priority order each is reduced and freed as it is made."""
+
+    def create_inference_session(self):
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
+        self.infer_session = onnxruntime.InferenceSession(
+            self.augmented_model_path, options, providers=self.execution_providers
+        )
+
+
+def _ranges(model: Path, config, augmented: Path, feeds: list[Path]) -> TensorsData:
+    """Every activation's range over `feeds`, which are read one at a time, as quantize_static would calibrate."""
+    calibrater = _Calibrater(model, config.op_types_to_quantize, augmented, use_external_data_format=True)
+    calibrater.augment_graph()
+    calibrater.create_inference_session()
+    calibrater.collect_data(_Reader(feeds))
+    return calibrater.compute_data()
+
+
+@contextmanager
+def _whole_array_blocks():
+    """onnxruntime's QDQ quantizer with 4-bit block-wise weights quantized a weight at a time: onnxruntime 1.32 does
+    it a 32-value block per Python call, then packs the values two a byte in a Python loop (together 30 us a block:
+    40 minutes for the two graphs of a 1B model, 5 hours for an 8B). The same arithmetic on whole arrays, to the
+    same bytes; every other case is left to onnxruntime."""
+    original = qdq_quantizer.quantize_onnx_initializer
+    qdq_quantizer.quantize_onnx_initializer = partial(_quantize_initializer, original)
+    try:
+        yield
+    finally:
+        qdq_quantizer.quantize_onnx_initializer = original
+
+
+def _quantize_initializer(
+    original, weight, quant_type, zero_point, scale, axis=None, quant_weight_name=None, block_size=0
+) -> onnx.TensorProto:
+    if axis is None or block_size <= 0 or quant_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return original(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
+    data = quant_utils.tensor_proto_to_array(weight)
+    along = np.arange(data.shape[axis]) // block_size  # each row's block: scale and zero point are per block
+    scale, zero_point = np.take(scale, along, axis), np.take(zero_point, along, axis).astype(np.float32)
+    low, high = quant_utils.get_qmin_qmax_for_qType(quant_type)
+    quantized = np.clip((data.astype(np.float32) / scale).round() + zero_point, low, high)
+    stored = quantized.astype(onnx.helper.tensor_dtype_to_np_dtype(quant_type))
+    nibbles = np.frombuffer(stored.tobytes(), np.uint8) & 0xF  # one value a byte, as onnxruntime packs them
+    nibbles = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
+    packed = (nibbles[0::2] | nibbles[1::2] << 4).tobytes()  # two a byte, the first in the low half
+    name = quant_weight_name or f"{weight.name}{quant_utils.TENSOR_NAME_QUANT_SUFFIX}"
+    return onnx.helper.make_tensor(name, quant_type, weight.dims, packed, raw=True)
 
 
 def _annotate_shapes(model_file: Path) -> None:
@@ -355,21 +430,14 @@ class RecordedFeeds:
 
 
 class _Reader(CalibrationDataReader):
-    """Recorded feeds as onnxruntime's calibration reader, a `stride` of them at a time, each read when asked for."""
+    """Recorded feeds as onnxruntime's calibration reader, each read when asked for."""
 
     def __init__(self, feeds: list[Path]):
-        self.feeds = feeds
         self.pending = iter(feeds)
 
     def get_next(self) -> dict | None:
         file = next(self.pending, None)
         return None if file is None else dict(np.load(file))
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.pending = iter(self.feeds[start_index:end_index])
 
 
 def _sensitive_layers(model_file: Path, quant) -> dict:
@@ -383,9 +451,15 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
 
 
-def _uses_external_data(model_file: Path) -> bool:
-    graph = onnx.load(model_file, load_external_data=False).graph
-    return any(uses_external_data(tensor) for tensor in graph.initializer)
+def _weights_apart(model_file: Path) -> bool:
+    """Move a graph's weights out of it into `<name>.data` beside it, unless they already are; whether they were
+    in it. Each of onnxruntime's quantization passes loads the graph, some copy it whole (its shape inference: 4.3 GB
+    for a 0.65 GB graph), and most need only the graph itself."""
+    model = onnx.load(model_file, load_external_data=False)
+    if any(uses_external_data(tensor) for tensor in model.graph.initializer):
+        return False
+    onnx.save(model, model_file, save_as_external_data=True, location=f"{model_file.name}.data")
+    return True
 
 
 def _opset(model_file: Path) -> int:

@@ -201,6 +201,82 @@ def test_npu_shape_is_qdq_at_the_planned_precision(npu_output):
             assert onnx.TensorProto.UINT8 in weight_types
 
 
+def _chain(folder, elements: int):
+    """A graph of 24 elementwise ops on one float tensor of `elements`, and a feed for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, constants, previous = [], [], "x"
+    for i in range(24):
+        constants.append(numpy_helper.from_array(np.array([1 + i / 100], np.float32), f"c{i}"))
+        nodes.append(helper.make_node("Mul" if i % 2 else "Add", [previous, f"c{i}"], [f"y{i}"]))
+        previous = f"y{i}"
+    tensor = [1, elements]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, tensor)],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, tensor)],
+        constants,
+    )
+    folder.mkdir()
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    onnx.save(model, folder / "chain.onnx")
+    np.savez(folder / "feed.npz", x=np.random.default_rng(0).standard_normal(tensor, np.float32))
+    return folder / "chain.onnx", [folder / "feed.npz"]
+
+
+def _calibrated(folder, elements: int, stock: bool = False):
+    """The chain's activation ranges and the memory calibrating it took, by edgeport's calibrater or onnxruntime's."""
+    import resource
+
+    import psutil
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.execution_providers import qnn
+
+    model, feeds = _chain(folder, elements)
+    config = qnn.get_qnn_qdq_config(model, None, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
+    before = psutil.Process().memory_info().rss
+    if stock:
+        calibrater = create_calibrator(model, config.op_types_to_quantize, folder / "augmented.onnx")
+        calibrater.collect_data(onnx_convert._Reader(feeds))
+        ranges = calibrater.compute_data()
+    else:
+        ranges = onnx_convert._ranges(model, config, folder / "augmented.onnx", feeds)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {name: (float(r.range_value[0]), float(r.range_value[1])) for name, r in ranges.data.items()}, grown
+
+
+def test_calibration_holds_one_activation_at_a_time(tmp_path):
+    """The NPU graphs' calibrater reduces each activation to its range as it is made: 24 activations of 32 MB each
+    (onnxruntime's own calibrater holds all 768 MB of them) calibrate in a few of them, to the ranges onnxruntime's
+    calibrater finds."""
+    from edgeport import isolated
+
+    _, grown = isolated.run("calibration", _calibrated, tmp_path / "big", 8 * 2**20)[0]
+    assert grown < 200 * 2**20, f"{grown / 2**20:.0f} MB to calibrate"
+    ours, _ = _calibrated(tmp_path / "ours", 1000)
+    stock, _ = _calibrated(tmp_path / "stock", 1000, stock=True)
+    assert ours == stock and len(ours) == 25
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("shape", [(80, 48), (33, 35)])  # rows not a whole number of blocks; an odd count
+def test_block_wise_weights_are_onnxruntimes_own_bytes(signed, axis, shape):
+    """The 4-bit block-wise weights, quantized on whole arrays, are byte for byte what onnxruntime writes."""
+    from onnxruntime.quantization import quant_utils
+
+    quant_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    weight = (np.random.default_rng(0).standard_normal(shape) * 0.05).astype(np.float32)
+    zero_point, scale = quant_utils.compute_scale_zp_blocked(weight, quant_type, axis, 32, signed)
+    proto = onnx.numpy_helper.from_array(weight, "w")
+    ours = onnx_convert._quantize_initializer(
+        quant_utils.quantize_onnx_initializer, proto, quant_type, zero_point, scale, axis, block_size=32
+    )
+    assert ours == quant_utils.quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis, block_size=32)
+
+
 def test_npu_parity_runs_the_qdq_graphs_on_cpu_and_says_qnn_did_not(npu_output):
     _, result = npu_output
     (artifact,) = result["artifacts"]

@@ -146,29 +146,27 @@ class LayerSpan:
     params: int
 
 
-def layer_spans(config: dict, max_params: float, max_layers: int | None = None) -> list[LayerSpan]:
-    """The decoder's layers in the fewest consecutive spans of at most `max_params` and `max_layers` each (a layer
-    that is larger alone is a span of its own), balanced so that the largest span is as small as that count
-    allows."""
+def layer_spans(config: dict, max_params: float) -> list[LayerSpan]:
+    """The decoder's layers in the fewest consecutive spans of at most `max_params` each (a layer that is larger
+    alone is a span of its own), balanced so that the largest span is as small as that count allows."""
     d, size = LMDims.from_config(config), model_size(config)
     table = d.vocab * d.hidden
     layer = (size.params - table * (1 if d.tied else 2) - d.hidden) // d.layers
     weights = [layer] * d.layers
     weights[0] += table
     weights[-1] += table + d.hidden
-    most = max_layers or len(weights)
-    count = len(_greedy(weights, max_params, most))
+    count = len(_greedy(weights, max_params))
     low, high = min(weights), int(max_params)
     while low < high:  # the smallest capacity that still needs no more spans
         middle = (low + high) // 2
-        low, high = (low, middle) if len(_greedy(weights, middle, most)) <= count else (middle + 1, high)
-    return [LayerSpan(start, stop, sum(weights[start:stop])) for start, stop in _greedy(weights, low, most)]
+        low, high = (low, middle) if len(_greedy(weights, middle)) <= count else (middle + 1, high)
+    return [LayerSpan(start, stop, sum(weights[start:stop])) for start, stop in _greedy(weights, low)]
 
 
-def _greedy(weights: list[int], capacity: float, most: int) -> list[tuple[int, int]]:
+def _greedy(weights: list[int], capacity: float) -> list[tuple[int, int]]:
     spans, start, total = [], 0, 0
     for i, weight in enumerate(weights):
-        if i > start and (total + weight > capacity or i - start == most):
+        if i > start and total + weight > capacity:
             spans.append((start, i))
             start, total = i, 0
         total += weight
@@ -260,8 +258,8 @@ class CausalLM:
         part = max(span.params for span in self.parts(config, PART_PARAMS))
         return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part)
 
-    def parts(self, config: dict, max_params: float, max_layers: int | None = None) -> list[LayerSpan]:
-        return layer_spans(text_config(config), max_params, max_layers)
+    def parts(self, config: dict, max_params: float) -> list[LayerSpan]:
+        return layer_spans(text_config(config), max_params)
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length
