@@ -13,6 +13,7 @@
   records the parts, the shapes and the names.
 """
 
+import math
 import os
 import shutil
 import signal
@@ -228,13 +229,14 @@ def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
                 opset_version=OPSET,
                 dynamo=False,  # the TorchScript exporter keeps the static shapes as given
             )
+        _weights_apart(file)
         _annotate_shapes(file)
 
 
 def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
     `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
-    embedded = _weights_apart(exported)  # else torch wrote them apart itself: over protobuf's 2 GB
+    large = _weights_apart(exported) >= onnx.checker.MAXIMUM_PROTOBUF
     prepared = exported.with_suffix(".prepared.onnx")
     if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=True):  # writes only changes
         prepared = exported
@@ -246,7 +248,7 @@ def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
         per_channel=True,
         init_overrides=_sensitive_layers(prepared, quant),
     )
-    config.use_external_data_format = not embedded  # the quantized graph keeps its weights in it where it can
+    config.use_external_data_format = large  # the quantized graph keeps its weights in it where it can
     if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
         config.extra_options["BlockSize"] = quant.group_size
     with tempfile.TemporaryDirectory(prefix="edgeport-calibration-") as tmp, _whole_array_blocks():
@@ -451,15 +453,17 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
 
 
-def _weights_apart(model_file: Path) -> bool:
-    """Move a graph's weights out of it into `<name>.data` beside it, unless they already are; whether they were
-    in it. Each of onnxruntime's quantization passes loads the graph, some copy it whole (its shape inference: 4.3 GB
-    for a 0.65 GB graph), and most need only the graph itself."""
+def _weights_apart(model_file: Path) -> int:
+    """Keep a graph's weights in `<name>.data` beside it, unless torch already wrote them apart, and return their
+    size. The passes that need only the graph then load only the graph: ONNX shape inference copies a model whole
+    (5.3 GB to annotate the fixture's 0.65 GB graph with its weights in it), and onnxruntime's QNN configuration
+    runs it too."""
     model = onnx.load(model_file, load_external_data=False)
-    if any(uses_external_data(tensor) for tensor in model.graph.initializer):
-        return False
-    onnx.save(model, model_file, save_as_external_data=True, location=f"{model_file.name}.data")
-    return True
+    if not any(uses_external_data(tensor) for tensor in model.graph.initializer):
+        onnx.save(model, model_file, save_as_external_data=True, location=f"{model_file.name}.data")
+    return sum(
+        math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in model.graph.initializer
+    )
 
 
 def _opset(model_file: Path) -> int:
