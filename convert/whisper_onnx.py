@@ -87,7 +87,8 @@ def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
             opset_version=OPSET,
             dynamo=False,
         )
-        model.model.encoder.to("meta")  # exported: the decoder's export would carry a copy of its weights along
+        for weight in model.model.encoder.parameters():  # exported: the decoder's export would carry a copy along
+            weight.data = torch.empty(0)  # (left on the CPU: transformers 5.25 takes the model's device from them)
         torch.onnx.export(
             DecoderStep(model),
             (
