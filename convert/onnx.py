@@ -229,14 +229,14 @@ def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
                 opset_version=OPSET,
                 dynamo=False,  # the TorchScript exporter keeps the static shapes as given
             )
-        _weights_apart(file)
+        weights_apart(file)
         _annotate_shapes(file)
 
 
 def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
     `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
-    large = _weights_apart(exported) >= onnx.checker.MAXIMUM_PROTOBUF
+    large = weights_apart(exported) >= onnx.checker.MAXIMUM_PROTOBUF
     prepared = exported.with_suffix(".prepared.onnx")
     if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=True):  # writes only changes
         prepared = exported
@@ -453,7 +453,7 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
 
 
-def _weights_apart(model_file: Path) -> int:
+def weights_apart(model_file: Path) -> int:
     """Keep a graph's weights in `<name>.data` beside it, unless torch already wrote them apart, and return their
     size. The passes that need only the graph then load only the graph: ONNX shape inference copies a model whole
     (5.3 GB to annotate the fixture's 0.65 GB graph with its weights in it), and onnxruntime's QNN configuration

@@ -200,6 +200,36 @@ def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisp
     assert np.allclose(np.stack(logits), expected[2:], atol=1e-3)
 
 
+def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whisper, tmp_path, monkeypatch):
+    exported, theirs, ours = tmp_path / "float", tmp_path / "theirs", tmp_path / "ours"
+    for folder in (exported, theirs, ours):
+        folder.mkdir()
+    whisper_onnx.export(open_source(str(tiny_whisper)), exported, static=False)
+    int8 = whisper_onnx.quantization.get("int8", "onnx")
+    for graph in ("encoder", "decoder"):
+        whisper_onnx.quantize_dynamic(
+            exported / f"{graph}.onnx",
+            theirs / f"{graph}.onnx",
+            weight_type=whisper_onnx.QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gather"],
+        )
+    loads = []
+    load = onnx.load_external_data_for_model
+    monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a: loads.append(1) or load(*a))
+    for graph in ("encoder", "decoder"):
+        whisper_onnx._cpu_precision(exported / f"{graph}.onnx", ours / f"{graph}.onnx", int8)
+    assert len(loads) == 2  # each graph's weights read once
+    for graph in ("encoder", "decoder"):
+        assert (ours / f"{graph}.onnx").read_bytes() == (theirs / f"{graph}.onnx").read_bytes()
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "decoder.onnx",
+        "decoder.onnx.data",
+        "encoder.onnx",
+        "encoder.onnx.data",
+    ]
+
+
 # Converters, parity, bench and check
 
 
