@@ -251,7 +251,7 @@ def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
     config.use_external_data_format = large  # the quantized graph keeps its weights in it where it can
     if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs
         config.extra_options["BlockSize"] = quant.group_size
-    with tempfile.TemporaryDirectory(prefix="edgeport-calibration-") as tmp, _whole_array_blocks():
+    with tempfile.TemporaryDirectory(prefix="edgeport-calibration-") as tmp, _whole_array_quantization():
         ranges = Path(tmp) / "ranges.json"
         save_tensors_data(_ranges(prepared, config, Path(tmp) / "augmented.onnx", feeds), ranges)
         quantize_static(
@@ -303,11 +303,13 @@ def _ranges(model: Path, config, augmented: Path, feeds: list[Path]) -> TensorsD
 
 
 @contextmanager
-def _whole_array_blocks():
-    """onnxruntime's QDQ quantizer with 4-bit block-wise weights quantized a weight at a time: onnxruntime 1.32 does
-    it a 32-value block per Python call, then packs the values two a byte in a Python loop (together 30 us a block:
-    40 minutes for the two graphs of a 1B model, 5 hours for an 8B). The same arithmetic on whole arrays, to the
-    same bytes; every other case is left to onnxruntime."""
+def _whole_array_quantization():
+    """onnxruntime's QDQ quantizer with each weight quantized on whole arrays. onnxruntime 1.32 quantizes a block-wise
+    weight one 32-value block per Python call, and packs 4-bit values two a byte in a Python loop (together 30 us a
+    block: 40 minutes for the two graphs of a 1B model, 5 hours for an 8B; the 8-bit output projection alone, a
+    block per 32 rows of each token's column, took a minute of the fixture's three), and a per-channel weight one
+    channel per call. The same arithmetic on whole arrays, to the same bytes; every other case is left to
+    onnxruntime."""
     original = qdq_quantizer.quantize_onnx_initializer
     qdq_quantizer.quantize_onnx_initializer = partial(_quantize_initializer, original)
     try:
@@ -316,21 +318,31 @@ def _whole_array_blocks():
         qdq_quantizer.quantize_onnx_initializer = original
 
 
+FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+INTEGER = (*FOUR_BIT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+
+
 def _quantize_initializer(
     original, weight, quant_type, zero_point, scale, axis=None, quant_weight_name=None, block_size=0
 ) -> onnx.TensorProto:
-    if axis is None or block_size <= 0 or quant_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    if quant_type not in INTEGER or axis is None:  # a float type, or one scale for the whole tensor
         return original(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
     data = quant_utils.tensor_proto_to_array(weight)
-    along = np.arange(data.shape[axis]) // block_size  # each row's block: scale and zero point are per block
-    scale, zero_point = np.take(scale, along, axis), np.take(zero_point, along, axis).astype(np.float32)
+    if block_size > 0:  # scale and zero point per block of rows along `axis`
+        along = np.arange(data.shape[axis]) // block_size
+        scale, zero_point = np.take(scale, along, axis), np.take(zero_point, along, axis)
+    else:  # one scale and zero point per channel along `axis`
+        shape = [-1 if dim == axis else 1 for dim in range(data.ndim)]
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     low, high = quant_utils.get_qmin_qmax_for_qType(quant_type)
-    quantized = np.clip((data.astype(np.float32) / scale).round() + zero_point, low, high)
+    quantized = np.clip((data.astype(np.float32) / scale).round() + zero_point.astype(np.float32), low, high)
     stored = quantized.astype(onnx.helper.tensor_dtype_to_np_dtype(quant_type))
+    name = quant_weight_name or f"{weight.name}{quant_utils.TENSOR_NAME_QUANT_SUFFIX}"
+    if quant_type not in FOUR_BIT:
+        return onnx.numpy_helper.from_array(stored.reshape(weight.dims), name)
     nibbles = np.frombuffer(stored.tobytes(), np.uint8) & 0xF  # one value a byte, as onnxruntime packs them
     nibbles = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
     packed = (nibbles[0::2] | nibbles[1::2] << 4).tobytes()  # two a byte, the first in the low half
-    name = quant_weight_name or f"{weight.name}{quant_utils.TENSOR_NAME_QUANT_SUFFIX}"
     return onnx.helper.make_tensor(name, quant_type, weight.dims, packed, raw=True)
 
 

@@ -260,14 +260,17 @@ def test_calibration_holds_one_activation_at_a_time(tmp_path):
     assert ours == stock and len(ours) == 25
 
 
-@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize(
+    "quant_type, signed",
+    [(onnx.TensorProto.INT4, True), (onnx.TensorProto.UINT4, False), (onnx.TensorProto.UINT8, False)],
+)
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("shape", [(80, 48), (33, 35)])  # rows not a whole number of blocks; an odd count
-def test_block_wise_weights_are_onnxruntimes_own_bytes(signed, axis, shape):
-    """The 4-bit block-wise weights, quantized on whole arrays, are byte for byte what onnxruntime writes."""
+def test_block_wise_weights_are_onnxruntimes_own_bytes(quant_type, signed, axis, shape):
+    """Block-wise weights (4-bit, and the 8-bit output projection of w4a16), quantized on whole arrays, are byte
+    for byte what onnxruntime writes."""
     from onnxruntime.quantization import quant_utils
 
-    quant_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
     weight = (np.random.default_rng(0).standard_normal(shape) * 0.05).astype(np.float32)
     zero_point, scale = quant_utils.compute_scale_zp_blocked(weight, quant_type, axis, 32, signed)
     proto = onnx.numpy_helper.from_array(weight, "w")
@@ -275,6 +278,29 @@ def test_block_wise_weights_are_onnxruntimes_own_bytes(signed, axis, shape):
         quant_utils.quantize_onnx_initializer, proto, quant_type, zero_point, scale, axis, block_size=32
     )
     assert ours == quant_utils.quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis, block_size=32)
+
+
+@pytest.mark.parametrize(
+    "quant_type", [onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT4]
+)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_weights_are_onnxruntimes_own_bytes(quant_type, axis):
+    """Per-channel weights (8-bit; 16- and 4-bit as QNN's mixed precision may ask), quantized on whole arrays, are
+    byte for byte what onnxruntime writes."""
+    from onnxruntime.quantization import quant_utils
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((40, 24)) * 0.05).astype(np.float32)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(quant_type)
+    low, high = quant_utils.get_qmin_qmax_for_qType(quant_type)
+    channels = weight.shape[axis]
+    scale = rng.uniform(1e-4, 1e-3, channels).astype(np.float32)  # small enough that some values clip
+    zero_point = rng.integers(low, high, channels, endpoint=True).astype(dtype)
+    proto = onnx.numpy_helper.from_array(weight, "w")
+    ours = onnx_convert._quantize_initializer(
+        quant_utils.quantize_onnx_initializer, proto, quant_type, zero_point, scale, axis
+    )
+    assert ours == quant_utils.quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis)
 
 
 def test_npu_parity_runs_the_qdq_graphs_on_cpu_and_says_qnn_did_not(npu_output):
