@@ -7,6 +7,7 @@ second rather than the seconds a fresh interpreter takes to import torch. A chil
 and working folder as they are when it starts (the fork server's are those of its own start).
 """
 
+import errno
 import multiprocessing
 import os
 import pickle
@@ -24,6 +25,7 @@ from edgeport.errors import EdgeportError
 from edgeport.machine import peak_rss_bytes
 
 PRELOAD = ["numpy", "torch", "transformers", "safetensors", "edgeport.families", "edgeport.parity"]
+FULL_DISK_BYTES = 64 * 2**20  # less free than this where a step's write failed: the disk filled up
 STOP_SECONDS = 10  # how long a stopped child has to end its own children before it is killed
 # glibc keeps a freed block under its mmap threshold resident in its heap, and raises that threshold (up to 32 MB)
 # to the largest block freed so far, so the weights of a paged model's layers, read and let go as each runs, stay.
@@ -77,11 +79,14 @@ def run(step: str, function: Callable, *args):
         finally:
             receive.close()
         child.join()
+        seconds = time.perf_counter() - start
+        if outcome == "error" and _disk_filled(value, scratch):
+            raise EdgeportError(_out_of_disk(step, seconds, value)) from value
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if outcome == "error":
         raise value
-    return value, StepCost(step, round(time.perf_counter() - start, 2), peak)
+    return value, StepCost(step, round(seconds, 2), peak)
 
 
 def _context():
@@ -132,6 +137,23 @@ def _stop(child) -> None:
     if child.is_alive():
         child.kill()
         child.join()
+
+
+def _disk_filled(error: BaseException, scratch: str) -> bool:
+    """Whether a step's error was a write that found no room: ENOSPC, or a library's own words for it (numpy's
+    tofile says "Not enough free space"; its save, "requested and 0 written") while the step's files still fill
+    the disk."""
+    if not isinstance(error, OSError):
+        return False
+    return error.errno == errno.ENOSPC or shutil.disk_usage(scratch).free < FULL_DISK_BYTES
+
+
+def _out_of_disk(step: str, seconds: float, error: OSError) -> str:
+    return (
+        f"{step} ran out of disk space after {seconds:.0f} s ({error.strerror or error}); `edgeport convert "
+        f"--dry-run` shows what each step writes: free space, or set TMPDIR to a disk with room for the temporary "
+        f"files ({tempfile.gettempdir()} now)"
+    )
 
 
 def _killed(step: str, exitcode: int | None, seconds: float) -> str:

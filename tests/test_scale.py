@@ -44,6 +44,26 @@ def test_a_step_killed_by_the_system_is_one_clear_line():
         isolated.run("convert mlx q4", signal.raise_signal, signal.SIGKILL)
 
 
+def test_a_step_that_fills_the_disk_is_one_clear_line(monkeypatch):
+    with pytest.raises(EdgeportError, match=r"^write ran out of disk space after \d+ s \(No space left on device\);"):
+        isolated.run("write", _write_to_a_full_disk)
+    with pytest.raises(OSError, match="requested and 0 written"):  # no errno, and the disk has room: not that
+        isolated.run("write", _raise, OSError("1048576 requested and 0 written"))
+    full = isolated.shutil.disk_usage("/")._replace(free=0)
+    monkeypatch.setattr(isolated.shutil, "disk_usage", lambda path: full)  # as it is when a write found no room
+    with pytest.raises(EdgeportError, match=r"ran out of disk space .* set TMPDIR to a disk with room"):
+        isolated.run("write", _raise, OSError("1048576 requested and 0 written"))  # numpy's words for it
+
+
+def _write_to_a_full_disk() -> None:
+    with open("/dev/full", "wb") as full:
+        full.write(b"x" * 2**20)
+
+
+def _raise(error: BaseException):
+    raise error
+
+
 def test_a_stop_ends_the_step_process_too():
     """Ctrl-C (or SIGTERM, which edgeport turns into the same) while a step runs: the step's process goes as well."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell, even in a background job
