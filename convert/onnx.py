@@ -306,10 +306,9 @@ def _ranges(model: Path, config, augmented: Path, feeds: list[Path]) -> TensorsD
 def _whole_array_quantization():
     """onnxruntime's QDQ quantizer with each weight quantized on whole arrays. onnxruntime 1.32 quantizes a block-wise
     weight one 32-value block per Python call, and packs 4-bit values two a byte in a Python loop (together 30 us a
-    block: 40 minutes for the two graphs of a 1B model, 5 hours for an 8B; the 8-bit output projection alone, a
-    block per 32 rows of each token's column, took a minute of the fixture's three), and a per-channel weight one
-    channel per call. The same arithmetic on whole arrays, to the same bytes; every other case is left to
-    onnxruntime."""
+    block: 40 minutes for the two graphs of a 1B model, 5 hours for an 8B; w4a16's 8-bit output projection alone is 885k
+    blocks a graph for the fixture, half a minute), and a per-channel weight one channel per call. The same arithmetic
+    on whole arrays, to the same bytes; every other case is left to onnxruntime."""
     original = qdq_quantizer.quantize_onnx_initializer
     qdq_quantizer.quantize_onnx_initializer = partial(_quantize_initializer, original)
     try:

@@ -17,7 +17,7 @@ from ctranslate2.converters import TransformersConverter
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration
 
-from edgeport import targets
+from edgeport import quantization, targets
 from edgeport.audio import SAMPLE_RATE, load_audio, parity_clips, windows
 from edgeport.convert import copy_app_files, whisper_onnx
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
@@ -205,7 +205,7 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
     for folder in (exported, theirs, ours):
         folder.mkdir()
     whisper_onnx.export(open_source(str(tiny_whisper)), exported, static=False)
-    int8 = whisper_onnx.quantization.get("int8", "onnx")
+    int8 = quantization.get("int8", "onnx")
     for graph in ("encoder", "decoder"):
         whisper_onnx.quantize_dynamic(
             exported / f"{graph}.onnx",
