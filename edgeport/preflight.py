@@ -50,7 +50,8 @@ class Rate:
 # first: the output projection's float32 copies make the peak); ONNX CPU parity 1.00 / 3.84 / 7.47 / 14.75. Core ML
 # converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
 # for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
-# 262M-parameter embedding the largest). The NPU shape builds a part at a time too.
+# 262M-parameter embedding the largest); held out, the 8.03B's predictions missed by -6 % (convert, 6.52 GB) and +23 %
+# (parity, 7.10 GB). The NPU shape builds a part at a time too.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71 /
 # 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert 1.23 /
