@@ -9,6 +9,7 @@ convert` measured on a 135M (SmolLM2) and a 1.24B (Llama-3.2-1B shape) model on 
 the machine; they feed the progress bar's ETA and are estimates, not promises.
 """
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -130,16 +131,19 @@ class Room:
     output_disk_bytes: int  # free on the output's file system
     temporary_disk_bytes: int
     cache_disk_bytes: int | None = None  # free where the source's weights will be fetched or converted to, if any
+    one_disk: bool = False  # the output and the temporary folder on one file system: what both write shares it
 
     @classmethod
     def here(cls, out: Path, max_memory_gb: float | None = None, cache: Path | None = None) -> "Room":
         available = psutil.virtual_memory().available
         memory = int(max_memory_gb * GB) if max_memory_gb else available
+        temporary = tempfile.gettempdir()
         return cls(
             memory,
             shutil.disk_usage(_existing(out)).free,
-            shutil.disk_usage(tempfile.gettempdir()).free,
+            shutil.disk_usage(temporary).free,
             shutil.disk_usage(_existing(cache)).free if cache else None,
+            os.stat(_existing(out)).st_dev == os.stat(temporary).st_dev,
         )
 
 
@@ -305,6 +309,12 @@ def fitting(work: list[Estimate], room: Room, asked: bool) -> tuple[list[Estimat
             f"free {_gb(writes - room.output_disk_bytes)} or choose another --out"
         )
     temporary = max((e.temporary_bytes for e in kept), default=0)
+    if room.one_disk and writes + temporary > room.output_disk_bytes:  # the last step's scratch beside every output
+        raise EdgeportError(
+            f"the output and a step's temporary files need about {_gb(writes + temporary)} of disk together, "
+            f"{_gb(room.output_disk_bytes)} are free on the disk both go to (with {tempfile.gettempdir()}): free "
+            f"{_gb(writes + temporary - room.output_disk_bytes)}, or set TMPDIR to another disk or choose another --out"
+        )
     if temporary > room.temporary_disk_bytes:
         raise EdgeportError(
             f"a step needs about {_gb(temporary)} of temporary disk, {_gb(room.temporary_disk_bytes)} are free in "

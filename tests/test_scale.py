@@ -356,6 +356,33 @@ def test_a_gguf_sources_float16_copy_needs_room_in_the_cache(fixture_gguf, tmp_p
             preflight.plan_work(source, plan, [], "none", room, asked=False)
 
 
+def test_outputs_and_temporary_files_on_one_disk_need_room_together(tiny_llama, tmp_path):
+    """Each fits alone; on one file system the largest step's scratch comes on top of every artifact written."""
+    from edgeport import preflight
+    from edgeport.plan import make_plan
+    from edgeport.targets import load
+
+    source = open_source(str(tiny_llama), config_only=True)
+    plan = make_plan(source, load("m2-air"), ["mlx", "coreml"], None)
+    work = preflight.estimate(preflight.model_of(source, 4096), plan.steps, "full")
+    writes, temporary = sum(e.writes_bytes for e in work), max(e.temporary_bytes for e in work)
+    assert writes and temporary
+    for free, one_disk, refused in (
+        (writes + temporary - 1, True, True),
+        (writes + temporary - 1, False, False),
+        (writes + temporary, True, False),
+    ):
+        room = preflight.Room(10**12, free, free, one_disk=one_disk)
+        if refused:
+            with pytest.raises(EdgeportError, match=r"need about .* of disk together, .* set TMPDIR to another disk"):
+                preflight.fitting(work, room, asked=False)
+        else:
+            preflight.fitting(work, room, asked=False)
+    assert preflight.Room.here(tmp_path).one_disk == (
+        tmp_path.stat().st_dev == Path(tempfile.gettempdir()).stat().st_dev
+    )
+
+
 def test_the_estimates_follow_the_models_shape(tmp_path):
     """The reference reads one block at a time where it can: its estimate grows with the largest block, not the
     model; a checkpoint that cannot be paged (fused MoE experts) is estimated whole."""
