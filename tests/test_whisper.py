@@ -327,7 +327,10 @@ def test_m2_air_gets_an_mlx_whisper_folder(mac_output):
     assert (mlx["format"], mlx["quantization"]) == ("mlx", "fp16")
     config = json.loads((out / "mlx" / "config.json").read_text())
     assert (config["n_text_layer"], config["n_audio_state"]) == (2, 64)
-    text = mlx_whisper.transcribe(parity_clips()[1].audio, path_or_hf_repo=str(out / "mlx"), fp16=False)["text"]
+    # greedy only: on random weights every window fails the fallback's checks, and sampling at rising temperatures
+    # takes from half a minute to over ten on MLX's CPU build, however the draws fall
+    audio = parity_clips()[1].audio
+    text = mlx_whisper.transcribe(audio, path_or_hf_repo=str(out / "mlx"), fp16=False, temperature=0.0)["text"]
     assert isinstance(text, str)  # mlx-whisper itself loads and runs the artifact
 
 
