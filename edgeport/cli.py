@@ -92,6 +92,12 @@ target_options = options(
     click.option("--ram", type=float, help="RAM variant of the target in GB (e.g. 8 for an 8 GB M2 Air)."),
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+context_option = click.option(
+    "--context",
+    type=click.IntRange(min=1),
+    metavar="TOKENS",
+    help="KV cache length to plan and build for (default: the target's context length).",
+)
 quant_option = click.option(
     "--quant",
     help="Quantization instead of the target's preference, wherever it applies.",
@@ -100,9 +106,12 @@ quant_option = click.option(
 
 
 @cli.command("targets")
+@click.option("--measure", is_flag=True, help="Measure this machine (host) again instead of using its cached figures.")
 @json_option
-def targets_command(as_json: bool) -> None:
+def targets_command(measure: bool, as_json: bool) -> None:
     """List the target devices."""
+    if measure:
+        targets.host_facts(remeasure=True)
     loaded = [targets.load(name) for name in targets.names()]
     if as_json:
         from dataclasses import asdict
@@ -117,14 +126,16 @@ def targets_command(as_json: bool) -> None:
 @target_options
 @click.option("--formats", "-f", help="Comma-separated formats to plan (default: all the target runs).")
 @quant_option
+@context_option
 @source_options
 @json_option
-def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_remote_code, as_json) -> None:
-    """Predict memory and speed of MODEL on a target, from its config alone."""
+def plan(model, target_name, ram, formats, quant, context, revision, allow_pickle, trust_remote_code, as_json) -> None:
+    """Predict memory and speed of MODEL on a target, from its config alone. Exits 0 when a planned format meets
+    the target's whole budget (memory, decode and TTFT, or RTF for speech), 1 when none does."""
     from edgeport.plan import make_plan
     from edgeport.source import open_source
 
-    target = targets.load(target_name, ram)
+    target = targets.load(target_name, ram, context)
     source = open_source(
         model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, config_only=True
     )
@@ -133,6 +144,8 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
         _print_json(result.to_dict())
     else:
         report.show(report.plan_table(result))
+    if not any(step.meets_budget for step in result.steps):
+        sys.exit(MISSED)
 
 
 @cli.command()
@@ -141,6 +154,7 @@ def plan(model, target_name, ram, formats, quant, revision, allow_pickle, trust_
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output folder (default: out/<model>-<target>).")
 @click.option("--formats", "-f", help="Comma-separated formats to build (default: all the target runs).")
 @quant_option
+@context_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-parity-fail", is_flag=True, help="Exit 0 even when an artifact fails parity.")
 @click.option(
@@ -175,6 +189,7 @@ def convert(
     out,
     formats,
     quant,
+    context,
     force,
     allow_parity_fail,
     parity,
@@ -194,7 +209,7 @@ def convert(
     from edgeport.plan import make_plan
     from edgeport.source import open_source, source_name
 
-    target = targets.load(target_name, ram)
+    target = targets.load(target_name, ram, context)
     out = out or Path("out") / f"{source_name(model)}-{target.name}"
     local = Path(model).expanduser()
     opening = {"revision": revision, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}

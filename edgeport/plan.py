@@ -9,7 +9,6 @@ from edgeport.errors import EdgeportError
 from edgeport.source import Source
 from edgeport.targets import Target
 
-KV_BYTES_PER_VALUE = 2  # fp16 KV cache
 NORM_BYTES_PER_VALUE = 2
 GB = 1e9
 
@@ -29,6 +28,10 @@ class Step:
     verdict: str  # why it fits or does not, in words
     largest_fitting: str | None  # the largest quantization of this format that fits
     rtf: float | None = None  # Whisper: predicted wall time / audio duration (prefill_tps is encoder frames/s)
+    meets_budget: bool | None = None  # memory and every speed budget met (None: a plan from before it was judged)
+    prefill_roofline_tps: float | None = None  # what the expected prefill_tps is a calibrated share of
+    decode_roofline_tps: float | None = None
+    calibration: str | None = None  # which measurements calibrated the expected speeds, in words
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,8 @@ def targets_table(targets: list) -> Grid:
 
 
 def plan_table(plan) -> Grid:
-    """The plan, one row a format: short cells, each step's reason below when there is more to say than the
-    memory cell does."""
+    """The plan, one row a format with its expected speeds; below, each step's verdict on the whole budget, the
+    rooflines the speeds are a calibrated share of, and the measurements each engine was calibrated on."""
     from edgeport.families import named
 
     family = named(plan.family)
@@ -176,16 +176,24 @@ def plan_table(plan) -> Grid:
         f"Plan: {model_name(plan.source)} ({plan.model_type}, {_params(plan.params)} parameters{active}) on "
         f"{plan.target} ({plan.ram_gb:g} GB, {plan.bandwidth_gbs:g} GB/s)"
     )
-    grid = Grid(title, ["format", "quant", "weights", "peak/usable", *family.speed_columns])
+    grid = Grid(title, ["format", "quant", "weights", "peak/usable", *family.speed_columns, "budget"])
     for s in plan.steps:
-        speeds = family.plan_speeds(s)
         mark = "[green]✓[/]" if s.fits else "[red]✗[/]"
         memory = f"{mark} {_gb(s.peak_bytes / GB).removesuffix(' GB')}/{plan.usable_ram_gb:.1f} GB"
-        grid.rows.append([f"{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), memory, *speeds])
-        if not s.fits or ", but" in s.verdict:
-            grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}")
+        budget = "—" if s.meets_budget is None else "[green]met[/]" if s.meets_budget else "[red]missed[/]"
+        row = [f"{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), memory, *family.plan_speeds(s)]
+        grid.rows.append([*row, budget])
+        rooflines = f" (rooflines: {family.plan_rooflines(s)})" if s.decode_roofline_tps else ""
+        grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}{rooflines}")
+    grid.notes += list(dict.fromkeys(s.calibration for s in plan.steps if s.calibration))
     kv = _gb(plan.steps[0].kv_bytes / GB) if plan.steps else "—"
-    grid.notes.append(family.plan_note(plan, kv) + "; speeds are rooflines (upper bounds)")
+    grid.notes.append(family.plan_note(plan, kv) + "; speeds are expected figures, a calibrated share of each roofline")
+    meeting = [f"{s.format} {s.quantization}" for s in plan.steps if s.meets_budget]
+    grid.notes.append(
+        f"meets the whole budget of {plan.target}: {', '.join(meeting)}"
+        if meeting
+        else f"nothing planned meets the whole budget of {plan.target}"
+    )
     return grid
 
 

@@ -18,6 +18,8 @@ from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, made, read_json
 
 UNITS = ("cpu", "gpu", "npu")
+SPREAD_LIMIT = 1.5  # slowest repeat of a host measurement over the fastest, beyond which something else was running
+_THIS_RUN: dict[str, dict] = {}  # host figures measured by this process, so that it measures once
 FORMATS = ("mlx", "coreml", "onnx", "ct2")
 
 
@@ -48,7 +50,7 @@ class Target:
     ram_options_gb: tuple[float, ...]
     usable_ram_fraction: float  # share of RAM one app may hold before the OS stops it
     bandwidth_gbs: float
-    tflops: dict[str, float]  # dense fp16 throughput per unit (NPU: vendor TOPS)
+    tflops: dict[str, float]  # dense throughput per unit at the precision formats compute in there (NPU: 16-bit)
     context_length: int
     formats: tuple[FormatPreference, ...]  # what a causal LM is built as, most wanted first
     speech_formats: tuple[FormatPreference, ...]  # what Whisper is built as
@@ -75,16 +77,27 @@ class Target:
             raise EdgeportError(f"--ram {ram_gb:g}: {self.name} comes with {options} GB")
         return replace(self, ram_gb=ram_gb)
 
+    def with_context(self, tokens: int | None) -> "Target":
+        """This target with a KV cache of `tokens` instead of the profile's context length."""
+        if tokens is None:
+            return self
+        if tokens <= self.budget.prompt_tokens:
+            raise EdgeportError(
+                f"--context {tokens}: must exceed the {self.budget.prompt_tokens}-token prompt that {self.name}'s "
+                "TTFT budget is set for"
+            )
+        return replace(self, context_length=tokens)
+
 
 def names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in _profiles().iterdir() if p.name.endswith(".toml"))
 
 
-def load(name: str, ram_gb: float | None = None) -> Target:
+def load(name: str, ram_gb: float | None = None, context: int | None = None) -> Target:
     """The target called `name`, or the profile in the TOML file `name` (a device of the user's own, validated
     like the bundled ones); a misspelt name gets the closest one and the list."""
     if name.endswith(".toml"):
-        return _load_file(Path(name)).with_ram(ram_gb)
+        return _load_file(Path(name)).with_ram(ram_gb).with_context(context)
     known = names()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
@@ -94,7 +107,7 @@ def load(name: str, ram_gb: float | None = None) -> Target:
     target = parse(tomllib.loads(file.read_text()), source=f"targets/{name}.toml")
     if name == "host":
         target = _measure_host(target)
-    return target.with_ram(ram_gb)
+    return target.with_ram(ram_gb).with_context(context)
 
 
 def _load_file(file: Path) -> Target:
@@ -213,28 +226,42 @@ def _measure_host(target: Target) -> Target:
     )
 
 
-def host_facts() -> dict:
-    """Memory bandwidth and fp32 matmul throughput of this machine, measured once and cached."""
+def host_facts(remeasure: bool = False) -> dict:
+    """Memory bandwidth and fp32 matmul throughput of this machine, measured once (or again, `remeasure`) and
+    cached. Figures whose repeats spread wider than SPREAD_LIMIT were taken while something else ran: they are used
+    for this run, said to be, and not cached."""
     import platform
 
     import numpy as np
 
+    from edgeport.report import err
+
     cache = cache_dir() / "host.json"
     key = f"{platform.node()}-{platform.machine()}-{os.cpu_count()}"
-    facts = _cached_facts(cache)
+    facts = None if remeasure else _THIS_RUN.get(key) or _cached_facts(cache)
     if facts and facts["key"] == key:
         return facts
+    err.print(f"measuring this machine's memory bandwidth and matmul throughput (a few seconds; kept in {cache})")
     src = np.ones(2**27, dtype=np.float32)  # 512 MiB
     dst = np.empty_like(src)
-    copy_s = _best_of(3, lambda: np.copyto(dst, src))
+    copies = _times(5, lambda: np.copyto(dst, src))
     a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
-    matmul_s = _best_of(5, lambda: a @ a)
+    matmuls = _times(7, lambda: a @ a)
+    spread = max(max(copies) / min(copies), max(matmuls) / min(matmuls))
     facts = {
         "key": key,
-        "bandwidth_gbs": round(2 * src.nbytes / copy_s / 1e9, 1),  # a copy reads and writes each byte
-        "cpu_tflops": round(2 * 1024**3 / matmul_s / 1e12, 3),
+        "bandwidth_gbs": round(2 * src.nbytes / min(copies) / 1e9, 1),  # a copy reads and writes each byte
+        "cpu_tflops": round(2 * 1024**3 / min(matmuls) / 1e12, 3),
+        "spread": round(spread, 2),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _THIS_RUN[key] = facts
+    if spread > SPREAD_LIMIT:
+        err.print(
+            f"[yellow]warning:[/] this machine's repeats differed by {spread:.1f}x, so something else is running: "
+            "its figures are used for now but not kept; run `edgeport targets --measure` when it is quiet"
+        )
+        return facts
     made(cache.parent)
     cache.write_text(json.dumps(facts, indent=2))
     return facts
@@ -255,13 +282,14 @@ def _cached_facts(cache: Path) -> dict | None:
     return facts if numbers else None
 
 
-def _best_of(n: int, fn) -> float:
+def _times(n: int, fn) -> list[float]:
+    """Seconds of `n` calls of `fn`, after one that warms caches and thread pools."""
     times = []
-    for _ in range(n):
+    for _ in range(n + 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times[1:]
 
 
 def _profiles() -> Path:

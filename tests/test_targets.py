@@ -1,7 +1,9 @@
+import json
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from edgeport import targets
 from edgeport.errors import EdgeportError
@@ -60,8 +62,6 @@ def test_a_bad_profile_names_the_file_and_field():
 def test_a_target_of_the_users_own_from_a_toml_file(tmp_path, tiny_llama):
     import json
 
-    from conftest import run_cli
-
     profile = (Path(targets.__file__).parent / "m2-air.toml").read_text()
     own = tmp_path / "my-laptop.toml"
     own.write_text(profile.replace('name = "m2-air"', 'name = "my-laptop"'))
@@ -74,3 +74,25 @@ def test_a_target_of_the_users_own_from_a_toml_file(tmp_path, tiny_llama):
     own.write_text("name = ")
     code, out, err = run_cli("plan", str(tiny_llama), "-t", str(own))
     assert code == 3 and "not a valid TOML file" in err
+
+
+def test_host_measured_under_load_is_used_but_not_cached_and_measure_measures_again(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(targets, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(targets, "_THIS_RUN", {})
+    monkeypatch.setattr(targets, "_times", lambda n, fn: [1.0, 1.0, 2.0])  # one repeat twice as slow
+    busy = targets.host_facts()
+    assert busy["spread"] == 2.0 and not (tmp_path / "host.json").exists()
+    err = capsys.readouterr().err
+    assert "measuring this machine" in err and "differed by 2.0x" in err and "edgeport targets --measure" in err
+
+    monkeypatch.setattr(targets, "_times", lambda n, fn: [1.0, 1.0, 1.1])
+    quiet = targets.host_facts(remeasure=True)
+    assert json.loads((tmp_path / "host.json").read_text())["spread"] == quiet["spread"] == 1.1
+    assert "differed" not in capsys.readouterr().err
+
+    monkeypatch.setattr(targets, "_THIS_RUN", {})
+    monkeypatch.setattr(targets, "_times", lambda n, fn: [0.5, 0.5, 0.5])
+    assert targets.host_facts() == quiet  # cached: not measured again
+    code, _, err = run_cli("targets", "--measure")
+    assert code == 0 and "measuring this machine" in err
+    assert json.loads((tmp_path / "host.json").read_text())["spread"] == 1.0

@@ -11,7 +11,8 @@ Each family has:
 - parity: `check_inputs(source)` (before any work), `reference(source)` (the source's outputs, computed once),
   `measure(reference, runner, quantization, not_checked) -> Parity`
 - the bench: `workload`, the module of edgeport.runtime whose `bench_artifact` measures it
-- tables: `plan_speeds(step)`, `plan_note(plan, kv)`, `metric_cells(metrics, num)`, `metric_notes(name, metrics, num)`
+- tables: `plan_speeds(step)`, `plan_rooflines(step)`, `plan_note(plan, kv)`, `metric_cells(metrics, num)`,
+  `metric_notes(name, metrics, num)`
 """
 
 from edgeport.errors import EdgeportError

@@ -2,12 +2,15 @@
 artifact of it (logits on chat prompts and perplexity on real text), its bench workload and its table columns.
 
 The plan's formulas for it (the README's "How the plan predicts" spells them out):
-- weight bytes  = matrix weights x bits per weight / 8 + norms in fp16
-- KV bytes      = 2 (K and V) x layers x KV heads x head dim x 2 bytes x the target's context length
+- weight bytes  = matrix weights x bits per weight / 8 (the output projection at the quantization's head bits)
+                  + norms in fp16
+- KV bytes      = 2 (K and V) x layers x KV heads x head dim x the engine's bytes a value x the context length
 - peak memory   = weights + KV cache + one prefill chunk of activations (fp32 logits dominate)
-- decode tok/s  = memory bandwidth / bytes read per token (active weights + KV cache of the prompt): a roofline
-- prefill tok/s = unit throughput / (2 x active parameters): a compute roofline
-- TTFT          = budget prompt length / prefill tok/s
+- decode tok/s  = roofline: memory bandwidth / bytes read per token (active weights, and the KV cache of the
+                  prompt, or of the whole context for an engine of fixed shapes); expected: the engine's
+                  calibrated share of it (edgeport.calibration)
+- prefill tok/s = roofline: unit throughput / (2 x active parameters); expected: the engine's calibrated share
+- TTFT          = budget prompt length / expected prefill tok/s
 Mixture-of-experts models hold every expert in memory but read only the routed ones per token.
 """
 
@@ -17,10 +20,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgeport import quantization
+from edgeport import calibration, quantization
+from edgeport.calibration import ENGINES, Engine
 from edgeport.errors import EdgeportError
 from edgeport.parity import Metric, Parity, bounds_for, cosine, judge, kl_divergence, perplexity
-from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
+from edgeport.plan import GB, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
 from edgeport.targets import Target
 from edgeport.texts import chat_ids, reference_paragraph
 
@@ -97,7 +101,8 @@ class ModelSize:
     matrix_params: int  # weights in matrices (embeddings, projections, experts): what gets quantized
     active_matrix_params: int
     high_share: float  # share of matrix weights a mixed-precision recipe keeps at its high bits
-    kv_bytes_per_token: int
+    head_params: int  # the output projection (the embedding itself where the two are tied)
+    kv_values_per_token: int  # keys and values cached per token, over all layers
     activation_bytes_per_token: int
 
 
@@ -131,7 +136,8 @@ def model_size(config: dict) -> ModelSize:
         matrix_params=matrix,
         active_matrix_params=active_matrix,
         high_share=high / matrix,
-        kv_bytes_per_token=2 * d.layers * d.kv_heads * d.head_dim * KV_BYTES_PER_VALUE,
+        head_params=d.vocab * hidden,
+        kv_values_per_token=2 * d.layers * d.kv_heads * d.head_dim,
         activation_bytes_per_token=(d.vocab + 4 * hidden + 2 * active_intermediate) * 4,
     )
 
@@ -268,31 +274,29 @@ class CausalLM:
         return target.budget.prompt_tokens
 
     def step(self, size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
-        quant = quantization.get(quant_name, fmt)
-        weight_bytes, kv_bytes, peak_bytes = _memory(size, target, quant)
-        bits = quant.bits_per_weight(size.high_share)
-        bytes_per_token = size.active_matrix_params * bits / 8 + size.kv_bytes_per_token * target.budget.prompt_tokens
-        decode_tps = target.bandwidth_gbs * GB / bytes_per_token
-        prefill_tps = target.tflops[unit] * 1e12 / (2 * size.active_params)
+        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
+        ladder = {q: _figures(size, target, q, fmt, engine, efficiency, unit) for q in LADDER[fmt]}
+        f = ladder.get(quant_name) or _figures(size, target, quant_name, fmt, engine, efficiency, unit)
         usable = target.usable_ram_gb * GB
-        fits = peak_bytes <= usable
-        largest = next(
-            (q for q in quantization.LADDERS[fmt] if _memory(size, target, quantization.get(q, fmt))[2] <= usable),
-            None,
-        )
+        largest = next((q for q, other in ladder.items() if other.peak <= usable), None)
+        meeting = next((q for q, other in ladder.items() if not other.misses(target)), None)
         return Step(
             format=fmt,
             quantization=quant_name,
             unit=unit,
-            weight_bytes=weight_bytes,
-            kv_bytes=kv_bytes,
-            peak_bytes=peak_bytes,
-            prefill_tps=round(prefill_tps, 1),
-            decode_tps=round(decode_tps, 1),
-            ttft_s=round(target.budget.prompt_tokens / prefill_tps, 3),
-            fits=fits,
-            verdict=_verdict(fits, peak_bytes, decode_tps, target, largest),
+            weight_bytes=f.weights,
+            kv_bytes=f.kv,
+            peak_bytes=f.peak,
+            prefill_tps=round(f.prefill_tps, 1),
+            decode_tps=round(f.decode_tps, 1),
+            ttft_s=round(f.ttft_s, 3),
+            fits=f.peak <= usable,
+            verdict=_verdict(f, target, fmt, largest, meeting),
             largest_fitting=largest,
+            meets_budget=not f.misses(target),
+            prefill_roofline_tps=round(f.prefill_roofline_tps, 1),
+            decode_roofline_tps=round(f.decode_roofline_tps, 1),
+            calibration=efficiency.describe(engine),
         )
 
     # Parity
@@ -338,6 +342,9 @@ class CausalLM:
     def plan_speeds(self, step: Step) -> list[str]:
         return [f"{step.prefill_tps:,.0f}", f"{step.decode_tps:,.0f}", f"{step.ttft_s:.2f} s"]
 
+    def plan_rooflines(self, step: Step) -> str:
+        return f"prefill {step.prefill_roofline_tps:,.0f}, decode {step.decode_roofline_tps:,.0f} tok/s"
+
     def plan_note(self, plan, kv: str) -> str:
         return (
             f"prefill and decode in tok/s; peak = weights + KV cache ({kv} at {plan.context_length} tokens) + "
@@ -358,21 +365,98 @@ class CausalLM:
         ]
 
 
-def _memory(size: ModelSize, target: Target, quant: quantization.Quantization) -> tuple[int, int, int]:
+LADDER = quantization.LADDERS  # each format's quantizations from most to fewest bits
+
+
+def weight_bytes(size: ModelSize, quant: quantization.Quantization, active: bool = False) -> float:
+    """The bytes of every weight (or, `active`, of those a decoded token reads): matrices at the quantization's
+    bits (the output projection at its head bits, where it has them) and norms in fp16."""
+    matrix = size.active_matrix_params if active else size.matrix_params
+    bits = quant.bits_per_weight(size.high_share)
+    head_bits = quant.head_bits_per_weight()
+    head = size.head_params if head_bits else 0
     norms = size.params - size.matrix_params
-    weights = int(size.matrix_params * quant.bits_per_weight(size.high_share) / 8 + norms * NORM_BYTES_PER_VALUE)
-    kv = size.kv_bytes_per_token * target.context_length
+    return ((matrix - head) * bits + head * (head_bits or 0)) / 8 + norms * NORM_BYTES_PER_VALUE
+
+
+def decode_roofline_tps(size: ModelSize, quant, engine: Engine, cached_tokens: int, bandwidth_gbs: float) -> float:
+    """Bandwidth over the bytes a decoded token reads: the active weights and `cached_tokens` of KV cache."""
+    kv = size.kv_values_per_token * engine.kv_bytes * cached_tokens
+    return bandwidth_gbs * GB / (weight_bytes(size, quant, active=True) + kv)
+
+
+def prefill_roofline_tps(size: ModelSize, tflops: float) -> float:
+    return tflops * 1e12 / (2 * size.active_params)
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """One quantization of one format on a target: its memory and its speeds, expected and roofline."""
+
+    weights: int
+    kv: int
+    peak: int
+    prefill_tps: float
+    prefill_roofline_tps: float
+    decode_tps: float
+    decode_roofline_tps: float
+    ttft_s: float
+    room: str
+
+    def misses(self, target: Target) -> list[str]:
+        """The budget lines these figures miss, in words."""
+        budget, missed = target.budget, []
+        if budget.peak_memory_gb and self.peak > budget.peak_memory_gb * GB:
+            missed.append(f"peak {self.peak / GB:.2f} GB misses the {budget.peak_memory_gb:g} GB memory budget")
+        elif self.peak > target.usable_ram_gb * GB:
+            missed.append(f"needs {self.room}")
+        if budget.decode_tps and self.decode_tps < budget.decode_tps:
+            missed.append(f"decode ≈ {self.decode_tps:.1f} tok/s misses the {budget.decode_tps:g} tok/s budget")
+        if budget.ttft_s and self.ttft_s > budget.ttft_s:
+            missed.append(f"TTFT ≈ {self.ttft_s:.2f} s misses the {budget.ttft_s:g} s budget")
+        return missed
+
+
+def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine: Engine, efficiency, unit: str):
+    quant = quantization.get(quant_name, fmt)
+    weights = int(weight_bytes(size, quant))
+    kv = size.kv_values_per_token * engine.kv_bytes * target.context_length
     activations = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, target.context_length)
-    return weights, kv, weights + kv + activations
-
-
-def _verdict(fits: bool, peak: int, decode_tps: float, target: Target, largest: str | None) -> str:
-    room = room_text(peak, target)
-    if not fits:
-        fallback = f"; {largest} would fit" if largest else "; no quantization of this format fits"
-        return f"does not fit: needs {room}{fallback}"
-    slow = target.budget.decode_tps and decode_tps < target.budget.decode_tps
-    speed = (
-        f", but decode ≤ {decode_tps:.0f} tok/s misses the {target.budget.decode_tps:g} tok/s budget" if slow else ""
+    prompt = target.budget.prompt_tokens
+    cached = target.context_length if engine.static_cache else min(prompt, target.context_length)
+    decode_roofline = decode_roofline_tps(size, quant, engine, cached, target.bandwidth_gbs)
+    prefill_roofline = prefill_roofline_tps(size, target.tflops[unit])
+    prefill = efficiency.prefill_tps(prefill_roofline)
+    peak = weights + kv + activations
+    return _Figures(
+        weights=weights,
+        kv=kv,
+        peak=peak,
+        prefill_tps=prefill,
+        prefill_roofline_tps=prefill_roofline,
+        decode_tps=efficiency.decode_tps(decode_roofline),
+        decode_roofline_tps=decode_roofline,
+        ttft_s=prompt / prefill,
+        room=room_text(peak, target),
     )
-    return f"fits: {room}{speed}"
+
+
+def _verdict(f: _Figures, target: Target, fmt: str, largest: str | None, meeting: str | None) -> str:
+    """Memory, decode and TTFT against the budget, each met or missed with its figure, and what would meet them."""
+    missed = f.misses(target)
+    if meeting:
+        remedy = f"; {meeting} would meet the whole budget"
+    elif f.peak > target.usable_ram_gb * GB:
+        remedy = f"; {largest} would fit, but no {fmt} quantization meets the whole budget" if largest else ""
+    else:
+        remedy = f"; no {fmt} quantization meets the whole budget"
+    if f.peak > target.usable_ram_gb * GB:
+        return "does not fit: " + "; ".join(missed) + remedy
+    if missed:
+        return f"fits: {f.room}, but " + "; ".join(missed) + remedy
+    met = [f"fits: {f.room}"]
+    if target.budget.decode_tps:
+        met.append(f"decode ≈ {f.decode_tps:.1f} tok/s meets {target.budget.decode_tps:g}")
+    if target.budget.ttft_s:
+        met.append(f"TTFT ≈ {f.ttft_s:.2f} s meets {target.budget.ttft_s:g} s")
+    return "; ".join(met)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from edgeport import quantization
+from edgeport import calibration, quantization
 from edgeport.audio import SAMPLE_RATE
+from edgeport.calibration import ENGINES
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
 from edgeport.parity import Metric, Parity, bounds_for, judge, wer
-from edgeport.plan import GB, KV_BYTES_PER_VALUE, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
+from edgeport.plan import GB, NORM_BYTES_PER_VALUE, Footprint, Step, room_text
 from edgeport.targets import Target
 
 WINDOW_S = 30.0
@@ -86,7 +87,7 @@ class WhisperSize:
     frames: int  # encoder positions per 30 s window
     encoder_params: int
     decoder_matrix_params: int  # read per decoded token (the embedding doubles as the output projection)
-    kv_bytes: int  # self-attention cache of max_target_positions tokens + cross-attention cache of one window
+    kv_values: int  # self-attention cache of max_target_positions tokens + cross-attention cache of one window
     activation_bytes: int  # the encoder's largest live tensors for one window
 
     @property
@@ -111,7 +112,7 @@ def whisper_size(config: dict) -> WhisperSize:
         frames=frames,
         encoder_params=encoder_matrix + frames * d,
         decoder_matrix_params=decoder_matrix,
-        kv_bytes=2 * w.decoder_layers * (tokens + frames) * d * KV_BYTES_PER_VALUE,
+        kv_values=2 * w.decoder_layers * (tokens + frames) * d,
         activation_bytes=(w.encoder_heads * frames * frames + frames * (4 * d + w.encoder_ffn)) * 4,
     )
 
@@ -187,27 +188,34 @@ class Whisper:
         return 0  # planned per 30 s window, not per prompt
 
     def step(self, size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
+        """The encoder's compute and the decoder's bandwidth at the shares the engine's calibration gives (fitted
+        on causal LMs: the same engine on the same unit)."""
+        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
+        kv = size.kv_values * engine.kv_bytes
         bits = quantization.get(quant_name, fmt).bits_per_weight()
-        weights, peak = _memory(size, quant_name, fmt)
-        encode_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
-        decode_tps = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + size.kv_bytes)
+        weights, peak = _memory(size, quant_name, fmt, kv)
+        encode_roofline_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
+        encode_s = encode_roofline_s / efficiency.prefill
+        decode_roofline = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + kv)
+        decode_tps = efficiency.decode_tps(decode_roofline)
         rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
         usable = target.usable_ram_gb * GB
         fits = peak <= usable
-        largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, q, fmt)[1] <= usable), None)
+        largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, q, fmt, kv)[1] <= usable), None)
         room = room_text(peak, target)
+        slow = bool(target.budget.rtf and rtf > target.budget.rtf)
         if not fits:
             verdict = f"does not fit: needs {room}" + (f"; {largest} would fit" if largest else "")
-        elif target.budget.rtf and rtf > target.budget.rtf:
-            verdict = f"fits: {room}, but RTF ≥ {rtf:.3f} misses the {target.budget.rtf:g} budget"
+        elif slow:
+            verdict = f"fits: {room}, but RTF ≈ {rtf:.3f} misses the {target.budget.rtf:g} budget"
         else:
-            verdict = f"fits: {room}"
+            verdict = f"fits: {room}" + (f"; RTF ≈ {rtf:.3f} meets {target.budget.rtf:g}" if target.budget.rtf else "")
         return Step(
             format=fmt,
             quantization=quant_name,
             unit=unit,
             weight_bytes=weights,
-            kv_bytes=size.kv_bytes,
+            kv_bytes=kv,
             peak_bytes=peak,
             prefill_tps=round(size.frames / encode_s, 1),
             decode_tps=round(decode_tps, 1),
@@ -216,6 +224,10 @@ class Whisper:
             verdict=verdict,
             largest_fitting=largest,
             rtf=round(rtf, 5),
+            meets_budget=fits and not slow,
+            prefill_roofline_tps=round(size.frames / encode_roofline_s, 1),
+            decode_roofline_tps=round(decode_roofline, 1),
+            calibration=efficiency.describe(engine),
         )
 
     # Parity
@@ -265,6 +277,9 @@ class Whisper:
     def plan_speeds(self, step: Step) -> list[str]:
         return [f"{step.ttft_s:.3f} s", f"{step.decode_tps:,.0f}", f"{step.rtf:.4f}"]
 
+    def plan_rooflines(self, step: Step) -> str:
+        return f"encoder {step.prefill_roofline_tps:,.0f} frames/s, decode {step.decode_roofline_tps:,.0f} tok/s"
+
     def plan_note(self, plan, kv: str) -> str:
         return (
             f"per 30 s window of speech; KV caches ({kv}) at {plan.context_length} tokens and 1500 frames; RTF "
@@ -282,8 +297,8 @@ class Whisper:
         return []
 
 
-def _memory(size: WhisperSize, quant_name: str, fmt: str) -> tuple[int, int]:
-    """Weight bytes and peak bytes of Whisper at a quantization."""
+def _memory(size: WhisperSize, quant_name: str, fmt: str, kv_bytes: int) -> tuple[int, int]:
+    """Weight bytes and peak bytes of Whisper at a quantization, with the engine's KV caches."""
     bits = quantization.get(quant_name, fmt).bits_per_weight()
     weights = int(size.matrix_params * bits / 8 + (size.params - size.matrix_params) * NORM_BYTES_PER_VALUE)
-    return weights, weights + size.kv_bytes + size.activation_bytes
+    return weights, weights + kv_bytes + size.activation_bytes

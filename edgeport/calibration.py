@@ -1,0 +1,252 @@
+"""What real engines reach of the plan's rooflines, fitted from published measurements (data/measurements.toml).
+
+A decoded token reads the weights and the KV cache once, so its roofline is the device's bandwidth over those bytes;
+a prompt token costs two operations a parameter, so prefill's roofline is the compute unit's throughput over that.
+Real engines reach a share of each, and a decoded token also pays a fixed cost (kernel launches, synchronisation,
+sampling) that weighs most on small models. Per engine (a format on a compute unit):
+
+- decode seconds a token = roofline seconds / decode efficiency + fixed seconds a token
+- prefill tok/s          = compute roofline x prefill efficiency
+
+both fitted by least squares on the relative error over the engine's rows (the fixed cost only where at least
+FIXED_COST_ROWS rows say so). An engine without a row keeps its rooflines, and says so."""
+
+import math
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from edgeport import quantization
+from edgeport.errors import EdgeportError
+
+FIXED_COST_ROWS = 3
+DEVICE_ROWS = 3
+METRICS = ("decode_tps", "prefill_tps", "ttft_s")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What an engine reads per decoded token beyond the weights."""
+
+    name: str
+    kv_bytes: int  # bytes a cached key or value takes
+    static_cache: bool  # fixed shapes: every token attends over the whole context, not only the tokens so far
+
+
+ENGINES: dict[tuple[str, str], Engine] = {
+    ("mlx", "gpu"): Engine("MLX on the GPU", 2, False),
+    ("mlx", "cpu"): Engine("MLX on the CPU", 2, False),
+    ("coreml", "gpu"): Engine("Core ML on the GPU", 2, True),
+    ("coreml", "npu"): Engine("Core ML on the Neural Engine", 2, True),
+    ("onnx", "npu"): Engine("QNN on the Hexagon NPU", 2, True),  # 16-bit activations, so a 16-bit cache
+    ("onnx", "cpu"): Engine("onnxruntime on the CPU", 4, False),  # the CPU graph's inputs and outputs are float32
+    ("ct2", "cpu"): Engine("CTranslate2 on the CPU", 4, False),  # int8 weights, float32 compute
+}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The share of each roofline an engine reaches, and the measurements that say so (none: the rooflines)."""
+
+    decode: float = 1.0
+    token_s: float = 0.0
+    prefill: float = 1.0
+    decode_rows: int = 0
+    prefill_rows: int = 0
+    sources: tuple[str, ...] = ()
+    device: str | None = None  # fitted on this device's own rows, not on every device's
+
+    def decode_tps(self, roofline_tps: float) -> float:
+        return 1 / (1 / (roofline_tps * self.decode) + self.token_s)
+
+    def prefill_tps(self, roofline_tps: float) -> float:
+        return roofline_tps * self.prefill
+
+    def describe(self, engine: Engine) -> str:
+        if not self.decode_rows and not self.prefill_rows:
+            return f"{engine.name}: no published measurement yet, so the rooflines themselves"
+        fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
+        rows = f"{self.device}'s own" if self.device else "published"
+        return (
+            f"{engine.name}: decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at "
+            f"{self.prefill:.0%} of the compute roofline; fitted on {self.decode_rows} decode and "
+            f"{self.prefill_rows} prefill rows of {rows} measurements ({'; '.join(self.sources)})"
+        )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    device: str
+    model: str
+    format: str
+    unit: str
+    quantization: str
+    context: int
+    prompt_tokens: int
+    metric: str  # decode_tps | prefill_tps | ttft_s
+    value: float
+    source: str
+
+    @property
+    def engine(self) -> tuple[str, str]:
+        return (self.format, self.unit)
+
+    @property
+    def tps(self) -> float:
+        """The measurement as tokens a second (a TTFT is a prefill rate over its prompt)."""
+        return self.prompt_tokens / self.value if self.metric == "ttft_s" else self.value
+
+    @property
+    def is_decode(self) -> bool:
+        return self.metric == "decode_tps"
+
+
+@dataclass(frozen=True)
+class Device:
+    bandwidth_gbs: float
+    tflops: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Data:
+    measurements: tuple[Measurement, ...]
+    devices: dict[str, Device]
+    configs: dict[str, dict]
+
+    def roofline(self, m: Measurement) -> float:
+        """The roofline of `m`'s metric in tok/s, by the plan's own formulas."""
+        from edgeport.families.causal_lm import decode_roofline_tps, model_size, prefill_roofline_tps
+
+        size, device = model_size(self.configs[m.model]), self.devices[m.device]
+        if m.is_decode:
+            engine = ENGINES[m.engine]
+            quant = quantization.get(m.quantization, m.format)
+            cached = m.context if engine.static_cache else m.prompt_tokens
+            return decode_roofline_tps(size, quant, engine, cached, device.bandwidth_gbs)
+        return prefill_roofline_tps(size, device.tflops[m.unit])
+
+
+@cache
+def data() -> Data:
+    """The bundled measurements, checked: every device, model, engine and quantization named is known."""
+    from edgeport import targets
+
+    text = (resources.files("edgeport.data") / "measurements.toml").read_text()
+    raw = tomllib.loads(text)
+    devices = {name: Device(d["bandwidth_gbs"], d["tflops"]) for name, d in raw.get("devices", {}).items()}
+    for name in targets.names():
+        if name != "host":
+            target = targets.load(name)
+            devices[name] = Device(target.bandwidth_gbs, target.tflops)
+    configs = {name: m["config"] for name, m in raw["models"].items()}
+    rows = []
+    for i, row in enumerate(raw["measurements"]):
+        where = f"measurements.toml measurement {i + 1}"
+        if row["device"] not in devices or row["model"] not in configs:
+            raise EdgeportError(f"{where}: unknown device {row['device']} or model {row['model']}")
+        if (row["format"], row["unit"]) not in ENGINES:
+            raise EdgeportError(f"{where}: no engine runs {row['format']} on the {row['unit']}")
+        fields = {k: row[k] for k in ("device", "model", "format", "unit", "quantization", "context")}
+        for metric in METRICS:
+            if metric in row:
+                rows.append(
+                    Measurement(
+                        **fields,
+                        prompt_tokens=row["prompt_tokens"],
+                        metric=metric,
+                        value=float(row[metric]),
+                        source=row["source"],
+                    )
+                )
+    return Data(tuple(rows), devices, configs)
+
+
+def fit(measurements: list[Measurement], data: Data) -> dict[tuple[str, str, str | None], Efficiency]:
+    """Each engine's efficiencies from its rows of `measurements`, keyed (format, unit, None); and, where a device
+    has DEVICE_ROWS decode rows of an engine, that device's own, keyed (format, unit, device): a laptop's NPU may
+    draw a smaller share of its memory bus than a phone's does."""
+    fitted = {}
+    for fmt, unit in ENGINES:
+        rows = [m for m in measurements if m.engine == (fmt, unit)]
+        fitted[(fmt, unit, None)] = _fit_rows(rows, data)
+        for device in {m.device for m in rows}:
+            own = [m for m in rows if m.device == device]
+            if sum(m.is_decode for m in own) >= DEVICE_ROWS:
+                fitted[(fmt, unit, device)] = _fit_rows(own, data, device)
+    return fitted
+
+
+def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None) -> Efficiency:
+    decode = [(data.roofline(m), m.value) for m in rows if m.is_decode]
+    prefill = [m.tps / data.roofline(m) for m in rows if not m.is_decode]
+    share, token_s = _decode_fit(decode) if decode else (1.0, 0.0)
+    return Efficiency(
+        decode=share,
+        token_s=token_s,
+        prefill=math.exp(sum(map(math.log, prefill)) / len(prefill)) if prefill else 1.0,
+        decode_rows=len(decode),
+        prefill_rows=len(prefill),
+        sources=tuple(dict.fromkeys(_publisher(m.source) for m in rows)),
+        device=device,
+    )
+
+
+def _decode_fit(rows: list[tuple[float, float]]) -> tuple[float, float]:
+    """(efficiency, fixed seconds a token) minimizing the squared relative error of t = r / efficiency + c over
+    (roofline tok/s, measured tok/s) rows: with x = r / t and z = 1 / t, a x + c z should be 1."""
+    x = [measured / roofline for roofline, measured in rows]
+    z = [measured for _, measured in rows]
+    sxx, sxz, szz = sum(a * a for a in x), sum(a * b for a, b in zip(x, z, strict=True)), sum(b * b for b in z)
+    sx, sz = sum(x), sum(z)
+    det = sxx * szz - sxz * sxz
+    if len(rows) >= FIXED_COST_ROWS and det > 0:
+        a, c = (sx * szz - sz * sxz) / det, (sxx * sz - sxz * sx) / det
+        if a > 0 and c >= 0:
+            return 1 / a, c
+    return sxx / sx, 0.0
+
+
+def _publisher(source: str) -> str:
+    return source.split(" ")[0]
+
+
+@cache
+def efficiencies() -> dict[tuple[str, str, str | None], Efficiency]:
+    d = data()
+    return fit(list(d.measurements), d)
+
+
+def efficiency(fmt: str, unit: str, device: str | None = None, fitted: dict | None = None) -> Efficiency:
+    """The device's own efficiencies for the engine where its rows gave them, else the engine's."""
+    fitted = efficiencies() if fitted is None else fitted
+    return fitted.get((fmt, unit, device)) or fitted.get((fmt, unit, None), Efficiency())
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measurement beside what the plan's formulas predict for it."""
+
+    measurement: Measurement
+    roofline: float  # tok/s
+    predicted: float  # tok/s
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measurement.tps - 1
+
+    @property
+    def roofline_error(self) -> float:
+        return self.roofline / self.measurement.tps - 1
+
+
+def check(data: Data, held_out: bool = False) -> list[Check]:
+    """Every measurement against the fit: on all rows, or `held_out`, each row against a fit on all the others."""
+    everything = list(data.measurements)
+    fitted = None if held_out else fit(everything, data)
+    checks = []
+    for i, m in enumerate(everything):
+        efficiencies_here = fit(everything[:i] + everything[i + 1 :], data) if held_out else fitted
+        e, roofline = efficiency(m.format, m.unit, m.device, efficiencies_here), data.roofline(m)
+        checks.append(Check(m, roofline, e.decode_tps(roofline) if m.is_decode else e.prefill_tps(roofline)))
+    return checks

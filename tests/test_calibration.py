@@ -1,0 +1,159 @@
+"""The plan's speeds: rooflines, the efficiencies fitted from published measurements, and the verdict on the whole
+budget."""
+
+import json
+import statistics
+from dataclasses import replace
+
+import pytest
+from conftest import LLAMA_3_1_8B, run_cli
+from test_plan import config_source
+
+from edgeport import calibration, quantization, targets
+from edgeport.calibration import ENGINES, Data, Device, Measurement
+from edgeport.families.causal_lm import decode_roofline_tps, model_size, prefill_roofline_tps, weight_bytes
+from edgeport.plan import make_plan
+
+SMALL = {**LLAMA_3_1_8B, "num_hidden_layers": 8}  # a 2B-shaped model: the fixed cost a token weighs more on it
+LLAMA_3_2_3B = {  # meta-llama/Llama-3.2-3B's config.json, the parts the plan reads
+    "model_type": "llama",
+    "hidden_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "intermediate_size": 8192,
+    "tie_word_embeddings": True,
+}
+
+
+def test_the_fit_holds_its_error_bound_on_the_published_rows(capsys):
+    """Every row of data/measurements.toml against the fit, in sample and each held out of its own fit; printed so
+    that a change of data or formulas shows what it moved."""
+    data = calibration.data()
+    bounds = {}
+    for held_out in (False, True):
+        checks = calibration.check(data, held_out)
+        for c in checks:
+            m = c.measurement
+            print(
+                f"{'held out' if held_out else 'in sample':9s} {m.device:19s} {m.model:16s} {m.format:6s} {m.unit} "
+                f"{m.metric:11s} measured {m.tps:8.1f} fit {c.error:+6.0%} roofline {c.roofline_error:+6.0%}"
+            )
+        for decode in (True, False):
+            errors = [abs(c.error) for c in checks if c.measurement.is_decode == decode]
+            roofline = [abs(c.roofline_error) for c in checks if c.measurement.is_decode == decode]
+            bounds[(held_out, decode)] = (statistics.median(errors), statistics.median(roofline))
+    with capsys.disabled():
+        print(f"\n(held out, decode) -> (median error of the fit, of the roofline): {bounds}")
+    assert bounds[(False, True)][0] <= 0.10 and bounds[(False, False)][0] <= 0.25  # in sample
+    assert bounds[(True, True)][0] <= 0.15 and bounds[(True, False)][0] <= 0.30  # each row held out of its fit
+    for (_, _), (fit, roofline) in bounds.items():
+        assert fit < roofline / 3  # the calibration is what makes the figures true, not the rooflines
+
+
+def test_the_fit_recovers_an_engines_efficiency_and_fixed_cost():
+    """Rows made from a known efficiency and fixed cost per token give them back."""
+    device = Device(bandwidth_gbs=100, tflops={"npu": 20})
+    data = Data((), {"phone": device}, {"small": SMALL, "large": LLAMA_3_1_8B})
+    rows = []
+    for model, context in (("small", 1024), ("small", 4096), ("large", 1024), ("large", 4096)):
+        row = Measurement("phone", model, "onnx", "npu", "w4a16", context, 128, "decode_tps", 1.0, "synthetic")
+        roofline = data.roofline(row)
+        rows.append(replace(row, value=1 / (1 / (roofline * 0.6) + 0.005)))
+        prefill = replace(row, metric="prefill_tps", value=0.0)
+        rows.append(replace(prefill, value=0.4 * data.roofline(prefill)))
+    fitted = calibration.fit(rows, data)[("onnx", "npu", None)]
+    assert fitted.decode == pytest.approx(0.6, rel=1e-6)
+    assert fitted.token_s == pytest.approx(0.005, rel=1e-6)
+    assert fitted.prefill == pytest.approx(0.4, rel=1e-6)
+    assert (fitted.decode_rows, fitted.prefill_rows) == (4, 4)
+
+
+def test_an_engine_without_measurements_keeps_its_rooflines_and_says_so():
+    data = Data((), {}, {})
+    fitted = calibration.fit([], data)
+    assert all(e == calibration.Efficiency() for e in fitted.values())
+    assert "no published measurement" in calibration.Efficiency().describe(ENGINES[("coreml", "npu")])
+
+
+def test_a_devices_own_rows_outrank_the_engines():
+    fitted = calibration.efficiencies()
+    laptop = calibration.efficiency("onnx", "npu", "snapdragon-x-elite")
+    assert laptop.device == "snapdragon-x-elite" and laptop == fitted[("onnx", "npu", "snapdragon-x-elite")]
+    assert calibration.efficiency("onnx", "npu", "a-device-with-no-rows") == fitted[("onnx", "npu", None)]
+
+
+def test_the_npu_plan_is_a_calibrated_share_of_its_rooflines():
+    target = targets.load("snapdragon-8-elite")
+    step = make_plan(config_source(LLAMA_3_1_8B), target).step("onnx")
+    size, quant = model_size(LLAMA_3_1_8B), quantization.get("w4a16", "onnx")
+    # the NPU shape's cache has a fixed length, so each token reads all of it; prefill runs at 16-bit throughput
+    roofline = decode_roofline_tps(size, quant, ENGINES[("onnx", "npu")], target.context_length, 84.8)
+    assert step.decode_roofline_tps == pytest.approx(roofline, abs=0.1)
+    assert step.prefill_roofline_tps == pytest.approx(prefill_roofline_tps(size, 22.5), abs=0.1)
+    assert step.decode_tps < step.decode_roofline_tps and step.prefill_tps < step.prefill_roofline_tps
+    assert step.ttft_s == pytest.approx(target.budget.prompt_tokens / step.prefill_tps, rel=0.01)
+    assert "ai-hub-models" in step.calibration
+    # AI Hub publishes 13.05 tok/s for this model on this device
+    assert step.decode_tps == pytest.approx(13.05, rel=0.25)
+
+
+def test_w4a16_keeps_the_output_projection_at_8_bits():
+    size, quant = model_size(LLAMA_3_1_8B), quantization.get("w4a16", "onnx")
+    norms = size.params - size.matrix_params
+    expected = ((size.matrix_params - size.head_params) * 4.5 + size.head_params * 8) / 8 + 2 * norms
+    assert weight_bytes(size, quant) == pytest.approx(expected)
+    assert weight_bytes(size, quantization.get("int4-block32", "onnx")) < expected
+
+
+def test_context_sets_the_kv_cache_and_a_context_shorter_than_the_prompt_is_refused(tiny_llama):
+    code, out, _ = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--context", "8192", "--json")
+    long = json.loads(out)
+    _, out, _ = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--json")
+    default = json.loads(out)
+    assert long["context_length"] == 8192 and default["context_length"] == 4096
+    assert long["steps"][0]["kv_bytes"] == 2 * default["steps"][0]["kv_bytes"]
+    code, out, err = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--context", "256")
+    assert code == 3 and not out
+    assert "--context 256: must exceed the 512-token prompt" in err and "Traceback" not in err
+
+
+def _tight_target(tmp_path, **budget) -> str:
+    text = (targets._profiles() / "m2-air.toml").read_text()
+    for key, value in budget.items():
+        text = text.replace(f"\n{key} = ", f"\n{key} = {value}  # was ", 1)
+    own = tmp_path / "tight.toml"
+    own.write_text(text.replace('name = "m2-air"', 'name = "tight"'))
+    return str(own)
+
+
+def test_the_verdict_covers_decode_and_ttft_and_plan_exits_1_when_nothing_meets_the_budget(tmp_path):
+    source = config_source(LLAMA_3_2_3B)
+    met = make_plan(source, targets.load("m2-air", 24), ["mlx"], "q4").step("mlx")
+    assert met.meets_budget and "decode ≈" in met.verdict and "meets 20" in met.verdict and "meets 2 s" in met.verdict
+    # an 8B model fits an M2 Air but its prompt takes longer than the 2 s budget: memory alone is not the verdict
+    big = make_plan(config_source(LLAMA_3_1_8B), targets.load("m2-air", 24), ["mlx"], "q4").step("mlx")
+    assert big.fits and not big.meets_budget and "TTFT ≈" in big.verdict and "misses the 2 s budget" in big.verdict
+
+    slow = targets.load(_tight_target(tmp_path, decode_tps=40), 24)
+    step = make_plan(source, slow, ["mlx"], "q8").step("mlx")
+    assert step.fits and not step.meets_budget
+    assert f"decode ≈ {step.decode_tps:.1f} tok/s misses the 40 tok/s budget" in step.verdict
+    # fewer bits read per token: the first quantization of the ladder that meets the whole budget is named
+    assert "would meet the whole budget" in step.verdict
+
+    impatient = _tight_target(tmp_path, ttft_s=0.01)
+    config = tmp_path / "llama" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(LLAMA_3_2_3B))
+    code, out, err = run_cli("plan", str(config.parent), "-t", impatient, "--json")
+    assert code == 1 and not err
+    steps = json.loads(out)["steps"]  # --json still prints, with numbers
+    assert all(isinstance(s["ttft_s"], float) and not s["meets_budget"] for s in steps)
+    assert all("misses the 0.01 s budget" in s["verdict"] for s in steps)
+    code, out, _ = run_cli("plan", str(config.parent), "-t", impatient)
+    assert code == 1 and "nothing planned meets the whole budget" in out
+    code, out, _ = run_cli("plan", str(config.parent), "-t", "m2-air", "--ram", "24")
+    assert code == 0 and "meets the whole budget of m2-air: mlx q4" in out
