@@ -12,7 +12,7 @@ from edgeport.manifest import REFERENCE, NotBuilt
 from edgeport.parity import skipped
 from edgeport.plan import Plan, Step
 from edgeport.preflight import Work
-from edgeport.source import Source
+from edgeport.source import TRACED_CAUSAL_LM_TYPES, Source
 from edgeport.targets import Target
 
 
@@ -20,18 +20,24 @@ def buildable(plan: Plan, family) -> tuple[list[Step], list[NotBuilt]]:
     """The steps of `plan` that fit the target and have a converter, and why each other one is not built."""
     steps, not_built = [], []
     for step in plan.steps:
-        reason = (
-            step.verdict
-            if not step.fits
-            else ""
-            if (family.name, step.format) in CONVERTERS
-            else f"no {step.format} converter in this version of edgeport"
-        )
+        reason = _why_not_built(step, plan, family)
         if reason:
             not_built.append(NotBuilt(step.format, step.quantization, reason))
         else:
             steps.append(step)
     return steps, not_built
+
+
+def _why_not_built(step: Step, plan: Plan, family) -> str:
+    """Why `step` is not built, or "" when it is."""
+    if not step.fits:
+        return step.verdict
+    if (family.name, step.format) not in CONVERTERS:
+        return f"no {step.format} converter in this version of edgeport"
+    if family.name == "causal-lm" and step.format != "mlx" and plan.model_type not in TRACED_CAUSAL_LM_TYPES:
+        traced = ", ".join(TRACED_CAUSAL_LM_TYPES)
+        return f"the {step.format} converter does not trace {plan.model_type} yet (only {traced}); MLX converts it"
+    return ""
 
 
 def build(

@@ -2,8 +2,8 @@
 huggingface_hub, torch and tqdm. edgeport's own progress is what a user sees; `--verbose` lets the
 libraries speak again.
 
-It works through the libraries' own switches, set before they are imported, so that `plan` (which imports none
-of the heavy ones) stays fast.
+It works through the libraries' own switches, set before they are imported (every command imports some: `plan`
+counts a model's parameters with transformers on torch's meta device).
 """
 
 import contextlib

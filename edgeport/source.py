@@ -25,19 +25,45 @@ from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, cache_entry, read_json
 from edgeport.headers import check_gguf, check_safetensors, regular_file
 
-# Causal LM architectures that mlx-lm converts and transformers runs as the parity reference.
+# Causal LM architectures edgeport plans (transformers counts them from the config), converts to MLX (mlx-lm
+# converts them) and checks (transformers runs them as the parity reference).
 CAUSAL_LM_TYPES = (
+    "deepseek_v2",
+    "deepseek_v3",
     "gemma",
     "gemma2",
+    "gemma3",
     "gemma3_text",
+    "gpt_oss",
+    "granite",
     "llama",
     "mistral",
     "mixtral",
+    "olmo2",
     "phi3",
     "qwen2",
     "qwen2_moe",
     "qwen3",
     "qwen3_moe",
+    "smollm3",
+)
+# Those the Core ML and ONNX converters trace from transformers: decoders with grouped-query attention over a plain
+# KV cache (multi-head latent attention, attention sinks and the multimodal wrapper are not traced yet).
+TRACED_CAUSAL_LM_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "granite",
+    "llama",
+    "mistral",
+    "mixtral",
+    "olmo2",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "smollm3",
 )
 WHISPER_TYPES = ("whisper",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

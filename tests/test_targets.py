@@ -1,4 +1,5 @@
 import json
+import sys
 import tomllib
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def test_a_target_of_the_users_own_from_a_toml_file(tmp_path, tiny_llama):
 
 
 def test_host_measured_under_load_is_used_but_not_cached_and_measure_measures_again(monkeypatch, tmp_path, capsys):
+    from edgeport import report
+
+    monkeypatch.setattr(report.err, "file", sys.stderr)  # what capsys reads, whatever an earlier test left there
     monkeypatch.setattr(targets, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(targets, "_THIS_RUN", {})
     monkeypatch.setattr(targets, "_times", lambda n, fn: [1.0, 1.0, 2.0])  # one repeat twice as slow

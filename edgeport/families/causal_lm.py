@@ -14,6 +14,9 @@ The plan's formulas for it (the README's "How the plan predicts" spells them out
 Mixture-of-experts models hold every expert in memory but read only the routed ones per token.
 """
 
+import functools
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -44,8 +47,21 @@ PROMPTS = (
 
 
 def text_config(config: dict) -> dict:
-    """The language model's own config (multimodal configs nest it under text_config)."""
-    return config.get("text_config") or config
+    """The language model's own config as transformers reads it: its defaults applied, and a multimodal config's
+    text part (nested under text_config)."""
+    return _transformers_config(json.dumps(config, sort_keys=True)).to_dict()
+
+
+@functools.lru_cache(maxsize=64)
+def _transformers_config(config_json: str):
+    from transformers import AutoConfig
+
+    config = json.loads(config_json)
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(config["model_type"], **fields).get_text_config()
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise EdgeportError(f"config.json: transformers cannot read it as a {config['model_type']} config ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -72,8 +88,8 @@ class LMDims:
             heads, vocab = config["num_attention_heads"], config["vocab_size"]
         except KeyError as e:
             raise EdgeportError(f"config.json lacks {e.args[0]}, which the plan needs") from e
-        intermediate = config.get("intermediate_size", 0)
-        experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        intermediate = config.get("intermediate_size") or 0
+        experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
         return cls(
             hidden=hidden,
             layers=layers,
@@ -85,7 +101,7 @@ class LMDims:
             experts=experts,
             routed=config["num_experts_per_tok"] if experts else 0,
             expert_intermediate=(config.get("moe_intermediate_size") or intermediate) if experts else 0,
-            shared_expert_intermediate=config.get("shared_expert_intermediate_size", 0),
+            shared_expert_intermediate=config.get("shared_expert_intermediate_size") or 0,
             tied=config.get("tie_word_embeddings", False),
         )
 
@@ -102,44 +118,75 @@ class ModelSize:
     active_matrix_params: int
     high_share: float  # share of matrix weights a mixed-precision recipe keeps at its high bits
     head_params: int  # the output projection (the embedding itself where the two are tied)
-    kv_values_per_token: int  # keys and values cached per token, over all layers
+    kv_values_per_token: int  # keys and values cached per token, over the layers that attend to the whole context
+    windowed_kv: tuple[tuple[int, int], ...]  # (values per token, window) of sliding-window layers
     activation_bytes_per_token: int
+
+    def kv_values(self, tokens: int) -> int:
+        """Keys and values cached for `tokens` tokens: a sliding-window layer holds only its window."""
+        return self.kv_values_per_token * tokens + sum(per * min(window, tokens) for per, window in self.windowed_kv)
 
 
 def model_size(config: dict) -> ModelSize:
-    """Parameter counts from a transformers config alone (no weights needed)."""
-    d = LMDims.from_config(config)
-    hidden = d.hidden
-    attention = 2 * hidden * d.heads * d.head_dim + 2 * hidden * d.kv_heads * d.head_dim
-    if d.experts:
-        shared = 3 * hidden * d.shared_expert_intermediate
-        router = hidden * d.experts
-        mlp = d.experts * 3 * hidden * d.expert_intermediate + router + shared
-        active_mlp = d.routed * 3 * hidden * d.expert_intermediate + router + shared
-        down = d.experts * hidden * d.expert_intermediate
-        active_intermediate = d.routed * d.expert_intermediate
-    else:
-        mlp = active_mlp = 3 * hidden * d.intermediate
-        down, active_intermediate = hidden * d.intermediate, d.intermediate
-    embedding = d.vocab * hidden
-    lm_head = 0 if d.tied else d.vocab * hidden
-    norms = (2 * d.layers + 1) * hidden
-    matrix = embedding + lm_head + d.layers * (attention + mlp)
+    """Parameter counts of the model transformers builds from the config, on the meta device (no memory, no
+    weights): exact for every architecture transformers ships."""
+    return _model_size(json.dumps(config, sort_keys=True))
+
+
+ROUTED_EXPERTS = re.compile(r"\.experts\.")  # a mixture's routed experts (not its shared ones)
+RAISED_BY_MIXED_RECIPES = re.compile(r"(v_proj|down_proj)")
+
+
+@functools.lru_cache(maxsize=64)
+def _model_size(config_json: str) -> ModelSize:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = _transformers_config(config_json)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+    except (ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+        raise EdgeportError(f"config.json: transformers cannot build a {hf.model_type} model from it ({e})") from e
+    d = LMDims.from_config(hf.to_dict())
+    named = dict(model.named_parameters())  # a tied output projection is the embedding, counted once
+    matrix = sum(p.numel() for p in named.values() if p.ndim >= 2)
+    vectors = sum(p.numel() for p in named.values() if p.ndim < 2)
+    experts = sum(p.numel() for n, p in named.items() if ROUTED_EXPERTS.search(n) and p.ndim >= 2)
+    idle_experts = experts * (1 - d.routed / d.experts) if d.experts else 0
+    embedding = model.get_input_embeddings().weight.numel()
     # Decoding reads the output projection in full (the embedding itself when tied) but one embedding row.
-    active_matrix = (lm_head or embedding) + d.layers * (attention + active_mlp)
-    # mlx-lm's mixed recipes raise v_proj and down_proj in these layers, and an untied lm_head.
-    upgraded = mixed_recipe_layers(d.layers)
-    high = upgraded * (hidden * d.kv_heads * d.head_dim + down) + lm_head
+    active_matrix = int(matrix - (0 if d.tied else embedding) - idle_experts)
+    lm_head = 0 if d.tied else d.vocab * d.hidden
+    # mlx-lm's mixed recipes raise v_proj and down_proj in some layers, and an untied lm_head.
+    raised = sum(p.numel() for n, p in named.items() if RAISED_BY_MIXED_RECIPES.search(n) and p.ndim >= 2)
+    high = raised * mixed_recipe_layers(d.layers) / d.layers + lm_head
+    full, windowed = _kv_layout(hf, d)
+    active_intermediate = d.routed * d.expert_intermediate if d.experts else d.intermediate
     return ModelSize(
-        params=matrix + norms,
-        active_params=active_matrix + norms,
+        params=matrix + vectors,
+        active_params=active_matrix + vectors,
         matrix_params=matrix,
         active_matrix_params=active_matrix,
         high_share=high / matrix,
-        head_params=d.vocab * hidden,
-        kv_values_per_token=2 * d.layers * d.kv_heads * d.head_dim,
-        activation_bytes_per_token=(d.vocab + 4 * hidden + 2 * active_intermediate) * 4,
+        head_params=d.vocab * d.hidden,
+        kv_values_per_token=full,
+        windowed_kv=windowed,
+        activation_bytes_per_token=(d.vocab + 4 * d.hidden + 2 * active_intermediate) * 4,
     )
+
+
+def _kv_layout(hf, d: "LMDims") -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Values cached per token over the full-attention layers, and per sliding-window layer kind. Multi-head
+    latent attention (DeepSeek) caches one compressed vector and the rotary key part per layer, as mlx-lm and
+    llama.cpp keep it, not the keys and values it expands to."""
+    latent = getattr(hf, "kv_lora_rank", None)
+    per_layer = latent + hf.qk_rope_head_dim if latent else 2 * d.kv_heads * d.head_dim
+    kinds = getattr(hf, "layer_types", None) or ["full_attention"] * d.layers
+    window = getattr(hf, "sliding_window", None)
+    sliding = sum(kind == "sliding_attention" for kind in kinds) if window else 0
+    windowed = ((sliding * per_layer, window),) if sliding else ()
+    return (d.layers - sliding) * per_layer, windowed
 
 
 @dataclass(frozen=True)
@@ -381,7 +428,7 @@ def weight_bytes(size: ModelSize, quant: quantization.Quantization, active: bool
 
 def decode_roofline_tps(size: ModelSize, quant, engine: Engine, cached_tokens: int, bandwidth_gbs: float) -> float:
     """Bandwidth over the bytes a decoded token reads: the active weights and `cached_tokens` of KV cache."""
-    kv = size.kv_values_per_token * engine.kv_bytes * cached_tokens
+    kv = size.kv_values(cached_tokens) * engine.kv_bytes
     return bandwidth_gbs * GB / (weight_bytes(size, quant, active=True) + kv)
 
 
@@ -420,7 +467,7 @@ class _Figures:
 def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine: Engine, efficiency, unit: str):
     quant = quantization.get(quant_name, fmt)
     weights = int(weight_bytes(size, quant))
-    kv = size.kv_values_per_token * engine.kv_bytes * target.context_length
+    kv = size.kv_values(target.context_length) * engine.kv_bytes
     activations = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, target.context_length)
     prompt = target.budget.prompt_tokens
     cached = target.context_length if engine.static_cache else min(prompt, target.context_length)
