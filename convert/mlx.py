@@ -31,8 +31,11 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 quant_predicate=quant.recipe,
                 trust_remote_code=source.trust_remote_code,
             )
-    except (ValueError, KeyError) as e:
-        raise EdgeportError(f"{source.ref}: mlx-lm could not convert it to {quant.name} ({e})") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # mlx-lm's model classes read the config as given
+        raise EdgeportError(
+            f"{source.ref}: mlx-lm {mlx_lm.__version__} could not convert it to {quant.name} "
+            f"({type(e).__name__}: {e}); is config.json as its publisher wrote it?"
+        ) from e
     return Artifact(
         format="mlx",
         quantization=quant.name,
