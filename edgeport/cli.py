@@ -207,7 +207,7 @@ def convert(
     from edgeport import output, preflight
     from edgeport.build import build, buildable
     from edgeport.plan import make_plan
-    from edgeport.source import open_source, source_name
+    from edgeport.source import open_source, refuse_quantized, source_name
 
     target = targets.load(target_name, ram, context)
     out = out or Path("out") / f"{source_name(model)}-{target.name}"
@@ -215,6 +215,7 @@ def convert(
     opening = {"revision": revision, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
 
     def work_for(source):
+        refuse_quantized(source)  # before any download
         the_plan = make_plan(source, target, _split(formats), quant)
         steps, _ = buildable(the_plan, source.family)
         room = preflight.Room.here(out, max_memory, source.fills_cache)
@@ -235,6 +236,12 @@ def convert(
         if not as_json:
             report.show(report.plan_table(the_plan))
             report.show(report.work_table(work, out))
+        if the_plan.source_quantization:
+            report.err.print(
+                f"[yellow]warning:[/] {escape(model)} holds {the_plan.source_quantization}: it is dequantized to "
+                "float16 first, so each artifact's quantization losses add to the source's",
+                soft_wrap=True,
+            )
         with report.step(f"Opening {source_name(model)}"):
             source = open_source(model, **opening)
         output.refuse_overlap(out, source.local_paths())

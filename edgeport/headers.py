@@ -126,10 +126,20 @@ def _tensor_span(file: Path, name: str, info) -> tuple[int, int]:
     return start, stop
 
 
-def check_gguf(file: Path) -> int:
-    """The number of values a GGUF file holds, once its header (magic, version, counts, keys and values, tensor
-    infos) lies within the file and every tensor's data, at its type's size, lies within the data section without
-    overlapping another."""
+@dataclass(frozen=True)
+class GGUFWeights:
+    """What a GGUF file's tensors hold: their values, the bits each is stored in on average (block scales
+    included), and the ggml type most of them are stored as."""
+
+    values: int
+    bits: float
+    main_type: str
+
+
+def check_gguf(file: Path) -> GGUFWeights:
+    """What a GGUF file holds, once its header (magic, version, counts, keys and values, tensor infos) lies within
+    the file and every tensor's data, at its type's size, lies within the data section without overlapping
+    another."""
     size = regular_file(file).stat().st_size
     if size < 24:
         raise _bad(file, f"{size} bytes is too short for a GGUF header", "GGUF")
@@ -151,7 +161,8 @@ def check_gguf(file: Path) -> int:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value & (value - 1):
                     raise reader.error(f"general.alignment {value!r} is not a power of two")
                 alignment = value
-        infos = [_gguf_tensor(reader, alignment) for _ in range(tensors)]
+        typed = [_gguf_tensor(reader, alignment) for _ in range(tensors)]
+        infos, kinds = [info for info, _ in typed], [kind for _, kind in typed]
         names = [name for name, _, _, _ in infos]
         if len(set(names)) != len(names):
             raise reader.error("two tensors share a name")
@@ -163,7 +174,16 @@ def check_gguf(file: Path) -> int:
             end = data_start + offset + nbytes
             if end > size:
                 raise _bad(file, f"tensor {name} ends at byte {end}, past the end of the {size}-byte file", "GGUF")
-    return sum(count for _, _, _, count in infos)
+    return _gguf_weights(infos, kinds)
+
+
+def _gguf_weights(infos: list, kinds: list[str]) -> GGUFWeights:
+    values = sum(count for _, _, _, count in infos)
+    by_type: dict[str, int] = {}
+    for (_, _, _, count), kind in zip(infos, kinds, strict=True):
+        by_type[kind] = by_type.get(kind, 0) + count
+    stored = sum(nbytes for _, _, nbytes, _ in infos)
+    return GGUFWeights(values, 8 * stored / max(values, 1), max(by_type, key=by_type.get, default="F32"))
 
 
 def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = False):
@@ -187,8 +207,8 @@ def _gguf_value(reader: "BoundedReader", kind: int, key: str, in_array: bool = F
     raise reader.error(f"key {key[:80]} is {kind}, which GGUF does not allow")
 
 
-def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int, int]:
-    """A tensor's name, data offset, bytes and values."""
+def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[tuple[str, int, int, int], str]:
+    """A tensor's name, data offset, bytes and values, and its ggml type's name."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # the convert extra's; plan needs none
 
     name = reader.string("Q")
@@ -200,7 +220,8 @@ def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int
         raise reader.error(f"tensor {name[:80]} has a shape beyond any real tensor, {shape}")
     kind = reader.unpack("I")
     try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        ggml_type = GGMLQuantizationType(kind)
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
     except (ValueError, KeyError):
         raise reader.error(f"tensor {name[:80]} has an unknown ggml type {kind}") from None
     offset = reader.unpack("Q")
@@ -209,7 +230,7 @@ def _gguf_tensor(reader: "BoundedReader", alignment: int) -> tuple[str, int, int
         raise reader.error(f"tensor {name[:80]} has a row of {shape[0]}, not a multiple of its block of {block}")
     if offset % alignment:
         raise reader.error(f"tensor {name[:80]} starts at offset {offset}, not aligned to {alignment}")
-    return name, offset, count // block * type_size, count
+    return (name, offset, count // block * type_size, count), ggml_type.name
 
 
 class BoundedReader:

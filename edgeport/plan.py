@@ -60,6 +60,8 @@ class Plan:
     prompt_tokens: int  # Whisper: 0 (it is planned per 30 s window)
     steps: list[Step]
     family: str = "causal-lm"
+    source_quantization: str | None = None  # how the source's weights arrive quantized, in words; None: floats
+    source_bits: float | None = None  # the bits a weight they are stored in, scales included
 
     def step(self, fmt: str) -> Step:
         return next(s for s in self.steps if s.format == fmt)
@@ -134,6 +136,8 @@ def make_plan(source: Source, target: Target, formats: list[str] | None = None, 
         prompt_tokens=family.prompt_tokens(target),
         steps=steps,
         family=family.name,
+        source_quantization=source.quantized.describe() if source.quantized else None,
+        source_bits=round(source.quantized.bits, 3) if source.quantized else None,
     )
 
 

@@ -186,6 +186,11 @@ def plan_table(plan) -> Grid:
         rooflines = f" (rooflines: {family.plan_rooflines(s)})" if s.decode_roofline_tps else ""
         grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}{rooflines}")
     grid.notes += list(dict.fromkeys(s.calibration for s in plan.steps if s.calibration))
+    if plan.source_quantization:
+        grid.notes.append(
+            f"the source's weights are {plan.source_quantization}: each artifact is quantized again from them, so "
+            "its losses add to the source's (a format with more bits than the source holds adds size, not quality)"
+        )
     kv = _gb(plan.steps[0].kv_bytes / GB) if plan.steps else "—"
     grid.notes.append(family.plan_note(plan, kv) + "; speeds are expected figures, a calibrated share of each roofline")
     meeting = [f"{s.format} {s.quantization}" for s in plan.steps if s.meets_budget]

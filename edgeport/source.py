@@ -70,6 +70,48 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+@dataclass(frozen=True)
+class SourceQuantization:
+    """Weights that arrive already quantized: how, and how many bits a weight they are stored in (scales
+    included). `dequantized`: edgeport turns them into float16 first (and each artifact's losses then add to
+    theirs); otherwise it plans them but refuses to convert them."""
+
+    method: str
+    bits: float
+    dequantized: bool
+
+    def describe(self) -> str:
+        return f"{self.method}, {self.bits:.2f} bits a weight"
+
+
+# quantization_config methods whose weights only their own kernels unpack: transformers needs gptqmodel, autoawq,
+# bitsandbytes, … to read them back as floats, and edgeport converts from floats.
+DECLARED_BITS = {"fp8": 8, "mxfp4": 4.25, "bitsandbytes": None, "compressed-tensors": None}
+
+
+def quantization_of(config: dict) -> SourceQuantization | None:
+    """What a config says its weights are quantized to: mlx-lm's `quantization` (affine, a float16 scale and bias a
+    group), or transformers' `quantization_config` (GPTQ, AWQ, FP8, MXFP4, …)."""
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and isinstance(mlx.get("bits"), int) and 1 <= mlx["bits"] <= 16:
+        group = mlx.get("group_size") if _positive(mlx.get("group_size")) and isinstance(mlx["group_size"], int) else 64
+        return SourceQuantization(f"MLX affine {mlx['bits']}-bit (group {group})", mlx["bits"] + 32 / group, True)
+    declared = config.get("quantization_config")
+    if not isinstance(declared, dict):
+        return None
+    method = str(declared.get("quant_method", "unknown"))[:40]
+    bits = declared.get("bits") if isinstance(declared.get("bits"), int | float) else DECLARED_BITS.get(method)
+    group = (
+        declared.get("group_size") if isinstance(declared.get("group_size"), int) and declared["group_size"] > 0 else 0
+    )
+    stored = (bits + (16 / group if group else 0)) if bits else 16.0
+    return SourceQuantization(method.upper() if len(method) <= 4 else method, stored, False)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 @dataclass
 class Source:
     """A model in Hugging Face layout, and where it came from."""
@@ -82,8 +124,9 @@ class Source:
     origin_files: list[Path] = field(default_factory=list)  # the user's weight files, hashed in the manifest
     trust_remote_code: bool = False
     # Opened for its config only: the cache that opening it whole will write its weights into (a hub snapshot, a
-    # GGUF's or CTranslate2 model's float16 copy), where they are not there yet.
+    # GGUF's, an MLX-quantized folder's or CTranslate2 model's float16 copy), where they are not there yet.
     fills_cache: Path | None = None
+    quantized: SourceQuantization | None = None  # weights that arrive already quantized
 
     @property
     def model_type(self) -> str:
@@ -183,8 +226,11 @@ def _require_convert_extra(ref: str) -> None:
 
 def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str = "hf-folder") -> Source:
     config = read_config(folder)
-    source = Source(ref=str(folder), kind=kind, config=config, path=folder)
+    quantized = quantization_of(config)
+    source = Source(ref=str(folder), kind=kind, config=config, path=folder, quantized=quantized)
     if config_only:
+        if quantized and quantized.dequantized and not _dequantized_folder(folder).exists():
+            source.fills_cache = cache_dir()
         return source
     _refuse_links_out(folder)
     safetensors = sorted(folder.glob("*.safetensors"))
@@ -192,6 +238,10 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
         weights_hold(config, sum(check_safetensors(f) for f in safetensors), folder / "config.json")
         _check_index(folder / SAFETENSORS_INDEX, {f.name for f in safetensors})
         source.origin_files = safetensors
+        if quantized:
+            refuse_quantized(source)
+            source.path = _mlx_to_hf(folder)
+            source.config = read_config(source.path)
         return source
     pickles = _pickle_weights(folder)
     if not pickles:
@@ -204,6 +254,41 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
     source.origin_files = [regular_file(f) for f in pickles]
     source.path = _pickle_to_safetensors(folder, pickles)
     return source
+
+
+def refuse_quantized(source: Source) -> None:
+    """A source quantized in a way only its own kernels unpack is planned, never converted."""
+    if source.quantized and not source.quantized.dequantized:
+        raise EdgeportError(
+            f"{source.ref}: its weights are {source.quantized.describe()}, which only that method's own kernels "
+            "unpack; edgeport converts from float weights, so convert the float checkpoint it was made from "
+            "(`edgeport plan` still plans it)"
+        )
+
+
+def _dequantized_folder(folder: Path) -> Path:
+    files = "".join(sha256_file(f) for f in sorted(folder.glob("*.safetensors")))
+    return cache_dir() / "mlx" / f"{folder.name}-{hashlib.sha256(files.encode()).hexdigest()[:16]}-fp16"
+
+
+def _mlx_to_hf(folder: Path) -> Path:
+    """An MLX-quantized folder dequantized once, by mlx-lm, to float16 safetensors in the cache (mlx-lm keeps
+    transformers' weight names)."""
+    cached = _dequantized_folder(folder)
+    if (cached / "config.json").exists():
+        return cached
+    import contextlib
+    import io
+
+    import mlx_lm
+
+    with cache_entry(cached) as staging, contextlib.redirect_stdout(io.StringIO()):
+        staging.rmdir()  # mlx-lm writes a folder of its own
+        try:
+            mlx_lm.convert(str(folder), str(staging), dequantize=True, dtype="float16")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise EdgeportError(f"{folder}: mlx-lm could not dequantize it ({type(e).__name__}: {e})") from e
+    return cached
 
 
 def _refuse_links_out(folder: Path) -> None:
@@ -256,11 +341,13 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, config_onl
 
             config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
             fetched = any(config_file.parent.glob("*.safetensors"))
+            config = read_config(config_file.parent)
             return Source(
                 ref=repo_id,
                 kind="hf-hub",
-                config=read_config(config_file.parent),
+                config=config,
                 fills_cache=None if fetched else Path(HF_HUB_CACHE),
+                quantized=quantization_of(config),
             )
         patterns = HUB_PATTERNS + ([f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -295,7 +382,9 @@ def _hub_problem(error: Exception, revision: str | None) -> str:
 
 
 def _open_gguf(file: Path, config_only: bool) -> Source:
-    values = check_gguf(file)
+    weights = check_gguf(file)
+    values = weights.values
+    quantized = SourceQuantization(f"{weights.main_type} GGUF", weights.bits, True) if weights.bits < 15 else None
     folder = cache_dir() / "gguf" / f"{file.stem}-{sha256_file(file)[:16]}-fp16"
     # Reading a GGUF's config through transformers takes seconds; the converted folder has it at hand.
     config = read_config(folder) if (folder / "config.json").exists() else _gguf_config(file)
@@ -310,8 +399,9 @@ def _open_gguf(file: Path, config_only: bool) -> Source:
             config=config,
             origin_files=[file],
             fills_cache=None if converted else cache_dir(),
+            quantized=quantized,
         )
-    return Source(ref=str(file), kind="gguf", config=config, path=folder, origin_files=[file])
+    return Source(ref=str(file), kind="gguf", config=config, path=folder, origin_files=[file], quantized=quantized)
 
 
 def _open_ct2(folder: Path, config_only: bool) -> Source:

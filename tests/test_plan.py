@@ -394,6 +394,30 @@ def test_every_family_is_counted_as_published(family):
     assert plan.params == size.params and plan.step("mlx").weight_bytes > 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_counts_are_those_of_the_model_transformers_builds(family):
+    """The sums in causal_lm hold for transformers' own modeling code: the model it builds from the config on the
+    meta device (no memory) has exactly as many parameters, and the routed experts a token does not read are
+    exactly the difference between all and active."""
+    import torch
+    from transformers import AutoConfig
+
+    config = FAMILIES[family][-1]
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields).get_text_config())
+    named = dict(model.named_parameters())
+    size = model_size(config)
+    assert size.params == sum(p.numel() for p in named.values())
+    text = model.config
+    experts = sum(p.numel() for n, p in named.items() if ".experts." in n)
+    total = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    total = total or getattr(text, "n_routed_experts", None)
+    idle = experts * (1 - text.num_experts_per_tok / total) if experts else 0
+    embedding = 0 if text.tie_word_embeddings else model.get_input_embeddings().weight.numel()
+    assert size.active_params == pytest.approx(size.params - embedding - idle, abs=1)
+
+
 def test_kv_caches_as_engines_keep_them():
     """Sliding-window layers hold only their window; multi-head latent attention holds its compressed vector."""
     gemma3 = model_size(FAMILIES["gemma3"][-1])

@@ -102,3 +102,42 @@ def test_a_cached_hub_id_opens_offline_with_its_revision(tiny_llama, tmp_path, m
     assert open_source("tiny-org/tiny-llama", config_only=True).config["num_hidden_layers"] == 2
     with pytest.raises(EdgeportError, match="is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1"):
         open_source("tiny-org/not-cached")
+
+
+def test_an_mlx_quantized_source_is_planned_at_its_bits_and_dequantized_with_a_warning(tiny_llama, tmp_path):
+    import mlx_lm
+    from conftest import run_cli
+
+    quantized = tmp_path / "tiny-llama-4bit"
+    mlx_lm.convert(str(tiny_llama), str(quantized), quantize=True, q_bits=4, q_group_size=32)
+    code, out, _ = run_cli("plan", str(quantized), "-t", "m2-air", "--json")
+    plan = json.loads(out)
+    assert plan["source_bits"] == 5.0 and plan["source_quantization"].startswith("MLX affine 4-bit (group 32)")
+    code, out, err = run_cli("convert", str(quantized), "-t", "m2-air", "-f", "mlx", "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "dequantized to float16 first, so each artifact's quantization losses add to the source's" in err
+    source = open_source(str(quantized))
+    assert source.quantized.dequantized and "quantization" not in source.config
+    weights = load_file(source.path / "model.safetensors")
+    assert all(t.dtype == torch.float16 for t in weights.values())  # floats transformers reads as the reference
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
+
+
+def test_a_gptq_source_is_planned_at_its_bits_but_not_converted(tiny_llama, tmp_path):
+    from conftest import run_cli
+
+    folder = copy_of(tiny_llama, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, _ = run_cli("plan", str(folder), "-t", "m2-air", "--json")
+    assert code == 0 and json.loads(out)["source_bits"] == 4.125
+    code, out, err = run_cli("convert", str(folder), "-t", "m2-air", "-o", str(tmp_path / "out"))
+    assert code == 3 and not (tmp_path / "out").exists()
+    assert "its weights are GPTQ, 4.12 bits a weight" in err and "convert the float checkpoint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # one line, however the terminal wraps
+
+
+def test_a_quantized_gguf_says_its_real_bits(fixture_gguf):
+    source = open_source(str(fixture_gguf), config_only=True)
+    assert source.quantized.method == "Q4_1 GGUF" and 5 < source.quantized.bits < 6  # Q4_1 blocks and wider ones

@@ -16,7 +16,6 @@ Mixture-of-experts models hold every expert in memory but read only the routed o
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -128,39 +127,25 @@ class ModelSize:
 
 
 def model_size(config: dict) -> ModelSize:
-    """Parameter counts of the model transformers builds from the config, on the meta device (no memory, no
-    weights): exact for every architecture transformers ships."""
+    """Parameter counts from the config alone, read as transformers reads it (its defaults applied): the sums below
+    are each family's modeling code counted out, and a test holds them equal to the model transformers builds."""
     return _model_size(json.dumps(config, sort_keys=True))
-
-
-ROUTED_EXPERTS = re.compile(r"\.experts\.")  # a mixture's routed experts (not its shared ones)
-RAISED_BY_MIXED_RECIPES = re.compile(r"(v_proj|down_proj)")
 
 
 @functools.lru_cache(maxsize=64)
 def _model_size(config_json: str) -> ModelSize:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     hf = _transformers_config(config_json)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf)
-    except (ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
-        raise EdgeportError(f"config.json: transformers cannot build a {hf.model_type} model from it ({e})") from e
-    d = LMDims.from_config(hf.to_dict())
-    named = dict(model.named_parameters())  # a tied output projection is the embedding, counted once
-    matrix = sum(p.numel() for p in named.values() if p.ndim >= 2)
-    vectors = sum(p.numel() for p in named.values() if p.ndim < 2)
-    experts = sum(p.numel() for n, p in named.items() if ROUTED_EXPERTS.search(n) and p.ndim >= 2)
-    idle_experts = experts * (1 - d.routed / d.experts) if d.experts else 0
-    embedding = model.get_input_embeddings().weight.numel()
+    c, d = hf.to_dict(), LMDims.from_config(hf.to_dict())
+    layer = _layer_counts(c, d)
+    embedding = d.vocab * d.hidden
+    lm_head = 0 if d.tied else embedding
+    matrix = embedding + lm_head + sum(n.matrix for n in layer)
+    vectors = d.hidden + sum(n.vectors for n in layer)  # the final norm, then each layer's
+    idle_experts = sum(n.experts for n in layer) * (1 - d.routed / d.experts) if d.experts else 0
     # Decoding reads the output projection in full (the embedding itself when tied) but one embedding row.
     active_matrix = int(matrix - (0 if d.tied else embedding) - idle_experts)
-    lm_head = 0 if d.tied else d.vocab * d.hidden
     # mlx-lm's mixed recipes raise v_proj and down_proj in some layers, and an untied lm_head.
-    raised = sum(p.numel() for n, p in named.items() if RAISED_BY_MIXED_RECIPES.search(n) and p.ndim >= 2)
-    high = raised * mixed_recipe_layers(d.layers) / d.layers + lm_head
+    high = sum(n.raised for n in layer) * mixed_recipe_layers(d.layers) / d.layers + lm_head
     full, windowed = _kv_layout(hf, d)
     active_intermediate = d.routed * d.expert_intermediate if d.experts else d.intermediate
     return ModelSize(
@@ -169,11 +154,71 @@ def _model_size(config_json: str) -> ModelSize:
         matrix_params=matrix,
         active_matrix_params=active_matrix,
         high_share=high / matrix,
-        head_params=d.vocab * d.hidden,
+        head_params=embedding,
         kv_values_per_token=full,
         windowed_kv=windowed,
         activation_bytes_per_token=(d.vocab + 4 * d.hidden + 2 * active_intermediate) * 4,
     )
+
+
+@dataclass(frozen=True)
+class _LayerCount:
+    matrix: int  # weights in matrices (a mixture's routed experts included)
+    vectors: int  # norms, biases, attention sinks
+    experts: int  # of `matrix`, the routed experts' (a token reads `routed` of them)
+    raised: int  # of `matrix`, v_proj and down_proj: what mlx-lm's mixed recipes keep at more bits
+
+
+QKV_BIAS = ("qwen2", "qwen2_moe")  # biases on the query, key and value projections, whatever attention_bias says
+HEAD_NORMS = ("qwen3", "qwen3_moe", "gemma3_text")  # RMS norms over each head's queries and keys
+FOUR_NORMS = ("gemma2", "gemma3_text")  # a norm before and after both attention and the MLP
+
+
+def _layer_counts(c: dict, d: "LMDims") -> list[_LayerCount]:
+    """Each decoder layer's weights, as the family's modeling code in transformers lays them out."""
+    kind, hidden, hd = c["model_type"], d.hidden, d.head_dim
+    q, kv = d.heads * hd, d.kv_heads * hd
+    if c.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek)
+        rope, nope, v = c["qk_rope_head_dim"], c["qk_nope_head_dim"], c["v_head_dim"]
+        q_rank, kv_rank, per_head = c.get("q_lora_rank"), c["kv_lora_rank"], nope + rope
+        query = hidden * q_rank + q_rank * d.heads * per_head if q_rank else hidden * d.heads * per_head
+        attention = query + hidden * (kv_rank + rope) + kv_rank * d.heads * (nope + v) + d.heads * v * hidden
+        attention_vectors, v_proj = (q_rank or 0) + kv_rank, 0
+    else:
+        attention, v_proj = 2 * hidden * q + 2 * hidden * kv, hidden * kv
+        bias = (q + 2 * kv) if kind in QKV_BIAS else (q + 2 * kv + hidden) if c.get("attention_bias") else 0
+        norms = 2 * hd if kind in HEAD_NORMS else q + kv if kind == "olmo2" else 0
+        attention_vectors = bias + norms + (d.heads if kind == "gpt_oss" else 0)  # gpt-oss: a sink per head
+    norms = (4 if kind in FOUR_NORMS else 2) * hidden
+    dense = 3 * hidden * d.intermediate + ((2 * d.intermediate + hidden) if c.get("mlp_bias") else 0)
+    counts = []
+    for i in range(d.layers):
+        if not (d.experts and _sparse(c, i)):
+            counts.append(
+                _LayerCount(attention + dense, attention_vectors + norms, 0, v_proj + hidden * d.intermediate)
+            )
+            continue
+        inter, experts = d.expert_intermediate, d.experts
+        routed = experts * 3 * hidden * inter
+        shared = 3 * hidden * d.shared_expert_intermediate + (hidden if d.shared_expert_intermediate else 0)
+        shared += 3 * hidden * inter * (c.get("n_shared_experts") or 0)
+        vectors = attention_vectors + norms
+        if kind == "gpt_oss":  # biases on the router and on every expert's projections (2-D, one row an expert)
+            routed += experts * (2 * inter + hidden)
+            vectors += experts
+        counts.append(
+            _LayerCount(attention + hidden * experts + routed + shared, vectors, routed, v_proj + routed // 3)
+        )
+    return counts
+
+
+def _sparse(c: dict, layer: int) -> bool:
+    """Whether decoder layer `layer` of a mixture of experts routes (DeepSeek keeps its first layers dense, Qwen's
+    MoE can keep some)."""
+    if layer < (c.get("first_k_dense_replace") or 0) or layer in (c.get("mlp_only_layers") or ()):
+        return False
+    step = c.get("decoder_sparse_step") or c.get("moe_layer_freq") or 1
+    return (layer + 1) % step == 0 if "decoder_sparse_step" in c else layer % step == 0
 
 
 def _kv_layout(hf, d: "LMDims") -> tuple[int, tuple[tuple[int, int], ...]]:
