@@ -22,7 +22,7 @@ from edgeport.errors import EdgeportError
 
 FIXED_COST_ROWS = 3
 DEVICE_ROWS = 3
-METRICS = ("decode_tps", "prefill_tps", "ttft_s")
+METRICS = ("decode_tps", "prefill_tps", "ttft_s", "peak_memory_gb")  # the last is checked, not fitted
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Measurement:
     quantization: str
     context: int
     prompt_tokens: int
-    metric: str  # decode_tps | prefill_tps | ttft_s
+    metric: str  # decode_tps | prefill_tps | ttft_s | peak_memory_gb
     value: float
     source: str
 
@@ -93,13 +93,13 @@ class Measurement:
         return (self.format, self.unit)
 
     @property
-    def tps(self) -> float:
-        """The measurement as tokens a second (a TTFT is a prefill rate over its prompt)."""
-        return self.prompt_tokens / self.value if self.metric == "ttft_s" else self.value
+    def kind(self) -> str:
+        return {"decode_tps": "decode", "peak_memory_gb": "memory"}.get(self.metric, "prefill")
 
     @property
-    def is_decode(self) -> bool:
-        return self.metric == "decode_tps"
+    def observed(self) -> float:
+        """The measurement as the plan gives it: tokens a second (a TTFT is a prefill rate over its prompt), or GB."""
+        return self.prompt_tokens / self.value if self.metric == "ttft_s" else self.value
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,15 @@ class Data:
     configs: dict[str, dict]
 
     def roofline(self, m: Measurement) -> float:
-        """The roofline of `m`'s metric in tok/s, by the plan's own formulas."""
-        from edgeport.families.causal_lm import decode_roofline_tps, model_size, prefill_roofline_tps
+        """The roofline of `m`'s metric in tok/s, by the plan's own formulas; for a peak memory row, the plan's
+        peak in GB (which no efficiency scales)."""
+        from edgeport.families.causal_lm import decode_roofline_tps, memory, model_size, prefill_roofline_tps
 
-        size, device = model_size(self.configs[m.model]), self.devices[m.device]
-        if m.is_decode:
-            engine = ENGINES[m.engine]
-            quant = quantization.get(m.quantization, m.format)
+        size, device, engine = model_size(self.configs[m.model]), self.devices[m.device], ENGINES[m.engine]
+        quant = quantization.get(m.quantization, m.format)
+        if m.kind == "memory":
+            return memory(size, quant, engine, m.context)[2] / 1e9
+        if m.kind == "decode":
             cached = m.context if engine.static_cache else m.prompt_tokens
             return decode_roofline_tps(size, quant, engine, cached, device.bandwidth_gbs)
         return prefill_roofline_tps(size, device.tflops[m.unit])
@@ -172,14 +174,14 @@ def fit(measurements: list[Measurement], data: Data) -> dict[tuple[str, str, str
         fitted[(fmt, unit, None)] = _fit_rows(rows, data)
         for device in {m.device for m in rows}:
             own = [m for m in rows if m.device == device]
-            if sum(m.is_decode for m in own) >= DEVICE_ROWS:
+            if sum(m.kind == "decode" for m in own) >= DEVICE_ROWS:
                 fitted[(fmt, unit, device)] = _fit_rows(own, data, device)
     return fitted
 
 
 def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None) -> Efficiency:
-    decode = [(data.roofline(m), m.value) for m in rows if m.is_decode]
-    prefill = [m.tps / data.roofline(m) for m in rows if not m.is_decode]
+    decode = [(data.roofline(m), m.value) for m in rows if m.kind == "decode"]
+    prefill = [m.observed / data.roofline(m) for m in rows if m.kind == "prefill"]
     share, token_s = _decode_fit(decode) if decode else (1.0, 0.0)
     return Efficiency(
         decode=share,
@@ -233,11 +235,11 @@ class Check:
 
     @property
     def error(self) -> float:
-        return self.predicted / self.measurement.tps - 1
+        return self.predicted / self.measurement.observed - 1
 
     @property
     def roofline_error(self) -> float:
-        return self.roofline / self.measurement.tps - 1
+        return self.roofline / self.measurement.observed - 1
 
 
 def check(data: Data, held_out: bool = False) -> list[Check]:
@@ -248,5 +250,6 @@ def check(data: Data, held_out: bool = False) -> list[Check]:
     for i, m in enumerate(everything):
         efficiencies_here = fit(everything[:i] + everything[i + 1 :], data) if held_out else fitted
         e, roofline = efficiency(m.format, m.unit, m.device, efficiencies_here), data.roofline(m)
-        checks.append(Check(m, roofline, e.decode_tps(roofline) if m.is_decode else e.prefill_tps(roofline)))
+        expected = {"decode": e.decode_tps, "prefill": e.prefill_tps, "memory": float}[m.kind](roofline)
+        checks.append(Check(m, roofline, expected))
     return checks

@@ -509,17 +509,21 @@ class _Figures:
         return missed
 
 
+def memory(size: ModelSize, quant, engine: Engine, context: int) -> tuple[int, int, int]:
+    """Weight bytes, KV cache bytes over `context` tokens, and the peak: both and one prefill chunk's activations."""
+    weights = int(weight_bytes(size, quant))
+    kv = size.kv_values(context) * engine.kv_bytes
+    return weights, kv, weights + kv + size.activation_bytes_per_token * min(ACTIVATION_CHUNK, context)
+
+
 def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine: Engine, efficiency, unit: str):
     quant = quantization.get(quant_name, fmt)
-    weights = int(weight_bytes(size, quant))
-    kv = size.kv_values(target.context_length) * engine.kv_bytes
-    activations = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, target.context_length)
+    weights, kv, peak = memory(size, quant, engine, target.context_length)
     prompt = target.budget.prompt_tokens
     cached = target.context_length if engine.static_cache else min(prompt, target.context_length)
     decode_roofline = decode_roofline_tps(size, quant, engine, cached, target.bandwidth_gbs)
     prefill_roofline = prefill_roofline_tps(size, target.tflops[unit])
     prefill = efficiency.prefill_tps(prefill_roofline)
-    peak = weights + kv + activations
     return _Figures(
         weights=weights,
         kv=kv,
