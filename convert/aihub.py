@@ -138,14 +138,20 @@ def _run(artifact_dir: Path, device, reference, quantization: str, progress, res
 
 
 def upload_path(artifact_dir: Path, graph: str, scratch: Path) -> Path:
-    """What AI Hub takes for one graph: the .onnx file, or for weights in an external-data file (models over
-    2 GB) a folder holding exactly the .onnx and its .data, as the client requires."""
-    model, data = artifact_dir / f"{graph}.onnx", artifact_dir / f"{graph}.onnx.data"
-    if not data.exists():
+    """What AI Hub takes for one graph: the .onnx file, or for weights in external data (a part's shared weights
+    file, or a graph's own .data) a folder holding exactly the .onnx and the files it names, as the client
+    requires."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = artifact_dir / f"{graph}.onnx"
+    proto = onnx.load(model, load_external_data=False)
+    named = {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
+    if not named:
         return model
     folder = scratch / f"{graph}.onnx"
     folder.mkdir()
-    for file in (model, data):
+    for file in (model, *(artifact_dir / name for name in sorted(named))):
         try:
             (folder / file.name).hardlink_to(file)
         except OSError:  # another file system

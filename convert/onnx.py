@@ -13,6 +13,7 @@
   records the parts, the shapes and the names.
 """
 
+import hashlib
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import set_external_data, uses_external_data
 from onnxruntime.quantization import CalibrationDataReader, QuantType, qdq_quantizer, quant_utils, quantize_static
 from onnxruntime.quantization.calibrate import MinMaxCalibrater, TensorsData, save_tensors_data
 from onnxruntime.quantization.execution_providers import qnn
@@ -54,6 +55,8 @@ from edgeport.texts import default_article, summary_prompt
 
 OPSET = 21
 CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previous ones filled
+SHARED_MIN_BYTES = 1024  # initializers at least this large go to a part's shared weights file
+PAGE_BYTES = 4096
 CALIBRATION_DECODE_STEPS = 16
 BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
 
@@ -146,6 +149,7 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
             given = part_calls(PartRunner(floats, layout, part, providers(False), feeds.record), calls, given)
             for graph, file in (("prefill", part.prefill), ("decode", part.decode)):
                 qdq_quantize(floats / file, dest / file, feeds.files[graph], quant)
+            share_weights(dest, [part.prefill, part.decode], part.weights)
             shutil.rmtree(floats)
     copy_app_files(source.path, dest)
     blocks = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
@@ -195,7 +199,13 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
         cache="the app keeps [1, kv_heads, context_length, head_dim] per layer; a call of width W reads its "
         "first context_length - W positions and returns W new ones to write after the n already filled",
         parts=[
-            OnnxPart(f"prefill-{i + 1:02d}-of-{n:02d}.onnx", f"decode-{i + 1:02d}-of-{n:02d}.onnx", s.start, s.stop)
+            OnnxPart(
+                f"prefill-{i + 1:02d}-of-{n:02d}.onnx",
+                f"decode-{i + 1:02d}-of-{n:02d}.onnx",
+                s.start,
+                s.stop,
+                f"weights-{i + 1:02d}-of-{n:02d}.data",
+            )
             for i, s in enumerate(spans)
         ],
     )
@@ -462,6 +472,31 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     head = next((n for n in graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")), None)
     weights = [name for name in (head.input if head else []) if name in initializers]
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
+
+
+def share_weights(folder: Path, graphs: list[str], data_name: str) -> None:
+    """Keep the weights of a part's graphs in one external data file, `data_name`, each tensor once. The prefill and
+    decode graphs quantize the same weights to the same bytes (a weight's scales come from the weight alone), so
+    the part's download, its disk and an app that maps both graphs hold them once; QNN's weight sharing holds them
+    once on the NPU. Offsets are page-aligned, so onnxruntime can map the file."""
+    stored: dict[tuple[str, bytes], tuple[int, int]] = {}
+    with open(folder / data_name, "wb") as data:
+        for name in graphs:
+            model = onnx.load(folder / name)  # with the weights the quantizer wrote beside it, over 2 GB
+            for tensor in model.graph.initializer:
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < SHARED_MIN_BYTES:
+                    continue  # scales and zero points stay in the graph
+                key = (tensor.name, hashlib.sha256(tensor.raw_data).digest())
+                if key not in stored:
+                    offset = -(-data.tell() // PAGE_BYTES) * PAGE_BYTES
+                    data.seek(offset)
+                    data.write(tensor.raw_data)
+                    stored[key] = (offset, len(tensor.raw_data))
+                set_external_data(tensor, data_name, *stored[key])
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(model, folder / name)
+            (folder / f"{name}.data").unlink(missing_ok=True)
 
 
 def weights_apart(model_file: Path) -> int:

@@ -107,12 +107,14 @@ class OnnxPart:
     """One part of the NPU shape: decoder layers [first_layer, end_layer) as a `prefill` graph over the prefill
     chunk and a `decode` graph over one token. The first part takes `input_ids` (it holds the embedding), the others
     the previous part's `output_hidden_states` as `hidden_states`; the last returns `logits`. Each reads and
-    returns the KV cache of its own layers."""
+    returns the KV cache of its own layers. The two graphs keep their weights in one external data file,
+    `weights`, each tensor once."""
 
     prefill: str
     decode: str
     first_layer: int
     end_layer: int
+    weights: str = ""  # empty in outputs from before the graphs shared their weights
 
     @property
     def layers(self) -> range:

@@ -186,18 +186,36 @@ def test_device_logits_outside_the_bounds_fail():
     assert aihub._compare([ref[0][None]], ref, [3], "w8a16")["status"] == "passed"
 
 
-def test_weights_in_external_data_go_up_as_a_folder_of_the_two_files(tmp_path):
-    artifact = tmp_path / "onnx"
-    artifact.mkdir()
-    (artifact / "prefill.onnx").write_bytes(b"graph")
-    (artifact / "decode.onnx").write_bytes(b"graph")
-    (artifact / "prefill.onnx.data").write_bytes(b"weights")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    assert aihub.upload_path(artifact, "decode", scratch) == artifact / "decode.onnx"
+def test_a_parts_graphs_share_one_weights_file_and_go_up_with_it(tmp_path):
+    """The prefill and decode graphs of a part keep their weights in one file, each tensor once; both still run,
+    and AI Hub gets each graph as a folder of the .onnx and the file it names."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeport.convert.onnx import share_weights
+
+    artifact, scratch = tmp_path / "onnx", tmp_path / "scratch"
+    artifact.mkdir(), scratch.mkdir()
+    weight = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    for name in ("prefill", "decode", "alone"):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+            [numpy_helper.from_array(weight, "w")],
+        )
+        onnx.save(helper.make_model(graph), artifact / f"{name}.onnx")
+    share_weights(artifact, ["prefill.onnx", "decode.onnx"], "weights.data")
+    assert (artifact / "weights.data").stat().st_size == weight.nbytes  # once, for both graphs
+    x = np.ones((1, 64), np.float32)
+    for name in ("prefill", "decode"):
+        session = onnxruntime.InferenceSession(str(artifact / f"{name}.onnx"))
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-6)
+    assert aihub.upload_path(artifact, "alone", scratch) == artifact / "alone.onnx"  # its weights inside
     folder = aihub.upload_path(artifact, "prefill", scratch)
-    assert sorted(p.name for p in folder.iterdir()) == ["prefill.onnx", "prefill.onnx.data"]
-    assert (folder / "prefill.onnx.data").read_bytes() == b"weights"
+    assert sorted(p.name for p in folder.iterdir()) == ["prefill.onnx", "weights.data"]
 
 
 @pytest.fixture

@@ -199,6 +199,13 @@ def test_npu_shape_is_qdq_at_the_planned_precision(npu_output):
         assert activations == {onnx.TensorProto.UINT16}
         if quant == "w4a16":  # the output projection keeps 8-bit weights
             assert onnx.TensorProto.UINT8 in weight_types
+    # the two graphs keep their weights in one file, each tensor once: no larger than one graph's weights
+    shared = out / "onnx" / "weights-01-of-01.data"
+    graph = onnx.load(out / "onnx" / "decode-01-of-01.onnx", load_external_data=False)
+    one_copy = sum(int(e.value) for t in graph.graph.initializer for e in t.external_data if e.key == "length")
+    assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == {shared.name}
+    assert one_copy <= shared.stat().st_size <= one_copy + 4096 * len(graph.graph.initializer)
+    assert not list((out / "onnx").glob("*.onnx.data"))
 
 
 def _chain(folder, elements: int):

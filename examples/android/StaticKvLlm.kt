@@ -1,8 +1,9 @@
 // Run edgeport's ONNX NPU shape on an Android phone's Hexagon NPU with ONNX Runtime's QNN execution provider.
 //
 // Gradle: implementation("com.microsoft.onnxruntime:onnxruntime-android-qnn:<version>")
-// Copy the artifact folder (its prefill-NN-of-NN.onnx and decode-NN-of-NN.onnx graphs, npu.json, tokenizer files)
-// into the app's files. Token ids in, token ids out: tokenize with the model's tokenizer.json (e.g. a HF tokenizers
+// Copy the artifact folder (its prefill-NN-of-NN.onnx and decode-NN-of-NN.onnx graphs, the weights-NN-of-NN.data
+// file each part's two graphs share, npu.json, tokenizer files) into the app's files, and open the graphs by path:
+// ONNX Runtime finds the weights file beside them. Token ids in, token ids out: tokenize with the model's tokenizer.json (e.g. a HF tokenizers
 // binding). The model comes in parts of consecutive layers, run in order (npu.json's "parts"): the first takes
 // input_ids, each other one the previous part's output_hidden_states as hidden_states, the last returns logits; each
 // reads and returns the KV cache of its own layers.
