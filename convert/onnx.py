@@ -477,8 +477,7 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
 def share_weights(folder: Path, graphs: list[str], data_name: str) -> None:
     """Keep the weights of a part's graphs in one external data file, `data_name`, each tensor once. The prefill and
     decode graphs quantize the same weights to the same bytes (a weight's scales come from the weight alone), so
-    the part's download, its disk and an app that maps both graphs hold them once; QNN's weight sharing holds them
-    once on the NPU. Offsets are page-aligned, so onnxruntime can map the file."""
+    the part downloads and sits on disk once. Offsets are page-aligned, so onnxruntime can map the file."""
     stored: dict[tuple[str, bytes], tuple[int, int]] = {}
     with open(folder / data_name, "wb") as data:
         for name in graphs:
