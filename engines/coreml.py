@@ -93,7 +93,7 @@ class CoreMLRunner:
         clock, position = TokenClock(len(prompt), start), len(prompt)
         for _ in range(max_tokens):
             token = int(np.argmax(logits[-1]))
-            yield clock.token(self.tokenizer.decode([token]), token)
+            yield clock.token(token)
             if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens or position >= self.context:
                 break
             logits = self._predict(self.decoders, [token], position, 1, states)

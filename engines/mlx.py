@@ -189,7 +189,6 @@ class MLXRunner:
             self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)
         ):
             yield Token(
-                r.text,
                 r.token,
                 time.perf_counter() - start,
                 r.prompt_tokens,

@@ -78,7 +78,6 @@ class ONNXRunner:
         self.path, self.og = path, og
         self.model = og.Model(str(path))
         self.tokenizer = hf_tokenizer(path)  # chat templates, as every runner's
-        self.og_tokenizer = og.Tokenizer(self.model)  # streaming detokenization in C++, off the decode loop's back
         self.engine = f"onnxruntime-genai {og.__version__} (CPU)"
         self.providers = [CPU]
         self.decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
@@ -111,11 +110,10 @@ class ONNXRunner:
         start = time.perf_counter()
         generator = og.Generator(self.model, params)
         generator.append_tokens(prompt)
-        clock, text = TokenClock(len(prompt), start), self.og_tokenizer.create_stream()
+        clock = TokenClock(len(prompt), start)
         while not generator.is_done():
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            yield clock.token(text.decode(token), token)
+            yield clock.token(int(generator.get_next_tokens()[0]))
             if clock.generated >= max_tokens:
                 break
 
@@ -221,7 +219,7 @@ class StaticKVRunner:
         clock = TokenClock(len(prompt), start)
         for _ in range(max_tokens):
             token = int(np.argmax(logits[-1]))
-            yield clock.token(self.tokenizer.decode([token]), token)
+            yield clock.token(token)
             if token == self.tokenizer.eos_token_id or clock.generated >= max_tokens:
                 break
             logits = self._call([token], 1)
