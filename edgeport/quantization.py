@@ -19,6 +19,7 @@ class Quantization:
     judged_as: str | None = None  # the parity bounds that apply, when not this quantization's own
     activation_bits: int | None = None  # set for static (QDQ) quantization of activations too, as NPUs run
     head_bits: int | None = None  # the output projection's bits, where it keeps more than the rest (per channel)
+    embedding_bits: int | None = None  # the input embedding's bits, where it is stored apart from the rest
 
     @property
     def bounds_key(self) -> str:
@@ -34,11 +35,6 @@ class Quantization:
             return 16.0 if self.dtype in ("float16", "bfloat16") else 32.0
         bits = self.bits + (self.high_bits - self.bits) * high_share if self.high_bits else self.bits
         return bits + (self.scale_bits / self.group_size if self.group_size else 0.0)
-
-    def head_bits_per_weight(self) -> float | None:
-        """Stored bits per weight of the output projection where it is kept at head_bits (its per-channel scales
-        are negligible), else None: it is quantized like every other matrix."""
-        return float(self.head_bits) if self.head_bits else None
 
 
 def _mlx(bits: int) -> Quantization:
@@ -62,9 +58,11 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
         Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
         Quantization("int8", ("onnx", "ct2"), 8),  # per-channel weights, activations quantized at run time (CPU)
-        Quantization("w8a16", ("onnx",), 8, activation_bits=16),  # per-channel weights, 16-bit activations
+        # Per-channel weights, 16-bit activations. The embedding table is a Gather's data, which the QNN recipe
+        # quantizes as an activation: 16 bits.
+        Quantization("w8a16", ("onnx",), 8, activation_bits=16, embedding_bits=16),
         # int4 blocks of 32; the output projection keeps 8-bit weights (convert.onnx, as AI Hub's exports do)
-        Quantization("w4a16", ("onnx",), 4, group_size=32, activation_bits=16, head_bits=8),
+        Quantization("w4a16", ("onnx",), 4, group_size=32, activation_bits=16, head_bits=8, embedding_bits=16),
     )
 }
 

@@ -102,12 +102,20 @@ def test_the_npu_plan_is_a_calibrated_share_of_its_rooflines():
     assert step.decode_tps == pytest.approx(13.05, rel=0.25)
 
 
-def test_w4a16_keeps_the_output_projection_at_8_bits():
-    size, quant = model_size(LLAMA_3_1_8B), quantization.get("w4a16", "onnx")
-    norms = size.params - size.matrix_params
-    expected = ((size.matrix_params - size.head_params) * 4.5 + size.head_params * 8) / 8 + 2 * norms
-    assert weight_bytes(size, quant) == pytest.approx(expected)
-    assert weight_bytes(size, quantization.get("int4-block32", "onnx")) < expected
+def test_the_npu_shape_is_counted_as_built():
+    """w4a16 keeps the output projection at 8 bits and the embedding table at 16 (a Gather's data, quantized as an
+    activation); a tied table is held twice, once each way."""
+    quant = quantization.get("w4a16", "onnx")
+    for config in (LLAMA_3_1_8B, LLAMA_3_2_3B):
+        size = model_size(config)
+        table, norms = size.head_params, size.params - size.matrix_params
+        rest = size.matrix_params - table * (1 if size.tied else 2)
+        expected = (rest * 4.5 + table * 8 + table * 16) / 8 + 2 * norms
+        assert weight_bytes(size, quant) == pytest.approx(expected)
+        assert weight_bytes(size, quantization.get("int4-block32", "onnx")) < expected
+        assert weight_bytes(size, quant, active=True) == pytest.approx(
+            ((size.active_matrix_params - table) * 4.5 + table * 8) / 8 + 2 * norms
+        )
 
 
 def test_context_sets_the_kv_cache_and_a_context_shorter_than_the_prompt_is_refused(tiny_llama):

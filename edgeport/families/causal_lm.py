@@ -117,6 +117,7 @@ class ModelSize:
     active_matrix_params: int
     high_share: float  # share of matrix weights a mixed-precision recipe keeps at its high bits
     head_params: int  # the output projection (the embedding itself where the two are tied)
+    tied: bool
     kv_values_per_token: int  # keys and values cached per token, over the layers that attend to the whole context
     windowed_kv: tuple[tuple[int, int], ...]  # (values per token, window) of sliding-window layers
     activation_bytes_per_token: int
@@ -155,6 +156,7 @@ def _model_size(config_json: str) -> ModelSize:
         active_matrix_params=active_matrix,
         high_share=high / matrix,
         head_params=embedding,
+        tied=d.tied,
         kv_values_per_token=full,
         windowed_kv=windowed,
         activation_bytes_per_token=(d.vocab + 4 * d.hidden + 2 * active_intermediate) * 4,
@@ -461,14 +463,17 @@ LADDER = quantization.LADDERS  # each format's quantizations from most to fewest
 
 
 def weight_bytes(size: ModelSize, quant: quantization.Quantization, active: bool = False) -> float:
-    """The bytes of every weight (or, `active`, of those a decoded token reads): matrices at the quantization's
-    bits (the output projection at its head bits, where it has them) and norms in fp16."""
-    matrix = size.active_matrix_params if active else size.matrix_params
-    bits = quant.bits_per_weight(size.high_share)
-    head_bits = quant.head_bits_per_weight()
-    head = size.head_params if head_bits else 0
-    norms = size.params - size.matrix_params
-    return ((matrix - head) * bits + head * (head_bits or 0)) / 8 + norms * NORM_BYTES_PER_VALUE
+    """The bytes of every weight (or, `active`, of those a decoded token reads, which is one embedding row):
+    matrices at the quantization's bits, the output projection at its head bits and the embedding at its embedding
+    bits where it has them (then a tied table is held twice, as the NPU shape builds it), norms in fp16."""
+    bits, table = quant.bits_per_weight(size.high_share), size.head_params
+    head_bits = quant.head_bits or bits
+    norms = (size.params - size.matrix_params) * NORM_BYTES_PER_VALUE
+    if active:
+        return ((size.active_matrix_params - table) * bits + table * head_bits) / 8 + norms
+    rest = size.matrix_params - table * (1 if size.tied else 2)
+    embedding = 0 if size.tied and quant.embedding_bits is None else table * (quant.embedding_bits or bits)
+    return (rest * bits + table * head_bits + embedding) / 8 + norms
 
 
 def decode_roofline_tps(size: ModelSize, quant, engine: Engine, cached_tokens: int, bandwidth_gbs: float) -> float:
