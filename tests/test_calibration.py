@@ -77,7 +77,7 @@ def test_an_engine_without_measurements_keeps_its_rooflines_and_says_so():
     data = Data((), {}, {})
     fitted = calibration.fit([], data)
     assert all(e == calibration.Efficiency() for e in fitted.values())
-    assert "no published measurement" in calibration.Efficiency().describe(ENGINES[("coreml", "npu")])
+    assert "no measurement yet" in calibration.Efficiency().describe(ENGINES[("coreml", "npu")])
 
 
 def test_a_devices_own_rows_outrank_the_engines():
