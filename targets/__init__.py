@@ -241,7 +241,10 @@ def host_facts(remeasure: bool = False) -> dict:
     facts = None if remeasure else _THIS_RUN.get(key) or _cached_facts(cache)
     if facts and facts["key"] == key:
         return facts
-    err.print(f"measuring this machine's memory bandwidth and matmul throughput (a few seconds; kept in {cache})")
+    err.print(
+        f"measuring this machine's memory bandwidth and matmul throughput (a few seconds; kept in {cache})",
+        soft_wrap=True,
+    )
     src = np.ones(2**27, dtype=np.float32)  # 512 MiB
     dst = np.empty_like(src)
     copies = _times(5, lambda: np.copyto(dst, src))
@@ -259,7 +262,8 @@ def host_facts(remeasure: bool = False) -> dict:
     if spread > SPREAD_LIMIT:
         err.print(
             f"[yellow]warning:[/] this machine's repeats differed by {spread:.1f}x, so something else is running: "
-            "its figures are used for now but not kept; run `edgeport targets --measure` when it is quiet"
+            "its figures are used for now but not kept; run `edgeport targets --measure` when it is quiet",
+            soft_wrap=True,
         )
         return facts
     made(cache.parent)

@@ -5,7 +5,10 @@ running the uploaded QDQ graph with onnxruntime, so the device comparison is com
 """
 
 import json
+import shutil
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -71,9 +74,17 @@ def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (
             raise qai_hub.UserError(f"Failed to load client configuration file (api_token = {SECRET})")
         return [types.SimpleNamespace(name=d) for d in devices if d == name]
 
+    uploaded = Path(tempfile.mkdtemp(prefix="fake-aihub-"))
+
     def submit_compile_job(model, device, name, options):
+        """Takes a copy of what it is given, as the client uploads it then: a graph, or a folder of a graph and
+        the weights files it names."""
         hub.calls.append(("compile", model, device.name, options))
-        return FakeJob(hub, "compile", model, fail=fail_compile)
+        given, kept = Path(model), uploaded / f"{hub.count}"
+        kept.mkdir()
+        (shutil.copytree if given.is_dir() else shutil.copy2)(given, kept / given.name)
+        graph = kept / given.name / given.name if given.is_dir() else kept / given.name
+        return FakeJob(hub, "compile", str(graph), fail=fail_compile)
 
     def submit_profile_job(model, device, name):
         hub.calls.append(("profile", model.onnx_file, device.name))

@@ -124,6 +124,6 @@ def test_the_token_clock_derives_its_rates_from_its_own_stream(monkeypatch):
     ticks = iter([10.0, 10.5, 10.6, 10.8])  # start, then three tokens
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(ticks))
     clock = loop.TokenClock(prompt_tokens=100, start=loop.time.perf_counter())
-    first, _, last = (clock.token("x", i) for i in range(3))
+    first, _, last = (clock.token(i) for i in range(3))
     assert first.elapsed_s == 0.5 and first.prompt_tps == 100 / 0.5 and first.generation_tps == 0.0
     assert last.generated == 3 and last.generation_tps == pytest.approx(2 / 0.3)

@@ -51,11 +51,18 @@ def text_config(config: dict) -> dict:
     return _transformers_config(json.dumps(config, sort_keys=True)).to_dict()
 
 
+REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 @functools.lru_cache(maxsize=64)
 def _transformers_config(config_json: str):
     from transformers import AutoConfig
 
     config = json.loads(config_json)
+    given = config.get("text_config") or config
+    for size in REQUIRED_SIZES:  # transformers would fill in its own default for a model of another size
+        if given.get(size) is None:
+            raise EdgeportError(f"config.json lacks {size}, which the plan needs")
     fields = {k: v for k, v in config.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(config["model_type"], **fields).get_text_config()
