@@ -1,4 +1,5 @@
-"""What real engines reach of the plan's rooflines, fitted from published measurements (data/measurements.toml).
+"""What real engines reach of the plan's rooflines, fitted from measurements with their sources
+(data/measurements.toml: published figures, and edgeport bench on this repository's CI machine).
 
 A decoded token reads the weights and the KV cache once, so its roofline is the device's bandwidth over those bytes;
 a prompt token costs two operations a parameter, so prefill's roofline is the compute unit's throughput over that.
@@ -230,8 +231,8 @@ class Check:
     """One measurement beside what the plan's formulas predict for it."""
 
     measurement: Measurement
-    roofline: float  # tok/s
-    predicted: float  # tok/s
+    roofline: float  # tok/s (a peak memory row: the plan's GB, which no efficiency scales)
+    predicted: float  # the plan's expected figure, in the same unit
 
     @property
     def error(self) -> float:

@@ -2,8 +2,8 @@
 artifact of it (logits on chat prompts and perplexity on real text), its bench workload and its table columns.
 
 The plan's formulas for it (the README's "How the plan predicts" spells them out):
-- weight bytes  = matrix weights x bits per weight / 8 (the output projection at the quantization's head bits)
-                  + norms in fp16
+- weight bytes  = matrix weights x bits per weight / 8 (the output projection and the embedding at the bits the
+                  quantization gives them, where it does: the NPU shape's) + norms in fp16
 - KV bytes      = 2 (K and V) x layers x KV heads x head dim x the engine's bytes a value x the context length
 - peak memory   = weights + KV cache + one prefill chunk of activations (fp32 logits dominate)
 - decode tok/s  = roofline: memory bandwidth / bytes read per token (active weights, and the KV cache of the
