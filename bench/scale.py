@@ -203,9 +203,10 @@ def bench_model(name: str, source: Path, targets: list[str], formats: str | None
         command += (["-f", formats] if formats else []) + extra
         print(f"{name} for {target}…", flush=True)
         wall, peak, code = measure(command)
-        steps = []
+        steps, artifacts = [], {}
         if (out / "manifest.json").exists():
             manifest = json.loads((out / "manifest.json").read_text())
+            artifacts = {f"{a['format']} {a['quantization']}": a["bytes"] for a in manifest["artifacts"]}
             predicted = {s["step"]: s for s in manifest.get("preflight", [])}
             for step in manifest["steps"]:
                 guess = predicted.get(step["step"], {}).get("peak_bytes")
@@ -227,6 +228,7 @@ def bench_model(name: str, source: Path, targets: list[str], formats: str | None
                 "wall_s": wall,
                 "peak_rss_bytes": peak,
                 "peak_vs_source": round(peak / size, 2),
+                "artifact_bytes": artifacts,
                 "steps": steps,
             }
         )
