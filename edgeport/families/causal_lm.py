@@ -66,8 +66,11 @@ def _transformers_config(config_json: str):
     fields = {k: v for k, v in config.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(config["model_type"], **fields).get_text_config()
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise EdgeportError(f"config.json: transformers cannot read it as a {config['model_type']} config ({e})") from e
+    except Exception as e:  # its config classes validate fields strictly, in errors of their own
+        raise EdgeportError(
+            f"config.json: transformers cannot read it as a {config['model_type']} config "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from e
 
 
 @dataclass(frozen=True)
