@@ -69,7 +69,7 @@ def _transformers_config(config_json: str):
     except Exception as e:  # its config classes validate fields strictly, in errors of their own
         raise EdgeportError(
             f"config.json: transformers cannot read it as a {config['model_type']} config "
-            f"({type(e).__name__}: {str(e)[:200]})"
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         ) from e
 
 
