@@ -87,6 +87,7 @@ class SourceQuantization:
 # quantization_config methods whose weights only their own kernels unpack: transformers needs gptqmodel, autoawq,
 # bitsandbytes, … to read them back as floats, and edgeport converts from floats.
 DECLARED_BITS = {"fp8": 8, "mxfp4": 4.25, "bitsandbytes": None, "compressed-tensors": None}
+METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "mxfp4": "MXFP4"}  # as their authors write them
 
 
 def quantization_of(config: dict) -> SourceQuantization | None:
@@ -105,7 +106,7 @@ def quantization_of(config: dict) -> SourceQuantization | None:
         declared.get("group_size") if isinstance(declared.get("group_size"), int) and declared["group_size"] > 0 else 0
     )
     stored = (bits + (16 / group if group else 0)) if bits else 16.0
-    return SourceQuantization(method.upper() if len(method) <= 4 else method, stored, False)
+    return SourceQuantization(METHOD_NAMES.get(method, method), stored, False)
 
 
 def _positive(value) -> bool:

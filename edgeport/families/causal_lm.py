@@ -379,7 +379,7 @@ class CausalLM:
 
     def step(self, size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
         engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
-        ladder = {q: _figures(size, target, q, fmt, engine, efficiency, unit) for q in LADDER[fmt]}
+        ladder = {q: _figures(size, target, q, fmt, engine, efficiency, unit) for q in quantization.LADDERS[fmt]}
         f = ladder.get(quant_name) or _figures(size, target, quant_name, fmt, engine, efficiency, unit)
         usable = target.usable_ram_gb * GB
         largest = next((q for q, other in ladder.items() if other.peak <= usable), None)
@@ -467,9 +467,6 @@ class CausalLM:
         return [
             f"{name}: perplexity {num(metrics, 'ppl_source', '.2f')} (source) → {num(metrics, 'ppl_artifact', '.2f')}"
         ]
-
-
-LADDER = quantization.LADDERS  # each format's quantizations from most to fewest bits
 
 
 def weight_bytes(size: ModelSize, quant: quantization.Quantization, active: bool = False) -> float:
