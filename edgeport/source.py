@@ -101,10 +101,9 @@ def quantization_of(config: dict) -> SourceQuantization | None:
     if not isinstance(declared, dict):
         return None
     method = str(declared.get("quant_method", "unknown"))[:40]
-    bits = declared.get("bits") if isinstance(declared.get("bits"), int | float) else DECLARED_BITS.get(method)
-    group = (
-        declared.get("group_size") if isinstance(declared.get("group_size"), int) and declared["group_size"] > 0 else 0
-    )
+    bits, group = declared.get("bits"), declared.get("group_size")
+    bits = bits if _positive(bits) and bits <= 16 else DECLARED_BITS.get(method)
+    group = group if _positive(group) and isinstance(group, int) else 0  # GPTQ's -1: one scale per channel
     stored = (bits + (16 / group if group else 0)) if bits else 16.0
     return SourceQuantization(METHOD_NAMES.get(method, method), stored, False)
 
@@ -230,7 +229,8 @@ def _open_folder(folder: Path, allow_pickle: bool, config_only: bool, kind: str 
     quantized = quantization_of(config)
     source = Source(ref=str(folder), kind=kind, config=config, path=folder, quantized=quantized)
     if config_only:
-        if quantized and quantized.dequantized and not _dequantized_folder(folder).exists():
+        # not hashed yet (that reads every weight): a dequantized copy of a folder of this name counts as this one's
+        if quantized and quantized.dequantized and not any((cache_dir() / "mlx").glob(f"{folder.name}-*")):
             source.fills_cache = cache_dir()
         return source
     _refuse_links_out(folder)
