@@ -6,9 +6,8 @@ bench/convert.json   wall time and peak RSS of `edgeport convert` vs mlx-lm's ow
                      source, with parity (which mlx-lm does not do) reported separately.
 bench/coreml.json    per Core ML compression of the fixture (m2-air's package): conversion wall time and peak
                      RSS, package size against the fp16 package, and the parity of the weights read back.
-bench/onnx.json      prefill and decode tok/s of `edgeport bench` on the ONNX int4 CPU artifact vs
-                     onnxruntime-genai's generator called directly vs llama.cpp on the fixture GGUF, same
-                     prompt and threads, alternated; decode as a share of the plan's bandwidth roofline.
+bench/host.json      (bench/host.py) the ONNX int4 and GGUF Q4_K_M CPU artifacts, each through `edgeport bench` and
+                     through its engine called directly, at 512 and 2048 prompt tokens, alternated.
 bench/transcribe.json real-time factor and WER on two_cities.wav (44 s) of every Whisper tiny.en artifact this
                      machine runs, each through edgeport's transcription loop, vs faster-whisper (CTranslate2 int8)
                      on the same model and audio, alternated.
@@ -39,7 +38,6 @@ HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 ROUNDS = 3
 OVERHEAD = {"quant": "bf16", "prompt_tokens": 128, "max_tokens": 48}
-ONNX = {"prompt_tokens": 128, "max_tokens": 128}
 console = Console()
 
 
@@ -50,7 +48,6 @@ def main() -> None:
         scratch = Path(scratch)
         write("convert", bench_convert(gguf, source.path, scratch))
         write("overhead", bench_overhead(gguf, scratch))
-        write("onnx", bench_onnx(gguf, scratch))
         write("coreml", bench_coreml(gguf, scratch))
         write("transcribe", bench_transcribe(scratch))
 
@@ -175,86 +172,6 @@ def bench_overhead(gguf: Path, scratch: Path) -> dict:
     for name, m in median.items():
         table.add_row(name, f"{m['prefill_tps']:.1f}", f"{m['decode_tps']:.2f}")
     table.caption = f"edgeport decode overhead {overhead:+.1%} (goal ≤ 3 %)"
-    console.print(table)
-    return result
-
-
-def bench_onnx(gguf: Path, scratch: Path) -> dict:
-    """edgeport bench (ONNX int4 CPU shape) vs the raw onnxruntime-genai loop vs llama.cpp, alternated."""
-    import onnxruntime_genai as og
-    from llama_cpp import Llama
-    from transformers import AutoTokenizer
-
-    from edgeport.texts import chat_ids
-
-    out = scratch / "onnx"
-    run([str(BIN / "edgeport"), "convert", str(gguf), "-t", "host", "-f", "onnx", "--out", str(out)])
-    step = json.loads((out / "manifest.json").read_text())["plan"]["steps"][0]
-    tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
-    prompt = chat_ids(tokenizer, summary_request(tokenizer, default_article(), ONNX["prompt_tokens"]))
-    threads = psutil.cpu_count(logical=False) or psutil.cpu_count()
-    model = og.Model(str(out / "onnx"))
-    llama = Llama(str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-
-    def onnxruntime_genai() -> dict:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + ONNX["max_tokens"], do_sample=False)
-        start = time.perf_counter()
-        generator = og.Generator(model, params)
-        generator.append_tokens(prompt)
-        times = []
-        while not generator.is_done() and len(times) < ONNX["max_tokens"]:
-            generator.generate_next_token()
-            times.append(time.perf_counter() - start)
-        return rates(times)
-
-    def llama_cpp() -> dict:
-        llama.reset()  # else llama-cpp-python reuses the cached prompt and skips the prefill
-        start = time.perf_counter()
-        times = []
-        for _ in llama.generate(prompt, top_k=1, temp=0.0, reset=True):
-            times.append(time.perf_counter() - start)
-            if len(times) == ONNX["max_tokens"]:
-                break
-        return rates(times)
-
-    def rates(times: list[float]) -> dict:
-        decode = (len(times) - 1) / (times[-1] - times[0])
-        return {"prefill_tps": round(len(prompt) / times[0], 1), "decode_tps": round(decode, 2), "tokens": len(times)}
-
-    rows = {"edgeport bench": [], "onnxruntime-genai direct": [], "llama.cpp (llama-cpp-python)": []}
-    onnxruntime_genai(), llama_cpp()  # warm both
-    for _ in range(ROUNDS):
-        ours = edgeport_bench(out, "onnx", len(prompt), ONNX["max_tokens"])
-        rows["edgeport bench"].append(
-            {"prefill_tps": ours["prefill_tps"], "decode_tps": ours["decode_tps"], "tokens": ours["new_tokens"]}
-        )
-        rows["onnxruntime-genai direct"].append(onnxruntime_genai())
-        rows["llama.cpp (llama-cpp-python)"].append(llama_cpp())
-    median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()}
-    ours, direct = median["edgeport bench"], median["onnxruntime-genai direct"]
-    llama_decode = median["llama.cpp (llama-cpp-python)"]["decode_tps"]
-    result = {
-        "what": f"SmolLM2-135M-Instruct, {len(prompt)}-token summary prompt, {ONNX['max_tokens']} greedy tokens, "
-        f"{threads} threads: ONNX int4 block 32 (edgeport convert -t host) vs the fixture's own Q4_1 GGUF",
-        "runs": rows,
-        "median": median,
-        "runner_overhead": round(1 - ours["decode_tps"] / direct["decode_tps"], 4),
-        "decode_vs_llama_cpp": round(ours["decode_tps"] / llama_decode, 3),
-        "roofline_decode_tps": step["decode_tps"],
-        "decode_share_of_roofline": round(ours["decode_tps"] / step["decode_tps"], 3),
-        "goals": {"decode_vs_llama_cpp": ">= 1.0", "runner_overhead": "<= 0.03"},
-    }
-    table = Table(title=f"bench/onnx: {result['what']} (median of {ROUNDS}, alternated)")
-    for column in ("engine", "prefill tok/s", "decode tok/s"):
-        table.add_column(column, justify="right")
-    for name, m in median.items():
-        table.add_row(name, f"{m['prefill_tps']:.1f}", f"{m['decode_tps']:.1f}")
-    table.caption = (
-        f"decode {result['decode_vs_llama_cpp']}x llama.cpp (goal ≥ 1); runner overhead "
-        f"{result['runner_overhead']:+.1%} (goal ≤ 3 %); {result['decode_share_of_roofline']:.0%} of the "
-        f"{step['decode_tps']:.0f} tok/s bandwidth roofline"
-    )
     console.print(table)
     return result
 

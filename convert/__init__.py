@@ -18,6 +18,7 @@ CONVERTERS = {
     ("causal-lm", "mlx"): ("edgeport.convert.mlx", "mlx"),
     ("causal-lm", "coreml"): ("edgeport.convert.coreml", "coreml"),
     ("causal-lm", "onnx"): ("edgeport.convert.onnx", "onnx"),
+    ("causal-lm", "gguf"): ("edgeport.convert.gguf", "gguf"),
     ("whisper", "mlx"): ("edgeport.convert.whisper_mlx", "mlx"),
     ("whisper", "coreml"): ("edgeport.convert.whisper_coreml", "coreml"),
     ("whisper", "onnx"): ("edgeport.convert.whisper_onnx", "onnx"),
@@ -33,6 +34,25 @@ class Artifact:
     engine: str  # the library that made it, with its version
     layout: Layout  # what the folder holds, as its runner reads it
     details: dict = field(default_factory=dict)
+
+
+# The library each extra brings that its converters cannot start without: a format whose library is missing is listed
+# as not built, with the install line, and the others are built.
+BACKENDS = {
+    "mlx": "mlx_lm",
+    "coreml": "coremltools",
+    "onnx": "onnxruntime_genai",
+    "gguf": "llama_cpp",
+    "speech": "ctranslate2",
+}
+
+
+def missing_backend(family: str, fmt: str) -> str | None:
+    """Why the converter for `fmt` of `family` cannot run here, or None."""
+    from edgeport.engines import missing
+
+    _, extra = CONVERTERS[family, fmt]
+    return missing(BACKENDS[extra], extra)
 
 
 def converter(family: str, fmt: str):

@@ -4,7 +4,7 @@ the stored reference, one manifest, all written into the staging folder that `ed
 from pathlib import Path
 
 from edgeport import isolated, manifest, quantization, report
-from edgeport.convert import CONVERTERS, converter
+from edgeport.convert import CONVERTERS, converter, missing_backend
 from edgeport.engines import engine_of
 from edgeport.errors import EdgeportError
 from edgeport.layouts import builds_qnn_shape
@@ -12,7 +12,7 @@ from edgeport.manifest import REFERENCE, NotBuilt
 from edgeport.parity import skipped
 from edgeport.plan import Plan, Step
 from edgeport.preflight import Work
-from edgeport.source import TRACED_CAUSAL_LM_TYPES, Source
+from edgeport.source import GGUF_CAUSAL_LM_TYPES, TRACED_CAUSAL_LM_TYPES, Source
 from edgeport.targets import Target
 
 
@@ -34,10 +34,17 @@ def _why_not_built(step: Step, plan: Plan, family) -> str:
         return step.verdict
     if (family.name, step.format) not in CONVERTERS:
         return f"no {step.format} converter in this version of edgeport"
-    if family.name == "causal-lm" and step.format != "mlx" and plan.model_type not in TRACED_CAUSAL_LM_TYPES:
+    if step.format == "gguf" and plan.model_type not in GGUF_CAUSAL_LM_TYPES:
+        mapped = ", ".join(GGUF_CAUSAL_LM_TYPES)
+        return f"the GGUF writer does not map {plan.model_type} onto llama.cpp yet (only {mapped}); MLX converts it"
+    if (
+        family.name == "causal-lm"
+        and step.format in ("coreml", "onnx")
+        and plan.model_type not in TRACED_CAUSAL_LM_TYPES
+    ):
         traced = ", ".join(TRACED_CAUSAL_LM_TYPES)
         return f"the {step.format} converter does not trace {plan.model_type} yet (only {traced}); MLX converts it"
-    return ""
+    return missing_backend(family.name, step.format) or ""
 
 
 def build(

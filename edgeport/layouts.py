@@ -247,6 +247,19 @@ class CoreMLWhisper(Layout):
 
 
 @dataclass(frozen=True)
+class GGUFModel(Layout):
+    """`model.gguf`, as llama.cpp loads it, for the compute unit the plan chose: "gpu" (Metal, on a Mac) or "cpu"."""
+
+    family, format, engine, marker, described = "causal-lm", "gguf", "gguf", "gguf.json", True
+    compute_unit: str
+    file_type: str  # llama.cpp's name for the file's quantization (MOSTLY_Q4_K_M, …)
+
+    @property
+    def shape(self) -> str:
+        return self.compute_unit
+
+
+@dataclass(frozen=True)
 class CT2Whisper(Layout):
     """A CTranslate2 folder, as faster-whisper loads it."""
 
@@ -255,7 +268,17 @@ class CT2Whisper(Layout):
 
 # (family, format) -> the layouts its converter writes, the more specific first
 LAYOUTS: dict[tuple[str, str], tuple[type[Layout], ...]] = {}
-for _layout in (MLXModel, MLXWhisper, OnnxNPU, OnnxCPU, OnnxWhisper, CoreMLModel, CoreMLWhisper, CT2Whisper):
+for _layout in (
+    MLXModel,
+    MLXWhisper,
+    OnnxNPU,
+    OnnxCPU,
+    OnnxWhisper,
+    CoreMLModel,
+    CoreMLWhisper,
+    GGUFModel,
+    CT2Whisper,
+):
     LAYOUTS.setdefault((_layout.family, _layout.format), ())
     LAYOUTS[_layout.family, _layout.format] += (_layout,)
 

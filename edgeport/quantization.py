@@ -50,7 +50,7 @@ def _mixed(low: int, high: int) -> Quantization:
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q
     for q in (
-        Quantization("fp16", ("mlx", "coreml", "onnx", "ct2"), None),
+        Quantization("fp16", ("mlx", "coreml", "onnx", "ct2", "gguf"), None),
         Quantization("bf16", ("mlx",), None, dtype="bfloat16"),
         *(_mlx(bits) for bits in (8, 6, 5, 4, 3, 2)),
         *(_mixed(low, high) for low, high in ((4, 6), (3, 6), (3, 4), (2, 6))),
@@ -63,6 +63,15 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("w8a16", ("onnx",), 8, activation_bits=16, embedding_bits=16),
         # int4 blocks of 32; the output projection keeps 8-bit weights (convert.onnx, as AI Hub's exports do)
         Quantization("w4a16", ("onnx",), 4, group_size=32, activation_bits=16, head_bits=8, embedding_bits=16),
+        # llama.cpp's own types (its quantizer's names): blocks of 32 with a float16 scale (Q8_0, Q4_0), or K-quants'
+        # super-blocks of 256 whose 6-bit sub-block scales cost about as much. _M mixes: the output projection and,
+        # in the first and last eighth of the layers and every third between, v_proj and down_proj at Q6_K.
+        Quantization("Q8_0", ("gguf",), 8, group_size=32, judged_as="q8"),
+        Quantization("Q5_K_M", ("gguf",), 5, group_size=32, recipe="Q5_K_M", high_bits=6, head_bits=6, judged_as="q5"),
+        Quantization(
+            "Q4_K_M", ("gguf",), 4, group_size=32, recipe="Q4_K_M", high_bits=6, head_bits=6, judged_as="mixed_4_6"
+        ),
+        Quantization("Q4_0", ("gguf",), 4, group_size=32, head_bits=6, judged_as="q4"),
     )
 }
 
@@ -72,6 +81,7 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "coreml": ("fp16", "int8-channel", "int4-block32"),
     "onnx": ("fp16", "w8a16", "w4a16"),
     "ct2": ("fp16", "int8"),
+    "gguf": ("fp16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0"),
 }
 
 

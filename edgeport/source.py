@@ -62,6 +62,8 @@ TRACED_CAUSAL_LM_TYPES = (
     "qwen3",
     "qwen3_moe",
 )
+# Those the GGUF writer maps onto llama.cpp's architectures (edgeport.convert.gguf).
+GGUF_CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 WHISPER_TYPES = ("whisper",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"  # transformers' names

@@ -20,7 +20,7 @@ from edgeport.files import cache_dir, made, read_json
 UNITS = ("cpu", "gpu", "npu")
 SPREAD_LIMIT = 1.5  # slowest repeat of a host measurement over the fastest, beyond which something else was running
 _THIS_RUN: dict[str, dict] = {}  # host figures measured by this process, so that it measures once
-FORMATS = ("mlx", "coreml", "onnx", "ct2")
+FORMATS = ("mlx", "coreml", "onnx", "gguf", "ct2")
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_targets_and_plan_print_json(tiny_llama):
     assert code == 0 and "m2-air" in {t["name"] for t in json.loads(out)}
     code, out, _ = run_cli("plan", str(tiny_llama), "-t", "m2-air", "--ram", "8", "--json")
     plan = json.loads(out)
-    assert code == 0 and plan["ram_gb"] == 8 and [s["format"] for s in plan["steps"]] == ["mlx", "coreml"]
+    assert code == 0 and plan["ram_gb"] == 8 and [s["format"] for s in plan["steps"]] == ["mlx", "coreml", "gguf"]
 
 
 def test_bad_bench_options(fp16_output):

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from edgeport import layouts
+from edgeport import layouts, targets
 from edgeport.convert import CONVERTERS
 from edgeport.engines import engine_of
 from edgeport.engines.loop import mask_at_position, mask_new_at_end
@@ -44,7 +44,7 @@ def test_a_family_is_chosen_once_from_the_model_type():
 
 def test_every_converter_has_the_one_signature():
     for (family, fmt), (module, _) in CONVERTERS.items():
-        assert family in FAMILIES and fmt in ("mlx", "coreml", "onnx", "ct2")
+        assert family in FAMILIES and fmt in targets.FORMATS
         convert = importlib.import_module(module).convert
         assert list(inspect.signature(convert).parameters) == ["source", "step", "target", "dest"], module
 
