@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import psutil
 from rich.markup import escape
 
 from edgeport import __version__, manifest, report, targets
@@ -318,7 +319,7 @@ def bench(
 
     found = manifest.read(out)
     family = found.source.model_family
-    artifact, layout = _pick_artifact(found, fmt, out)
+    contenders = _contenders(found, fmt, out)
     options = BenchOptions(
         text=text,
         prompt_tokens=_token_counts(prompt_tokens) if prompt_tokens else None,
@@ -330,14 +331,19 @@ def bench(
         runs=runs,
     )
     workload = importlib.import_module(f"edgeport.runtime.{family.workload}")
-    result = workload.bench_artifact(out, artifact, layout, options)
-    result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
+    busy = psutil.cpu_percent(interval=0.5) if len(contenders) > 1 else 0.0  # before a race: is it quiet here?
+    results = []
+    for artifact, layout in contenders:
+        result = workload.bench_artifact(out, artifact, layout, options)
+        result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
+        results.append(result)
+        if not (as_json or output_style == "json"):
+            title = f"{result.workload.capitalize()} with {out.name} ({artifact.format} {artifact.quantization})"
+            report.show(report.bench_table(result, title), output_style)
+    result = _fastest(results, found.source.ref, busy) if len(results) > 1 else results[0]
     _write_json(out / "bench.json", result.to_dict())
     if as_json or output_style == "json":
         _print_json(result.to_dict())
-    else:
-        title = f"{result.workload.capitalize()} with {out.name} ({artifact.format} {artifact.quantization})"
-        report.show(report.bench_table(result, title), output_style)
 
 
 @cli.command()
@@ -380,6 +386,61 @@ def inspect(out, as_json) -> None:
         report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
     if problems:
         sys.exit(MISSED)
+
+
+def _contenders(found, fmt: str | None, out: Path) -> list:
+    """What `bench` measures: the artifact `_pick_artifact` gives, or, for a causal LM converted for `host` with no
+    --format, every artifact whose engine runs at its speed on this machine's CPU, to race them."""
+    from edgeport import layouts
+    from edgeport.engines import engine_of, mlx
+
+    picked = _pick_artifact(found, fmt, out)
+    if fmt is not None or found.target.name != "host" or found.source.model_family.workload != "summarize":
+        return [picked]
+    family = found.source.family
+    raced = []
+    for artifact in found.artifacts:
+        if manifest.missing_files(artifact, out):
+            continue
+        layout = layouts.read(family, artifact.format, out / artifact.path)
+        slow = layout.engine == "mlx" and mlx.slow_here()
+        if layout.shape == "cpu" and not slow and engine_of(layout).unavailable_here() is None:
+            raced.append((artifact, layout))
+    return raced if len(raced) > 1 else [picked]
+
+
+BUSY_PERCENT = 25  # CPU taken by other work when a race begins, above which its order is not kept
+
+
+def _fastest(results: list, model: str, busy: float):
+    """The result that decoded fastest (mean over the prompt lengths), the others listed in it. Raced on a quiet
+    machine, the host profile orders its formats by these speeds from now on (llama.cpp's threads, which spin while
+    they wait, lose most of their speed to other work on the same cores, so a busy race says nothing lasting)."""
+
+    def decode(result) -> float:
+        return sum(r.decode_tps for r in result.results) / len(result.results)
+
+    ranked = sorted(results, key=decode, reverse=True)
+    best = ranked[0]
+    best.raced = [
+        {"format": r.format, "quantization": r.quantization, "decode_tps": round(decode(r), 2)} for r in ranked
+    ]
+    others = ", ".join(f"{r.format} {r.quantization}'s {decode(r):.1f}" for r in ranked[1:])
+    said = f"fastest here: {best.format} {best.quantization}, decoding {decode(best):.1f} tok/s against {others}"
+    if busy > BUSY_PERCENT:
+        report.err.print(
+            f"{said}; not kept for `host`: other work took {busy:.0f} % of the CPU when the race began, so bench "
+            "again when the machine is quiet",
+            soft_wrap=True,
+        )
+        return best
+    speeds = {r.format: decode(r) for r in ranked}
+    kept = targets.record_host_race(speeds, model, best.results[0].prompt_tokens)
+    report.err.print(
+        f"{said}; bench.json holds its figures, and `host` lists {best.format} first from now on (kept in {kept})",
+        soft_wrap=True,
+    )
+    return best
 
 
 def _pick_artifact(found, fmt: str | None, out: Path):

@@ -68,6 +68,7 @@ class BenchResult:
     artifact: str | None = None  # the artifact's folder in the output
     audio: str | None = None  # transcribe: what was transcribed
     note: str | None = None  # why these figures are not what the target would show
+    raced: list | None = None  # host: every CPU artifact measured, {format, quantization, decode_tps}, fastest first
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if v is not None}

@@ -215,29 +215,74 @@ def _measure_host(target: Target) -> Target:
 
     facts = host_facts()
     ram = round(psutil.virtual_memory().total / 2**30, 1)
+    raced = host_race()
+    formats, ranked = target.formats, ""
+    if raced:  # the formats `edgeport bench` raced here, fastest first; the others after, in the profile's order
+        order = sorted(raced["decode_tps"], key=raced["decode_tps"].get, reverse=True)
+        formats = tuple(sorted(formats, key=lambda f: order.index(f.name) if f.name in order else len(order)))
+        speeds = ", ".join(f"{name} {raced['decode_tps'][name]:g}" for name in order)
+        ranked = f"; formats in the order `edgeport bench` found fastest here (decode tok/s: {speeds})"
     return replace(
         target,
         ram_gb=ram,
         ram_options_gb=(ram,),
         bandwidth_gbs=facts["bandwidth_gbs"],
         tflops={"cpu": facts["cpu_tflops"]},
+        formats=formats,
         measured=True,
-        description=f"{target.description} ({os.cpu_count()} cores, {ram:g} GB)",
+        description=f"{target.description} ({os.cpu_count()} cores, {ram:g} GB){ranked}",
     )
+
+
+def _machine_key() -> str:
+    import platform
+
+    return f"{platform.node()}-{platform.machine()}-{os.cpu_count()}"
+
+
+def host_race() -> dict | None:
+    """The decode speeds `edgeport bench` last measured here for each host format, raced on one output, or None."""
+    try:
+        race = read_json(cache_dir() / "host-race.json", "")
+    except EdgeportError:
+        return None
+    speeds = race.get("decode_tps") if isinstance(race, dict) and race.get("key") == _machine_key() else None
+    valid = (
+        isinstance(speeds, dict)
+        and speeds
+        and all(
+            isinstance(name, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for name, v in speeds.items()
+        )
+    )
+    return race if valid else None
+
+
+def record_host_race(decode_tps: dict[str, float], model: str, prompt_tokens: int) -> Path:
+    """Keep what a race of the host formats measured, so that `host` lists the fastest first from now on."""
+    file = cache_dir() / "host-race.json"
+    made(file.parent)
+    race = {
+        "key": _machine_key(),
+        "decode_tps": {name: round(v, 2) for name, v in decode_tps.items()},
+        "model": model,
+        "prompt_tokens": prompt_tokens,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    file.write_text(json.dumps(race, indent=2))
+    return file
 
 
 def host_facts(remeasure: bool = False) -> dict:
     """Memory bandwidth and fp32 matmul throughput of this machine, measured once (or again, `remeasure`) and
     cached. Figures whose repeats spread wider than SPREAD_LIMIT were taken while something else ran: they are used
     for this run, said to be, and not cached."""
-    import platform
-
     import numpy as np
 
     from edgeport.report import err
 
     cache = cache_dir() / "host.json"
-    key = f"{platform.node()}-{platform.machine()}-{os.cpu_count()}"
+    key = _machine_key()
     facts = None if remeasure else _THIS_RUN.get(key) or _cached_facts(cache)
     if facts and facts["key"] == key:
         return facts
