@@ -43,7 +43,7 @@ ENGINES: dict[tuple[str, str], Engine] = {
     ("onnx", "npu"): Engine("QNN on the Hexagon NPU", 2, True),  # 16-bit activations, so a 16-bit cache
     ("onnx", "cpu"): Engine("onnxruntime on the CPU", 4, False),  # the CPU graph's inputs and outputs are float32
     ("gguf", "cpu"): Engine("llama.cpp on the CPU", 2, False),  # a float16 KV cache, its default
-    ("gguf", "gpu"): Engine("llama.cpp on Metal", 2, False),
+    ("gguf", "gpu"): Engine("llama.cpp on the GPU (Metal, CUDA)", 2, False),
     ("ct2", "cpu"): Engine("CTranslate2 on the CPU", 4, False),  # int8 weights, float32 compute
 }
 

@@ -32,6 +32,8 @@ class Step:
     prefill_roofline_tps: float | None = None  # what the expected prefill_tps is a calibrated share of
     decode_roofline_tps: float | None = None
     calibration: str | None = None  # which measurements calibrated the expected speeds, in words
+    gpu_layers: int | None = None  # llama.cpp's n_gpu_layers, on a target with a discrete GPU
+    vram_bytes: int | None = None  # what those layers hold in the GPU's memory
 
 
 @dataclass(frozen=True)

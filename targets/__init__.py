@@ -60,6 +60,8 @@ class Target:
     coreml_deployment: str | None = None  # the oldest OS an app ships to, e.g. iOS18: what Core ML may use
     coreml_chunk_gb: float | None = None  # the most weights one .mlpackage may hold there (the Neural Engine's limit)
     qnn_part_gb: float | None = None  # the most weights one part of the NPU shape may hold (one QNN context binary)
+    vram_gb: float | None = None  # a discrete GPU's own memory: llama.cpp splits the layers between it and RAM
+    vram_bandwidth_gbs: float | None = None
 
     @property
     def usable_ram_gb(self) -> float:
@@ -162,6 +164,8 @@ def parse(data: dict, source: str) -> Target:
             raise EdgeportError(f"{source}: {key} is empty")
         return tuple(found)
 
+    if ("vram_gb" in data) != ("vram_bandwidth_gbs" in data):
+        raise EdgeportError(f"{source}: a discrete GPU needs both vram_gb and vram_bandwidth_gbs")
     budget = need(data, "budget", dict)
 
     def optional(key: str) -> float | None:
@@ -185,6 +189,8 @@ def parse(data: dict, source: str) -> Target:
         coreml_deployment=_optional_string(data, "coreml_deployment", source),
         coreml_chunk_gb=_optional_positive(data, "coreml_chunk_gb", source),
         qnn_part_gb=_optional_positive(data, "qnn_part_gb", source),
+        vram_gb=_optional_positive(data, "vram_gb", source),
+        vram_bandwidth_gbs=_optional_positive(data, "vram_bandwidth_gbs", source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),

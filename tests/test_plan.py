@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from edgeport import targets
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import model_size
-from edgeport.plan import make_plan
+from edgeport.plan import GB, make_plan
 from edgeport.source import Source
 
 LLAMA_8B = {  # Llama-3.1-8B's config.json, the numbers that matter
@@ -510,3 +510,58 @@ def test_the_mixed_recipe_count_is_closed_form():
             1 for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
         )
         assert mixed_recipe_layers(layers) == per_layer
+
+
+GEMMA_3_27B = {  # google/gemma-3-27b-it's config.json, its text part: 27B at 4 bits on an 8 GB card
+    "model_type": "gemma3_text",
+    "hidden_size": 5376,
+    "intermediate_size": 21504,
+    "num_hidden_layers": 62,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 16,
+    "head_dim": 128,
+    "vocab_size": 262208,
+    "sliding_window": 1024,
+    "query_pre_attn_scalar": 168,
+}
+
+
+def test_a_discrete_gpu_is_planned_as_llama_cpps_split_of_layers():
+    """Gemma-3-27B at Q4_K_M (about 16 GB of weights): on an 8 GB RTX 4060 laptop, llama.cpp's n_gpu_layers puts what
+    fits in the GPU's usable memory and the rest in RAM; on a 24 GB RTX 4090 every layer goes to the GPU."""
+    laptop = make_plan(config_source(GEMMA_3_27B), targets.load("rtx-4060-laptop", 32)).step("gguf")
+    desktop = make_plan(config_source(GEMMA_3_27B), targets.load("rtx-4090-desktop")).step("gguf")
+    assert 0 < laptop.gpu_layers < 62 and desktop.gpu_layers == 62
+    assert laptop.vram_bytes <= 8 * 0.9 * GB and desktop.vram_bytes <= 24 * 0.9 * GB
+    assert laptop.peak_bytes + laptop.vram_bytes == pytest.approx(laptop.weight_bytes + laptop.kv_bytes, rel=0.1)
+    assert f"n_gpu_layers={laptop.gpu_layers} of 62" in laptop.verdict and "all would need" in laptop.verdict
+    # Each token reads most of the model from RAM at a third of the GPU's bandwidth: the laptop is several times
+    # slower, and its speed sits between all on the CPU and all on the GPU.
+    assert laptop.decode_tps * 4 < desktop.decode_tps
+    cpu_only = 89.6e9 / (laptop.weight_bytes + laptop.kv_bytes)
+    assert laptop.decode_roofline_tps > cpu_only
+    assert laptop.fits and not laptop.meets_budget and "misses the 10 tok/s budget" in laptop.verdict
+    # 16 GB of RAM cannot hold the part the GPU does not
+    small = make_plan(config_source(GEMMA_3_27B), targets.load("rtx-4060-laptop", 16)).step("gguf")
+    assert not small.fits and small.gpu_layers == laptop.gpu_layers
+
+
+def test_the_split_gives_more_layers_and_speed_to_more_vram():
+    from dataclasses import replace
+
+    laptop = targets.load("rtx-4060-laptop", 32)
+    steps = [
+        make_plan(config_source(GEMMA_3_27B), replace(laptop, vram_gb=vram)).step("gguf") for vram in (4, 8, 12, 16)
+    ]
+    assert [s.gpu_layers for s in steps] == sorted(s.gpu_layers for s in steps)
+    assert [s.decode_tps for s in steps] == sorted(s.decode_tps for s in steps)
+    assert len({s.gpu_layers for s in steps}) == 4
+    eight_b = make_plan(config_source(LLAMA_8B), laptop).step("gguf")
+    assert eight_b.gpu_layers == 32 and eight_b.meets_budget  # 8B at 4 bits fits the 8 GB card whole
+
+
+def test_a_profile_with_half_a_gpu_is_refused(tmp_path):
+    text = (targets._profiles() / "rtx-4060-laptop.toml").read_text().replace("vram_bandwidth_gbs = 272\n", "")
+    (tmp_path / "gpu.toml").write_text(text)
+    with pytest.raises(EdgeportError, match="needs both vram_gb and vram_bandwidth_gbs"):
+        targets.load(str(tmp_path / "gpu.toml"))

@@ -131,6 +131,7 @@ class ModelSize:
     kv_values_per_token: int  # keys and values cached per token, over the layers that attend to the whole context
     windowed_kv: tuple[tuple[int, int], ...]  # (values per token, window) of sliding-window layers
     activation_bytes_per_token: int
+    layers: int = 1  # decoder layers: what llama.cpp splits between a GPU's memory and the system's
 
     def kv_values(self, tokens: int) -> int:
         """Keys and values cached for `tokens` tokens: a sliding-window layer holds only its window."""
@@ -170,6 +171,7 @@ def _model_size(config_json: str) -> ModelSize:
         kv_values_per_token=full,
         windowed_kv=windowed,
         activation_bytes_per_token=(d.vocab + 4 * d.hidden + 2 * active_intermediate) * 4,
+        layers=d.layers,
     )
 
 
@@ -401,6 +403,8 @@ class CausalLM:
             prefill_roofline_tps=round(f.prefill_roofline_tps, 1),
             decode_roofline_tps=round(f.decode_roofline_tps, 1),
             calibration=efficiency.describe(engine),
+            gpu_layers=f.split.gpu_layers if f.split else None,
+            vram_bytes=f.split.vram if f.split else None,
         )
 
     # Parity
@@ -506,6 +510,7 @@ class _Figures:
     decode_roofline_tps: float
     ttft_s: float
     room: str
+    split: "Split | None" = None  # llama.cpp's layers between a discrete GPU and RAM, on a target that has one
 
     def misses(self, target: Target) -> list[str]:
         """The budget lines these figures miss, in words."""
@@ -536,16 +541,81 @@ def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine:
     decode_roofline = decode_roofline_tps(size, quant, engine, cached, target.bandwidth_gbs)
     prefill_roofline = prefill_roofline_tps(size, target.tflops[unit])
     prefill = efficiency.prefill_tps(prefill_roofline)
+    split = None
+    if fmt == "gguf" and unit == "gpu" and target.vram_gb:
+        split = offload(size, quant, engine, target, efficiency, calibration.efficiency(fmt, "cpu", target.name))
+        peak, decode_roofline = split.ram, split.decode_roofline_tps
     return _Figures(
         weights=weights,
         kv=kv,
         peak=peak,
         prefill_tps=prefill,
         prefill_roofline_tps=prefill_roofline,
-        decode_tps=efficiency.decode_tps(decode_roofline),
+        decode_tps=split.decode_tps if split else efficiency.decode_tps(decode_roofline),
         decode_roofline_tps=decode_roofline,
         ttft_s=prompt / prefill,
-        room=room_text(peak, target),
+        room=room_text(peak, target) + (f"; {split.describe(target)}" if split else ""),
+        split=split,
+    )
+
+
+VRAM_USABLE = 0.9  # of a discrete GPU's memory: the driver, the display and the CUDA context keep the rest
+
+
+@dataclass(frozen=True)
+class Split:
+    """llama.cpp's `n_gpu_layers`: decoder layers whose weights and KV cache sit in the GPU's memory, the rest (and
+    the input embedding, which llama.cpp never offloads) in RAM; with every layer offloaded, the output projection
+    too."""
+
+    gpu_layers: int
+    layers: int
+    vram: int  # bytes
+    ram: int  # bytes, the process's share of system memory
+    all_in_vram: int  # bytes every layer and the output projection would take there
+    decode_tps: float
+    decode_roofline_tps: float
+
+    def describe(self, target: Target) -> str:
+        where = f"n_gpu_layers={self.gpu_layers} of {self.layers}"
+        if self.gpu_layers < self.layers:
+            where += f" (all would need {self.all_in_vram / GB:.1f} GB of VRAM)"
+        return f"{where}: {self.vram / GB:.2f} GB of the GPU's {target.vram_gb:g} GB"
+
+
+def offload(size: ModelSize, quant, engine: Engine, target: Target, gpu, cpu) -> Split:
+    """The split of `size` at `quant` that puts the most layers in the GPU's usable memory. A decoded token reads
+    each side's share of the weights and KV cache at that side's bandwidth, at the efficiency llama.cpp reaches
+    there (`gpu`, `cpu`): seconds a token = GPU share / (VRAM bandwidth x its efficiency) + the rest / (RAM
+    bandwidth x the CPU's) + the GPU's fixed cost."""
+    layers, context = size.layers, target.context_length
+    bits = quant.bits_per_weight(size.high_share)
+    head = size.head_params * (quant.head_bits or bits) / 8  # the output projection, read by every token
+    embedding = 0 if size.tied else size.head_params * bits / 8  # one row read a token: counted as held, not read
+    layer = (weight_bytes(size, quant) - head - embedding) / layers
+    layer_read = (weight_bytes(size, quant, active=True) - head) / layers
+    kv_layer = size.kv_values(context) * engine.kv_bytes / layers
+    kv_read = size.kv_values(min(target.budget.prompt_tokens, context)) * engine.kv_bytes / layers
+    chunk = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, context)
+
+    def vram(k: int) -> float:
+        return k * (layer + kv_layer) + (head if k == layers else 0) + (chunk if k else 0)
+
+    gpu_layers = next(k for k in range(layers, -1, -1) if vram(k) <= target.vram_gb * GB * VRAM_USABLE)
+    on_gpu = gpu_layers == layers
+    total = weight_bytes(size, quant) + layers * kv_layer + chunk
+    gpu_read = gpu_layers * (layer_read + kv_read) + (head if on_gpu else 0)
+    cpu_read = (layers - gpu_layers) * (layer_read + kv_read) + (0 if on_gpu else head)
+    gpu_s, cpu_s = gpu_read / (target.vram_bandwidth_gbs * GB), cpu_read / (target.bandwidth_gbs * GB)
+    expected = gpu_s / gpu.decode + cpu_s / cpu.decode + (gpu.token_s if gpu_layers else cpu.token_s)
+    return Split(
+        gpu_layers=gpu_layers,
+        layers=layers,
+        vram=int(vram(gpu_layers)),
+        ram=int(total - gpu_layers * (layer + kv_layer) - (head if on_gpu else 0)),
+        all_in_vram=int(vram(layers)),
+        decode_tps=1 / expected,
+        decode_roofline_tps=1 / (gpu_s + cpu_s),
     )
 
 
