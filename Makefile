@@ -42,14 +42,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# The flagship job (an M2 Air's MLX and Core ML artifacts, checked against the source), then this machine's own
-# artifact benched and checked against its budget: off a Mac that is ONNX on onnxruntime's CPU kernels. Then the
+# The flagship job (an M2 Air's MLX, Core ML and GGUF artifacts, checked against the source), then this machine's own
+# artifacts, ONNX for onnxruntime and GGUF for llama.cpp, raced by the bench, the faster checked against its budget. Then the
 # transcriber: Whisper tiny.en for an iPhone 15 Pro (Core ML, MLX) and for this machine (CTranslate2, ONNX), the
 # latter transcribing a 44 s reading.
 demo: install
 	$(EDGEPORT) convert "$(FIXTURE)" --target m2-air --out out/smollm2-m2-air --force
-	$(EDGEPORT) convert "$(FIXTURE)" --target host --formats onnx --out out/smollm2-host --force
-	$(EDGEPORT) bench out/smollm2-host
+	$(EDGEPORT) convert "$(FIXTURE)" --target host --formats onnx,gguf --out out/smollm2-host --force
+	$(EDGEPORT) bench out/smollm2-host  # races the two CPU artifacts; bench.json holds the faster
 	-$(EDGEPORT) check out/smollm2-host --target host  # exits 1 when a budget line is missed
 	$(EDGEPORT) convert "$(SPEECH_FIXTURE)" --target iphone-15-pro --out out/whisper-tiny-en-iphone-15-pro --force
 	$(EDGEPORT) convert "$(SPEECH_FIXTURE)" --target host --out out/whisper-tiny-en-host --force

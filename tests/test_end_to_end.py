@@ -17,12 +17,15 @@ def converted(fixture_gguf, tmp_path_factory):
     return out, json.loads(stdout)
 
 
-def test_convert_for_m2_air_builds_4bit_mlx_and_core_ml_within_parity_bounds(converted, fixture_gguf):
+def test_convert_for_m2_air_builds_4bit_mlx_core_ml_and_gguf_within_parity_bounds(converted, fixture_gguf):
     _, result = converted
-    mlx, coreml = result["artifacts"]
+    mlx, coreml, gguf = result["artifacts"]
     assert (mlx["format"], mlx["quantization"]) == ("mlx", "q4")
     assert (coreml["format"], coreml["quantization"]) == ("coreml", "int4-block32")
-    for artifact in (mlx, coreml):
+    assert (gguf["format"], gguf["quantization"]) == ("gguf", "Q4_K_M")
+    assert gguf["parity"]["not_checked"] == ["llama.cpp on Metal (measured on its CPU backend)"]
+    assert gguf["details"]["tokenizer_checked_tokens"] > 50  # llama.cpp splits the check text as the source does
+    for artifact in (mlx, coreml, gguf):
         parity = artifact["parity"]
         assert parity["status"] == "passed", parity["failures"]
         assert parity["metrics"]["top1_agreement"] >= parity["bounds"]["top1_agreement"]
