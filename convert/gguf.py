@@ -180,20 +180,24 @@ def write_gguf(folder: Path, config: dict, a: Architecture, file: Path) -> None:
 
 
 def _write_keys(writer: gguf.GGUFWriter, a: Architecture, folder: Path) -> None:
-    writer.add_name(folder.name)
-    writer.add_context_length(a.context)
-    writer.add_embedding_length(a.hidden)
-    writer.add_block_count(a.layers)
-    writer.add_feed_forward_length(a.intermediate)
-    writer.add_head_count(a.heads)
-    writer.add_head_count_kv(a.kv_heads)
-    writer.add_key_length(a.head_dim)
-    writer.add_value_length(a.head_dim)
-    writer.add_rope_dimension_count(a.head_dim)
-    writer.add_rope_freq_base(a.rope_theta)
-    writer.add_layer_norm_rms_eps(a.rms_eps)
-    writer.add_vocab_size(a.vocab)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    keys = {  # GGUFWriter's method for each of llama.cpp's keys, and its value
+        writer.add_name: folder.name,
+        writer.add_context_length: a.context,
+        writer.add_embedding_length: a.hidden,
+        writer.add_block_count: a.layers,
+        writer.add_feed_forward_length: a.intermediate,
+        writer.add_head_count: a.heads,
+        writer.add_head_count_kv: a.kv_heads,
+        writer.add_key_length: a.head_dim,
+        writer.add_value_length: a.head_dim,
+        writer.add_rope_dimension_count: a.head_dim,
+        writer.add_rope_freq_base: a.rope_theta,
+        writer.add_layer_norm_rms_eps: a.rms_eps,
+        writer.add_vocab_size: a.vocab,
+        writer.add_file_type: gguf.LlamaFileType.MOSTLY_F16,
+    }
+    for add, value in keys.items():
+        add(value)
     kind = a.rope_scaling.get("rope_type")
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
