@@ -80,7 +80,10 @@ CONVERT = {
         temporary_per_part_param=16,  # a part's float prefill and decode graphs, and their prepared copies
         temporary_per_part_cache_byte=20,  # its calibration calls' inputs, each a whole static cache of its layers
     ),
-    ("causal-lm", "gguf"): Rate(0.6, per_param=0.5, seconds=5, seconds_per_gparam=60, temporary_per_param=2),
+    # The 16-bit file written a tensor at a time, then llama.cpp's quantizer, which holds a float32 copy of the tensor
+    # it quantizes: the largest (the embedding) makes the peak. Q4_K_M of the 1.24B / 3.21B / 8.03B shapes: 2.13 /
+    # 3.03 / 3.92 GB, 58 / 133 / 308 s.
+    ("causal-lm", "gguf"): Rate(0.35, per_block_param=6.8, seconds=10, seconds_per_gparam=37, temporary_per_param=2),
     ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=7.6, seconds=20, seconds_per_gparam=125),
     # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged
     ("causal-lm", "coreml", "npu"): Rate(
@@ -102,7 +105,9 @@ PARITY = {
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=1.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
-    ("causal-lm", "gguf"): Rate(0.5, per_artifact_byte=1.1, seconds=3, seconds_per_gparam=30),
+    # llama.cpp holds the file in memory (not mapped) and every position's logits over its 512-token context:
+    # 2.35 / 3.62 / 6.54 GB, 15 / 16 / 33 s for the three shapes at Q4_K_M.
+    ("causal-lm", "gguf"): Rate(1.5, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
     ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
     ("whisper", "mlx"): Rate(0.78, per_param=1.26, per_artifact_byte=0.97, seconds=12, seconds_per_gparam=290),
     ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
