@@ -58,7 +58,7 @@ CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previo
 SHARED_MIN_BYTES = 1024  # initializers at least this large go to a part's shared weights file
 PAGE_BYTES = 4096
 CALIBRATION_DECODE_STEPS = 16
-BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4"}
+BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4", "int4-block64": "int4", "int4-block128": "int4"}
 
 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
@@ -112,7 +112,12 @@ def _cpu_shape(source: Source, quant, dest: Path) -> dict:
     if returncode != 0:
         last = next((line for line in reversed(log) if line.strip()), "no output")
         raise EdgeportError(f"{source.ref}: onnxruntime-genai's builder could not convert it ({last.strip()})")
-    return {"shape": "cpu", "opset": _opset(dest / "model.onnx"), "builder_log_tail": log[-5:]}
+    return {
+        "shape": "cpu",
+        "opset": _opset(dest / "model.onnx"),
+        "builder_options": options,
+        "builder_log_tail": log[-5:],
+    }
 
 
 def _run_builder(command: list[str]) -> tuple[int, list[str]]:

@@ -56,6 +56,9 @@ QUANTIZATIONS: dict[str, Quantization] = {
         *(_mixed(low, high) for low, high in ((4, 6), (3, 6), (3, 4), (2, 6))),
         Quantization("int8-channel", ("coreml",), 8),
         Quantization("int4-block32", ("coreml", "onnx"), 4, group_size=32),
+        # onnxruntime's CPU kernels run larger blocks faster (bench/onnx_cpu.json); one scale per 64 or 128 weights
+        Quantization("int4-block64", ("onnx",), 4, group_size=64, judged_as="int4-block32"),
+        Quantization("int4-block128", ("onnx",), 4, group_size=128, judged_as="int4-block32"),
         Quantization("palettize4", ("coreml",), 4),  # 16-entry lookup table per tensor: negligible overhead
         Quantization("int8", ("onnx", "ct2"), 8),  # per-channel weights, activations quantized at run time (CPU)
         # Per-channel weights, 16-bit activations. The embedding table is a Gather's data, which the QNN recipe
