@@ -59,6 +59,7 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/host.py
+	$(PY) bench/onnx_cpu.py
 	$(PY) bench/plan.py
 
 # The plan's speeds against every published measurement it is calibrated on (in sample, held out, bare roofline)
