@@ -180,16 +180,17 @@ def test_another_group_size(tiny_llama, tmp_path):
     artifact = result["artifacts"][0]
     assert artifact["quantization"] == "q4-g32" and artifact["parity"]["bounds"]["top1_agreement"] == 0.5
     code, _, err = run_cli("plan", str(tiny_llama), "-t", "host", "--quant", "q4-g48")
-    assert code == 3 and "--quant q4-g48: not available for onnx, mlx" in err
+    assert code == 3 and "--quant q4-g48: not available for onnx, gguf, mlx" in err
 
 
 def test_a_family_the_traced_formats_do_not_take_is_built_as_mlx_and_the_rest_listed(tmp_path):
     """OLMo 2 (norms on its queries and keys) is planned for every format of m2-air; MLX builds and passes parity,
-    Core ML is listed as not built, with why."""
+    Core ML and GGUF are listed as not built, with why."""
     model = make_model(tmp_path / "olmo2", "olmo2")
     code, out, err = run_cli("convert", str(model), "-t", "m2-air", "--out", str(tmp_path / "out"), "--json")
     assert code == 0, err
     result = json.loads(out)
     assert [(a["format"], a["parity"]["status"]) for a in result["artifacts"]] == [("mlx", "passed")]
-    assert [n["format"] for n in result["not_built"]] == ["coreml"]
+    assert [n["format"] for n in result["not_built"]] == ["coreml", "gguf"]
     assert "does not trace olmo2 yet" in result["not_built"][0]["reason"]
+    assert "GGUF writer does not map olmo2" in result["not_built"][1]["reason"]
