@@ -9,7 +9,7 @@ import click
 import psutil
 from rich.markup import escape
 
-from edgeport import __version__, manifest, report, targets
+from edgeport import __version__, isolated, manifest, report, targets
 from edgeport.errors import ERROR, MET, MISSED, NOT_CHECKED, EdgeportError
 from edgeport.files import read_json
 from edgeport.quantization import QUANTIZATIONS
@@ -313,8 +313,6 @@ def bench(
 ) -> None:
     """Measure an artifact of OUT: summarizing (TTFT, prefill and decode tok/s, peak memory) or, for Whisper,
     transcribing (real-time factor, encoder and decoder time per 30 s window, peak memory, WER)."""
-    import importlib
-
     from edgeport.runtime import BenchOptions
 
     found = manifest.read(out)
@@ -330,11 +328,16 @@ def bench(
         task=task,
         runs=runs,
     )
-    workload = importlib.import_module(f"edgeport.runtime.{family.workload}")
-    busy = psutil.cpu_percent(interval=0.5) if len(contenders) > 1 else 0.0  # before a race: is it quiet here?
+    race = len(contenders) > 1
+    busy = psutil.cpu_percent(interval=0.5) if race else 0.0  # before a race: is it quiet here?
     results = []
     for artifact, layout in contenders:
-        result = workload.bench_artifact(out, artifact, layout, options)
+        if race:  # each contender in a process of its own, so that the peak memory it reports is its own
+            result, _ = isolated.run(
+                f"bench {artifact.format}", _bench, family.workload, out, artifact, layout, options
+            )
+        else:
+            result = _bench(family.workload, out, artifact, layout, options)
         result.format, result.quantization, result.artifact = artifact.format, artifact.quantization, artifact.path
         results.append(result)
         if not (as_json or output_style == "json"):
@@ -386,6 +389,13 @@ def inspect(out, as_json) -> None:
         report.out.print("[green]files verified[/]" if not problems else "[red]" + "\n".join(problems))
     if problems:
         sys.exit(MISSED)
+
+
+def _bench(workload: str, out: Path, artifact, layout, options):
+    """One artifact through its family's bench workload (edgeport.runtime.summarize or .transcribe)."""
+    import importlib
+
+    return importlib.import_module(f"edgeport.runtime.{workload}").bench_artifact(out, artifact, layout, options)
 
 
 def _contenders(found, fmt: str | None, out: Path) -> list:
