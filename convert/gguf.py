@@ -116,12 +116,11 @@ class Architecture:
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as one GGUF file at `dest` (which must not exist), quantized by llama.cpp's quantizer."""
     quant = quantization.get(step.quantization, "gguf")
-    config = json.loads((source.path / "config.json").read_text())
-    architecture = Architecture.of(config)
+    architecture = Architecture.of(source.config)  # checked when the source was opened
     dest.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgeport-gguf-") as temporary:
         whole = Path(temporary) / "model-16bit.gguf"
-        write_gguf(source.path, config, architecture, whole)
+        write_gguf(source.path, architecture, whole)
         _quantize(whole, dest / MODEL_FILE, FILE_TYPES[quant.name])
     agreement = tokenizer_agreement(dest / MODEL_FILE, source.path)
     if agreement.mismatch:
@@ -146,31 +145,35 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     )
 
 
-def write_gguf(folder: Path, config: dict, a: Architecture, file: Path) -> None:
+def write_gguf(folder: Path, a: Architecture, file: Path) -> None:
     """The folder's weights as a 16-bit GGUF file (float16, or bfloat16 for a bfloat16 source; norms in float32),
     with the architecture's keys and the tokenizer's. Tensors are read, converted and written one at a time."""
     names = gguf.get_tensor_name_map(a.arch, a.layers)
-    sources = _tensor_sources(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise EdgeportError(f"{folder}: no safetensors weights to write as GGUF")
     writer = gguf.GGUFWriter(file, gguf.MODEL_ARCH_NAMES[a.arch])
     _write_keys(writer, a, folder)
-    planned = []
-    for name, shard in sources.items():
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise EdgeportError(f"{folder}: weight {name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[a.arch]}")
-        planned.append((name, gguf_name, shard))
-    rope_factors = _rope_factors(a)
-    for name, gguf_name, shard in planned:
+    planned = []  # (weight, its shard), in the order their data follows the header
+    for shard in shards:  # the headers alone: a slice's shape and dtype read no data
         with safe_open(shard, framework="pt") as weights:
-            writer.add_tensor_info(gguf_name, *_stored(weights.get_slice(name)))
+            held = weights.keys()  # a safetensors handle is not iterable
+            for name in held:
+                gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None and name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if gguf_name is None:
+                    arch = gguf.MODEL_ARCH_NAMES[a.arch]
+                    raise EdgeportError(f"{folder}: weight {name} has no place in llama.cpp's {arch}")
+                writer.add_tensor_info(gguf_name, *_stored(weights.get_slice(name)))
+                planned.append((name, shard))
+    rope_factors = _rope_factors(a)
     if rope_factors is not None:
         writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, _, shard in planned:
+    for name, shard in planned:
         # The shard is mapped for one tensor at a time: the pages read leave this process's memory with it.
         with safe_open(shard, framework="pt") as weights:
             writer.write_tensor_data(_converted(weights.get_tensor(name), name, a))
@@ -281,18 +284,6 @@ def _pre_tokenizer(spec, file: Path) -> str:
             "llama.cpp's; MLX and ONNX convert it"
         )
     return PRE_TOKENIZERS[tuple(shape)]
-
-
-def _tensor_sources(folder: Path) -> dict[str, Path]:
-    """Each weight's name and the safetensors file that holds it, in the files' order."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EdgeportError(f"{folder}: no safetensors weights to write as GGUF")
-    sources = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            sources.update(dict.fromkeys(f.keys(), file))
-    return sources
 
 
 def _stored(view) -> tuple:

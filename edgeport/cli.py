@@ -404,19 +404,18 @@ def _contenders(found, fmt: str | None, out: Path) -> list:
     from edgeport import layouts
     from edgeport.engines import engine_of, mlx
 
-    picked = _pick_artifact(found, fmt, out)
-    if fmt is not None or found.target.name != "host" or found.source.model_family.workload != "summarize":
-        return [picked]
-    family = found.source.family
-    raced = []
-    for artifact in found.artifacts:
-        if manifest.missing_files(artifact, out):
-            continue
-        layout = layouts.read(family, artifact.format, out / artifact.path)
-        slow = layout.engine == "mlx" and mlx.slow_here()
-        if layout.shape == "cpu" and not slow and engine_of(layout).unavailable_here() is None:
-            raced.append((artifact, layout))
-    return raced if len(raced) > 1 else [picked]
+    if fmt is None and found.target.name == "host" and found.source.model_family.workload == "summarize":
+        raced = []
+        for artifact in found.artifacts:
+            if manifest.missing_files(artifact, out):
+                continue
+            layout = layouts.read(found.source.family, artifact.format, out / artifact.path)
+            slow = layout.engine == "mlx" and mlx.slow_here()
+            if layout.shape == "cpu" and not slow and engine_of(layout).unavailable_here() is None:
+                raced.append((artifact, layout))
+        if len(raced) > 1:
+            return raced
+    return [_pick_artifact(found, fmt, out)]
 
 
 BUSY_PERCENT = 25  # CPU taken by other work when a race begins, above which its order is not kept

@@ -103,7 +103,7 @@ def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs(tmp_path):
     folder = make_model(tmp_path / "llama3", "llama", rope_parameters={"rope_theta": 500000.0, **scaling})
     config = json.loads((folder / "config.json").read_text())
     architecture = gguf_convert.Architecture.of(config)
-    gguf_convert.write_gguf(folder, config, architecture, tmp_path / "f16.gguf")
+    gguf_convert.write_gguf(folder, architecture, tmp_path / "f16.gguf")
     _, tensors = read_gguf(tmp_path / "f16.gguf")
     factors = np.asarray(tensors["rope_freqs.weight"].data)
     # Meta's published rule: wavelengths under original/high_freq_factor keep their frequency, those over
@@ -127,7 +127,7 @@ def test_tokenizer_mismatch_and_unknown_pre_tokenizers_are_refused(tiny_llama, t
     spec["model"]["vocab"] = {t: (i + 7) % len(spec["model"]["vocab"]) for t, i in spec["model"]["vocab"].items()}
     (other / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((tiny_llama / "config.json").read_text())
-    gguf_convert.write_gguf(tiny_llama, config, gguf_convert.Architecture.of(config), tmp_path / "f16.gguf")
+    gguf_convert.write_gguf(tiny_llama, gguf_convert.Architecture.of(config), tmp_path / "f16.gguf")
     assert tokenizer_agreement(tmp_path / "f16.gguf", tiny_llama).mismatch == ""
     assert "against" in tokenizer_agreement(tmp_path / "f16.gguf", other).mismatch
 
@@ -215,7 +215,7 @@ def with_pre_tokenizer(tiny_model, folder, pre_tokenizer: dict):
     spec = json.loads((folder / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = pre_tokenizer
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    gguf_convert.write_gguf(folder, config, gguf_convert.Architecture.of(config), folder / "f16.gguf")
+    gguf_convert.write_gguf(folder, gguf_convert.Architecture.of(config), folder / "f16.gguf")
     return folder / "f16.gguf"
 
 
