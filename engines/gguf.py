@@ -90,7 +90,6 @@ class GGUFRunner:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model.model)
         device = "Metal" if ON_MAC else f"CPU, {threads()} threads"
         self.engine = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, {device})"
-        self.providers = [device]
 
     def logits(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.model.n_ctx():
