@@ -87,20 +87,22 @@ def build(
         if parity != "none":
             description = f"Running the source in transformers for the parity reference ({parity})"
             with progress.step("parity reference", description):
-                engine, cost = isolated.run("parity reference", _store_reference, source, parity, reference)
+                engine, cost = isolated.run("parity reference", store_reference, source, parity, reference)
             stored = manifest.reference_entry(reference, staging, parity, engine)
             costs.append(cost)
         for step in buildable_steps:
             name = f"{step.format} {step.quantization}"
             with progress.step(f"convert {name}", f"Converting to {name}"):
-                artifact, cost = isolated.run(f"convert {name}", _convert, source, step, target, staging / step.format)
+                artifact, cost = isolated.run(
+                    f"convert {name}", convert_step, source, step, target, staging / step.format
+                )
             artifact.details["convert_seconds"] = cost.seconds
             costs.append(cost)
             if parity == "none" or step.format in work.unchecked:
                 checked = skipped(work.unchecked.get(step.format, "skipped by --parity none"))
             else:
                 with progress.step(f"parity {name}", f"Parity of {name} against the source"):
-                    checked, cost = isolated.run(f"parity {name}", _check, source, artifact, reference)
+                    checked, cost = isolated.run(f"parity {name}", check_artifact, source, artifact, reference)
                 checked.seconds = cost.seconds
                 costs.append(cost)
             if aihub and artifact.layout.for_qnn:
@@ -116,17 +118,17 @@ def build(
 # What each step process runs: module-level functions, as a process of its own is given them.
 
 
-def _store_reference(source: Source, level: str, folder: Path) -> str:
+def store_reference(source: Source, level: str, folder: Path) -> str:
     reference = source.family.reference(source, level)
     reference.save(folder)
     return reference.engine
 
 
-def _convert(source: Source, step: Step, target: Target, dest: Path):
+def convert_step(source: Source, step: Step, target: Target, dest: Path):
     return converter(source.family.name, step.format).convert(source, step, target, dest)
 
 
-def _check(source: Source, artifact, reference: Path):
+def check_artifact(source: Source, artifact, reference: Path):
     family = source.family
     quantized = not quantization.get(artifact.quantization, artifact.format).is_float
     runner, not_checked = engine_of(artifact.layout).parity_runner(artifact.layout, artifact.path, quantized, source)

@@ -1,4 +1,4 @@
-"""edgeport's command line: convert, plan, bench, check, targets, inspect."""
+"""edgeport's command line: convert, plan, fit, bench, check, report, targets, inspect."""
 
 import json
 import signal
@@ -260,6 +260,105 @@ def convert(
             f"parity failed for {names}; {out} is kept and marked failed (pass --allow-parity-fail to accept it)",
             exit_code=MISSED,
         )
+
+
+@cli.command("fit")
+@click.argument("models", nargs=-1, required=True)
+@target_options
+@click.option(
+    "--task",
+    type=click.Choice(["summarize", "transcribe"]),
+    help="What the models are for (default: what they do; a model of the other kind is refused).",
+)
+@click.option(
+    "--budget-decode", type=click.FloatRange(min=0, min_open=True), metavar="TOK/S", help="Decode speed, at least."
+)
+@click.option(
+    "--budget-ttft", type=click.FloatRange(min=0, min_open=True), metavar="S", help="Time to first token, at most."
+)
+@click.option("--budget-rtf", type=click.FloatRange(min=0, min_open=True), help="Real-time factor, at most (speech).")
+@click.option(
+    "--budget-memory", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="Peak memory, at most."
+)
+@click.option(
+    "--quality",
+    type=click.Choice(["auto", "measured", "published"]),
+    default="auto",
+    show_default=True,
+    help="Measure each variant here (converted and checked against the source, cached), take llama.cpp's published "
+    "perplexity table, or (auto) measure when the weights are here and it takes at most 15 min.",
+)
+@click.option("--convert", "build_it", is_flag=True, help="Then build the recommended variant, as `convert` does.")
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON (for `report`)."
+)
+@context_option
+@source_options
+@json_option
+@click.pass_context
+def fit_command(
+    ctx,
+    models,
+    target_name,
+    ram,
+    task,
+    budget_decode,
+    budget_ttft,
+    budget_rtf,
+    budget_memory,
+    quality,
+    build_it,
+    out,
+    context,
+    revision,
+    allow_pickle,
+    trust_remote_code,
+    as_json,
+) -> None:
+    """Which model and quantization to ship to a target: every quantization of every format the target runs, for
+    each of MODELS, with its size, memory, expected speed, whether it meets the whole budget, and its quality; then
+    the best that meets it. Exits 0 with a recommendation, 1 when no variant meets the budget."""
+    from dataclasses import replace
+
+    from edgeport import fit as fit_module
+    from edgeport.source import open_source
+
+    target = targets.load(target_name, ram, context)
+    overrides = {"decode_tps": budget_decode, "ttft_s": budget_ttft, "rtf": budget_rtf, "peak_memory_gb": budget_memory}
+    target = replace(target, budget=replace(target.budget, **{k: v for k, v in overrides.items() if v is not None}))
+    if out and out.exists():
+        fit_module.Fit.from_dict(read_json(out, ""), str(out))  # only a fit's own file is replaced
+    opening = {"revision": revision, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    sources = [open_source(model, config_only=True, **opening) for model in models]
+    tasks = {s.family.workload for s in sources}
+    wanted = task or (tasks.pop() if len(tasks) == 1 else None)
+    if wanted is None:
+        raise EdgeportError("these models are summarizers and transcribers: fit each kind apart (or pass --task)")
+    for source in sources:
+        if source.family.workload != wanted:
+            raise EdgeportError(f"{source.ref}: a {source.family.name} model does not {wanted}")
+    result = fit_module.fit(sources, target, quality)
+    if out:
+        _write_json(out, result.to_dict())
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        report.show(report.fit_table(result))
+    pick = result.pick
+    if pick and build_it:
+        ctx.invoke(
+            convert,
+            model=pick.model,
+            target_name=target_name,
+            ram=ram,
+            formats=pick.step.format,
+            quant=pick.step.quantization,
+            context=context,
+            **opening,
+            as_json=as_json,
+        )
+    if pick is None:
+        sys.exit(MISSED)
 
 
 @cli.command()

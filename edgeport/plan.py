@@ -2,7 +2,7 @@
 from the source's family (edgeport.families), where its formulas are written out."""
 
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import get_args, get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 from edgeport import quantization
 from edgeport.errors import EdgeportError
@@ -34,6 +34,7 @@ class Step:
     calibration: str | None = None  # which measurements calibrated the expected speeds, in words
     gpu_layers: int | None = None  # llama.cpp's n_gpu_layers, on a target with a discrete GPU
     vram_bytes: int | None = None  # what those layers hold in the GPU's memory
+    misses: str = ""  # the budget lines missed, in words ("" when the whole budget is met)
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,22 @@ class Plan:
         steps = data.get("steps") if isinstance(data, dict) else None
         if not isinstance(steps, list):
             raise EdgeportError(f"{where}: steps is missing or not a list")
-        steps = [Step(**_typed_fields(Step, step, f"{where}.steps[{i}]")) for i, step in enumerate(steps)]
-        return cls(**_typed_fields(cls, data, where, skip="steps"), steps=steps)
+        steps = [Step(**typed_fields(Step, step, f"{where}.steps[{i}]")) for i, step in enumerate(steps)]
+        return cls(**typed_fields(cls, data, where, skip=("steps",)), steps=steps)
 
 
-def _typed_fields(cls, data, where: str, skip: str = "") -> dict:
-    """The fields of dataclass `cls` found in `data`, each of its declared type (a float may be given as an int)."""
+def typed_fields(cls, data, where: str, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of dataclass `cls` found in `data`, each of its declared type (a float may be given as an int; a
+    list or a dict is checked as one, not its items)."""
     if not isinstance(data, dict):
         raise EdgeportError(f"{where}: not an object")
     hints = get_type_hints(cls)
     values = {}
     for f in fields(cls):
-        if f.name == skip or (f.name not in data and f.default is not MISSING):
+        if f.name in skip or (f.name not in data and (f.default is not MISSING or f.default_factory is not MISSING)):
             continue
-        allowed = get_args(hints[f.name]) or (hints[f.name],)
+        hint = hints[f.name]
+        allowed = (get_origin(hint),) if get_origin(hint) in (list, dict) else get_args(hint) or (hint,)
         allowed = (*allowed, int) if float in allowed else allowed
         value = data.get(f.name, MISSING)
         if not any(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) for kind in allowed):

@@ -202,6 +202,71 @@ def plan_table(plan) -> Grid:
     return grid
 
 
+def fit_table(fit) -> Grid:
+    """Every variant `fit` swept: its size, memory and expected speed, the budget, and its quality (measured here,
+    published, or unknown); below, the recommendation and its reason, then where the figures come from."""
+    from edgeport.families import FAMILIES
+
+    family = next(f for f in FAMILIES.values() if f.workload == fit.task)
+    several = len({v.model for v in fit.variants}) > 1
+    loss = "Δ WER" if fit.task == "transcribe" else "ppl Δ"
+    grid = Grid(
+        f"Fit for {fit.target}: {', '.join(dict.fromkeys(model_name(v.model) for v in fit.variants))}",
+        [
+            *(["model"] if several else []),
+            "format",
+            "quant",
+            "size",
+            "peak",
+            *family.speed_columns,
+            "budget",
+            loss,
+            "top-1",
+            "quality",
+        ],
+        ids=3 if several else 2,
+    )
+    for i, v in enumerate(fit.variants):
+        s, q = v.step, v.quality
+        mark = "[bold green]★[/] " if i == fit.recommended else ""
+        budget = "[green]met[/]" if s.meets_budget else "[red]missed[/]"
+        figure = "—" if q.loss is None else f"{q.loss:+.3f}" if fit.task == "transcribe" else f"{q.loss:+.1%}"
+        origin = {
+            "measured": "measured",
+            "published": f"[yellow]published[/] ({q.like})",
+            "unknown": "[dim]unknown[/]",
+        }[q.origin]
+        if q.parity == "failed":
+            origin += " [red](fails parity)[/]"
+        top1 = f"{q.top1_agreement:.3f}" if q.top1_agreement is not None else "—"
+        row = [f"{mark}{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), _gb(s.peak_bytes / GB)]
+        row += family.plan_speeds(s)
+        grid.rows.append([*([model_name(v.model)] if several else []), *row, budget, figure, top1, origin])
+    pick = fit.pick
+    grid.notes.append(f"★ recommended: {fit.reason}" if pick else f"no recommendation: {fit.reason}")
+    grid.notes += fit.notes
+    grid.notes += [f"{v.label}: {v.quality.note}" for v in fit.variants if v.quality.origin == "unknown"]
+    if any(v.quality.origin == "published" for v in fit.variants):
+        grid.notes.append("published (T): the figure llama.cpp's scoreboard gives its type T, the nearest scheme")
+    measure = "Δ WER on the parity clips" if fit.task == "transcribe" else "ppl Δ: perplexity over the source's"
+    grid.notes.append(
+        f"budget of {fit.target}: {_budget_dict_text(fit.budget, fit.task)}; speeds and memory are the plan's "
+        f"(expected); {measure}"
+    )
+    return grid
+
+
+def _budget_dict_text(budget: dict, task: str) -> str:
+    parts = [f"peak ≤ {budget['peak_memory_gb']:g} GB"]
+    if task == "transcribe":
+        return ", ".join(parts + ([f"RTF ≤ {budget['rtf']:g}"] if budget.get("rtf") else []))
+    if budget.get("decode_tps"):
+        parts.append(f"decode ≥ {budget['decode_tps']:g} tok/s")
+    if budget.get("ttft_s"):
+        parts.append(f"TTFT ≤ {budget['ttft_s']:g} s at {budget['prompt_tokens']} tokens")
+    return ", ".join(parts)
+
+
 def artifacts_table(manifest) -> Grid:
     family = manifest.source.model_family
     title = f"Artifacts of {model_name(manifest.source.ref)} for {manifest.target.name}"

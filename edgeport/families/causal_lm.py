@@ -37,6 +37,12 @@ ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive 
 FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
 
 # Chat prompts every causal LM is checked on, with the perplexity text (texts.reference_paragraph).
+# fit's sweep per format (ONNX's depends on the unit: see CausalLM.quantizations), most bits first
+SWEEP = {
+    "mlx": ("bf16", "q8", "q6", "mixed_4_6", "q4", "q4-g32", "mixed_3_6", "q3"),
+    "coreml": ("fp16", "int8-channel", "int4-block32", "palettize4"),
+    "gguf": quantization.LADDERS["gguf"],
+}
 PROMPTS = (
     "Summarize in one sentence: the meeting moved the product launch from March to May because testing found "
     "a memory leak in the audio pipeline.",
@@ -358,6 +364,12 @@ class CausalLM:
     def formats(self, target: Target) -> tuple:
         return target.formats
 
+    def quantizations(self, fmt: str, unit: str) -> tuple[str, ...]:
+        """Every quantization `fit` sweeps for `fmt` on `unit`: what its converter builds for a causal LM."""
+        if fmt == "onnx":
+            return ("w8a16", "w4a16") if unit == "npu" else ("fp16", "int4-block32", "int4-block64", "int4-block128")
+        return SWEEP[fmt]
+
     def size(self, config: dict) -> ModelSize:
         return model_size(text_config(config))
 
@@ -400,6 +412,7 @@ class CausalLM:
             verdict=_verdict(f, target, fmt, largest, meeting),
             largest_fitting=largest,
             meets_budget=not f.misses(target),
+            misses="; ".join(f.misses(target)),
             prefill_roofline_tps=round(f.prefill_roofline_tps, 1),
             decode_roofline_tps=round(f.decode_roofline_tps, 1),
             calibration=efficiency.describe(engine),

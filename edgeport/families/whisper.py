@@ -27,6 +27,12 @@ from edgeport.targets import Target
 
 WINDOW_S = 30.0
 TOKENS_PER_WINDOW = 100  # English speech at about 150 words a minute, 1.3 tokens a word
+# fit's sweep per format (ONNX's depends on the unit: see Whisper.quantizations), most bits first
+SWEEP = {
+    "ct2": ("fp16", "int8"),
+    "mlx": ("fp16", "q8", "q4"),
+    "coreml": ("fp16", "int8-channel", "int4-block32", "palettize4"),
+}
 COMPONENTS = ("encoder", "decoder")  # the graphs or packages every Whisper artifact but CTranslate2's holds
 PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
 
@@ -170,6 +176,12 @@ class Whisper:
     def formats(self, target: Target) -> tuple:
         return target.speech_formats
 
+    def quantizations(self, fmt: str, unit: str) -> tuple[str, ...]:
+        """Every quantization `fit` sweeps for `fmt` on `unit`: what its converter builds for Whisper."""
+        if fmt == "onnx":
+            return ("w8a16",) if unit == "npu" else ("fp16", "int8")
+        return SWEEP[fmt]
+
     def size(self, config: dict) -> WhisperSize:
         return whisper_size(config)
 
@@ -225,6 +237,11 @@ class Whisper:
             largest_fitting=largest,
             rtf=round(rtf, 5),
             meets_budget=fits and not slow,
+            misses=f"needs {room}"
+            if not fits
+            else f"RTF ≈ {rtf:.3f} misses the {target.budget.rtf:g} budget"
+            if slow
+            else "",
             prefill_roofline_tps=round(size.frames / encode_roofline_s, 1),
             decode_roofline_tps=round(decode_roofline, 1),
             calibration=efficiency.describe(engine),
