@@ -22,7 +22,7 @@ LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF $(call cpu_flag,avx_vnni,AVX_VNNI) $(call 
 	$(call cpu_flag,avx512vbmi,AVX512_VBMI) $(call cpu_flag,avx512_vnni,AVX512_VNNI) $(call cpu_flag,avx512_bf16,AVX512_BF16)
 endif
 
-.PHONY: install test test-fast demo bench bench-plan bench-scale fuzz lint clean
+.PHONY: install browser test test-fast demo bench bench-plan bench-scale fuzz lint clean
 
 install: $(STAMP)
 
@@ -36,16 +36,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(FIXTURE_PACKAGES)
 	touch $(STAMP)
 
-test: install
+# The report's test renders the page in headless Chromium: Debian's package, installed where apt-get can (as root).
+browser:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+	@command -v chromium >/dev/null || echo "chromium is not installed: the report's browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -m "not slow"
 
 # The flagship job (an M2 Air's MLX, Core ML and GGUF artifacts, checked against the source), then this machine's own
 # artifacts, ONNX for onnxruntime and GGUF for llama.cpp, raced by the bench, the faster checked against its budget. Then the
 # transcriber: Whisper tiny.en for an iPhone 15 Pro (Core ML, MLX) and for this machine (CTranslate2, ONNX), the
-# latter transcribing a 44 s reading.
+# latter transcribing a 44 s reading. Last, which quantization of which format suits the M2 Air (every variant
+# converted and checked once, minutes; cached after), and the report page of it all.
 demo: install
 	$(EDGEPORT) convert "$(FIXTURE)" --target m2-air --out out/smollm2-m2-air --force
 	$(EDGEPORT) convert "$(FIXTURE)" --target host --formats onnx,gguf --out out/smollm2-host --force
@@ -55,6 +63,8 @@ demo: install
 	$(EDGEPORT) convert "$(SPEECH_FIXTURE)" --target host --out out/whisper-tiny-en-host --force
 	$(EDGEPORT) bench out/whisper-tiny-en-host
 	-$(EDGEPORT) check out/whisper-tiny-en-host --target host
+	$(EDGEPORT) fit "$(FIXTURE)" --target m2-air --out out/fit-m2-air.json
+	$(EDGEPORT) report out/fit-m2-air.json out/smollm2-m2-air out/smollm2-host out/whisper-tiny-en-host -o out/report.html
 
 bench: install
 	$(PY) bench/run.py

@@ -472,6 +472,39 @@ def check(out, target_name, ram, as_json) -> None:
     sys.exit(verdict(lines))
 
 
+@cli.command("report")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    "page",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+    help="The HTML file to write.",
+)
+def report_command(inputs, page) -> None:
+    """One self-contained HTML page from output folders (manifest and bench result) and fit results (`fit --out`):
+    quality and speed against memory per variant with the budget drawn, the plan's prediction beside each
+    measurement, parity per artifact, the machine and versions."""
+    from edgeport import page as html_page
+
+    if page.exists() and not _written_by_report(page):
+        raise EdgeportError(f"-o {page}: the file exists and is not a report edgeport wrote; choose another name")
+    outputs, fits = html_page.read_inputs(list(inputs))
+    with report.step(f"Drawing {len(fits) * 2 + sum(o.bench is not None for o in outputs)} plots"):
+        text = html_page.render(outputs, fits)
+    staging = page.with_name(f".{page.name}.tmp")
+    staging.write_text(text)
+    staging.replace(page)
+    report.out.print(f"Wrote {page}")
+
+
+def _written_by_report(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return b"<title>edgeport report</title>" in f.read(4096)
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @json_option

@@ -297,8 +297,9 @@ def recommend(variants: list[Variant]) -> tuple[int | None, str]:
     if known:
         best = min(quality(v) for v in known)
         pick = max((v for v in known if quality(v) <= best + LOSS_RESOLUTION), key=lambda v: _speed(v.step))
-    else:
-        pick, basis = max(meeting, key=lambda v: _speed(v.step)), "no quality known: the fastest"
+    else:  # nothing to judge quality by: the most bits a weight, the least rounding
+        pick = max(meeting, key=lambda v: (_bits(v.step), _speed(v.step)))
+        basis = "no quality known: the most bits a weight"
     reason = f"{_name(pick, several)}: {describe(pick)} ({basis} among those that meet the budget, then the fastest)"
     better = [
         v
@@ -328,6 +329,10 @@ def describe(v: Variant) -> str:
 
 def _name(v: Variant, several: bool) -> str:
     return f"{Path(v.model).name} {v.label}" if several else v.label
+
+
+def _bits(step: Step) -> float:
+    return quantization.get(step.quantization, step.format).bits_per_weight()
 
 
 def _speed(step: Step) -> float:

@@ -245,7 +245,11 @@ def fit_table(fit) -> Grid:
     pick = fit.pick
     grid.notes.append(f"★ recommended: {fit.reason}" if pick else f"no recommendation: {fit.reason}")
     grid.notes += fit.notes
-    grid.notes += [f"{v.label}: {v.quality.note}" for v in fit.variants if v.quality.origin == "unknown"]
+    unknown: dict[str, list[str]] = {}
+    for v in fit.variants:
+        if v.quality.origin == "unknown":
+            unknown.setdefault(v.quality.note, []).append(v.label)
+    grid.notes += [f"{', '.join(labels)}: {note}" for note, labels in unknown.items()]
     if any(v.quality.origin == "published" for v in fit.variants):
         grid.notes.append("published (T): the figure llama.cpp's scoreboard gives its type T, the nearest scheme")
     measure = "Δ WER on the parity clips" if fit.task == "transcribe" else "ppl Δ: perplexity over the source's"
