@@ -71,6 +71,7 @@ bench: install
 	$(PY) bench/host.py
 	$(PY) bench/onnx_cpu.py
 	$(PY) bench/plan.py
+	$(PY) bench/fit.py
 
 # The plan's speeds against every published measurement it is calibrated on (in sample, held out, bare roofline)
 # and against `edgeport bench` of the fixtures on this machine: bench/plan.json.

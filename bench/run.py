@@ -318,8 +318,8 @@ def measure(command: list[str]) -> tuple[float, float]:
     return done.seconds, round(done.total_rss / 1e6, 1)
 
 
-def run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+def run(command: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
     return done.stdout
