@@ -43,8 +43,9 @@ def main() -> None:
     found = json.loads(fit_file.read_text())
     rows = [measure(v, scratch) for v in found["variants"]]
     shutil.rmtree(scratch, ignore_errors=True)
-    decode = [abs(r["decode_error"]) for r in rows]
-    peak = [abs(r["peak_error"]) for r in rows]
+    measured = [r for r in rows if "error" not in r]
+    decode = [abs(r["decode_error"]) for r in measured]
+    peak = [abs(r["peak_error"]) for r in measured]
     result = {
         "model": fixture().name,
         "target": "host",
@@ -54,8 +55,9 @@ def main() -> None:
         "summary": {
             "median_abs_decode_error": round(statistics.median(decode), 3),
             "median_abs_peak_error": round(statistics.median(peak), 3),
-            "decode_within_25_percent": f"{sum(e <= GOALS['decode'] for e in decode)}/{len(rows)}",
-            "peak_within_10_percent": f"{sum(e <= GOALS['peak'] for e in peak)}/{len(rows)}",
+            "decode_within_25_percent": f"{sum(e <= GOALS['decode'] for e in decode)}/{len(measured)}",
+            "peak_within_10_percent": f"{sum(e <= GOALS['peak'] for e in peak)}/{len(measured)}",
+            "failed": [f"{r['format']} {r['quantization']}" for r in rows if "error" in r],
         },
     }
     write("fit", result)
@@ -74,10 +76,14 @@ def measure(variant: dict, scratch: Path) -> dict:
     fmt, quant = step["format"], step["quantization"]
     out = scratch / f"{fmt}-{quant}"
     convert = ["convert", str(fixture()), "-t", "host", "-f", fmt, "--quant", quant, "--parity", "none"]
-    run([str(BIN / "edgeport"), *convert, "--out", str(out)])
     bench = ["bench", str(out), "-f", fmt, "-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS), "-r", str(RUNS), "--json"]
-    measured = json.loads(run([str(BIN / "edgeport"), *bench]))["results"][0]
-    shutil.rmtree(out)
+    try:
+        run([str(BIN / "edgeport"), *convert, "--out", str(out)], check=False)
+        measured = json.loads(run([str(BIN / "edgeport"), *bench], check=False))["results"][0]
+    except RuntimeError as e:
+        return {"format": fmt, "quantization": quant, "error": str(e)[-600:]}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     peak_gb = max(measured["peak_memory_gb"], measured["peak_rss_gb"])
     predicted_peak = step["peak_bytes"] / 1e9
     return {
@@ -99,6 +105,9 @@ def show(result: dict) -> None:
     for column in ("variant", "ppl Δ", "decode pred", "decode meas", "err", "peak pred", "peak meas", "err"):
         table.add_column(column)
     for r in result["variants"]:
+        if "error" in r:
+            table.add_row(f"{r['format']} {r['quantization']}", "failed", *[""] * 6)
+            continue
         quality = "—" if r["quality"] is None else f"{r['quality']:+.1%}"
         table.add_row(
             f"{r['format']} {r['quantization']}",

@@ -318,10 +318,13 @@ def measure(command: list[str]) -> tuple[float, float]:
     return done.seconds, round(done.total_rss / 1e6, 1)
 
 
-def run(command: list[str], env: dict | None = None) -> str:
+def run(command: list[str], env: dict | None = None, check: bool = True) -> str:
+    """The command's stdout; when it fails, the bench stops (or, `check` off, a RuntimeError says why)."""
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
+    if done.returncode and check:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
     return done.stdout
 
 

@@ -1,6 +1,6 @@
 """Causal LM -> ONNX, in the shape the target's compute unit runs (Whisper: `whisper_onnx`).
 
-- CPU shape (fp16, int4-block32): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
+- CPU shape (fp32, int4 blocks): onnxruntime-genai's model builder writes a dynamic-shape graph with a KV cache,
   MatMulNBits weights and the genai_config.json its generator runs; its int4 pass goes a weight at a time
   (`onnx_builder`).
 - NPU shape (w8a16, w4a16): an NPU compiles static graphs, so the model is exported from transformers as a
@@ -58,7 +58,13 @@ CALIBRATION_CHUNKS = 4  # prefill calls calibrated, each on the cache the previo
 SHARED_MIN_BYTES = 1024  # initializers at least this large go to a part's shared weights file
 PAGE_BYTES = 4096
 CALIBRATION_DECODE_STEPS = 16
-BUILDER_PRECISION = {"fp16": "fp16", "int4-block32": "int4", "int4-block64": "int4", "int4-block128": "int4"}
+BUILDER_PRECISION = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "int4-block32": "int4",
+    "int4-block64": "int4",
+    "int4-block128": "int4",
+}
 
 
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
@@ -67,7 +73,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     quant = quantization.get(step.quantization, "onnx")
     npu = builds_qnn_shape("onnx", quant)
     if quant.name not in BUILDER_PRECISION and not npu:
-        raise EdgeportError(f"ONNX for a causal LM comes as fp16, int4-block32, w8a16 or w4a16, not {quant.name}")
+        raise EdgeportError(f"ONNX for a causal LM comes as fp32, fp16, int4 blocks, w8a16 or w4a16, not {quant.name}")
     if npu:
         layout, details = _npu_shape(source, quant, target, dest)
     else:

@@ -44,6 +44,11 @@ def _why_not_built(step: Step, plan: Plan, family) -> str:
     ):
         traced = ", ".join(TRACED_CAUSAL_LM_TYPES)
         return f"the {step.format} converter does not trace {plan.model_type} yet (only {traced}); MLX converts it"
+    if family.name == "causal-lm" and (step.format, step.quantization, step.unit) == ("onnx", "fp16", "cpu"):
+        return (
+            "onnxruntime's CPU kernels mostly lack fp16 and onnxruntime-genai fails on such a graph (its issue 2009): "
+            "use --quant fp32 for a float ONNX on a CPU"
+        )
     return missing_backend(family.name, step.format) or ""
 
 

@@ -29,6 +29,7 @@ class Bounds:
 # The WER bound is absolute: on the 2 parity clips (about 140 words) one word more wrong is +0.007.
 BOUNDS: dict[str, Bounds] = {
     "fp16": Bounds(0.98, 0.005, 0.01, 0.01),
+    "fp32": Bounds(0.98, 0.005, 0.01, 0.01),
     "bf16": Bounds(0.95, 0.02, 0.03, 0.01),
     "q8": Bounds(0.93, 0.03, 0.03, 0.02),
     "int8": Bounds(0.93, 0.03, 0.03, 0.02),

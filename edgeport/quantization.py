@@ -52,6 +52,8 @@ QUANTIZATIONS: dict[str, Quantization] = {
     for q in (
         Quantization("fp16", ("mlx", "coreml", "onnx", "ct2", "gguf"), None),
         Quantization("bf16", ("mlx",), None, dtype="bfloat16"),
+        # ONNX's float CPU shape: onnxruntime's CPU kernels mostly lack fp16 (onnxruntime-genai issue 2009)
+        Quantization("fp32", ("onnx",), None, dtype="float32"),
         *(_mlx(bits) for bits in (8, 6, 5, 4, 3, 2)),
         *(_mixed(low, high) for low, high in ((4, 6), (3, 6), (3, 4), (2, 6))),
         Quantization("int8-channel", ("coreml",), 8),

@@ -344,8 +344,12 @@ def test_host_bench_races_the_cpu_artifacts_but_not_mlx_off_a_mac(tiny_llama, tm
     assert {r["format"] for r in json.loads(stdout)["raced"]} == {"onnx", "gguf"}  # MLX's CPU build sits out
 
 
-def test_fp16_cpu_shape(tiny_qwen2, tmp_path):
-    result = convert(tiny_qwen2, tmp_path / "o", "host", "-f", "onnx", "--quant", "fp16")
+def test_float_cpu_shape_is_fp32(tiny_qwen2, tmp_path):
+    code, _, err = run_cli(
+        "convert", str(tiny_qwen2), "-t", "host", "-f", "onnx", "--quant", "fp16", "-o", str(tmp_path / "x")
+    )
+    assert code != 0 and "issue 2009" in err and not (tmp_path / "x").exists()
+    result = convert(tiny_qwen2, tmp_path / "o", "host", "-f", "onnx", "--quant", "fp32")
     (artifact,) = result["artifacts"]
     assert artifact["details"]["shape"] == "cpu" and artifact["parity"]["status"] == "passed"
     assert artifact["parity"]["metrics"]["top1_agreement"] >= 0.98

@@ -184,3 +184,54 @@ def test_with_no_quality_known_the_recommendation_keeps_the_most_bits():
     variants = [variant("q4", None, decode=90, origin="unknown"), variant("q8", None, decode=40, origin="unknown")]
     index, reason = fit.recommend(variants)
     assert variants[index].step.quantization == "q8" and "most bits" in reason
+
+
+@pytest.mark.slow
+def test_fit_of_the_fixture_measures_exactly_what_convert_measures(fixture_gguf, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
+    target = gguf_only(tmp_path)
+    code, stdout, err = run_cli("fit", str(fixture_gguf), "-t", target, "--quality", "measured", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    by_quant = {v["step"]["quantization"]: v["quality"] for v in result["variants"]}
+    assert all(q["origin"] == "measured" for q in by_quant.values())
+    code, stdout, err = run_cli("convert", str(fixture_gguf), "-t", target, "--out", str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    parity = json.loads(stdout)["artifacts"][0]["parity"]["metrics"]
+    assert by_quant["Q4_K_M"]["loss"] == parity["ppl_delta"]
+    assert by_quant["Q4_K_M"]["top1_agreement"] == parity["top1_agreement"]
+    pick = result["variants"][result["recommended"]]
+    assert pick["step"]["meets_budget"]
+    assert pick["quality"]["loss"] <= min(q["loss"] for q in by_quant.values()) + fit.LOSS_RESOLUTION
+    code, stdout, err = run_cli("fit", str(fixture_gguf), "-t", target, "--json")  # warm: read from the cache
+    assert code == 0 and json.loads(stdout)["notes"] == [], err
+
+
+def test_whisper_variants_are_measured_by_their_wer(tiny_whisper, tmp_path):
+    text = (targets._profiles() / "host.toml").read_text()
+    text = re.sub(
+        r"\nspeech_formats = \[.*?\n\]",
+        '\nspeech_formats = [{ name = "ct2", quantization = "int8", unit = "cpu" }]',
+        text,
+        count=1,
+        flags=re.S,
+    )
+    (tmp_path / "ct2-only.toml").write_text(text.replace('name = "host"', 'name = "ct2-only"'))
+    result = fit.fit(
+        [open_source(str(tiny_whisper), config_only=True)], targets.load(str(tmp_path / "ct2-only.toml")), "measured"
+    )
+    assert [v.step.quantization for v in result.variants] == ["fp16", "int8"]
+    for v in result.variants:
+        assert v.quality.origin == "measured" and v.quality.loss is not None and v.quality.absolute is not None
+    assert result.task == "transcribe"
+
+
+def test_fit_convert_builds_the_recommendation(tiny_llama, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
+    target = gguf_only(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli("fit", str(tiny_llama), "-t", target, "--quality", "published", "--convert")
+    assert code == 0, err
+    pick = re.search(r"recommended: gguf (\S+):", stdout)[1]
+    built = json.loads((tmp_path / "out" / f"{tiny_llama.name}-m2-air" / "manifest.json").read_text())
+    assert [(a["format"], a["quantization"]) for a in built["artifacts"]] == [("gguf", pick)]

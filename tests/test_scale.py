@@ -170,12 +170,12 @@ def test_whispers_encoder_layers_are_paged_and_the_rest_held(tmp_path):
 
 def test_the_reference_is_stored_once_and_each_step_costed(tiny_llama, tmp_path):
     out = tmp_path / "o"
-    result = convert(tiny_llama, out, "host", "-f", "mlx,onnx", "--quant", "fp16")
+    result = convert(tiny_llama, out, "host", "-f", "mlx,gguf", "--quant", "fp16")
     reference = result["reference"]
     assert reference["level"] == "full" and "transformers" in reference["engine"]
     assert [f["path"] for f in reference["files"]] == ["reference/logits.safetensors"]
     steps = [s["step"] for s in result["steps"]]
-    assert steps == ["parity reference", "convert onnx fp16", "parity onnx fp16", "convert mlx fp16", "parity mlx fp16"]
+    assert steps == ["parity reference", "convert gguf fp16", "parity gguf fp16", "convert mlx fp16", "parity mlx fp16"]
     assert all(s["peak_rss_bytes"] > 0 and s["seconds"] > 0 for s in result["steps"])
     stored = Reference.read(out / "reference")
     assert len(stored.inputs) == 3 and stored.logits[0].dtype == np.float32

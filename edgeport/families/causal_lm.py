@@ -367,7 +367,7 @@ class CausalLM:
     def quantizations(self, fmt: str, unit: str) -> tuple[str, ...]:
         """Every quantization `fit` sweeps for `fmt` on `unit`: what its converter builds for a causal LM."""
         if fmt == "onnx":
-            return ("w8a16", "w4a16") if unit == "npu" else ("fp16", "int4-block32", "int4-block64", "int4-block128")
+            return ("w8a16", "w4a16") if unit == "npu" else ("fp32", "int4-block32", "int4-block64", "int4-block128")
         return SWEEP[fmt]
 
     def size(self, config: dict) -> ModelSize:
