@@ -28,21 +28,26 @@ METRICS = ("decode_tps", "prefill_tps", "ttft_s", "peak_memory_gb")  # the last 
 
 @dataclass(frozen=True)
 class Engine:
-    """What an engine reads per decoded token beyond the weights."""
+    """What an engine reads per decoded token beyond the weights, and holds beside the model."""
 
     name: str
     kv_bytes: int  # bytes a cached key or value takes
     static_cache: bool  # fixed shapes: every token attends over the whole context, not only the tokens so far
+    # What the process running it holds beside weights, KV cache and activations: the library, its compute buffers,
+    # the program around it (edgeport's Python runtime). Measured for the CPU engines by bench/fit.py (peak RSS of
+    # `edgeport bench` over the plan's own figures, median of the fixture's variants); 0 where not yet measured.
+    runtime_bytes: int = 0
 
 
 ENGINES: dict[tuple[str, str], Engine] = {
     ("mlx", "gpu"): Engine("MLX on the GPU", 2, False),
-    ("mlx", "cpu"): Engine("MLX on the CPU", 2, False),
+    ("mlx", "cpu"): Engine("MLX on the CPU", 2, False, runtime_bytes=260_000_000),
     ("coreml", "gpu"): Engine("Core ML on the GPU", 2, True),
     ("coreml", "npu"): Engine("Core ML on the Neural Engine", 2, True),
     ("onnx", "npu"): Engine("QNN on the Hexagon NPU", 2, True),  # 16-bit activations, so a 16-bit cache
-    ("onnx", "cpu"): Engine("onnxruntime on the CPU", 4, False),  # the CPU graph's inputs and outputs are float32
-    ("gguf", "cpu"): Engine("llama.cpp on the CPU", 2, False),  # a float16 KV cache, its default
+    # the CPU graph's inputs and outputs are float32
+    ("onnx", "cpu"): Engine("onnxruntime on the CPU", 4, False, runtime_bytes=240_000_000),
+    ("gguf", "cpu"): Engine("llama.cpp on the CPU", 2, False, runtime_bytes=310_000_000),  # a float16 KV cache
     ("gguf", "gpu"): Engine("llama.cpp on the GPU (Metal, CUDA)", 2, False),
     ("ct2", "cpu"): Engine("CTranslate2 on the CPU", 4, False),  # int8 weights, float32 compute
 }

@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from edgeport import targets
+from edgeport import quantization, targets
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import model_size
 from edgeport.plan import GB, make_plan
@@ -565,3 +565,15 @@ def test_a_profile_with_half_a_gpu_is_refused(tmp_path):
     (tmp_path / "gpu.toml").write_text(text)
     with pytest.raises(EdgeportError, match="needs both vram_gb and vram_bandwidth_gbs"):
         targets.load(str(tmp_path / "gpu.toml"))
+
+
+def test_the_peak_counts_the_engines_own_runtime_where_it_was_measured():
+    from conftest import LLAMA_3_1_8B
+
+    from edgeport.calibration import ENGINES
+    from edgeport.families.causal_lm import memory
+
+    size, quant = model_size(LLAMA_3_1_8B), quantization.get("Q4_K_M", "gguf")
+    on_cpu = memory(size, quant, ENGINES[("gguf", "cpu")], 4096)
+    on_gpu = memory(size, quant, ENGINES[("gguf", "gpu")], 4096)  # not measured yet: nothing added
+    assert on_cpu[:2] == on_gpu[:2] and on_cpu[2] - on_gpu[2] == ENGINES[("gguf", "cpu")].runtime_bytes > 0

@@ -469,7 +469,7 @@ class CausalLM:
     def plan_note(self, plan, kv: str) -> str:
         return (
             f"prefill and decode in tok/s; peak = weights + KV cache ({kv} at {plan.context_length} tokens) + "
-            f"one prefill chunk; TTFT at {plan.prompt_tokens} prompt tokens"
+            f"one prefill chunk + the engine's runtime where measured; TTFT at {plan.prompt_tokens} prompt tokens"
         )
 
     def metric_cells(self, metrics: dict, num) -> list[str]:
@@ -540,10 +540,12 @@ class _Figures:
 
 
 def memory(size: ModelSize, quant, engine: Engine, context: int) -> tuple[int, int, int]:
-    """Weight bytes, KV cache bytes over `context` tokens, and the peak: both and one prefill chunk's activations."""
+    """Weight bytes, KV cache bytes over `context` tokens, and the peak: both, one prefill chunk's activations and
+    the engine's own runtime."""
     weights = int(weight_bytes(size, quant))
     kv = size.kv_values(context) * engine.kv_bytes
-    return weights, kv, weights + kv + size.activation_bytes_per_token * min(ACTIVATION_CHUNK, context)
+    activations = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, context)
+    return weights, kv, weights + kv + activations + engine.runtime_bytes
 
 
 def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine: Engine, efficiency, unit: str):

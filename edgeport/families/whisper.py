@@ -205,7 +205,7 @@ class Whisper:
         engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
         kv = size.kv_values * engine.kv_bytes
         bits = quantization.get(quant_name, fmt).bits_per_weight()
-        weights, peak = _memory(size, quant_name, fmt, kv)
+        weights, peak = _memory(size, quant_name, fmt, kv + engine.runtime_bytes)
         encode_roofline_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
         encode_s = encode_roofline_s / efficiency.prefill
         decode_roofline = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + kv)
@@ -213,7 +213,8 @@ class Whisper:
         rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
         usable = target.usable_ram_gb * GB
         fits = peak <= usable
-        largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, q, fmt, kv)[1] <= usable), None)
+        held = kv + engine.runtime_bytes
+        largest = next((q for q in quantization.LADDERS[fmt] if _memory(size, q, fmt, held)[1] <= usable), None)
         room = room_text(peak, target)
         slow = bool(target.budget.rtf and rtf > target.budget.rtf)
         if not fits:
@@ -314,8 +315,9 @@ class Whisper:
         return []
 
 
-def _memory(size: WhisperSize, quant_name: str, fmt: str, kv_bytes: int) -> tuple[int, int]:
-    """Weight bytes and peak bytes of Whisper at a quantization, with the engine's KV caches."""
+def _memory(size: WhisperSize, quant_name: str, fmt: str, held: int) -> tuple[int, int]:
+    """Weight bytes and peak bytes of Whisper at a quantization, with what the engine `held` beside them (its KV
+    caches and its runtime)."""
     bits = quantization.get(quant_name, fmt).bits_per_weight()
     weights = int(size.matrix_params * bits / 8 + (size.params - size.matrix_params) * NORM_BYTES_PER_VALUE)
-    return weights, weights + kv_bytes + size.activation_bytes
+    return weights, weights + held + size.activation_bytes
