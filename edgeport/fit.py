@@ -150,10 +150,13 @@ def qualities(source: Source, target: Target, plan: Plan, mode: str) -> tuple[di
             "downloads them and measures each variant)"
         ]
     steps, not_built = buildable(plan, family)
+    fitting_the_target = {_key(s) for s in plan.steps if s.fits}
     for skipped in not_built:
-        found[f"{skipped.format} {skipped.quantization}"] = Quality(
-            "unknown", None, f"not built here: {skipped.reason}"
-        )
+        key = f"{skipped.format} {skipped.quantization}"
+        if key in fitting_the_target:  # it cannot be built here: nothing to measure, nothing to publish
+            found[key] = Quality("unknown", None, f"not built here: {skipped.reason}")
+        else:  # too large for the target: not worth measuring, but what it would cost is still worth knowing
+            found[key].note += " (not measured: it does not fit the target)"
     folder = _cache_folder(source)
     cached = {_key(s): _read_cached(folder, s) for s in steps}
     found |= {key: quality for key, quality in cached.items() if quality}
