@@ -323,6 +323,8 @@ def fit_command(
     from edgeport import fit as fit_module
     from edgeport.source import open_source
 
+    if build_it and as_json:
+        raise EdgeportError("--convert prints convert's tables: drop --json, or run `edgeport convert … --json` after")
     target = targets.load(target_name, ram, context)
     overrides = {"decode_tps": budget_decode, "ttft_s": budget_ttft, "rtf": budget_rtf, "peak_memory_gb": budget_memory}
     target = replace(target, budget=replace(target.budget, **{k: v for k, v in overrides.items() if v is not None}))
@@ -355,7 +357,6 @@ def fit_command(
             quant=pick.step.quantization,
             context=context,
             **opening,
-            as_json=as_json,
         )
     if pick is None:
         sys.exit(MISSED)

@@ -233,5 +233,7 @@ def test_fit_convert_builds_the_recommendation(tiny_llama, tmp_path, monkeypatch
     code, stdout, err = run_cli("fit", str(tiny_llama), "-t", target, "--quality", "published", "--convert")
     assert code == 0, err
     pick = re.search(r"recommended: gguf (\S+):", stdout)[1]
+    code, _, err = run_cli("fit", str(tiny_llama), "-t", target, "--convert", "--json")
+    assert code != 0 and "drop --json" in err
     built = json.loads((tmp_path / "out" / f"{tiny_llama.name}-m2-air" / "manifest.json").read_text())
     assert [(a["format"], a["quantization"]) for a in built["artifacts"]] == [("gguf", pick)]
