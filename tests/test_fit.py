@@ -12,18 +12,17 @@ from edgeport.plan import Step
 from edgeport.source import open_source
 
 
-def gguf_only(tmp_path):
+def profile(tmp_path, base: str, key: str, formats: str, name: str) -> str:
+    """A bundled profile with one format list replaced: a target of the test's own, as a .toml file."""
+    text = (targets._profiles() / f"{base}.toml").read_text()
+    text = re.sub(rf"\n{key} = \[.*?\n\]", f"\n{key} = [{formats}]", text, count=1, flags=re.S)
+    (tmp_path / f"{name}.toml").write_text(text.replace(f'name = "{base}"', f'name = "{name}"'))
+    return str(tmp_path / f"{name}.toml")
+
+
+def gguf_only(tmp_path) -> str:
     """m2-air with llama.cpp alone: the quickest format to sweep with real conversions."""
-    text = (targets._profiles() / "m2-air.toml").read_text()
-    text = re.sub(
-        r"\nformats = \[.*?\n\]",
-        '\nformats = [{ name = "gguf", quantization = "Q4_K_M", unit = "gpu" }]',
-        text,
-        count=1,
-        flags=re.S,
-    )
-    (tmp_path / "m2-air-gguf.toml").write_text(text)
-    return str(tmp_path / "m2-air-gguf.toml")
+    return profile(tmp_path, "m2-air", "formats", '{ name = "gguf", quantization = "Q4_K_M", unit = "gpu" }', "m2-air")
 
 
 def step(fmt="mlx", quant="q4", decode=100.0, meets=True, misses="", peak=1.0, rtf=None) -> Step:
@@ -208,18 +207,10 @@ def test_fit_of_the_fixture_measures_exactly_what_convert_measures(fixture_gguf,
 
 
 def test_whisper_variants_are_measured_by_their_wer(tiny_whisper, tmp_path):
-    text = (targets._profiles() / "host.toml").read_text()
-    text = re.sub(
-        r"\nspeech_formats = \[.*?\n\]",
-        '\nspeech_formats = [{ name = "ct2", quantization = "int8", unit = "cpu" }]',
-        text,
-        count=1,
-        flags=re.S,
+    ct2_only = profile(
+        tmp_path, "host", "speech_formats", '{ name = "ct2", quantization = "int8", unit = "cpu" }', "ct2-only"
     )
-    (tmp_path / "ct2-only.toml").write_text(text.replace('name = "host"', 'name = "ct2-only"'))
-    result = fit.fit(
-        [open_source(str(tiny_whisper), config_only=True)], targets.load(str(tmp_path / "ct2-only.toml")), "measured"
-    )
+    result = fit.fit([open_source(str(tiny_whisper), config_only=True)], targets.load(ct2_only), "measured")
     assert [v.step.quantization for v in result.variants] == ["fp16", "int8"]
     for v in result.variants:
         assert v.quality.origin == "measured" and v.quality.loss is not None and v.quality.absolute is not None
