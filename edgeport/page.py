@@ -143,9 +143,8 @@ def _prediction_section(out: Output) -> str:
             ("peak memory (GB)", step.peak_bytes / GB, r.peak_gb),
         ]
     rows = [[name, f"{p:,.3g}", f"{m:,.3g}", f"{m / p - 1:+.0%}" if p else "—"] for name, p, m in pairs]
-    title = f"Plan vs bench: {bench.format} {bench.quantization} ({where})"
-    plot = _plot_prediction(title, pairs)
-    return f"<h3>{_e(title)}</h3>{plot}{_table(['figure', 'predicted', 'measured', 'measured vs predicted'], rows)}"
+    plot = _plot_prediction(f"Plan vs bench: {bench.format} {bench.quantization}", pairs, where)
+    return plot + _table(["figure", "predicted", "measured", "measured vs predicted"], rows)
 
 
 # Plots
@@ -185,7 +184,7 @@ def _plot_speed(fit: Fit) -> str:
     return _figure(title, draw, "Speeds are the plan's expected figures on the target.")
 
 
-def _plot_prediction(title: str, pairs: list) -> str:
+def _plot_prediction(title: str, pairs: list, where: str) -> str:
     def draw(ax):
         import numpy as np
 
@@ -196,7 +195,7 @@ def _plot_prediction(title: str, pairs: list) -> str:
         ax.set_xticks(x, [name for name, _, _ in pairs])
         ax.set_ylabel("measured / predicted")
 
-    return _figure(title, draw, "1.0: the measurement equals the plan's prediction.")
+    return _figure(title, draw, f"{where[0].upper()}{where[1:]}; 1.0: the measurement equals the plan's prediction.")
 
 
 def _memory_budget(ax, fit: Fit, peaks: list[float]) -> None:
