@@ -217,10 +217,11 @@ def _measure(source: Source, target: Target, steps: list[Step], folder: Path, es
                     with progress.step(f"parity {name}", f"Parity of {name} against the source"):
                         parity, _ = isolated.run(f"parity {name}", check_artifact, source, artifact, reference)
                     quality = measured(parity, text)
-                except EdgeportError as e:
+                except EdgeportError as e:  # not cached: memory or disk may be there next time
                     quality = Quality("unknown", None, f"not built here: {e}")
             found[_key(step)] = quality
-            _write_cached(folder, step, quality)
+            if quality.origin == "measured":
+                _write_cached(folder, step, quality)
     return found
 
 

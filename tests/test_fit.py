@@ -174,6 +174,7 @@ def test_quality_is_measured_once_then_read_from_the_cache(tiny_llama, tmp_path,
         raise AssertionError("measured again")
 
     monkeypatch.setattr(fit, "_measure", no_measuring)
+    assert len(list(fit._cache_folder(source).glob("gguf-*.json"))) == 5
     second = fit.fit([source], target, "auto")
     assert [v.quality for v in second.variants] == [v.quality for v in first.variants]
     assert second.notes == []
@@ -228,3 +229,25 @@ def test_fit_convert_builds_the_recommendation(tiny_llama, tmp_path, monkeypatch
     assert code != 0 and "drop --json" in err
     built = json.loads((tmp_path / "out" / f"{tiny_llama.name}-m2-air" / "manifest.json").read_text())
     assert [(a["format"], a["quantization"]) for a in built["artifacts"]] == [("gguf", pick)]
+
+
+def test_a_variant_that_fails_to_build_is_unknown_and_tried_again_next_time(tiny_llama, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
+    target = targets.load(gguf_only(tmp_path))
+    source = open_source(str(tiny_llama), config_only=True)
+
+    from edgeport import isolated
+
+    real_run = isolated.run
+
+    def run(step, function, *args):  # every conversion killed; the reference runs as it does
+        if step.startswith("convert"):
+            raise EdgeportError(f"{step}: killed by the system")
+        return real_run(step, function, *args)
+
+    monkeypatch.setattr(isolated, "run", run)
+    monkeypatch.setattr(fit, "_cache_folder", lambda source: tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    result = fit.fit([source], target, "measured")
+    assert all(v.quality.origin == "unknown" and "killed" in v.quality.note for v in result.variants)
+    assert not list((tmp_path / "cache").glob("gguf-*.json"))
