@@ -91,6 +91,10 @@ class Fit:
             quality = Quality(**typed_fields(Quality, v.get("quality"), f"{at}.quality"))
             read.append(Variant(**fields, step=step, quality=quality))
         fit = cls(**typed_fields(cls, data, where, skip=("variants",)), variants=read)
+        if fit.task not in ("summarize", "transcribe"):
+            raise EdgeportError(f"{where}: task must be summarize or transcribe")
+        if any(v.quality.origin not in ("measured", "published", "unknown") for v in read):
+            raise EdgeportError(f"{where}: a variant's quality.origin must be measured, published or unknown")
         if fit.recommended is not None and not 0 <= fit.recommended < len(read):
             raise EdgeportError(f"{where}: recommended {fit.recommended} is not a variant's index")
         return fit

@@ -134,6 +134,8 @@ def test_a_fit_reads_back_from_its_json_and_a_damaged_one_is_refused():
     data["variants"][0]["step"]["decode_tps"] = "fast"
     with pytest.raises(EdgeportError, match=r"variants\[0\].step: field decode_tps"):
         fit.Fit.from_dict(data, "fit.json")
+    with pytest.raises(EdgeportError, match="task must be"):
+        fit.Fit.from_dict(result.to_dict() | {"task": "dance"}, "fit.json")
     data = result.to_dict() | {"recommended": 7}
     with pytest.raises(EdgeportError, match="not a variant's index"):
         fit.Fit.from_dict(data, "fit.json")
