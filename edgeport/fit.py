@@ -9,7 +9,7 @@ import math
 import tempfile
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, cache_entry, made, read_json
 from edgeport.plan import GB, Plan, Step, make_plan, typed_fields
 from edgeport.source import Source
-from edgeport.targets import Target
+from edgeport.targets import Budget, Target
 
 AUTO_MEASURE_SECONDS = 15 * 60  # --quality auto measures a model when the preflight predicts at most this here
 LOSS_RESOLUTION = 0.01  # losses closer than this (1 % perplexity, 0.01 WER) rank alike; then the faster wins
@@ -60,7 +60,7 @@ class Variant:
 class Fit:
     target: str
     task: str  # summarize | transcribe
-    budget: dict
+    budget: Budget  # the target's, with the peak memory budget filled in (the RAM an app may use, if none)
     variants: list[Variant]
     recommended: int | None  # index into variants; None when none meets the whole budget
     reason: str
@@ -90,7 +90,8 @@ class Fit:
             step = Step(**typed_fields(Step, v.get("step"), f"{at}.step"))
             quality = Quality(**typed_fields(Quality, v.get("quality"), f"{at}.quality"))
             read.append(Variant(**fields, step=step, quality=quality))
-        fit = cls(**typed_fields(cls, data, where, skip=("variants",)), variants=read)
+        budget = Budget(**typed_fields(Budget, data.get("budget"), f"{where}.budget"))
+        fit = cls(**typed_fields(cls, data, where, skip=("variants", "budget")), budget=budget, variants=read)
         if fit.task not in ("summarize", "transcribe"):
             raise EdgeportError(f"{where}: task must be summarize or transcribe")
         if any(v.quality.origin not in ("measured", "published", "unknown") for v in read):
@@ -130,7 +131,7 @@ def fit(sources: list[Source], target: Target, mode: str = "auto") -> Fit:
     return Fit(
         target=target.name,
         task=sources[0].family.workload,
-        budget=asdict(target.budget) | {"peak_memory_gb": round(target.peak_memory_budget_gb, 2)},
+        budget=replace(target.budget, peak_memory_gb=round(target.peak_memory_budget_gb, 2)),
         variants=variants,
         recommended=recommended,
         reason=reason,

@@ -175,7 +175,7 @@ def _plot_speed(fit: Fit) -> str:
         for v in fit.variants:
             y = v.step.rtf if speech else v.step.decode_tps
             _point(ax, v, v.step.peak_bytes / GB, y, v is fit.pick, filled=True)
-        budget = fit.budget.get("rtf" if speech else "decode_tps")
+        budget = fit.budget.rtf if speech else fit.budget.decode_tps
         if budget:
             ax.axhline(budget, color="black", linestyle=":", label="speed budget")
         _memory_budget(ax, fit, [v.step.peak_bytes / GB for v in fit.variants])
@@ -201,7 +201,7 @@ def _plot_prediction(title: str, pairs: list, where: str) -> str:
 def _memory_budget(ax, fit: Fit, peaks: list[float]) -> None:
     """The memory budget as a vertical line, where it falls near the variants; else said in the legend, so that
     a budget far beyond them does not squeeze them into a corner."""
-    budget = fit.budget["peak_memory_gb"]
+    budget = fit.budget.peak_memory_gb
     ax.set_xlabel("peak memory (GB, expected)")
     if peaks and budget > 3 * max(peaks):
         ax.plot([], [], color="black", linestyle="--", label=f"memory budget {budget:g} GB (far right of all)")

@@ -254,20 +254,21 @@ def fit_table(fit) -> Grid:
         grid.notes.append("published (T): the figure llama.cpp's scoreboard gives its type T, the nearest scheme")
     measure = "Δ WER on the parity clips" if fit.task == "transcribe" else "ppl Δ: perplexity over the source's"
     grid.notes.append(
-        f"budget of {fit.target}: {_budget_dict_text(fit.budget, fit.task)}; speeds and memory are the plan's "
+        f"budget of {fit.target}: {_fit_budget_text(fit.budget, fit.task)}; speeds and memory are the plan's "
         f"(expected); {measure}"
     )
     return grid
 
 
-def _budget_dict_text(budget: dict, task: str) -> str:
-    parts = [f"peak ≤ {budget['peak_memory_gb']:g} GB"]
+def _fit_budget_text(budget, task: str) -> str:
+    """The budget lines a fit judges its task by."""
+    parts = [f"peak ≤ {budget.peak_memory_gb:g} GB"]
     if task == "transcribe":
-        return ", ".join(parts + ([f"RTF ≤ {budget['rtf']:g}"] if budget.get("rtf") else []))
-    if budget.get("decode_tps"):
-        parts.append(f"decode ≥ {budget['decode_tps']:g} tok/s")
-    if budget.get("ttft_s"):
-        parts.append(f"TTFT ≤ {budget['ttft_s']:g} s at {budget['prompt_tokens']} tokens")
+        return ", ".join(parts + ([f"RTF ≤ {budget.rtf:g}"] if budget.rtf else []))
+    if budget.decode_tps:
+        parts.append(f"decode ≥ {budget.decode_tps:g} tok/s")
+    if budget.ttft_s:
+        parts.append(f"TTFT ≤ {budget.ttft_s:g} s at {budget.prompt_tokens} tokens")
     return ", ".join(parts)
 
 

@@ -10,6 +10,7 @@ from edgeport import fit, targets
 from edgeport.errors import EdgeportError
 from edgeport.plan import Step
 from edgeport.source import open_source
+from edgeport.targets import Budget
 
 
 def profile(tmp_path, base: str, key: str, formats: str, name: str) -> str:
@@ -126,7 +127,8 @@ def test_between_models_a_larger_model_at_fewer_bits_wins_while_its_loss_stays_s
 
 
 def test_a_fit_reads_back_from_its_json_and_a_damaged_one_is_refused():
-    result = fit.Fit("m2-air", "summarize", {"peak_memory_gb": 10.0}, [variant("q4", 0.05)], 0, "q4: …")
+    budget = Budget(512, 2.0, 20.0, None, None, 10.0)
+    result = fit.Fit("m2-air", "summarize", budget, [variant("q4", 0.05)], 0, "q4: …")
     data = json.loads(json.dumps(result.to_dict()))
     assert fit.Fit.from_dict(data, "fit.json") == result
     with pytest.raises(EdgeportError, match="not a fit result"):

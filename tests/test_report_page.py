@@ -12,6 +12,7 @@ from conftest import run_cli
 from test_fit import gguf_only, variant
 
 from edgeport import fit
+from edgeport.targets import Budget
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As the machine's own probe starts it: no sandbox as root, no GPU, no background connections to a closed network.
@@ -58,7 +59,8 @@ def a_fit(tmp_path):
         variant("q4", 0.07, decode=80, origin="published"),
         variant("q3", None, decode=90, origin="unknown", meets=False, misses="peak misses"),
     ]
-    result = fit.Fit("m2-air", "summarize", {"peak_memory_gb": 2.0, "decode_tps": 20.0}, variants, 1, "mlx q4: …")
+    budget = Budget(512, None, 20.0, None, None, 2.0)
+    result = fit.Fit("m2-air", "summarize", budget, variants, 1, "mlx q4: …")
     file = tmp_path / "fit.json"
     file.write_text(json.dumps(result.to_dict()))
     return file
