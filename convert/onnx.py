@@ -45,7 +45,7 @@ from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
 from edgeport.engines.reference import part_forward, part_of, running_only
 from edgeport.errors import EdgeportError
-from edgeport.families.causal_lm import PART_PARAMS
+from edgeport.families.causal_lm import PART_PARAMS, LayerSpan
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
 from edgeport.plan import GB, Step
 from edgeport.quiet import converting
@@ -147,21 +147,28 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
     dest.mkdir()
     whole = None  # the source read whole, where its checkpoint cannot be read a block at a time
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-") as tmp, converting():  # the quantizer's advice
+        floats, quantized = Path(tmp) / "float", Path(tmp) / "quantized"
         for part in layout.parts:
-            floats = Path(tmp) / "float"
-            floats.mkdir()
-            model = part_of(source, part.first_layer, part.end_layer, attn_implementation="eager")
-            if model is None:
-                whole = whole or source.load_reference(attn_implementation="eager")
-                model = whole
-            export_part(model, part, layout, floats)
-            del model
-            feeds = RecordedFeeds(floats / "calibration")
-            given = part_calls(PartRunner(floats, layout, part, providers(False), feeds.record), calls, given)
-            for graph, file in (("prefill", part.prefill), ("decode", part.decode)):
-                qdq_quantize(floats / file, dest / file, feeds.files[graph], quant)
-            share_weights(dest, [part.prefill, part.decode], part.weights)
-            shutil.rmtree(floats)
+            quantized.mkdir()
+            units = export_units(source, part)
+            for unit in units:
+                floats.mkdir()
+                model = part_of(source, unit.first_layer, unit.end_layer, attn_implementation="eager")
+                if model is None:
+                    whole = whole or source.load_reference(attn_implementation="eager")
+                    model = whole
+                export_part(model, unit, layout, floats)
+                del model
+                feeds = RecordedFeeds(floats / "calibration")
+                given = part_calls(PartRunner(floats, layout, unit, providers(False), feeds.record), calls, given)
+                for graph, file in (("prefill", unit.prefill), ("decode", unit.decode)):
+                    qdq_quantize(floats / file, quantized / file, feeds.files[graph], quant)
+                    weights_apart(quantized / file)
+                shutil.rmtree(floats)
+            for width in (layout.prefill_chunk, 1):
+                join_graphs([quantized / unit.graph(width) for unit in units], quantized / part.graph(width))
+            share_weights(quantized, dest, [part.prefill, part.decode], part.weights)
+            shutil.rmtree(quantized)
     copy_app_files(source.path, dest)
     blocks = f"in blocks of {quant.group_size}, output projection 8-bit" if quant.group_size else "per channel"
     layout = replace(
@@ -180,17 +187,17 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
 
 def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     """The NPU shape of `source` for `target`: its parts, each within the target's `qnn_part_gb` of weights as
-    quantized and within PART_PARAMS, as few as that allows."""
+    built (or PART_PARAMS parameters where it has none), as few as that allows."""
     context = target.context_length
     if context <= QNN_PREFILL_CHUNK:
         raise EdgeportError(
             f"a static KV cache needs a context longer than the {QNN_PREFILL_CHUNK}-token prefill chunk"
         )
-    bound = PART_PARAMS
-    if target.qnn_part_gb:
-        bound = min(bound, target.qnn_part_gb * GB * 8 / quant.bits_per_weight())
     dims = source.family.dims(source.config)
-    spans = source.family.parts(source.config, bound)
+    if target.qnn_part_gb:
+        spans = source.family.parts(source.config, target.qnn_part_gb * GB, quant)
+    else:
+        spans = source.family.parts(source.config, PART_PARAMS)
     n = len(spans)
     return OnnxNPU(
         prefill_chunk=QNN_PREFILL_CHUNK,
@@ -220,6 +227,64 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
             for i, s in enumerate(spans)
         ],
     )
+
+
+def export_units(source: Source, part: OnnxPart) -> list[OnnxPart]:
+    """`part`'s layers in the spans it is exported, calibrated and quantized in, each of at most PART_PARAMS
+    parameters, so that memory holds one span's float graphs and not a whole part's; join_graphs makes them one."""
+    return [
+        OnnxPart(f"prefill-layers-{s.start}-{s.stop}.onnx", f"decode-layers-{s.start}-{s.stop}.onnx", s.start, s.stop)
+        for s in source.family.units(source.config, LayerSpan(part.first_layer, part.end_layer, 0), PART_PARAMS)
+    ]
+
+
+def join_graphs(files: list[Path], dest: Path) -> None:
+    """The graphs of consecutive layer spans as one, written to `dest` beside them: each span's
+    `output_hidden_states` feeds the next one's `hidden_states`, all read the same position ids and mask and each
+    its own layers' cache. The joined graph names the weights where the spans' graphs keep them; every name inside a
+    later span gets a prefix."""
+    joined = onnx.load(files[0], load_external_data=False)
+    graph = joined.graph
+    for k, file in enumerate(files[1:], 1):
+        span = onnx.load(file, load_external_data=False).graph
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in span.node for a in n.attribute
+        ):
+            raise EdgeportError(f"{file.name}: a graph with subgraphs cannot be joined")
+        link = f"span{k}/hidden_states"
+        handed = next(v for v in graph.output if v.name == "output_hidden_states")
+        graph.value_info.append(onnx.helper.make_value_info(link, handed.type))
+        _rename(graph, {"output_hidden_states": link})
+        outer = {v.name for v in (*span.input, *span.output)}
+        inner = {name for node in span.node for name in node.output} | {t.name for t in span.initializer}
+        _rename(span, {name: f"span{k}/{name}" for name in inner - outer} | {"hidden_states": link})
+        for node in span.node:
+            node.name = f"span{k}/{node.name}"
+        shared = {v.name for v in graph.input}
+        graph.node.extend(span.node)
+        graph.initializer.extend(span.initializer)
+        graph.value_info.extend(span.value_info)
+        graph.input.extend(v for v in span.input if v.name != link and v.name not in shared)
+        # outputs: the last span's hidden states or logits, then every layer's new keys and values in order
+        outputs = [span.output[0], *(v for v in graph.output if v.name != link), *span.output[1:]]
+        outputs = [_copy(v) for v in outputs]
+        del graph.output[:]
+        graph.output.extend(outputs)
+    onnx.save(joined, dest)
+
+
+def _rename(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [names.get(name, name) for name in node.input]
+        node.output[:] = [names.get(name, name) for name in node.output]
+    for named in (*graph.initializer, *graph.input, *graph.output, *graph.value_info):
+        named.name = names.get(named.name, named.name)
+
+
+def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copied = onnx.ValueInfoProto()
+    copied.CopyFrom(value)
+    return copied
 
 
 def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
@@ -485,14 +550,15 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
     return {name: [{"quant_type": QuantType.QUInt8}] for name in weights}
 
 
-def share_weights(folder: Path, graphs: list[str], data_name: str) -> None:
-    """Keep the weights of a part's graphs in one external data file, `data_name`, each tensor once. The prefill and
-    decode graphs quantize the same weights to the same bytes (a weight's scales come from the weight alone), so
-    the part downloads and sits on disk once. Offsets are page-aligned, so onnxruntime can map the file."""
+def share_weights(source: Path, dest: Path, graphs: list[str], data_name: str) -> None:
+    """Write a part's graphs from `source` to `dest` with their weights in one external data file there,
+    `data_name`, each tensor once. The prefill and decode graphs quantize the same weights to the same bytes (a
+    weight's scales come from the weight alone), so the part downloads and sits on disk once. Offsets are
+    page-aligned, so onnxruntime can map the file."""
     stored: dict[tuple[str, bytes], tuple[int, int]] = {}
-    with open(folder / data_name, "wb") as data:
+    with open(dest / data_name, "wb") as data:
         for name in graphs:
-            model = onnx.load(folder / name)  # with the weights the quantizer wrote beside it, over 2 GB
+            model = onnx.load(source / name)  # with the weights the quantizer wrote beside it, over 2 GB
             for tensor in model.graph.initializer:
                 if not tensor.HasField("raw_data") or len(tensor.raw_data) < SHARED_MIN_BYTES:
                     continue  # scales and zero points stay in the graph
@@ -505,8 +571,7 @@ def share_weights(folder: Path, graphs: list[str], data_name: str) -> None:
                 set_external_data(tensor, data_name, *stored[key])
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
-            onnx.save(model, folder / name)
-            (folder / f"{name}.data").unlink(missing_ok=True)
+            onnx.save(model, dest / name)
 
 
 def weights_apart(model_file: Path) -> int:

@@ -206,8 +206,8 @@ def test_a_parts_graphs_share_one_weights_file_and_go_up_with_it(tmp_path):
 
     from edgeport.convert.onnx import share_weights
 
-    artifact, scratch = tmp_path / "onnx", tmp_path / "scratch"
-    artifact.mkdir(), scratch.mkdir()
+    built, artifact, scratch = tmp_path / "built", tmp_path / "onnx", tmp_path / "scratch"
+    built.mkdir(), artifact.mkdir(), scratch.mkdir()
     weight = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
     for name in ("prefill", "decode", "alone"):
         graph = helper.make_graph(
@@ -217,8 +217,8 @@ def test_a_parts_graphs_share_one_weights_file_and_go_up_with_it(tmp_path):
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
             [numpy_helper.from_array(weight, "w")],
         )
-        onnx.save(helper.make_model(graph), artifact / f"{name}.onnx")
-    share_weights(artifact, ["prefill.onnx", "decode.onnx"], "weights.data")
+        onnx.save(helper.make_model(graph), (artifact if name == "alone" else built) / f"{name}.onnx")
+    share_weights(built, artifact, ["prefill.onnx", "decode.onnx"], "weights.data")
     assert (artifact / "weights.data").stat().st_size == weight.nbytes  # once, for both graphs
     x = np.ones((1, 64), np.float32)
     for name in ("prefill", "decode"):

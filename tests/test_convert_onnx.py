@@ -140,6 +140,63 @@ def test_static_graphs_have_fixed_shapes_chain_their_parts_and_match_transformer
     np.testing.assert_allclose(runner.logits(ids), expected, atol=1e-4)  # two prefill chunks, the second padded
 
 
+def test_joined_spans_run_as_one_part_as_they_ran_apart(float_static, tiny_llama, tmp_path):
+    """Two spans exported apart (here a layer each) joined into one part: one graph a width that takes the token
+    ids, reads and returns both layers' caches in order, and gives transformers' logits."""
+    import shutil
+
+    from edgeport.layouts import OnnxNPU, OnnxPart
+
+    folder = tmp_path / "joined"
+    shutil.copytree(float_static, folder)
+    apart = OnnxNPU.read(folder)
+    joined = replace(apart, parts=[OnnxPart("prefill-01-of-01.onnx", "decode-01-of-01.onnx", 0, 2)])
+    for width in (apart.prefill_chunk, 1):
+        files = [folder / part.graph(width) for part in apart.parts]
+        onnx_convert.join_graphs(files, folder / joined.parts[0].graph(width))
+        for file in files:
+            file.unlink()  # the joined graph names the spans' weights files, not their graphs
+    joined.write(folder)
+    for graph in ("prefill-01-of-01", "decode-01-of-01"):
+        model = onnx.load(folder / f"{graph}.onnx", load_external_data=False).graph
+        assert [v.name for v in model.input] == ["input_ids", "position_ids", "attention_mask"] + [
+            f"past_{kind}_{layer}" for layer in (0, 1) for kind in ("key", "value")
+        ]
+        assert [v.name for v in model.output] == ["logits"] + [
+            f"new_{kind}_{layer}" for layer in (0, 1) for kind in ("key", "value")
+        ]
+    runner = StaticKVRunner(folder)
+    ids = runner.tokenizer.encode("It was the best of times, it was the worst of times. " * 20)[:200]
+    np.testing.assert_allclose(runner.logits(ids), reference_logits(tiny_llama, ids), atol=1e-4)
+
+
+def test_a_part_quantized_in_spans_is_one_pair_of_graphs(tiny_llama, tmp_path, monkeypatch):
+    """A part larger than the converter holds at once is exported, calibrated and quantized a span at a time, then
+    joined: one pair of graphs and one weights file, giving the logits the part built whole gives."""
+    from types import SimpleNamespace
+
+    source = open_source(str(tiny_llama))
+    target = replace(targets.load("snapdragon-8-elite"), context_length=256)
+    step = SimpleNamespace(quantization="w4a16")
+    whole = onnx_convert.convert(source, step, target, tmp_path / "whole")
+    monkeypatch.setattr(onnx_convert, "PART_PARAMS", 1)  # each layer a span of its own
+    assert [(u.first_layer, u.end_layer) for u in onnx_convert.export_units(source, whole.layout.parts[0])] == [
+        (0, 1),
+        (1, 2),
+    ]
+    spans = onnx_convert.convert(source, step, target, tmp_path / "spans")
+    assert [(p.first_layer, p.end_layer) for p in spans.layout.parts] == [(0, 2)]
+    assert sorted(f.name for f in (tmp_path / "spans").glob("*.onnx*")) == [
+        "decode-01-of-01.onnx",
+        "prefill-01-of-01.onnx",
+    ]
+    # the hidden states between the spans are quantized with the range the whole part's graph gives them
+    ids = StaticKVRunner(tmp_path / "whole").tokenizer.encode("It was the age of wisdom, it was the age of foolishness")
+    whole_logits, spans_logits = (StaticKVRunner(tmp_path / name).logits(ids) for name in ("whole", "spans"))
+    np.testing.assert_allclose(spans_logits, whole_logits, atol=1e-3)
+    assert np.abs(whole_logits - reference_logits(tiny_llama, ids)).max() > 1e-3  # the comparison can fail
+
+
 def test_static_decode_loop_is_greedy_generation(float_static, tiny_llama):
     runner = StaticKVRunner(float_static)
     prompt = runner.tokenizer.encode("It was the age of wisdom")

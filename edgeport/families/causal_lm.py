@@ -264,21 +264,53 @@ class LayerSpan:
     params: int
 
 
-def layer_spans(config: dict, max_params: float) -> list[LayerSpan]:
-    """The decoder's layers in the fewest consecutive spans of at most `max_params` each (a layer that is larger
-    alone is a span of its own), balanced so that the largest span is as small as that count allows."""
+def layer_spans(config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
+    """The decoder's layers in the fewest consecutive spans of at most `capacity` each (a layer that is larger
+    alone is a span of its own), balanced so that the largest span is as small as that count allows. The capacity
+    is in parameters, or with `quant` in bytes as built: the layers at its bits, the embedding at its embedding bits
+    and the output projection at its head bits."""
+    params = weights = _span_params(config)
+    if quant is not None:
+        d, bits = LMDims.from_config(config), quant.bits_per_weight()
+        table, layer = d.vocab * d.hidden, _layer_params(config)
+        weights = [layer * bits / 8] * d.layers
+        weights[0] += table * (quant.embedding_bits or bits) / 8
+        weights[-1] += table * (quant.head_bits or bits) / 8 + d.hidden * NORM_BYTES_PER_VALUE
+    return [LayerSpan(start, stop, sum(params[start:stop])) for start, stop in _balanced(weights, capacity)]
+
+
+def split_span(config: dict, span: LayerSpan, max_params: float) -> list[LayerSpan]:
+    """`span`'s layers in the fewest consecutive spans of at most `max_params` each, balanced as layer_spans's."""
+    params = _span_params(config)[span.start : span.stop]
+    return [
+        LayerSpan(span.start + start, span.start + stop, sum(params[start:stop]))
+        for start, stop in _balanced(params, max_params)
+    ]
+
+
+def _span_params(config: dict) -> list[int]:
+    """Each layer's parameters as built on its own: the first with the token embedding, the last with the final
+    norm and the output projection (its own copy where the two are tied)."""
+    d = LMDims.from_config(config)
+    params = [_layer_params(config)] * d.layers
+    params[0] += d.vocab * d.hidden
+    params[-1] += d.vocab * d.hidden + d.hidden
+    return params
+
+
+def _layer_params(config: dict) -> int:
     d, size = LMDims.from_config(config), model_size(config)
-    table = d.vocab * d.hidden
-    layer = (size.params - table * (1 if d.tied else 2) - d.hidden) // d.layers
-    weights = [layer] * d.layers
-    weights[0] += table
-    weights[-1] += table + d.hidden
-    count = len(_greedy(weights, max_params))
-    low, high = min(weights), int(max_params)
-    while low < high:  # the smallest capacity that still needs no more spans
-        middle = (low + high) // 2
-        low, high = (low, middle) if len(_greedy(weights, middle)) <= count else (middle + 1, high)
-    return [LayerSpan(start, stop, sum(weights[start:stop])) for start, stop in _greedy(weights, low)]
+    return (size.params - d.vocab * d.hidden * (1 if d.tied else 2) - d.hidden) // d.layers
+
+
+def _balanced(weights: list[float], capacity: float) -> list[tuple[int, int]]:
+    """The fewest consecutive spans of `weights` within `capacity`, the largest as small as that count allows."""
+    count = len(_greedy(weights, capacity))
+    low, high = min(weights), float(capacity)
+    while high - low > max(1.0, high * 1e-9):  # the smallest capacity that still needs no more spans
+        middle = (low + high) / 2
+        low, high = (low, middle) if len(_greedy(weights, middle)) <= count else (middle, high)
+    return _greedy(weights, high)
 
 
 def _greedy(weights: list[int], capacity: float) -> list[tuple[int, int]]:
@@ -382,8 +414,11 @@ class CausalLM:
         part = max(span.params for span in self.parts(config, PART_PARAMS))
         return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part)
 
-    def parts(self, config: dict, max_params: float) -> list[LayerSpan]:
-        return layer_spans(text_config(config), max_params)
+    def parts(self, config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
+        return layer_spans(text_config(config), capacity, quant)
+
+    def units(self, config: dict, part: LayerSpan, max_params: float) -> list[LayerSpan]:
+        return split_span(text_config(config), part, max_params)
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length
