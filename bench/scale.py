@@ -203,10 +203,15 @@ def bench_model(name: str, source: Path, targets: list[str], formats: str | None
         command += (["-f", formats] if formats else []) + extra
         print(f"{name} for {target}…", flush=True)
         wall, peak, code = measure(command)
-        steps, artifacts = [], {}
+        steps, artifacts, parts = [], {}, {}
         if (out / "manifest.json").exists():
             manifest = json.loads((out / "manifest.json").read_text())
             artifacts = {f"{a['format']} {a['quantization']}": a["bytes"] for a in manifest["artifacts"]}
+            parts = {  # the NPU shape's parts, Core ML's packages
+                f"{a['format']} {a['quantization']}": len(a["details"].get("parts") or a["details"]["chunks"])
+                for a in manifest["artifacts"]
+                if a["details"].get("parts") or a["details"].get("chunks")
+            }
             predicted = {s["step"]: s for s in manifest.get("preflight", [])}
             for step in manifest["steps"]:
                 guess = predicted.get(step["step"], {}).get("peak_bytes")
@@ -229,6 +234,7 @@ def bench_model(name: str, source: Path, targets: list[str], formats: str | None
                 "peak_rss_bytes": peak,
                 "peak_vs_source": round(peak / size, 2),
                 "artifact_bytes": artifacts,
+                "artifact_parts": parts,
                 "steps": steps,
             }
         )
