@@ -248,11 +248,12 @@ class CoreMLWhisper(Layout):
 
 @dataclass(frozen=True)
 class GGUFModel(Layout):
-    """`model.gguf`, as llama.cpp loads it, for the compute unit the plan chose: "gpu" (Metal, on a Mac) or "cpu"."""
+    """`model.gguf`, as llama.cpp loads it, for the compute unit the plan chose: "gpu" (Metal, CUDA) or "cpu"."""
 
     family, format, engine, marker, described = "causal-lm", "gguf", "gguf", "gguf.json", True
     compute_unit: str
     file_type: str  # llama.cpp's name for the file's quantization (MOSTLY_Q4_K_M, …)
+    backend: str = ""  # what llama.cpp runs it with on the device: Metal, CUDA, or the CPU's arm64 / x86_64 kernels
 
     @property
     def shape(self) -> str:

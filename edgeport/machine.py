@@ -7,6 +7,15 @@ import sys
 ON_MAC = sys.platform == "darwin"  # Core ML prediction, MLX on Metal
 
 
+CPU_ARCHS = ("arm64", "x86_64")
+
+
+def cpu_arch() -> str:
+    """This machine's instruction set, named as the target profiles name it."""
+    found = platform.machine()
+    return {"aarch64": "arm64", "AMD64": "x86_64", "amd64": "x86_64"}.get(found, found)
+
+
 def machine() -> dict:
     """What the figures were measured on, so `check` knows whether they speak for a target."""
     return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu_name(), "node": platform.node()}

@@ -16,7 +16,7 @@ from edgeport.engines import missing
 from edgeport.engines.loop import Token, TokenClock, hf_tokenizer
 from edgeport.errors import EdgeportError
 from edgeport.layouts import Layout
-from edgeport.machine import ON_MAC
+from edgeport.machine import CPU_ARCHS, ON_MAC, cpu_arch
 
 MODEL_FILE = "model.gguf"
 PARITY_CONTEXT = 512  # the longest parity sequence is about 200 tokens; every position's logits are kept for it
@@ -57,10 +57,20 @@ def runner(layout: Layout, folder: Path):
 
 
 def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
-    off_metal = layout.shape == "gpu" and not ON_MAC
-    return GGUFRunner(
-        folder, context=PARITY_CONTEXT
-    ), "llama.cpp on Metal (measured on its CPU backend)" if off_metal else None
+    """llama.cpp here; where the device runs the file with other kernels (Metal, CUDA, another CPU's), what parity
+    measured is said not to be those."""
+    wanted = layout.backend or ("Metal" if layout.shape == "gpu" else backend_here())  # outputs before `backend`
+    here = backend_here()
+    unchecked = None if wanted == here else f"llama.cpp on {_named(wanted)} (measured on {_named(here)})"
+    return GGUFRunner(folder, context=PARITY_CONTEXT), unchecked
+
+
+def backend_here() -> str:
+    return "Metal" if ON_MAC else cpu_arch()
+
+
+def _named(backend: str) -> str:
+    return f"{backend} CPUs" if backend in CPU_ARCHS else backend
 
 
 class GGUFRunner:

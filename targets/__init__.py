@@ -16,6 +16,7 @@ from pathlib import Path
 from edgeport import quantization
 from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, made, read_json
+from edgeport.machine import CPU_ARCHS
 
 UNITS = ("cpu", "gpu", "npu")
 SPREAD_LIMIT = 1.5  # slowest repeat of a host measurement over the fastest, beyond which something else was running
@@ -62,6 +63,7 @@ class Target:
     qnn_part_gb: float | None = None  # the most weights one part of the NPU shape may hold (one QNN context binary)
     vram_gb: float | None = None  # a discrete GPU's own memory: llama.cpp splits the layers between it and RAM
     vram_bandwidth_gbs: float | None = None
+    cpu_arch: str | None = None  # the CPU's instruction set (arm64, x86_64) where it differs from this machine's
 
     @property
     def usable_ram_gb(self) -> float:
@@ -191,6 +193,7 @@ def parse(data: dict, source: str) -> Target:
         qnn_part_gb=_optional_positive(data, "qnn_part_gb", source),
         vram_gb=_optional_positive(data, "vram_gb", source),
         vram_bandwidth_gbs=_optional_positive(data, "vram_bandwidth_gbs", source),
+        cpu_arch=_optional_choice(data, "cpu_arch", CPU_ARCHS, source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),
             ttft_s=optional("ttft_s"),
@@ -206,6 +209,13 @@ def _optional_string(data: dict, key: str, source: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise EdgeportError(f"{source}: field {key} must be a string")
+    return value
+
+
+def _optional_choice(data: dict, key: str, choices: tuple[str, ...], source: str) -> str | None:
+    value = _optional_string(data, key, source)
+    if value is not None and value not in choices:
+        raise EdgeportError(f"{source}: field {key} must be one of {', '.join(choices)}, not {value}")
     return value
 
 

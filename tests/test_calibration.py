@@ -102,6 +102,22 @@ def test_the_npu_plan_is_a_calibrated_share_of_its_rooflines():
     assert step.decode_tps == pytest.approx(13.05, rel=0.25)
 
 
+def test_the_snapdragon_elites_plan_llama_cpp_on_their_cores_beside_the_npu():
+    """Android and Windows-on-Snapdragon apps embed llama.cpp on the Oryon cores: Q4_0 (which its Arm kernels repack
+    for their int8 dot products), at the cores' FP32 throughput, calibrated with the X Elite's published figures."""
+    size = model_size(LLAMA_3_2_3B)
+    for name in ("snapdragon-8-elite", "snapdragon-x-elite"):
+        target = targets.load(name)
+        plan = make_plan(config_source(LLAMA_3_2_3B), target)
+        assert [(s.format, s.unit) for s in plan.steps] == [("onnx", "npu"), ("gguf", "cpu")]
+        step = plan.step("gguf")
+        assert step.quantization == "Q4_0" and "llama.cpp/pull/7191" in step.calibration
+        assert step.prefill_roofline_tps == pytest.approx(prefill_roofline_tps(size, target.tflops["cpu"]), abs=0.1)
+    # the laptop's cores decode a 3B faster than its NPU does (AI Hub: 18.4 tok/s), as llama.cpp's users find
+    laptop = make_plan(config_source(LLAMA_3_2_3B), targets.load("snapdragon-x-elite"))
+    assert laptop.step("gguf").decode_tps > laptop.step("onnx").decode_tps
+
+
 def test_the_npu_shape_is_counted_as_built():
     """w4a16 keeps the output projection at 8 bits and the embedding table at 16 (a Gather's data, quantized as an
     activation); a tied table is held twice, once each way."""

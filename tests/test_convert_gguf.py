@@ -2,6 +2,7 @@
 and checked through llama-cpp-python (installed by `make install`: it compiles llama.cpp)."""
 
 import json
+import sys
 
 import gguf
 import numpy as np
@@ -15,6 +16,7 @@ from edgeport import build, quantization
 from edgeport.convert import gguf as gguf_convert
 from edgeport.engines.gguf import MODEL_FILE, TOKENIZER_CHECK, GGUFRunner, tokenizer_agreement
 from edgeport.errors import EdgeportError
+from edgeport.machine import cpu_arch
 from edgeport.parity import BOUNDS
 from edgeport.source import GGUF_CAUSAL_LM_TYPES
 
@@ -159,12 +161,22 @@ def test_gguf_quantizations_are_planned_at_llama_cpps_sizes():
     assert quantization.get("Q4_K_M", "gguf").bits_per_weight(high_share=0.2) == pytest.approx(4.5 + 0.2 * 2)
 
 
-def test_a_mac_targets_gguf_says_metal_was_not_checked_off_a_mac(tiny_llama, tmp_path):
-    result = convert(tiny_llama, tmp_path / "out", "m2-air", "--formats", "gguf", "--parity", "fast")
+@pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the parity runs on Metal")
+@pytest.mark.parametrize(
+    "target, quant, backend",
+    [("m2-air", "Q4_K_M", "Metal"), ("snapdragon-x-elite", "Q4_0", "arm64"), ("host", "Q4_K_M", cpu_arch())],
+)
+def test_parity_says_which_llama_cpp_kernels_it_did_not_run(tiny_llama, tmp_path, target, quant, backend):
+    """A Mac's file runs on Metal, a Snapdragon's on llama.cpp's Arm kernels: parity here measures this machine's
+    CPU kernels, and says so where those are not the device's."""
+    result = convert(tiny_llama, tmp_path / "out", target, "--formats", "gguf", "--parity", "fast")
     (artifact,) = result["artifacts"]
     layout = json.loads((tmp_path / "out" / "gguf" / "gguf.json").read_text())
-    assert layout == {"compute_unit": "gpu", "file_type": "MOSTLY_Q4_K_M"}
-    assert artifact["parity"]["not_checked"] == ["llama.cpp on Metal (measured on its CPU backend)"]
+    unit = "gpu" if backend == "Metal" else "cpu"
+    assert layout == {"compute_unit": unit, "file_type": f"MOSTLY_{quant}", "backend": backend}
+    device = f"{backend} CPUs" if backend != "Metal" else "Metal"
+    expected = [] if backend == cpu_arch() else [f"llama.cpp on {device} (measured on {cpu_arch()} CPUs)"]
+    assert artifact["parity"]["not_checked"] == expected
 
 
 def split_by(split: str) -> dict:

@@ -30,7 +30,7 @@ def cpu_output(tiny_llama, tmp_path_factory):
 def npu_output(request, tiny_llama, tmp_path_factory):
     target = {"w8a16": "snapdragon-8-gen-3", "w4a16": "snapdragon-8-elite"}[request.param]
     out = tmp_path_factory.mktemp("onnx") / request.param
-    return out, convert(tiny_llama, out, target)
+    return out, convert(tiny_llama, out, target, "--formats", "onnx")
 
 
 @pytest.fixture(scope="module")

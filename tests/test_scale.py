@@ -245,14 +245,15 @@ def test_dry_run_prints_the_plan_of_work_and_writes_nothing(tiny_llama, tmp_path
 
 
 def two_format_target(tmp_path) -> str:
-    """A device of the user's own: the Snapdragon 8 Elite's profile that runs MLX too. Its NPU shape's conversion
-    needs the most memory of any step, even for a tiny model."""
+    """A device of the user's own: the Snapdragon 8 Elite's profile that runs MLX beside the NPU. Its NPU shape's
+    conversion needs the most memory of any step, even for a tiny model."""
     from edgeport.targets import _profiles
 
     text = (_profiles() / "snapdragon-8-elite.toml").read_text().replace('name = "snapdragon-8-elite"', 'name = "both"')
-    npu = '  { name = "onnx", quantization = "w4a16", unit = "npu" },\n'
+    cpu = '  { name = "gguf", quantization = "Q4_0", unit = "cpu" },\n'
+    assert cpu in text
     file = tmp_path / "both.toml"
-    file.write_text(text.replace(npu, npu + '  { name = "mlx", quantization = "q4", unit = "gpu" },\n', 1))
+    file.write_text(text.replace(cpu, '  { name = "mlx", quantization = "q4", unit = "gpu" },\n', 1))
     return str(file)
 
 

@@ -58,6 +58,9 @@ def test_a_bad_profile_names_the_file_and_field():
     del data["bandwidth_gbs"]
     with pytest.raises(EdgeportError, match="field bandwidth_gbs is missing"):
         targets.parse(data, "targets/x.toml")
+    data["bandwidth_gbs"], data["cpu_arch"] = 100, "sparc"
+    with pytest.raises(EdgeportError, match="field cpu_arch must be one of arm64, x86_64, not sparc"):
+        targets.parse(data, "targets/x.toml")
 
 
 def test_a_target_of_the_users_own_from_a_toml_file(tmp_path, tiny_llama):
