@@ -64,7 +64,7 @@ def bench_published() -> dict:
             }
         )
     summary = {}
-    for kind in ("decode", "prefill", "memory"):
+    for kind in ("decode", "prefill", "speech", "memory"):
         chosen = [r for r in rows if r["kind"] == kind]
         summary[kind] = {
             key: _spread([r[key] for r in chosen]) for key in ("error", "held_out_error", "roofline_error")

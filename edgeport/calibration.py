@@ -23,7 +23,7 @@ from edgeport.errors import EdgeportError
 
 FIXED_COST_ROWS = 3
 DEVICE_ROWS = 3
-METRICS = ("decode_tps", "prefill_tps", "ttft_s", "peak_memory_gb")  # the last is checked, not fitted
+METRICS = ("decode_tps", "prefill_tps", "ttft_s", "rtf", "peak_memory_gb")  # the last is checked, not fitted
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,10 @@ class Efficiency:
     decode: float = 1.0
     token_s: float = 0.0
     prefill: float = 1.0
+    speech: float = 1.0  # transcription: the share of Whisper's RTF roofline reached (families.whisper.speeds)
     decode_rows: int = 0
     prefill_rows: int = 0
+    speech_rows: int = 0
     sources: tuple[str, ...] = ()
     device: str | None = None  # fitted on this device's own rows, not on every device's
 
@@ -72,14 +74,23 @@ class Efficiency:
         return roofline_tps * self.prefill
 
     def describe(self, engine: Engine) -> str:
-        if not self.decode_rows and not self.prefill_rows:
+        if not self.decode_rows and not self.prefill_rows and not self.speech_rows:
             return f"{engine.name}: no measurement yet, so the rooflines themselves"
         fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
         whose = f"{self.device}'s own " if self.device else ""
+        shares, counts = [], []
+        if self.decode_rows or self.prefill_rows:
+            shares.append(
+                f"decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at {self.prefill:.0%} of "
+                "the compute roofline"
+            )
+            counts.append(f"{self.decode_rows} decode and {self.prefill_rows} prefill")
+        if self.speech_rows:
+            shares.append(f"transcription at {self.speech:.0%} of the RTF roofline")
+            counts.append(f"{self.speech_rows} transcription")
         return (
-            f"{engine.name}: decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at "
-            f"{self.prefill:.0%} of the compute roofline; fitted on {whose}{self.decode_rows} decode and "
-            f"{self.prefill_rows} prefill measurements ({'; '.join(self.sources)})"
+            f"{engine.name}: {'; '.join(shares)}; fitted on {whose}{' and '.join(counts)} measurements "
+            f"({'; '.join(self.sources)})"
         )
 
 
@@ -102,7 +113,7 @@ class Measurement:
 
     @property
     def kind(self) -> str:
-        return {"decode_tps": "decode", "peak_memory_gb": "memory"}.get(self.metric, "prefill")
+        return {"decode_tps": "decode", "peak_memory_gb": "memory", "rtf": "speech"}.get(self.metric, "prefill")
 
     @property
     def observed(self) -> float:
@@ -123,18 +134,38 @@ class Data:
     configs: dict[str, dict]
 
     def roofline(self, m: Measurement) -> float:
-        """The roofline of `m`'s metric in tok/s, by the plan's own formulas; for a peak memory row, the plan's
-        peak in GB (which no efficiency scales)."""
+        """The roofline of `m`'s metric in tok/s, by the plan's own formulas; for a transcription row the RTF at
+        the rooflines; for a peak memory row, the plan's peak in GB (which no efficiency scales)."""
         from edgeport.families.causal_lm import decode_roofline_tps, memory, model_size, prefill_roofline_tps
 
-        size, device, engine = model_size(self.configs[m.model]), self.devices[m.device], ENGINES[m.engine]
+        device, engine = self.devices[m.device], ENGINES[m.engine]
         quant = quantization.get(m.quantization, m.format)
+        if m.kind == "speech":
+            return self.planned_rtf(m, Efficiency())
+        size = model_size(self.configs[m.model])
         if m.kind == "memory":
             return memory(size, quant, engine, m.context)[2] / 1e9
         if m.kind == "decode":
             cached = m.context if engine.static_cache else m.prompt_tokens
             return decode_roofline_tps(size, quant, engine, cached, device.bandwidth_gbs)
         return prefill_roofline_tps(size, device.tflops[m.unit])
+
+    def planned_rtf(self, m: Measurement, efficiency: Efficiency) -> float:
+        """What the plan expects for a transcription row at `efficiency` (at the default one: the RTF roofline)."""
+        from edgeport.families.whisper import real_time_factor, speeds, whisper_size
+
+        device, quant = self.devices[m.device], quantization.get(m.quantization, m.format)
+        size = whisper_size(self.configs[m.model])
+        return real_time_factor(
+            *speeds(size, quant, ENGINES[m.engine], efficiency, device.bandwidth_gbs, device.tflops[m.unit])
+        )
+
+    def expected(self, m: Measurement, efficiency: Efficiency) -> float:
+        """What the plan expects for `m` at `efficiency`, in the row's unit."""
+        if m.kind == "speech":
+            return self.planned_rtf(m, efficiency)
+        roofline = self.roofline(m)
+        return {"decode": efficiency.decode_tps, "prefill": efficiency.prefill_tps}.get(m.kind, float)(roofline)
 
 
 @cache
@@ -190,16 +221,23 @@ def fit(measurements: list[Measurement], data: Data) -> dict[tuple[str, str, str
 def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None) -> Efficiency:
     decode = [(data.roofline(m), m.value) for m in rows if m.kind == "decode"]
     prefill = [m.observed / data.roofline(m) for m in rows if m.kind == "prefill"]
+    speech = [data.roofline(m) / m.observed for m in rows if m.kind == "speech"]  # RTFs: lower is faster
     share, token_s = _decode_fit(decode) if decode else (1.0, 0.0)
     return Efficiency(
         decode=share,
         token_s=token_s,
-        prefill=math.exp(sum(map(math.log, prefill)) / len(prefill)) if prefill else 1.0,
+        prefill=_geometric_mean(prefill),
+        speech=_geometric_mean(speech),
         decode_rows=len(decode),
         prefill_rows=len(prefill),
+        speech_rows=len(speech),
         sources=tuple(dict.fromkeys(_publisher(m.source) for m in rows)),
         device=device,
     )
+
+
+def _geometric_mean(shares: list[float]) -> float:
+    return math.exp(sum(map(math.log, shares)) / len(shares)) if shares else 1.0
 
 
 def _decode_fit(rows: list[tuple[float, float]]) -> tuple[float, float]:
@@ -257,7 +295,6 @@ def check(data: Data, held_out: bool = False) -> list[Check]:
     checks = []
     for i, m in enumerate(everything):
         efficiencies_here = fit(everything[:i] + everything[i + 1 :], data) if held_out else fitted
-        e, roofline = efficiency(m.format, m.unit, m.device, efficiencies_here), data.roofline(m)
-        expected = {"decode": e.decode_tps, "prefill": e.prefill_tps, "memory": float}[m.kind](roofline)
-        checks.append(Check(m, roofline, expected))
+        e = efficiency(m.format, m.unit, m.device, efficiencies_here)
+        checks.append(Check(m, data.roofline(m), data.expected(m, e)))
     return checks

@@ -118,6 +118,32 @@ def test_the_snapdragon_elites_plan_llama_cpp_on_their_cores_beside_the_npu():
     assert laptop.step("gguf").decode_tps > laptop.step("onnx").decode_tps
 
 
+def test_whispers_plan_is_the_share_of_its_rtf_roofline_that_transcription_rows_give():
+    """CTranslate2 has no causal LM rows: the plan's RTF is its roofline over the share the engine's transcription
+    rows reach, which on the machine they were measured on is what was measured; an engine with none keeps the
+    shares its causal LM rows give."""
+    from edgeport.families.whisper import Whisper, whisper_size
+
+    data = calibration.data()
+    row = next(m for m in data.measurements if m.kind == "speech" and m.format == "ct2")
+    size = whisper_size(data.configs[row.model])
+    device = data.devices[row.device]
+    ci = replace(targets.load("rtx-4060-laptop"), name="ci", bandwidth_gbs=device.bandwidth_gbs, tflops=device.tflops)
+    step = Whisper().step(size, ci, "ct2", row.quantization, "cpu")
+    assert step.rtf == pytest.approx(row.value, rel=1e-3)
+    assert "transcription at" in calibration.efficiency("ct2", "cpu").describe(ENGINES[("ct2", "cpu")])
+    speech = [c for c in calibration.check(data) if c.measurement.kind == "speech"]
+    assert speech and all(c.predicted > c.roofline for c in speech)  # slower than the roofline says
+    assert data.expected(row, calibration.Efficiency()) == pytest.approx(data.roofline(row))  # no rows: the roofline
+    # held out, the ONNX row falls back to its engine's causal LM shares, as the plan does without the row
+    onnx = next(
+        c
+        for c in calibration.check(data, held_out=True)
+        if c.measurement.kind == "speech" and c.measurement.format == "onnx"
+    )
+    assert onnx.predicted != pytest.approx(onnx.roofline)
+
+
 def test_the_npu_shape_is_counted_as_built():
     """w4a16 keeps the output projection at 8 bits and the embedding table at 16 (a Gather's data, quantized as an
     activation); a tied table is held twice, once each way."""

@@ -200,17 +200,14 @@ class Whisper:
         return 0  # planned per 30 s window, not per prompt
 
     def step(self, size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
-        """The encoder's compute and the decoder's bandwidth at the shares the engine's calibration gives (fitted
-        on causal LMs: the same engine on the same unit)."""
+        """The encoder's compute and the decoder's bandwidth at the calibrated shares (`speeds`)."""
         engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
         kv = size.kv_values * engine.kv_bytes
-        bits = quantization.get(quant_name, fmt).bits_per_weight()
         weights, peak = _memory(size, quant_name, fmt, kv + engine.runtime_bytes)
-        encode_roofline_s = 2 * size.encoder_params * size.frames / (target.tflops[unit] * 1e12)
-        encode_s = encode_roofline_s / efficiency.prefill
-        decode_roofline = target.bandwidth_gbs * GB / (size.decoder_matrix_params * bits / 8 + kv)
-        decode_tps = efficiency.decode_tps(decode_roofline)
-        rtf = (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
+        quant, bandwidth, tflops = quantization.get(quant_name, fmt), target.bandwidth_gbs, target.tflops[unit]
+        encode_roofline_s, decode_roofline = rooflines(size, quant, engine, bandwidth, tflops)
+        encode_s, decode_tps = speeds(size, quant, engine, efficiency, bandwidth, tflops)
+        rtf = real_time_factor(encode_s, decode_tps)
         usable = target.usable_ram_gb * GB
         fits = peak <= usable
         held = kv + engine.runtime_bytes
@@ -313,6 +310,29 @@ class Whisper:
 
     def metric_notes(self, name: str, metrics: dict, num) -> list[str]:
         return []
+
+
+def rooflines(size: WhisperSize, quant, engine, bandwidth_gbs: float, tflops: float) -> tuple[float, float]:
+    """A window's encoder seconds at the unit's throughput, and decode tok/s at the memory bandwidth, for
+    `quant` (a quantization.Quantization) on `engine` (a calibration.Engine)."""
+    encode_s = 2 * size.encoder_params * size.frames / (tflops * 1e12)
+    read = size.decoder_matrix_params * quant.bits_per_weight() / 8 + size.kv_values * engine.kv_bytes
+    return encode_s, bandwidth_gbs * GB / read
+
+
+def speeds(size: WhisperSize, quant, engine, efficiency, bandwidth_gbs: float, tflops: float) -> tuple[float, float]:
+    """The encoder seconds and decode tok/s the plan expects: the rooflines at the share of the RTF roofline the
+    engine's transcription rows give, or where it has none, at the shares its causal LM rows give (the same engine
+    on the same unit)."""
+    encode_s, decode_tps = rooflines(size, quant, engine, bandwidth_gbs, tflops)
+    if efficiency.speech_rows:
+        return encode_s / efficiency.speech, decode_tps * efficiency.speech
+    return encode_s / efficiency.prefill, efficiency.decode_tps(decode_tps)
+
+
+def real_time_factor(encode_s: float, decode_tps: float) -> float:
+    """Seconds to transcribe a 30 s window (TOKENS_PER_WINDOW tokens) over its 30 s."""
+    return (encode_s + TOKENS_PER_WINDOW / decode_tps) / WINDOW_S
 
 
 def _memory(size: WhisperSize, quant_name: str, fmt: str, held: int) -> tuple[int, int]:
