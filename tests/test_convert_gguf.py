@@ -164,17 +164,22 @@ def test_gguf_quantizations_are_planned_at_llama_cpps_sizes():
 @pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the parity runs on Metal")
 @pytest.mark.parametrize(
     "target, quant, backend",
-    [("m2-air", "Q4_K_M", "Metal"), ("snapdragon-x-elite", "Q4_0", "arm64"), ("host", "Q4_K_M", cpu_arch())],
+    [
+        ("m2-air", "Q4_K_M", "Metal"),
+        ("rtx-4060-laptop", "Q4_K_M", "CUDA"),
+        ("snapdragon-x-elite", "Q4_0", "arm64"),
+        ("host", "Q4_K_M", cpu_arch()),
+    ],
 )
 def test_parity_says_which_llama_cpp_kernels_it_did_not_run(tiny_llama, tmp_path, target, quant, backend):
-    """A Mac's file runs on Metal, a Snapdragon's on llama.cpp's Arm kernels: parity here measures this machine's
-    CPU kernels, and says so where those are not the device's."""
+    """A Mac's file runs on Metal, a GeForce laptop's on CUDA, a Snapdragon's on llama.cpp's Arm kernels: parity
+    here measures this machine's CPU kernels, and says so where those are not the device's."""
     result = convert(tiny_llama, tmp_path / "out", target, "--formats", "gguf", "--parity", "fast")
     (artifact,) = result["artifacts"]
     layout = json.loads((tmp_path / "out" / "gguf" / "gguf.json").read_text())
-    unit = "gpu" if backend == "Metal" else "cpu"
+    unit = "gpu" if backend in ("Metal", "CUDA") else "cpu"
     assert layout == {"compute_unit": unit, "file_type": f"MOSTLY_{quant}", "backend": backend}
-    device = f"{backend} CPUs" if backend != "Metal" else "Metal"
+    device = backend if backend in ("Metal", "CUDA") else f"{backend} CPUs"
     expected = [] if backend == cpu_arch() else [f"llama.cpp on {device} (measured on {cpu_arch()} CPUs)"]
     assert artifact["parity"]["not_checked"] == expected
 
