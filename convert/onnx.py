@@ -45,7 +45,7 @@ from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
 from edgeport.engines.reference import part_forward, part_of, running_only
 from edgeport.errors import EdgeportError
-from edgeport.families.causal_lm import PART_PARAMS, LayerSpan
+from edgeport.families.causal_lm import PART_PARAMS
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
 from edgeport.plan import GB, Step
 from edgeport.quiet import converting
@@ -234,7 +234,7 @@ def export_units(source: Source, part: OnnxPart) -> list[OnnxPart]:
     parameters, so that memory holds one span's float graphs and not a whole part's; join_graphs makes them one."""
     return [
         OnnxPart(f"prefill-layers-{s.start}-{s.stop}.onnx", f"decode-layers-{s.start}-{s.stop}.onnx", s.start, s.stop)
-        for s in source.family.units(source.config, LayerSpan(part.first_layer, part.end_layer, 0), PART_PARAMS)
+        for s in source.family.units(source.config, part.first_layer, part.end_layer, PART_PARAMS)
     ]
 
 

@@ -279,12 +279,11 @@ def layer_spans(config: dict, capacity: float, quant: quantization.Quantization 
     return [LayerSpan(start, stop, sum(params[start:stop])) for start, stop in _balanced(weights, capacity)]
 
 
-def split_span(config: dict, span: LayerSpan, max_params: float) -> list[LayerSpan]:
-    """`span`'s layers in the fewest consecutive spans of at most `max_params` each, balanced as layer_spans's."""
-    params = _span_params(config)[span.start : span.stop]
+def split_span(config: dict, first: int, end: int, max_params: float) -> list[LayerSpan]:
+    """Layers [first, end) in the fewest consecutive spans of at most `max_params` each, balanced as layer_spans's."""
+    params = _span_params(config)[first:end]
     return [
-        LayerSpan(span.start + start, span.start + stop, sum(params[start:stop]))
-        for start, stop in _balanced(params, max_params)
+        LayerSpan(first + start, first + stop, sum(params[start:stop])) for start, stop in _balanced(params, max_params)
     ]
 
 
@@ -313,7 +312,7 @@ def _balanced(weights: list[float], capacity: float) -> list[tuple[int, int]]:
     return _greedy(weights, high)
 
 
-def _greedy(weights: list[int], capacity: float) -> list[tuple[int, int]]:
+def _greedy(weights: list[float], capacity: float) -> list[tuple[int, int]]:
     spans, start, total = [], 0, 0
     for i, weight in enumerate(weights):
         if i > start and total + weight > capacity:
@@ -417,8 +416,8 @@ class CausalLM:
     def parts(self, config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
         return layer_spans(text_config(config), capacity, quant)
 
-    def units(self, config: dict, part: LayerSpan, max_params: float) -> list[LayerSpan]:
-        return split_span(text_config(config), part, max_params)
+    def units(self, config: dict, first: int, end: int, max_params: float) -> list[LayerSpan]:
+        return split_span(text_config(config), first, end, max_params)
 
     def context_length(self, source, target: Target) -> int:
         return target.context_length

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from edgeport import calibration, quantization
 from edgeport.audio import SAMPLE_RATE
-from edgeport.calibration import ENGINES
+from edgeport.calibration import ENGINES, Efficiency, Engine
 from edgeport.errors import EdgeportError
 from edgeport.files import read_json
 from edgeport.parity import Metric, Parity, bounds_for, judge, wer
@@ -312,15 +312,23 @@ class Whisper:
         return []
 
 
-def rooflines(size: WhisperSize, quant, engine, bandwidth_gbs: float, tflops: float) -> tuple[float, float]:
-    """A window's encoder seconds at the unit's throughput, and decode tok/s at the memory bandwidth, for
-    `quant` (a quantization.Quantization) on `engine` (a calibration.Engine)."""
+def rooflines(
+    size: WhisperSize, quant: quantization.Quantization, engine: Engine, bandwidth_gbs: float, tflops: float
+) -> tuple[float, float]:
+    """A window's encoder seconds at the unit's throughput, and decode tok/s at the memory bandwidth."""
     encode_s = 2 * size.encoder_params * size.frames / (tflops * 1e12)
     read = size.decoder_matrix_params * quant.bits_per_weight() / 8 + size.kv_values * engine.kv_bytes
     return encode_s, bandwidth_gbs * GB / read
 
 
-def speeds(size: WhisperSize, quant, engine, efficiency, bandwidth_gbs: float, tflops: float) -> tuple[float, float]:
+def speeds(
+    size: WhisperSize,
+    quant: quantization.Quantization,
+    engine: Engine,
+    efficiency: Efficiency,
+    bandwidth_gbs: float,
+    tflops: float,
+) -> tuple[float, float]:
     """The encoder seconds and decode tok/s the plan expects: the rooflines at the share of the RTF roofline the
     engine's transcription rows give, or where it has none, at the shares its causal LM rows give (the same engine
     on the same unit)."""
