@@ -8,6 +8,8 @@ sampling) that weighs most on small models. Per engine (a format on a compute un
 
 - decode seconds a token = roofline seconds / decode efficiency + fixed seconds a token
 - prefill tok/s          = compute roofline x prefill efficiency
+- Whisper's RTF          = its RTF at the rooflines / transcription efficiency (an engine without transcription
+                           rows: its decode and prefill efficiencies, each on its part)
 
 both fitted by least squares on the relative error over the engine's rows (the fixed cost only where at least
 FIXED_COST_ROWS rows say so). An engine without a row keeps its rooflines, and says so."""

@@ -9,6 +9,7 @@ The plan is per 30 s window of speech:
 - encoder time  = 2 x encoder parameters x 1500 frames / unit throughput: a compute roofline
 - decode tok/s  = memory bandwidth / (decoder weights + KV caches read per token): a roofline
 - RTF           = (encoder time + TOKENS_PER_WINDOW / decode tok/s) / 30 s; TTFT is the encoder time plus one token
+each at the share of its roofline the engine's calibration gives (`speeds`).
 """
 
 import json
