@@ -140,10 +140,10 @@ class Data:
         the rooflines; for a peak memory row, the plan's peak in GB (which no efficiency scales)."""
         from edgeport.families.causal_lm import decode_roofline_tps, memory, model_size, prefill_roofline_tps
 
-        device, engine = self.devices[m.device], ENGINES[m.engine]
-        quant = quantization.get(m.quantization, m.format)
         if m.kind == "speech":
             return self.planned_rtf(m, Efficiency())
+        device, engine = self.devices[m.device], ENGINES[m.engine]
+        quant = quantization.get(m.quantization, m.format)
         size = model_size(self.configs[m.model])
         if m.kind == "memory":
             return memory(size, quant, engine, m.context)[2] / 1e9
@@ -154,13 +154,12 @@ class Data:
 
     def planned_rtf(self, m: Measurement, efficiency: Efficiency) -> float:
         """What the plan expects for a transcription row at `efficiency` (at the default one: the RTF roofline)."""
-        from edgeport.families.whisper import real_time_factor, speeds, whisper_size
+        from edgeport.families.whisper import real_time_factor, rooflines, speeds, whisper_size
 
         device, quant = self.devices[m.device], quantization.get(m.quantization, m.format)
         size = whisper_size(self.configs[m.model])
-        return real_time_factor(
-            *speeds(size, quant, ENGINES[m.engine], efficiency, device.bandwidth_gbs, device.tflops[m.unit])
-        )
+        encode_s, decode_tps = rooflines(size, quant, ENGINES[m.engine], device.bandwidth_gbs, device.tflops[m.unit])
+        return real_time_factor(*speeds(encode_s, decode_tps, efficiency))
 
     def expected(self, m: Measurement, efficiency: Efficiency) -> float:
         """What the plan expects for `m` at `efficiency`, in the row's unit."""

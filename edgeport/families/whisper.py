@@ -207,7 +207,7 @@ class Whisper:
         weights, peak = _memory(size, quant_name, fmt, kv + engine.runtime_bytes)
         quant, bandwidth, tflops = quantization.get(quant_name, fmt), target.bandwidth_gbs, target.tflops[unit]
         encode_roofline_s, decode_roofline = rooflines(size, quant, engine, bandwidth, tflops)
-        encode_s, decode_tps = speeds(size, quant, engine, efficiency, bandwidth, tflops)
+        encode_s, decode_tps = speeds(encode_roofline_s, decode_roofline, efficiency)
         rtf = real_time_factor(encode_s, decode_tps)
         usable = target.usable_ram_gb * GB
         fits = peak <= usable
@@ -322,21 +322,13 @@ def rooflines(
     return encode_s, bandwidth_gbs * GB / read
 
 
-def speeds(
-    size: WhisperSize,
-    quant: quantization.Quantization,
-    engine: Engine,
-    efficiency: Efficiency,
-    bandwidth_gbs: float,
-    tflops: float,
-) -> tuple[float, float]:
-    """The encoder seconds and decode tok/s the plan expects: the rooflines at the share of the RTF roofline the
-    engine's transcription rows give, or where it has none, at the shares its causal LM rows give (the same engine
-    on the same unit)."""
-    encode_s, decode_tps = rooflines(size, quant, engine, bandwidth_gbs, tflops)
+def speeds(encode_roofline_s: float, decode_roofline_tps: float, efficiency: Efficiency) -> tuple[float, float]:
+    """The encoder seconds and decode tok/s the plan expects from their rooflines: at the share of the RTF roofline
+    the engine's transcription rows give, or where it has none, at the shares its causal LM rows give (the same
+    engine on the same unit)."""
     if efficiency.speech_rows:
-        return encode_s / efficiency.speech, decode_tps * efficiency.speech
-    return encode_s / efficiency.prefill, efficiency.decode_tps(decode_tps)
+        return encode_roofline_s / efficiency.speech, decode_roofline_tps * efficiency.speech
+    return encode_roofline_s / efficiency.prefill, efficiency.decode_tps(decode_roofline_tps)
 
 
 def real_time_factor(encode_s: float, decode_tps: float) -> float:
