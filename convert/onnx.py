@@ -7,10 +7,11 @@
   prefill graph over QNN_PREFILL_CHUNK tokens and a decode graph over one, both reading a fixed-length KV cache
   that the app keeps (the graphs return only the new keys and values). As Qualcomm AI Hub's exports are, the model
   comes in parts of consecutive layers (the target's `qnn_part_gb`, and PART_PARAMS), each with its two graphs.
-  Each part is exported from its own blocks, run over a real summary request (prefill chunks, then decode steps)
-  on the inputs the previous part gave, and QDQ-quantized for QNN with onnxruntime's QNN helpers, calibrated on
-  what it saw; then the next part. Memory holds one part and one calibration call. `npu.json` (the OnnxNPU layout)
-  records the parts, the shapes and the names.
+  A part is built in units (UNIT_PARAMS of layers; the embedding and the output projection alone where larger):
+  each is exported from its own blocks, run over a real summary request (prefill chunks, then decode steps) on the
+  inputs the previous unit gave, and QDQ-quantized for QNN with onnxruntime's QNN helpers, calibrated on what it
+  saw; then the next unit, and the part's units are joined into its two graphs. Memory holds one unit and one
+  calibration call. `npu.json` (the OnnxNPU layout) records the parts, the shapes and the names.
 """
 
 import hashlib
@@ -45,8 +46,9 @@ from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
 from edgeport.engines.reference import part_forward, part_of, running_only
 from edgeport.errors import EdgeportError
-from edgeport.families.causal_lm import PART_PARAMS
+from edgeport.families.causal_lm import PART_PARAMS, UNIT_PARAMS, LayerSpan
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
+from edgeport.machine import release_freed_memory
 from edgeport.plan import GB, Step
 from edgeport.quiet import converting
 from edgeport.source import Source
@@ -150,14 +152,15 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
         floats, quantized = Path(tmp) / "float", Path(tmp) / "quantized"
         for part in layout.parts:
             quantized.mkdir()
-            units = export_units(source, part)
-            for unit in units:
+            spans = export_units(source, part)
+            units = [unit_graphs(span) for span in spans]
+            for span, unit in zip(spans, units, strict=True):
                 floats.mkdir()
-                model = part_of(source, unit.first_layer, unit.end_layer, attn_implementation="eager")
+                model = part_of(source, span.start, span.stop, span.embedding, span.head, attn_implementation="eager")
                 if model is None:
                     whole = whole or source.load_reference(attn_implementation="eager")
                     model = whole
-                export_part(model, unit, layout, floats)
+                export_part(model, unit, layout, floats, span.embedding, span.head)
                 del model
                 feeds = RecordedFeeds(floats / "calibration")
                 given = part_calls(PartRunner(floats, layout, unit, providers(False), feeds.record), calls, given)
@@ -165,6 +168,7 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
                     qdq_quantize(floats / file, quantized / file, feeds.files[graph], quant)
                     weights_apart(quantized / file)
                 shutil.rmtree(floats)
+                release_freed_memory()
             for width in (layout.prefill_chunk, 1):
                 join_graphs([quantized / unit.graph(width) for unit in units], quantized / part.graph(width))
             share_weights(quantized, dest, [part.prefill, part.decode], part.weights)
@@ -229,13 +233,19 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
     )
 
 
-def export_units(source: Source, part: OnnxPart) -> list[OnnxPart]:
-    """`part`'s layers in the spans it is exported, calibrated and quantized in, each of at most PART_PARAMS
-    parameters, so that memory holds one span's float graphs and not a whole part's; join_graphs makes them one."""
-    return [
-        OnnxPart(f"prefill-layers-{s.start}-{s.stop}.onnx", f"decode-layers-{s.start}-{s.stop}.onnx", s.start, s.stop)
-        for s in source.family.units(source.config, part.first_layer, part.end_layer, PART_PARAMS)
-    ]
+def export_units(source: Source, part: OnnxPart) -> list[LayerSpan]:
+    """`part` in the units it is exported, calibrated and quantized in, each of at most UNIT_PARAMS parameters (the
+    embedding or the output projection alone where larger), so that memory holds one unit's float graphs and not a
+    whole part's; join_graphs makes them one."""
+    return source.family.units(source.config, part.first_layer, part.end_layer, UNIT_PARAMS)
+
+
+def unit_graphs(span: LayerSpan) -> OnnxPart:
+    """The names of a unit's float and quantized graphs."""
+    name = f"layers-{span.start}-{span.stop}"
+    if span.start == span.stop:
+        name = "embedding" if span.embedding else "head"
+    return OnnxPart(f"prefill-{name}.onnx", f"decode-{name}.onnx", span.start, span.stop)
 
 
 def join_graphs(files: list[Path], dest: Path) -> None:
@@ -287,11 +297,15 @@ def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return copied
 
 
-def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
+def export_part(
+    model, part: OnnxPart, layout: OnnxNPU, folder: Path, embedding: bool | None = None, head: bool | None = None
+) -> None:
     """Export `part`'s float prefill and decode graphs of `model` (a transformers causal LM holding at least the
-    part's weights) into `folder`."""
+    part's weights) into `folder`: after the embedding where the part starts the decoder (or `embedding`), ending
+    with the final norm and the output projection where it ends it (or `head`)."""
     _fuse_rms_norms(model)
-    first, last = part.first_layer == 0, part.end_layer == layout.layers
+    first = part.first_layer == 0 if embedding is None else embedding
+    last = part.end_layer == layout.layers if head is None else head
     past = [f"past_{kind}_{i}" for i in part.layers for kind in ("key", "value")]
     new = [f"new_{kind}_{i}" for i in part.layers for kind in ("key", "value")]
     step = StaticStep(model, part.first_layer, last)
@@ -305,7 +319,7 @@ def export_part(model, part: OnnxPart, layout: OnnxNPU, folder: Path) -> None:
             *[torch.zeros(1, layout.kv_heads, layout.context_length - width, layout.head_dim) for _ in past],
         )
         file = folder / part.graph(width)
-        with torch.no_grad(), running_only(model, part.first_layer, part.end_layer), converting():
+        with torch.no_grad(), running_only(model, part.first_layer, part.end_layer, last), converting():
             torch.onnx.export(  # converting(): tracer warnings about transformers' cache internals
                 step,
                 example,
@@ -394,7 +408,8 @@ def _whole_array_quantization():
     weight one 32-value block per Python call, and packs 4-bit values two a byte in a Python loop (together 30 us a
     block: 40 minutes for the two graphs of a 1B model, 5 hours for an 8B; w4a16's 8-bit output projection alone is 885k
     blocks a graph for the fixture, half a minute), and a per-channel weight one channel per call. The same arithmetic
-    on whole arrays, to the same bytes; every other case is left to onnxruntime."""
+    on whole arrays, to the same bytes, a few rows at a time (on a whole 16-bit embedding table onnxruntime holds four
+    float32 copies of it: 8 GB for Llama-3.1-8B's); float types and scalars are left to onnxruntime."""
     original = qdq_quantizer.quantize_onnx_initializer
     qdq_quantizer.quantize_onnx_initializer = partial(_quantize_initializer, original)
     try:
@@ -403,6 +418,7 @@ def _whole_array_quantization():
         qdq_quantizer.quantize_onnx_initializer = original
 
 
+QUANTIZE_CHUNK_VALUES = 1 << 24
 FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 INTEGER = (*FOUR_BIT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 
@@ -410,25 +426,37 @@ INTEGER = (*FOUR_BIT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.Tensor
 def _quantize_initializer(
     original, weight, quant_type, zero_point, scale, axis=None, quant_weight_name=None, block_size=0
 ) -> onnx.TensorProto:
-    if quant_type not in INTEGER or axis is None:  # a float type, or one scale for the whole tensor
+    if quant_type not in INTEGER or not weight.dims:  # a float type, or a scalar
         return original(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
     data = quant_utils.tensor_proto_to_array(weight)
-    if block_size > 0:  # scale and zero point per block of rows along `axis`
-        along = np.arange(data.shape[axis]) // block_size
-        scale, zero_point = np.take(scale, along, axis), np.take(zero_point, along, axis)
-    else:  # one scale and zero point per channel along `axis`
-        shape = [-1 if dim == axis else 1 for dim in range(data.ndim)]
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    stored = np.empty(data.shape, onnx.helper.tensor_dtype_to_np_dtype(quant_type))
     low, high = quant_utils.get_qmin_qmax_for_qType(quant_type)
-    quantized = np.clip((data.astype(np.float32) / scale).round() + zero_point.astype(np.float32), low, high)
-    stored = quantized.astype(onnx.helper.tensor_dtype_to_np_dtype(quant_type))
+    # a few rows at a time, so that the arithmetic's float32 temporaries stay small beside an 8B model's 2 GB table
+    rows = max(1, QUANTIZE_CHUNK_VALUES // max(1, data[0].size))
+    rows = -(-rows // block_size) * block_size if block_size and axis == 0 else rows  # whole blocks of rows
+    for start in range(0, data.shape[0], rows):
+        chunk = slice(start, min(start + rows, data.shape[0]))
+        chunk_scale, chunk_zero = (_along(p, axis, block_size, chunk, data.shape) for p in (scale, zero_point))
+        quantized = (data[chunk].astype(np.float32) / chunk_scale).round() + chunk_zero.astype(np.float32)
+        stored[chunk] = np.clip(quantized, low, high, out=quantized)
     name = quant_weight_name or f"{weight.name}{quant_utils.TENSOR_NAME_QUANT_SUFFIX}"
     if quant_type not in FOUR_BIT:
         return onnx.numpy_helper.from_array(stored.reshape(weight.dims), name)
-    nibbles = np.frombuffer(stored.tobytes(), np.uint8) & 0xF  # one value a byte, as onnxruntime packs them
+    nibbles = stored.reshape(-1).view(np.uint8) & 0xF  # one value a byte, as onnxruntime packs them
     nibbles = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
     packed = (nibbles[0::2] | nibbles[1::2] << 4).tobytes()  # two a byte, the first in the low half
     return onnx.helper.make_tensor(name, quant_type, weight.dims, packed, raw=True)
+
+
+def _along(params: np.ndarray, axis: int | None, block_size: int, rows: slice, shape: tuple) -> np.ndarray:
+    """A weight's scales or zero points (one for the whole tensor where `axis` is None, else per channel along
+    `axis`, or per block of `block_size` along it) for its `rows`, shaped to broadcast against them."""
+    if block_size > 0:
+        if axis == 0:
+            return np.take(params, np.arange(rows.start, rows.stop) // block_size, 0)
+        return np.take(params[rows], np.arange(shape[axis]) // block_size, axis)
+    params = params.reshape([-1 if dim == axis else 1 for dim in range(len(shape))])
+    return params[rows] if axis == 0 else params
 
 
 def _annotate_shapes(model_file: Path) -> None:

@@ -1,6 +1,8 @@
 """The machine at hand: what it is (so `check` knows whether figures speak for a target), what the process has
 used, and the one platform fact every engine's availability rests on."""
 
+import contextlib
+import ctypes
 import platform
 import sys
 
@@ -43,3 +45,11 @@ def peak_rss_bytes(children: bool = False) -> int:
     who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
     peak = max(resource.getrusage(w).ru_maxrss for w in who)
     return peak if ON_MAC else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def release_freed_memory() -> None:
+    """Hand the memory this process has freed back to the system: glibc keeps freed memory for reuse, so a step that
+    builds one unit after another would keep the largest unit's peak resident while it builds the next. A no-op
+    where the C library has no malloc_trim (macOS)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

@@ -41,12 +41,14 @@ class Step:
 class Footprint:
     """What converting a model holds at once beside its weights, for the preflight (edgeport.preflight): the largest
     block of weights the paged reference reads at a time, whether it can page at all, a float32 KV cache over the
-    context, and the largest part a converter that works part by part builds at once."""
+    context, the largest part a converter that works part by part builds at once (Core ML's chunks), and the largest
+    unit the NPU shape's converter exports, calibrates and quantizes at once."""
 
     block_params: int
     pageable: bool
     cache_bytes: int
     part_params: int
+    unit_params: int
 
 
 @dataclass

@@ -36,13 +36,15 @@ class Rate:
     per_artifact_byte: float = 0.0
     per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
     per_part_param: float = 0.0  # bytes per parameter of the largest part a converter builds at a time
-    per_part_cache_byte: float = 0.0  # per byte of that part's share of the float32 KV cache
+    per_unit_param: float = 0.0  # bytes per parameter of the largest unit the NPU shape is exported in
+    per_unit_cache_byte: float = 0.0  # per byte of that unit's share of the float32 KV cache
     per_cache_byte: float = 0.0  # per byte of a float32 KV cache over the target's context
     seconds: float = 0.0  # fixed
     seconds_per_gparam: float = 0.0  # per billion parameters
     temporary_per_param: float = 0.0  # bytes written to the temporary folder and removed after
     temporary_per_part_param: float = 0.0  # the same, per parameter of the largest part (written a part at a time)
-    temporary_per_part_cache_byte: float = 0.0  # and per byte of that part's share of the float32 KV cache
+    temporary_per_unit_param: float = 0.0  # per parameter of the largest unit (written a unit at a time)
+    temporary_per_unit_cache_byte: float = 0.0  # and per byte of that unit's share of the float32 KV cache
 
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
@@ -68,17 +70,17 @@ REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.38, per_source_byte=0.38, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "cpu"): Rate(0.49, per_param=0.39, per_block_param=14.6, seconds=6, seconds_per_gparam=48),
-    # The NPU shape builds a part at a time; torch exporting the part's float32 graphs makes the peak (about three
-    # copies of it): 3.65 GB for the 135M fixture's one part (163M parameters with the tied output projection),
-    # 9.5 GB for the 3.21B shape's largest (495M: the embedding and a layer).
+    # The NPU shape builds a unit at a time (UNIT_PARAMS of layers, or the embedding or the output projection alone):
+    # torch exporting its float32 graphs, and onnxruntime calibrating and quantizing them, each hold about four copies
+    # of it.
     ("causal-lm", "onnx", "npu"): Rate(
         1.0,
-        per_part_param=16.5,
-        per_part_cache_byte=2,  # a calibration call's inputs, each a whole static cache of the part's layers
+        per_unit_param=16.5,
+        per_unit_cache_byte=2,  # a calibration call's inputs, each a whole static cache of the unit's layers
         seconds=150,
         seconds_per_gparam=600,
-        temporary_per_part_param=16,  # a part's float prefill and decode graphs, and their prepared copies
-        temporary_per_part_cache_byte=20,  # its calibration calls' inputs, each a whole static cache of its layers
+        temporary_per_unit_param=16,  # a unit's float prefill and decode graphs, and their prepared copies
+        temporary_per_unit_cache_byte=20,  # its calibration calls' inputs, each a whole static cache of its layers
     ),
     # The 16-bit file written a tensor at a time, then llama.cpp's quantizer, which holds a float32 copy of the tensor
     # it quantizes: the largest (the embedding) makes the peak. Q4_K_M of the 1.24B / 3.21B / 8.03B shapes: 2.13 /
@@ -172,6 +174,7 @@ class Model:
     pageable: bool
     cache_bytes: int  # a float32 KV cache over the plan's context
     part_params: int  # the largest part a converter that works part by part (Core ML's chunks) builds at once
+    unit_params: int  # the largest unit the NPU shape's converter exports, calibrates and quantizes at once
 
 
 def model_of(source, context_length: int) -> Model:
@@ -191,6 +194,7 @@ def model_of(source, context_length: int) -> Model:
         pageable=footprint.pageable,
         cache_bytes=footprint.cache_bytes,
         part_params=footprint.part_params,
+        unit_params=footprint.unit_params,
     )
 
 
@@ -230,7 +234,8 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         + rate.per_artifact_byte * artifact
         + rate.per_block_param * model.block_params
         + rate.per_part_param * model.part_params
-        + rate.per_part_cache_byte * model.cache_bytes * model.part_params / model.params
+        + rate.per_unit_param * model.unit_params
+        + rate.per_unit_cache_byte * model.cache_bytes * model.unit_params / model.params
         + rate.per_cache_byte * model.cache_bytes
         + extra
     )
@@ -242,7 +247,8 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         temporary_bytes=int(
             rate.temporary_per_param * model.params
             + rate.temporary_per_part_param * model.part_params
-            + rate.temporary_per_part_cache_byte * model.cache_bytes * model.part_params / model.params
+            + rate.temporary_per_unit_param * model.unit_params
+            + rate.temporary_per_unit_cache_byte * model.cache_bytes * model.unit_params / model.params
         ),
         format=fmt,
         parity=parity,

@@ -124,7 +124,6 @@ class PartRunner:
 
     def __init__(self, path: Path, layout: OnnxNPU, part: OnnxPart, chosen: list, on_call: CallHook | None = None):
         self.path, self.layout, self.part, self.chosen, self.on_call = path, layout, part, chosen, on_call
-        self.input = "input_ids" if part.first_layer == 0 else "hidden_states"
         self.sessions: dict[int, object] = {}
         self.reset()
 
@@ -141,14 +140,17 @@ class PartRunner:
             raise EdgeportError(f"the static KV cache holds {context} tokens; this call needs {filled + width}")
         past = context - width
         feeds = {
-            self.input: given,
+            "input_ids": given,
+            "hidden_states": given,
             "position_ids": np.arange(filled, filled + width, dtype=np.int32)[None],
             "attention_mask": mask_new_at_end(filled, width, context, self.layout.mask_value),
         }
         for i, layer in enumerate(self.part.layers):
             feeds[f"past_key_{layer}"] = self.cache[i, 0, ..., :past, :]
             feeds[f"past_value_{layer}"] = self.cache[i, 1, ..., :past, :]
-        return feeds
+        # what the graph reads: token ids where it holds the embedding, else hidden states; an embedding exported
+        # on its own reads neither the positions nor the mask
+        return {i.name: feeds[i.name] for i in self.session(width).get_inputs()}
 
     def call(self, given: np.ndarray, filled: int, width: int, real: int) -> np.ndarray:
         """Run the graph of `width`; write the keys and values of its `real` tokens into the cache. Returns its

@@ -86,17 +86,20 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[
     return model.eval()
 
 
-def part_of(source, first: int, end: int, **options):
+def part_of(source, first: int, end: int, embedding: bool | None = None, head: bool | None = None, **options):
     """The source's model with only decoder layers [first, end) read (in float32), with the embedding where the
-    part starts the decoder and the final norm and output projection where it ends it; the rest stays on the meta
-    device. `options` go to `from_config`. None where the checkpoint cannot be read a block at a time."""
+    part starts the decoder (or `embedding`) and the final norm and output projection where it ends it (or `head`);
+    the rest stays on the meta device. `options` go to `from_config`. None where the checkpoint cannot be read a
+    block at a time."""
     layers = source.family.dims(source.config).layers
+    embedding = first == 0 if embedding is None else embedding
+    head = end == layers if head is None else head
 
     def in_part(block: str) -> bool:
         layer = re.search(r"\.layers\.(\d+)$", block)
         if layer:
             return first <= int(layer.group(1)) < end
-        return first == 0 if "embed" in block else end == layers
+        return embedding if "embed" in block else head
 
     return paged(source, lambda block: False, only=in_part, **options)
 
@@ -128,9 +131,10 @@ def part_forward(model, inputs, last: bool, cache, **arguments):
 
 
 @contextmanager
-def running_only(model, first: int, end: int):
+def running_only(model, first: int, end: int, final_norm: bool | None = None):
     """`model` (a transformers causal LM) running only decoder layers [first, end), and its final norm only where
-    they end the decoder: one part of a model that a converter builds part by part. Its weights keep their names."""
+    they end the decoder (or `final_norm`): one part of a model that a converter builds part by part. Its weights keep
+    their names."""
     import torch
 
     class Window(torch.nn.ModuleList):
@@ -146,7 +150,7 @@ def running_only(model, first: int, end: int):
     window = Window()
     window._modules.update(layers._modules)
     decoder.layers = window
-    if end < len(layers):
+    if not (end == len(layers) if final_norm is None else final_norm):
         decoder.norm = torch.nn.Identity()
     try:
         yield model

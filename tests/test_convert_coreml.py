@@ -190,6 +190,24 @@ def test_layer_spans_are_the_fewest_within_the_bound_and_balanced():
     assert [s.stop - s.start for s in spans] == [2, 2]
 
 
+def test_the_npu_shapes_units_hold_the_embedding_and_the_head_alone_where_they_are_large():
+    from edgeport.families.causal_lm import UNIT_PARAMS, split_span
+
+    layer, table = 218_112_000, 128256 * 4096  # Llama-3.1-8B's: the table is larger than two layers
+    units = split_span(LLAMA_3_1_8B, 0, 32, UNIT_PARAMS)
+    assert [(u.start, u.stop, u.embedding, u.head) for u in units[:2]] == [(0, 0, True, False), (0, 1, False, False)]
+    assert [(u.start, u.stop, u.embedding, u.head) for u in units[-2:]] == [
+        (31, 32, False, False),
+        (32, 32, False, True),
+    ]
+    assert len(units) == 34 and units[0].params == table and units[-1].params == table + 4096
+    assert sum(u.params for u in units) == 8_030_261_248
+    # a part in the middle has neither; a small model's embedding and head go with its layers
+    assert [(u.start, u.stop) for u in split_span(LLAMA_3_1_8B, 4, 8, 2.5 * layer)] == [(4, 6), (6, 8)]
+    small = {**LLAMA_3_1_8B, "num_hidden_layers": 2, "vocab_size": 8}
+    assert [(u.embedding, u.head) for u in split_span(small, 0, 2, 1e12)] == [(True, True)]
+
+
 def chunky_target(tmp_path, chunk_gb=1e-7):
     """The iPhone's profile with a package bound so small that each layer of a tiny model is a chunk of its own."""
     from edgeport.targets import _profiles

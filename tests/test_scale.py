@@ -408,23 +408,35 @@ def test_the_estimates_follow_the_models_shape(tmp_path):
 
 
 def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
-    """Both convert a part of at most PART_PARAMS at a time: a model twice as deep with the same largest part costs
-    them what it costs the reference to read, not twice the memory."""
+    """Core ML converts a part of at most PART_PARAMS at a time, the NPU shape a unit of at most UNIT_PARAMS (or the
+    embedding or the head alone): a model twice as deep with the same largest part costs them what it costs the
+    reference to read, not twice the memory."""
     from edgeport import preflight
     from edgeport.families.causal_lm import PART_PARAMS
 
     family = FAMILIES["causal-lm"]
     footprint = family.footprint(LLAMA_3_1_8B, 4096)
-    # the last part: a layer, the output projection and the final norm
+    # the last part: a layer, the output projection and the final norm; the largest unit: the head alone
     largest = 218_112_000 + 128256 * 4096 + 4096
     assert footprint.part_params == max(s.params for s in family.parts(LLAMA_3_1_8B, PART_PARAMS)) == largest
+    assert footprint.unit_params == 128256 * 4096 + 4096
+
+    def model_of(config, cache: bool) -> preflight.Model:
+        size, footprint = family.size(config), family.footprint(config, 4096)
+        return preflight.Model(
+            "causal-lm",
+            size.params,
+            2 * size.params,
+            footprint.block_params,
+            128256,
+            True,
+            footprint.cache_bytes if cache else 0,
+            footprint.part_params,
+            footprint.unit_params,
+        )
 
     def converting(config, rate):
-        size, footprint = family.size(config), family.footprint(config, 4096)
-        model = preflight.Model(
-            "causal-lm", size.params, 2 * size.params, footprint.block_params, 128256, True, 0, footprint.part_params
-        )
-        return preflight._cost("convert", rate, model, 0).peak_bytes
+        return preflight._cost("convert", rate, model_of(config, cache=False), 0).peak_bytes
 
     deeper = {**LLAMA_3_1_8B, "num_hidden_layers": 64}
     for rate in (preflight.CONVERT["causal-lm", "coreml", "gpu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
@@ -432,18 +444,7 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
     assert converting(LLAMA_3_1_8B, preflight.CONVERT["causal-lm", "coreml", "gpu"]) < 16e9  # the bf16 weights
 
     def scratch(config, rate):  # the temporary disk: a part's graphs and calibration inputs, written a part at a time
-        size, footprint = family.size(config), family.footprint(config, 4096)
-        model = preflight.Model(
-            "causal-lm",
-            size.params,
-            2 * size.params,
-            footprint.block_params,
-            128256,
-            True,
-            footprint.cache_bytes,
-            footprint.part_params,
-        )
-        return preflight._cost("convert", rate, model, 0).temporary_bytes
+        return preflight._cost("convert", rate, model_of(config, cache=True), 0).temporary_bytes
 
     for rate in (preflight.CONVERT["causal-lm", "coreml", "npu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
         assert 0 < scratch(deeper, rate) < 1.1 * scratch(LLAMA_3_1_8B, rate) < 16e9

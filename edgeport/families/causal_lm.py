@@ -33,6 +33,10 @@ from edgeport.texts import chat_ids, reference_paragraph
 # The most parameters a converter that builds the model part by part (Core ML's chunks) holds at once: it keeps the
 # conversion of an 8B model within the memory of the machine that converts it.
 PART_PARAMS = 400_000_000
+# The most parameters the NPU shape's converter exports, calibrates and quantizes at once (a unit): onnxruntime's
+# quantizer holds about four float32 copies of what it quantizes, so an 8B model's embedding table and output
+# projection (525M parameters each) are units of their own.
+UNIT_PARAMS = 200_000_000
 ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive at once during prefill
 FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
 
@@ -256,12 +260,15 @@ def _kv_layout(hf, d: "LMDims") -> tuple[int, tuple[tuple[int, int], ...]]:
 
 @dataclass(frozen=True)
 class LayerSpan:
-    """Layers [start, stop) of the decoder, built on their own: the first span takes the token embedding and the
-    last one ends with the final norm and the output projection (its own copy where the two are tied)."""
+    """Layers [start, stop) of the decoder, built on their own, after the token embedding where `embedding` and
+    before the final norm and the output projection (its own copy where the two are tied) where `head`. A span may
+    hold the embedding or the head alone."""
 
     start: int
     stop: int
     params: int
+    embedding: bool
+    head: bool
 
 
 def layer_spans(config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
@@ -276,15 +283,28 @@ def layer_spans(config: dict, capacity: float, quant: quantization.Quantization 
         weights = [layer * bits / 8] * d.layers
         weights[0] += table * (quant.embedding_bits or bits) / 8
         weights[-1] += table * (quant.head_bits or bits) / 8 + d.hidden * NORM_BYTES_PER_VALUE
-    return [LayerSpan(start, stop, sum(params[start:stop])) for start, stop in _balanced(weights, capacity)]
+    layers = len(params)
+    return [
+        LayerSpan(start, stop, sum(params[start:stop]), start == 0, stop == layers)
+        for start, stop in _balanced(weights, capacity)
+    ]
 
 
 def split_span(config: dict, first: int, end: int, max_params: float) -> list[LayerSpan]:
-    """Layers [first, end) in the fewest consecutive spans of at most `max_params` each, balanced as layer_spans's."""
-    params = _span_params(config)[first:end]
-    return [
-        LayerSpan(first + start, first + stop, sum(params[start:stop])) for start, stop in _balanced(params, max_params)
-    ]
+    """Layers [first, end), with the embedding where they start the decoder and the head where they end it, in the
+    fewest consecutive spans of at most `max_params` each, balanced as layer_spans's. The embedding and the head
+    count as blocks of their own, so each goes alone where it would not fit beside a layer."""
+    d = LMDims.from_config(config)
+    before = [d.vocab * d.hidden] if first == 0 else []
+    after = [d.vocab * d.hidden + d.hidden] if end == d.layers else []
+    blocks = [*before, *[_layer_params(config)] * (end - first), *after]
+    low, high = len(before), len(blocks) - len(after)  # the layers' indices among the blocks
+
+    def span(start: int, stop: int) -> LayerSpan:
+        layers = first + max(start, low) - low, first + min(stop, high) - low
+        return LayerSpan(*layers, sum(blocks[start:stop]), embedding=start < low, head=stop > high)
+
+    return [span(start, stop) for start, stop in _balanced(blocks, max_params)]
 
 
 def _span_params(config: dict) -> list[int]:
@@ -406,12 +426,14 @@ class CausalLM:
 
     def footprint(self, config: dict, context_length: int) -> Footprint:
         """A block is a layer or the embedding (or output projection), whichever is larger; transformers fuses MoE
-        experts when loading, so their checkpoint cannot be paged. A part is the largest span of PART_PARAMS."""
+        experts when loading, so their checkpoint cannot be paged. A part is the largest span of PART_PARAMS, a unit the
+        largest the NPU shape is exported in."""
         d, size = self.dims(config), self.size(config)
         per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
         cache = 2 * 4 * d.layers * d.kv_heads * d.head_dim * context_length
         part = max(span.params for span in self.parts(config, PART_PARAMS))
-        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part)
+        unit = max(span.params for span in self.units(config, 0, d.layers, UNIT_PARAMS))
+        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part, unit)
 
     def parts(self, config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
         return layer_spans(text_config(config), capacity, quant)
