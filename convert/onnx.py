@@ -162,13 +162,15 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
                     model = whole
                 export_part(model, unit, layout, floats, span.embedding, span.head)
                 del model
+                release_freed_memory()  # each stage's peak given back before the next one's (the 8B's embedding)
                 feeds = RecordedFeeds(floats / "calibration")
                 given = part_calls(PartRunner(floats, layout, unit, providers(False), feeds.record), calls, given)
+                release_freed_memory()
                 for graph, file in (("prefill", unit.prefill), ("decode", unit.decode)):
                     qdq_quantize(floats / file, quantized / file, feeds.files[graph], quant)
                     weights_apart(quantized / file)
+                    release_freed_memory()
                 shutil.rmtree(floats)
-                release_freed_memory()
             for width in (layout.prefill_chunk, 1):
                 join_graphs([quantized / unit.graph(width) for unit in units], quantized / part.graph(width))
             share_weights(quantized, dest, [part.prefill, part.decode], part.weights)

@@ -17,7 +17,7 @@ from coremltools.converters.mil.mil import types
 
 from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.coreml import ct, ct_convert, deployment_of
+from edgeport.convert.coreml import ct, ct_convert, deployment_of, in_half
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
 from edgeport.engines.coreml import describe
 from edgeport.layouts import CoreMLWhisper
@@ -33,7 +33,10 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as `dest/encoder.mlpackage` and `dest/decoder.mlpackage` (dest must not exist)."""
     quant = quantization.get(step.quantization, "coreml")
     deployment, stateful = deployment_of(target, quant)
-    model = source.load_reference()  # float32; Core ML computes in fp16
+    model = source.load_reference()
+    # Core ML computes in fp16, and its passes copy float32 matrices; the position tables stay as they are (consts
+    # the converter folds, read back by name)
+    model = in_half(model, keep=(model.model.encoder.embed_positions, model.model.decoder.embed_positions))
     dims = source.family.dims(source.config)
     length, cross, cache = dims.tokens, dims.cross_shape, dims.cache_shape(dims.tokens)
     dest.mkdir()

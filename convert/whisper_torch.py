@@ -55,7 +55,8 @@ def decoder_step(model, input_ids, position_ids, attention_mask, cross_key, cros
         x = x + cross.out_proj(_attention(cross.q_proj(h), cross_key[i], cross_value[i], heads))
         h = layer.final_layer_norm(x)
         x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-    return decoder.layer_norm(x) @ decoder.embed_tokens.weight.T  # Whisper's output projection is tied
+    table = decoder.embed_tokens.weight  # Whisper's output projection is tied; in fp16 where the converter halves it
+    return (decoder.layer_norm(x).to(table.dtype) @ table.T).float()
 
 
 class DecoderStep(torch.nn.Module):
