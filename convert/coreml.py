@@ -130,16 +130,19 @@ def _chunk_weights(source: Source, chunk: CoreMLChunk):
 
 def in_half(model, keep: tuple = ()):
     """`model` with every matrix it holds (linear layers, embeddings; not the modules in `keep`) in fp16, computed
-    in fp16 and handing float32 on. coremltools then converts them as they are: given float32 matrices, its passes
-    hold several copies of each (9.7 GB to convert Llama-3's 1 GB output projection, against 1.9 GB in fp16). The
-    program is the same, since it computes in fp16."""
+    in fp16 and handing float32 on, and every other weight in float32. coremltools then converts them as they are:
+    given float32 matrices, its passes hold several copies of each (9.7 GB to convert Llama-3's 1 GB output
+    projection, against 1.9 GB in fp16). The program is the same, since it computes in fp16."""
     for module in model.modules():
-        if any(module is kept for kept in keep):
-            continue
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding) and module.weight.device.type != "meta":
+        matrix = isinstance(module, torch.nn.Linear | torch.nn.Embedding) and not any(module is k for k in keep)
+        if matrix and module.weight.device.type != "meta":
             module.to(torch.float16)
             module.register_forward_pre_hook(lambda _, args: tuple(_half(a) for a in args))
             module.register_forward_hook(lambda _, args, out: out.float())
+        elif not matrix:
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                if tensor.is_floating_point() and tensor.device.type != "meta":
+                    tensor.data = tensor.data.float()
     return model
 
 

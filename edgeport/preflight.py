@@ -59,7 +59,7 @@ class Rate:
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71 /
 # 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert 1.23 /
 # 6.56 (torch exporting the float encoder; onnxruntime's quantize_dynamic held 9.16 before it read the weights once),
-# parity 0.64 / 2.30; Core ML convert 1.41 / 7.97, parity (paged like the reference) - / 1.73–2.95; MLX convert 0.40 /
+# parity 0.64 / 2.30; Core ML convert 1.41 / 4.79 (its matrices read in fp16; 7.97 in float32), parity (paged like the reference) - / 1.73–2.95; MLX convert 0.40 /
 # 1.95 (q8: 2.81), parity (the artifact's weights in transformers) 0.90 / 3.37 (q8: 2.63); the Snapdragon graphs 1.21 /
 # 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
 REFERENCE = {
@@ -95,7 +95,7 @@ CONVERT = {
     ("whisper", "mlx", "quantized"): Rate(0.32, per_param=3.1, seconds=2, seconds_per_gparam=15),
     ("whisper", "onnx"): Rate(0.97, per_param=6.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
-    ("whisper", "coreml"): Rate(1.09, per_param=8.5, seconds=12, seconds_per_gparam=100, temporary_per_param=2),
+    ("whisper", "coreml"): Rate(1.15, per_param=4.5, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),
 }
 PARITY = {

@@ -167,8 +167,8 @@ class Source:
             raise EdgeportError(f"{self.ref}: its tokenizer cannot be read ({type(e).__name__}: {str(e)[:160]})") from e
 
     def load_reference(self, **options):
-        """The source model in transformers on the CPU in float32: the parity reference. `options` go to
-        `from_pretrained` (e.g. attn_implementation)."""
+        """The source model in transformers on the CPU in float32 (the parity reference) or the `dtype` given.
+        `options` go to `from_pretrained` (e.g. attn_implementation)."""
         import torch
         import transformers
         from transformers.utils import logging
@@ -176,10 +176,9 @@ class Source:
         logging.disable_progress_bar()  # edgeport's own spinner reports the step
         model = getattr(transformers, self.family.auto_model).from_pretrained(
             self.path,
-            dtype=torch.float32,
+            **{"dtype": torch.float32, **options},
             use_safetensors=True,
             trust_remote_code=self.trust_remote_code,
-            **options,
         )
         return model.eval()
 
