@@ -173,6 +173,20 @@ def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2)
     np.testing.assert_allclose(torch.cat(got).numpy(), expected.detach().numpy(), atol=2e-2)  # the cache is fp16
 
 
+def test_weight_sharing_compares_arrays_a_slice_at_a_time_as_numpy_does_whole(monkeypatch):
+    from edgeport.convert.coreml import _ChunkedAllclose
+
+    monkeypatch.setattr(_ChunkedAllclose, "SLICE", 7)
+    lean = _ChunkedAllclose(np)
+    a = np.arange(50, dtype=np.int8).reshape(5, 10)
+    b = a.copy()
+    assert lean.allclose(a, b, rtol=0.0, atol=1e-12) and lean.arange is np.arange
+    b[4, 9] += 1  # in the last slice
+    assert not lean.allclose(a, b, rtol=0.0, atol=1e-12)
+    assert lean.allclose(a, b, rtol=0.0, atol=1.0) == np.allclose(a, b, rtol=0.0, atol=1.0)
+    assert lean.allclose(np.zeros((3, 1)), np.zeros(4))  # broadcast: compared whole
+
+
 def test_layer_spans_are_the_fewest_within_the_bound_and_balanced():
     from edgeport.families.causal_lm import layer_spans
 
