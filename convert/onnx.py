@@ -162,7 +162,7 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
                     model = whole
                 export_part(model, unit, layout, floats, span.embedding, span.head)
                 del model
-                release_freed_memory()  # each stage's peak given back before the next one's (the 8B's embedding)
+                release_freed_memory()  # the exported model goes before the next stage, as each stage's leftovers do
                 feeds = RecordedFeeds(floats / "calibration")
                 given = part_calls(PartRunner(floats, layout, unit, providers(False), feeds.record), calls, given)
                 release_freed_memory()

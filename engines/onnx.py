@@ -148,8 +148,8 @@ class PartRunner:
         for i, layer in enumerate(self.part.layers):
             feeds[f"past_key_{layer}"] = self.cache[i, 0, ..., :past, :]
             feeds[f"past_value_{layer}"] = self.cache[i, 1, ..., :past, :]
-        # what the graph reads: token ids where it holds the embedding, else hidden states; an embedding exported
-        # on its own reads neither the positions nor the mask
+        # what the graph reads: token ids where it holds the embedding, else hidden states (an embedding exported
+        # on its own may not read the positions or the mask)
         return {i.name: feeds[i.name] for i in self.session(width).get_inputs()}
 
     def call(self, given: np.ndarray, filled: int, width: int, real: int) -> np.ndarray:

@@ -33,9 +33,9 @@ from edgeport.texts import chat_ids, reference_paragraph
 # The most parameters a converter that builds the model part by part (Core ML's chunks) holds at once: it keeps the
 # conversion of an 8B model within the memory of the machine that converts it.
 PART_PARAMS = 400_000_000
-# The most parameters the NPU shape's converter exports, calibrates and quantizes at once (a unit): onnxruntime's
-# quantizer holds about four float32 copies of what it quantizes, so an 8B model's embedding table and output
-# projection (525M parameters each) are units of their own.
+# The most parameters the NPU shape's converter exports, calibrates and quantizes at once (a unit): torch's exporter
+# and onnxruntime's calibrator and quantizer each hold about three float32 copies of what they work on, so an 8B
+# model's embedding table and output projection (525M parameters each) are units of their own.
 UNIT_PARAMS = 200_000_000
 ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive at once during prefill
 FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
