@@ -54,14 +54,15 @@ class Rate:
 # converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
 # for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
 # 262M-parameter embedding the largest); held out, the 8.03B's predictions missed by -6 % (convert, 6.52 GB) and +23 %
-# (parity, 7.10 GB). The NPU shape builds a part at a time too.
+# (parity, 7.10 GB). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71 /
 # 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert 1.23 /
 # 6.56 (torch exporting the float encoder; onnxruntime's quantize_dynamic held 9.16 before it read the weights once),
-# parity 0.64 / 2.30; Core ML convert 1.41 / 4.79 (its matrices read in fp16; 7.97 in float32), parity (paged like the reference) - / 1.73–2.95; MLX convert 0.40 /
-# 1.95 (q8: 2.81), parity (the artifact's weights in transformers) 0.90 / 3.37 (q8: 2.63); the Snapdragon graphs 1.21 /
-# 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
+# parity 0.64 / 2.30; Core ML convert 1.41 / 4.79 (its matrices read in fp16; 7.97 in float32; int8 4.24), parity
+# (paged like the reference) - / 1.73–2.95; MLX convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's weights in
+# transformers) 0.90 / 3.37 (q8: 2.63); the Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their
+# parity 0.77 / 2.89.
 REFERENCE = {
     "causal-lm": Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
