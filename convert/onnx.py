@@ -270,6 +270,7 @@ def join_graphs(files: list[Path], dest: Path) -> None:
         outer = {v.name for v in (*span.input, *span.output)}
         inner = {name for node in span.node for name in node.output} | {t.name for t in span.initializer}
         _rename(span, {name: f"span{k}/{name}" for name in inner - outer} | {"hidden_states": link})
+        _read_as_handed(graph, span, link)
         for node in span.node:
             node.name = f"span{k}/{node.name}"
         shared = {v.name for v in graph.input}
@@ -283,6 +284,32 @@ def join_graphs(files: list[Path], dest: Path) -> None:
         del graph.output[:]
         graph.output.extend(outputs)
     onnx.save(joined, dest)
+
+
+def _read_as_handed(graph: onnx.GraphProto, span: onnx.GraphProto, link: str) -> None:
+    """`span` reading `link` as `graph` hands it over, quantized and dequantized, where it would quantize it once
+    more: the joined graph then quantizes each hidden state once, as the part exported whole does. Quantized twice,
+    an embedding's output no longer ends in its table's own quantization, and onnxruntime's CPU EP dequantizes the
+    whole table at every call instead of gathering from it (2.2 GB more for Llama-3.2-1B's)."""
+    if next((n.op_type for n in graph.node if link in n.output), None) != "DequantizeLinear":
+        return
+    again = [n for n in span.node if n.op_type == "QuantizeLinear" and n.input[0] == link]
+    back = [n for n in span.node if again and again[0].output[0] in n.input]
+    if len(again) != 1 or not back or any(n.op_type != "DequantizeLinear" for n in back):
+        return
+    dropped = {id(n) for n in (*again, *back)}
+    gone = {again[0].output[0], *(n.output[0] for n in back)}
+    kept = [n for n in span.node if id(n) not in dropped]
+    del span.node[:]
+    span.node.extend(kept)
+    kept_info = [v for v in span.value_info if v.name not in gone]
+    del span.value_info[:]
+    span.value_info.extend(kept_info)
+    _rename(span, {n.output[0]: link for n in back})
+    used = {name for node in span.node for name in node.input}
+    kept_weights = [t for t in span.initializer if t.name in used]  # the dropped pairs' scales and zero points go
+    del span.initializer[:]
+    span.initializer.extend(kept_weights)
 
 
 def _rename(graph: onnx.GraphProto, names: dict[str, str]) -> None:
