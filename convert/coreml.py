@@ -134,7 +134,7 @@ def _chunk_weights(source: Source, chunk: CoreMLChunk):
 @contextmanager
 def _lean_weight_sharing():
     """coremltools' save_multifunction, which finds the weights its functions share with np.allclose: on two equal
-    int4 arrays that compares float64 copies of both, 7.2 GB for a chunk with Llama-3.2-1B's 262M-parameter
+    int4 arrays that compares float64 copies of both, 7.2 GB more for a chunk with Llama-3.2-1B's 262M-parameter
     embedding (the arrays themselves: 0.26 GB each). The same comparison, a million values at a time."""
     module = importlib.import_module("coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
     original = module.np

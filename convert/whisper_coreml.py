@@ -33,8 +33,8 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write Whisper `source` as `dest/encoder.mlpackage` and `dest/decoder.mlpackage` (dest must not exist)."""
     quant = quantization.get(step.quantization, "coreml")
     deployment, stateful = deployment_of(target, quant)
-    # Core ML computes in fp16, and its passes copy float32 matrices, so the matrices are read in fp16 (the position
-    # tables, consts the converter folds and the parity reads back by name, and the rest in float32)
+    # Core ML computes in fp16 and its passes copy float32 matrices, so the matrices are read in fp16; the position
+    # tables (consts the converter folds, which the parity reads back by name) and every other weight stay float32
     model = source.load_reference(dtype=torch.float16)
     model = in_half(model, keep=(model.model.encoder.embed_positions, model.model.decoder.embed_positions))
     dims = source.family.dims(source.config)
