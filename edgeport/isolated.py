@@ -7,6 +7,7 @@ second rather than the seconds a fresh interpreter takes to import torch. A chil
 and working folder as they are when it starts (the fork server's are those of its own start).
 """
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -59,15 +61,18 @@ def run(step: str, function: Callable, *args):
     scratch = tempfile.mkdtemp(prefix="edgeport-step-")
     context = _context()
     receive, send = context.Pipe(duplex=False)
+    # Nothing is ever sent on this pipe: the child sees it close when this process ends, however it ends.
+    parent_gone, parent_alive = context.Pipe(duplex=False)
     child = context.Process(
         target=_child,
-        args=(send, {**os.environ, "TMPDIR": scratch}, os.getcwd(), quiet.silenced, function, args),
+        args=(send, parent_gone, {**os.environ, "TMPDIR": scratch}, os.getcwd(), quiet.silenced, function, args),
         name=f"edgeport: {step}",
     )
     start = time.perf_counter()
     try:
         child.start()
         send.close()
+        parent_gone.close()
         try:
             outcome, value, peak = receive.recv()
         except EOFError:  # the child ended without a word: killed
@@ -83,6 +88,7 @@ def run(step: str, function: Callable, *args):
         if outcome == "error" and _disk_filled(value, scratch):
             raise EdgeportError(_out_of_disk(step, seconds, value)) from value
     finally:
+        parent_alive.close()
         shutil.rmtree(scratch, ignore_errors=True)
     if outcome == "error":
         raise value
@@ -97,7 +103,7 @@ def _context():
     return context
 
 
-def _child(send, environment: dict, folder: str, silenced: bool, function: Callable, args: tuple) -> None:
+def _child(send, parent_gone, environment: dict, folder: str, silenced: bool, function: Callable, args: tuple) -> None:
     os.environ.clear()
     os.environ.update(environment)
     tempfile.tempdir = None  # read again from TMPDIR: the step's own folder
@@ -105,6 +111,8 @@ def _child(send, environment: dict, folder: str, silenced: bool, function: Calla
     if silenced:
         quiet.silence_libraries()
     signal.signal(signal.SIGTERM, _stopped)  # unwound like Ctrl-C: a builder subprocess is ended too
+    orphaned = threading.Event()
+    threading.Thread(target=_stop_when_orphaned, args=(parent_gone, orphaned), daemon=True).start()
     try:
         try:
             message = ("done", function(*args))
@@ -116,10 +124,25 @@ def _child(send, environment: dict, folder: str, silenced: bool, function: Calla
         pass  # stopped while answering, or the parent is gone: it says what happened itself
     finally:
         send.close()
+        if orphaned.is_set():
+            shutil.rmtree(tempfile.gettempdir(), ignore_errors=True)
 
 
 def _stopped(signum: int, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _stop_when_orphaned(parent_gone, orphaned: threading.Event) -> None:
+    """Stop this step when edgeport's own process ends without stopping it (killed by SIGKILL or the OOM killer),
+    rather than run on unseen into a folder nobody will rename; its temporary files go, as the parent would have
+    removed them. A step stuck in a library call that does not return to Python is ended outright."""
+    with contextlib.suppress(EOFError):
+        parent_gone.recv()
+    orphaned.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_SECONDS)
+    shutil.rmtree(tempfile.gettempdir(), ignore_errors=True)
+    os._exit(1)
 
 
 def _picklable(error: BaseException) -> bool:

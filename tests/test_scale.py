@@ -3,13 +3,17 @@ the source's reference outputs computed once (paged, one block of weights at a t
 
 import json
 import multiprocessing
+import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from conftest import LLAMA_3_1_8B, convert, make_model, make_whisper, run_cli
 
@@ -77,6 +81,47 @@ def test_a_stop_ends_the_step_process_too():
         assert not [child for child in multiprocessing.active_children() if child not in before]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_step_ends_when_edgeport_is_killed(tmp_path):
+    """SIGKILL (or the OOM killer) on edgeport's own process: its step stops too, and its temporary files go."""
+    report, pid = tmp_path / "step", None
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import test_scale; test_scale._run_a_long_step({str(report)!r})"],
+        cwd=Path(__file__).parent,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pid, scratch = report.read_text().split()
+        pid = int(pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(pid) and not Path(scratch).exists()
+    finally:
+        parent.kill()
+        if pid and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _run_a_long_step(report: str) -> None:
+    isolated.run("sleep", _sleep_in_the_steps_folder, report)
+
+
+def _sleep_in_the_steps_folder(report: str) -> None:
+    Path(report).write_text(f"{os.getpid()} {tempfile.mkdtemp()}")
+    time.sleep(120)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_steps_temporary_files_go_with_it_however_it_ends():
