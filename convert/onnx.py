@@ -46,10 +46,10 @@ from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
 from edgeport.engines.reference import part_forward, part_of, running_only
 from edgeport.errors import EdgeportError
-from edgeport.families.causal_lm import PART_PARAMS, UNIT_PARAMS, LayerSpan
+from edgeport.families.causal_lm import UNIT_PARAMS, LayerSpan
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
 from edgeport.machine import release_freed_memory
-from edgeport.plan import GB, Step
+from edgeport.plan import Step
 from edgeport.quiet import converting
 from edgeport.source import Source
 from edgeport.targets import Target
@@ -192,18 +192,14 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
 
 
 def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
-    """The NPU shape of `source` for `target`: its parts, each within the target's `qnn_part_gb` of weights as
-    built (or PART_PARAMS parameters where it has none), as few as that allows."""
+    """The NPU shape of `source` for `target`, in the family's parts for it."""
     context = target.context_length
     if context <= QNN_PREFILL_CHUNK:
         raise EdgeportError(
             f"a static KV cache needs a context longer than the {QNN_PREFILL_CHUNK}-token prefill chunk"
         )
     dims = source.family.dims(source.config)
-    if target.qnn_part_gb:
-        spans = source.family.parts(source.config, target.qnn_part_gb * GB, quant)
-    else:
-        spans = source.family.parts(source.config, PART_PARAMS)
+    spans = source.family.npu_parts(source.config, target, quant)
     n = len(spans)
     return OnnxNPU(
         prefill_chunk=QNN_PREFILL_CHUNK,

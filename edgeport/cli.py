@@ -220,7 +220,7 @@ def convert(
         the_plan = make_plan(source, target, _split(formats), quant)
         steps, _ = buildable(the_plan, source.family)
         room = preflight.Room.here(out, max_memory, source.fills_cache)
-        return the_plan, preflight.plan_work(source, the_plan, steps, parity, room, asked=formats is not None)
+        return the_plan, preflight.plan_work(source, target, the_plan, steps, parity, room, asked=formats is not None)
 
     if dry_run:
         the_plan, work = work_for(open_source(model, config_only=True, **opening))

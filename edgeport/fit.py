@@ -168,7 +168,7 @@ def qualities(source: Source, target: Target, plan: Plan, mode: str) -> tuple[di
     todo = [s for s in steps if not cached[_key(s)]]
     if not todo:
         return found, []
-    model = preflight.model_of(source, plan.context_length)
+    model = preflight.model_of(source, plan.context_length, target)
     reference_here = (folder / "reference").is_dir()
     estimates = [
         e

@@ -1,7 +1,7 @@
 """Source x Target -> Plan: what to build for a device, and what it will cost there. The figures of each step come
 from the source's family (edgeport.families), where its formulas are written out."""
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import get_args, get_origin, get_type_hints
 
 from edgeport import quantization
@@ -41,14 +41,16 @@ class Step:
 class Footprint:
     """What converting a model holds at once beside its weights, for the preflight (edgeport.preflight): the largest
     block of weights the paged reference reads at a time, whether it can page at all, a float32 KV cache over the
-    context, the largest part a converter that works part by part builds at once (Core ML's chunks), and the largest
-    unit the NPU shape's converter exports, calibrates and quantizes at once."""
+    context, the largest part a converter that works part by part builds at once (Core ML's chunks), the largest
+    unit the NPU shape's converter exports, calibrates and quantizes at once, and the largest part of the NPU shape
+    as built for the target, by quantization (its parity runs a part at a time)."""
 
     block_params: int
     pageable: bool
     cache_bytes: int
     part_params: int
     unit_params: int
+    npu_part_params: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from edgeport import quantization
 from edgeport.errors import EdgeportError
 from edgeport.layouts import builds_qnn_shape
 from edgeport.plan import GB, Plan, Step
+from edgeport.targets import Target
 
 REFERENCE_TOKENS = 320  # parity tokens at --parity full (three chat prompts and the paragraph), a little over
 FAST_TOKENS = 110
@@ -37,6 +38,7 @@ class Rate:
     per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
     per_part_param: float = 0.0  # bytes per parameter of the largest part a converter builds at a time
     per_unit_param: float = 0.0  # bytes per parameter of the largest unit the NPU shape is exported in
+    per_npu_part_param: float = 0.0  # bytes per parameter of the NPU shape's largest part as built
     per_unit_cache_byte: float = 0.0  # per byte of that unit's share of the float32 KV cache
     per_cache_byte: float = 0.0  # per byte of a float32 KV cache over the target's context
     seconds: float = 0.0  # fixed
@@ -108,7 +110,9 @@ PARITY = {
     ),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=1.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
-    ("causal-lm", "onnx", "npu"): Rate(0.8, per_part_param=5.8, seconds=5, seconds_per_gparam=40),  # a part at a time
+    # a part of the NPU shape at a time: Llama-3.2-1B's largest at w4a16 (993M parameters) 3.92 GB, Llama-3.1-8B's
+    # (1527M) 5.50 GB
+    ("causal-lm", "onnx", "npu"): Rate(1.0, per_npu_part_param=2.96, seconds=5, seconds_per_gparam=40),
     # llama.cpp holds the file in memory (not mapped) and every position's logits over its 512-token context:
     # 2.35 / 3.62 / 6.54 GB, 15 / 16 / 33 s for the three shapes at Q4_K_M.
     ("causal-lm", "gguf"): Rate(1.5, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
@@ -177,16 +181,17 @@ class Model:
     cache_bytes: int  # a float32 KV cache over the plan's context
     part_params: int  # the largest part a converter that works part by part (Core ML's chunks) builds at once
     unit_params: int  # the largest unit the NPU shape's converter exports, calibrates and quantizes at once
+    npu_part_params: dict[str, int]  # the largest part of the target's NPU shape, by quantization
 
 
-def model_of(source, context_length: int) -> Model:
+def model_of(source, context_length: int, target: Target) -> Model:
     family = source.family
     size = family.size(source.config)
     # The weights the converters read: a folder's safetensors (before the source is opened, its files by name); a
     # GGUF or CTranslate2 source is read from its float16 copy in edgeport's cache.
     files = source.origin_files or (sorted(Path(source.path).glob("*.safetensors")) if source.path else [])
     stored = sum(f.stat().st_size for f in files) if source.kind in ("hf-folder", "hf-hub") else 0
-    footprint = family.footprint(source.config, context_length)
+    footprint = family.footprint(source.config, context_length, target)
     return Model(
         family=family.name,
         params=size.params,
@@ -197,6 +202,7 @@ def model_of(source, context_length: int) -> Model:
         cache_bytes=footprint.cache_bytes,
         part_params=footprint.part_params,
         unit_params=footprint.unit_params,
+        npu_part_params=footprint.npu_part_params,
     )
 
 
@@ -215,7 +221,10 @@ def estimate(model: Model, steps: list[Step], parity: str) -> list[Estimate]:
         work.append(_cost(f"convert {name}", convert, model, step.weight_bytes, fmt=step.format, writes=None))
         if parity != "none":
             check = PARITY.get((model.family, step.format, shape)) or PARITY[model.family, step.format]
-            work.append(_cost(f"parity {name}", check, model, step.weight_bytes, fmt=step.format, parity=True))
+            npu_part = model.npu_part_params.get(step.quantization, model.part_params)
+            work.append(
+                _cost(f"parity {name}", check, model, step.weight_bytes, step.format, parity=True, npu_part=npu_part)
+            )
     return work
 
 
@@ -228,7 +237,9 @@ def _shape(step: Step) -> str:
     return "float" if quant.is_float else "quantized"
 
 
-def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False, extra=0, writes=0) -> Estimate:
+def _cost(
+    name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False, extra=0, writes=0, npu_part=0
+) -> Estimate:
     peak = (
         rate.base_gb * GB
         + rate.per_param * model.params
@@ -237,6 +248,7 @@ def _cost(name, rate: Rate, model: Model, artifact: int, fmt=None, parity=False,
         + rate.per_block_param * model.block_params
         + rate.per_part_param * model.part_params
         + rate.per_unit_param * model.unit_params
+        + rate.per_npu_part_param * npu_part
         + rate.per_unit_cache_byte * model.cache_bytes * model.unit_params / model.params
         + rate.per_cache_byte * model.cache_bytes
         + extra
@@ -267,10 +279,10 @@ class Work:
     unchecked: dict[str, str]  # format -> why its parity does not run here
 
 
-def plan_work(source, plan: Plan, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
+def plan_work(source, target: Target, plan: Plan, steps: list[Step], parity: str, room: Room, asked: bool) -> Work:
     """The work of converting `source` into `steps` of `plan` with `parity`, refused with one line where this
     machine has no room for it (see `fitting`)."""
-    model = model_of(source, plan.context_length)
+    model = model_of(source, plan.context_length, target)
     room_for_the_source(source, model, room)
     estimates = estimate(model, steps, parity)
     kept, left_out = fitting(estimates, room, asked)

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -391,15 +392,16 @@ def test_a_gguf_sources_float16_copy_needs_room_in_the_cache(fixture_gguf, tmp_p
     monkeypatch.setenv("EDGEPORT_CACHE", str(tmp_path / "cache"))  # no copy made yet
     source = open_source(str(fixture_gguf), config_only=True)
     assert source.fills_cache == tmp_path / "cache"
-    plan = make_plan(source, load("m2-air"), ["mlx"], None)
+    target = load("m2-air")
+    plan = make_plan(source, target, ["mlx"], None)
     copy = 2 * source.family.size(source.config).params
     for free, refused in ((copy - 1, True), (copy + 1, False)):
         room = preflight.Room(10**12, 10**12, 10**12, cache_disk_bytes=free)
         if refused:
             with pytest.raises(EdgeportError, match=r"its float16 copy needs about .* EDGEPORT_CACHE"):
-                preflight.plan_work(source, plan, [], "none", room, asked=False)
+                preflight.plan_work(source, target, plan, [], "none", room, asked=False)
         else:
-            preflight.plan_work(source, plan, [], "none", room, asked=False)
+            preflight.plan_work(source, target, plan, [], "none", room, asked=False)
 
 
 def test_outputs_and_temporary_files_on_one_disk_need_room_together(tiny_llama, tmp_path):
@@ -409,8 +411,9 @@ def test_outputs_and_temporary_files_on_one_disk_need_room_together(tiny_llama, 
     from edgeport.targets import load
 
     source = open_source(str(tiny_llama), config_only=True)
-    plan = make_plan(source, load("m2-air"), ["mlx", "coreml"], None)
-    work = preflight.estimate(preflight.model_of(source, 4096), plan.steps, "full")
+    target = load("m2-air")
+    plan = make_plan(source, target, ["mlx", "coreml"], None)
+    work = preflight.estimate(preflight.model_of(source, 4096, target), plan.steps, "full")
     writes, temporary = sum(e.writes_bytes for e in work), max(e.temporary_bytes for e in work)
     assert writes and temporary
     for free, one_disk, refused in (
@@ -438,8 +441,9 @@ def test_the_estimates_follow_the_models_shape(tmp_path):
 
     def reference_peak(folder):
         source = open_source(str(folder), config_only=True)
-        plan = make_plan(source, load("host"), ["mlx"])
-        model = preflight.model_of(source, plan.context_length)
+        target = load("host")
+        plan = make_plan(source, target, ["mlx"])
+        model = preflight.model_of(source, plan.context_length, target)
         (reference, *_) = preflight.estimate(model, plan.steps, "full")
         return model, reference.peak_bytes
 
@@ -458,16 +462,17 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
     reference to read, not twice the memory."""
     from edgeport import preflight
     from edgeport.families.causal_lm import PART_PARAMS
+    from edgeport.targets import load
 
-    family = FAMILIES["causal-lm"]
-    footprint = family.footprint(LLAMA_3_1_8B, 4096)
+    family, target = FAMILIES["causal-lm"], load("snapdragon-8-elite")
+    footprint = family.footprint(LLAMA_3_1_8B, 4096, target)
     # the last part: a layer, the output projection and the final norm; the largest unit: the head alone
     largest = 218_112_000 + 128256 * 4096 + 4096
     assert footprint.part_params == max(s.params for s in family.parts(LLAMA_3_1_8B, PART_PARAMS)) == largest
     assert footprint.unit_params == 128256 * 4096 + 4096
 
     def model_of(config, cache: bool) -> preflight.Model:
-        size, footprint = family.size(config), family.footprint(config, 4096)
+        size, footprint = family.size(config), family.footprint(config, 4096, target)
         return preflight.Model(
             "causal-lm",
             size.params,
@@ -478,6 +483,7 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
             footprint.cache_bytes if cache else 0,
             footprint.part_params,
             footprint.unit_params,
+            footprint.npu_part_params,
         )
 
     def converting(config, rate):
@@ -493,3 +499,31 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
 
     for rate in (preflight.CONVERT["causal-lm", "coreml", "npu"], preflight.CONVERT["causal-lm", "onnx", "npu"]):
         assert 0 < scratch(deeper, rate) < 1.1 * scratch(LLAMA_3_1_8B, rate) < 16e9
+
+
+def test_the_npu_shapes_parity_is_estimated_by_its_largest_part_as_built():
+    """Its parity runs one part of the artifact at a time: the part the converter built for the target and the
+    quantization (4-bit layers make a part of the same bytes hold more of them), not a fixed span."""
+    from edgeport import preflight
+    from edgeport.convert.onnx import npu_layout
+    from edgeport.quantization import get
+    from edgeport.targets import load
+
+    family, target = FAMILIES["causal-lm"], load("snapdragon-8-elite")
+    footprint = family.footprint(LLAMA_3_1_8B, 4096, target)
+    for name in ("w8a16", "w4a16"):
+        spans = family.npu_parts(LLAMA_3_1_8B, target, get(name, "onnx"))
+        assert footprint.npu_part_params[name] == max(span.params for span in spans)
+        source = SimpleNamespace(family=family, config=LLAMA_3_1_8B)
+        assert len(npu_layout(source, get(name, "onnx"), target).parts) == len(spans)
+    model = preflight.Model("causal-lm", 8_030_261_248, 16 * 10**9, 0, 128256, True, 0, 0, 0, footprint.npu_part_params)
+
+    def parity_peak(name: str) -> int:
+        step = SimpleNamespace(format="onnx", quantization=name, unit="npu", weight_bytes=0)
+        (parity,) = [e for e in preflight.estimate(model, [step], "full") if e.parity]
+        return parity.peak_bytes
+
+    rate = preflight.PARITY["causal-lm", "onnx", "npu"]
+    for name in ("w8a16", "w4a16"):
+        assert parity_peak(name) == int(rate.base_gb * 1e9 + rate.per_npu_part_param * footprint.npu_part_params[name])
+    assert parity_peak("w8a16") < parity_peak("w4a16") < 8e9

@@ -424,19 +424,31 @@ class CausalLM:
     def size(self, config: dict) -> ModelSize:
         return model_size(text_config(config))
 
-    def footprint(self, config: dict, context_length: int) -> Footprint:
+    def footprint(self, config: dict, context_length: int, target: Target) -> Footprint:
         """A block is a layer or the embedding (or output projection), whichever is larger; transformers fuses MoE
         experts when loading, so their checkpoint cannot be paged. A part is the largest span of PART_PARAMS, a unit the
-        largest the NPU shape is exported in."""
+        largest the NPU shape is exported in, an NPU part the largest of the target's NPU shape."""
         d, size = self.dims(config), self.size(config)
         per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
         cache = 2 * 4 * d.layers * d.kv_heads * d.head_dim * context_length
         part = max(span.params for span in self.parts(config, PART_PARAMS))
         unit = max(span.params for span in self.units(config, 0, d.layers, UNIT_PARAMS))
-        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part, unit)
+        npu_parts = {
+            quant.name: max(span.params for span in self.npu_parts(config, target, quant))
+            for quant in map(quantization.lookup, quantization.LADDERS["onnx"])
+            if quant.activation_bits
+        }
+        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part, unit, npu_parts)
 
     def parts(self, config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
         return layer_spans(text_config(config), capacity, quant)
+
+    def npu_parts(self, config: dict, target: Target, quant: quantization.Quantization) -> list[LayerSpan]:
+        """The parts of the NPU shape for `target`: each within its `qnn_part_gb` of weights as built (or
+        PART_PARAMS parameters where it has none), as few as that allows."""
+        if target.qnn_part_gb:
+            return self.parts(config, target.qnn_part_gb * GB, quant)
+        return self.parts(config, PART_PARAMS)
 
     def units(self, config: dict, first: int, end: int, max_params: float) -> list[LayerSpan]:
         return split_span(text_config(config), first, end, max_params)

@@ -186,7 +186,7 @@ class Whisper:
     def size(self, config: dict) -> WhisperSize:
         return whisper_size(config)
 
-    def footprint(self, config: dict, context_length: int) -> Footprint:
+    def footprint(self, config: dict, context_length: int, target: Target) -> Footprint:
         """The paged reference holds the decoder whole and reads the encoder a layer at a time; Whisper is converted
         whole."""
         w, size = self.dims(config), self.size(config)
