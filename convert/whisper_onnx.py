@@ -27,6 +27,7 @@ from edgeport.convert import Artifact, copy_app_files
 from edgeport.convert.onnx import OPSET, RecordedFeeds, qdq_quantize, weights_apart
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
+from edgeport.engines.reference import whole
 from edgeport.errors import EdgeportError
 from edgeport.families.whisper import COMPONENTS
 from edgeport.layouts import MASK_VALUE, OnnxWhisper, builds_qnn_shape
@@ -74,7 +75,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
 
 def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
     """Export the float encoder and decoder graphs into `folder`; return their layout."""
-    model = source.load_reference()
+    model = whole(source)
     dims = source.family.dims(source.config)
     frames = dims.frames
     past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape

@@ -86,6 +86,13 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[
     return model.eval()
 
 
+def whole(source, **options):
+    """`source`'s model in float32, read as `paged` reads a block (no mapping of the checkpoint left resident, no
+    copy in its stored dtype beside the float32 one: transformers' own loading holds both, 5.3 GB for Whisper
+    large-v3-turbo's 3.2), or by transformers where the checkpoint cannot be read so."""
+    return paged(source, lambda block: False, **options) or source.load_reference(**options)
+
+
 def part_of(source, first: int, end: int, embedding: bool | None = None, head: bool | None = None, **options):
     """The source's model with only decoder layers [first, end) read (in float32), with the embedding where the
     part starts the decoder (or `embedding`) and the final norm and output projection where it ends it (or `head`);
