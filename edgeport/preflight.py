@@ -50,13 +50,14 @@ class Rate:
 
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
-# peak GB: the reference 0.86 / 2.01 / 2.68 / 3.59; mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
+# peak GB: the reference 0.86 / 1.63–1.73 / 2.28–2.37 / 2.81–3.00 (it was 2.01 / 2.68 / 3.59 before freed blocks were
+# given back); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
 # 1.06 / 3.3 / 4.71 / 8.45; the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a weight at a time, the largest
 # first: the output projection's float32 copies make the peak); ONNX CPU parity 1.00 / 3.84 / 7.47 / 14.75. Core ML
-# converts a chunk of at most PART_PARAMS at a time: 3.4 GB for the 1.24B model's largest (384M parameters; 9.0 GB
-# for the Neural Engine's two-function packages), and its parity off a Mac holds one decompressed block (4.7 GB, the
-# 262M-parameter embedding the largest); held out, the 8.03B's predictions missed by -6 % (convert, 6.52 GB) and +23 %
-# (parity, 7.10 GB). The NPU shape builds a unit at a time.
+# converts a chunk of at most PART_PARAMS at a time: 2.55 / 3.56 / 6.52 GB for the GPU's packages (largest chunks of
+# 384M, 495M and 743M parameters), 4.18 GB for the 1.24B's Neural Engine packages (two functions each); its parity off
+# a Mac holds the package's weights and one block decompressed in float32 (3.12 / 4.12 / 7.10 GB for the GPU's, 3.57 /
+# 7.09 for the Neural Engine's two-function packages). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71 /
 # 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert 1.23 /
@@ -66,7 +67,7 @@ class Rate:
 # transformers) 0.90 / 3.37 (q8: 2.63); the Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their
 # parity 0.77 / 2.89.
 REFERENCE = {
-    "causal-lm": Rate(0.71, per_block_param=5.2, seconds=4, seconds_per_gparam=20),
+    "causal-lm": Rate(0.70, per_block_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
 }
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
@@ -89,7 +90,7 @@ CONVERT = {
     # it quantizes: the largest (the embedding) makes the peak. Q4_K_M of the 1.24B / 3.21B / 8.03B shapes: 2.13 /
     # 3.03 / 3.92 GB, 58 / 133 / 308 s.
     ("causal-lm", "gguf"): Rate(0.35, per_block_param=6.8, seconds=10, seconds_per_gparam=37, temporary_per_param=2),
-    ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=7.6, seconds=20, seconds_per_gparam=125),
+    ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=6.4, seconds=20, seconds_per_gparam=125),
     # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged (Llama-3.2-1B:
     # 4.18 GB; 9.12 while coremltools' weight sharing compared float64 copies)
     ("causal-lm", "coreml", "npu"): Rate(
@@ -116,7 +117,12 @@ PARITY = {
     # llama.cpp holds the file in memory (not mapped) and every position's logits over its 512-token context:
     # 2.35 / 3.62 / 6.54 GB, 15 / 16 / 33 s for the three shapes at Q4_K_M.
     ("causal-lm", "gguf"): Rate(1.5, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
-    ("causal-lm", "coreml"): Rate(0.6, per_block_param=15.5, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
+    ("causal-lm", "coreml", "gpu"): Rate(
+        0.9, per_artifact_byte=1, per_block_param=4, seconds=10, seconds_per_gparam=130, temporary_per_param=2
+    ),
+    ("causal-lm", "coreml", "npu"): Rate(
+        1.0, per_artifact_byte=3, seconds=10, seconds_per_gparam=130, temporary_per_param=2
+    ),
     ("whisper", "mlx"): Rate(0.78, per_param=1.26, per_artifact_byte=0.97, seconds=12, seconds_per_gparam=290),
     ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
     # the packages' weights decompressed a package at a time: the encoder's whole (fp16 2.95 GB, int8 1.73 for turbo)
