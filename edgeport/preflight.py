@@ -60,13 +60,13 @@ class Rate:
 # parity off a Mac holds the package's weights and one block decompressed in float32 (3.12 / 4.12 / 7.10 GB for the
 # GPU's, 3.57 / 7.09 for the Neural Engine's two-function packages). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
-# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71 /
-# 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert 1.23 /
-# 6.56 (torch exporting the float encoder; onnxruntime's quantize_dynamic held 9.16 before it read the weights once),
-# parity 0.64 / 2.30; Core ML convert 1.41 / 4.79 (its matrices read in fp16; 7.97 in float32; int8 4.24), parity
-# (paged like the reference) - / 1.73–2.95; MLX convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's weights in
-# transformers) 0.90 / 3.37 (q8: 2.63); the Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their
-# parity 0.77 / 2.89.
+# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71
+# / 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert
+# 1.23 / 4.20 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16
+# while onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.30; Core ML convert 1.41 /
+# 4.79 (its matrices read in fp16; 7.97 in float32; int8 4.24), parity (paged like the reference) - / 1.73–2.95; MLX
+# convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's weights in transformers) 0.90 / 3.37 (q8: 2.63); the
+# Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
 REFERENCE = {
     "causal-lm": Rate(0.70, per_block_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
@@ -99,7 +99,7 @@ CONVERT = {
     ),
     ("whisper", "mlx"): Rate(0.32, per_param=2.0, seconds=1, seconds_per_gparam=5),
     ("whisper", "mlx", "quantized"): Rate(0.32, per_param=3.1, seconds=2, seconds_per_gparam=15),
-    ("whisper", "onnx"): Rate(0.97, per_param=6.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
+    ("whisper", "onnx"): Rate(1.05, per_param=3.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
     ("whisper", "coreml"): Rate(1.15, per_param=4.5, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),

@@ -213,6 +213,7 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
             weight_type=whisper_onnx.QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul", "Gather"],
+            use_external_data_format=True,
         )
     loads = []
     load = onnx.load_external_data_for_model
@@ -220,8 +221,9 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
     for graph in ("encoder", "decoder"):
         whisper_onnx._cpu_precision(exported / f"{graph}.onnx", ours / f"{graph}.onnx", int8)
     assert len(loads) == 2  # each graph's weights read once
-    for graph in ("encoder", "decoder"):
-        assert (ours / f"{graph}.onnx").read_bytes() == (theirs / f"{graph}.onnx").read_bytes()
+    for name in ("encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes()
+        assert (ours / name).stat().st_mode == (ours / "encoder.onnx").stat().st_mode  # readable as the graph is
     assert sorted(p.name for p in exported.iterdir()) == [
         "decoder.onnx",
         "decoder.onnx.data",
