@@ -94,7 +94,7 @@ class ONNXRunner:
 
         decoder = self.decoder
         if self._session is None:
-            self._session = ort.InferenceSession(str(self.path / decoder["filename"]), _giving_back(), providers=[CPU])
+            self._session = ort.InferenceSession(str(self.path / decoder["filename"]), _no_arena(), providers=[CPU])
         empty_past = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
         feeds = {}
         for i in self._session.get_inputs():
@@ -176,11 +176,11 @@ class PartRunner:
 
         if width not in self.sessions:
             file = str(self.path / self.part.graph(width))
-            self.sessions[width] = ort.InferenceSession(file, _giving_back(), providers=self.chosen)
+            self.sessions[width] = ort.InferenceSession(file, _no_arena(), providers=self.chosen)
         return self.sessions[width]
 
 
-def _giving_back():
+def _no_arena():
     """onnxruntime's session options with no arena and no memory pattern: a call's buffers (on the CPU EP, each
     8-bit or 16-bit weight of the NPU shape dequantized to float32 as it runs) are given back when it ends rather
     than kept for the next. At the same speed, a Llama-3.1-8B part of the NPU shape peaks 22 % lower (2.33 GB
