@@ -63,6 +63,7 @@ class Target:
     qnn_part_gb: float | None = None  # the most weights one part of the NPU shape may hold (one QNN context binary)
     vram_gb: float | None = None  # a discrete GPU's own memory: llama.cpp splits the layers between it and RAM
     vram_bandwidth_gbs: float | None = None
+    pcie_gbs: float | None = None  # the link from RAM to that GPU, one way: prompt batches copy RAM's layers over it
     cpu_arch: str | None = None  # the CPU's instruction set (arm64, x86_64) where it differs from this machine's
 
     @property
@@ -166,8 +167,9 @@ def parse(data: dict, source: str) -> Target:
             raise EdgeportError(f"{source}: {key} is empty")
         return tuple(found)
 
-    if ("vram_gb" in data) != ("vram_bandwidth_gbs" in data):
-        raise EdgeportError(f"{source}: a discrete GPU needs both vram_gb and vram_bandwidth_gbs")
+    gpu_keys = ("vram_gb", "vram_bandwidth_gbs", "pcie_gbs")
+    if any(key in data for key in gpu_keys) and not all(key in data for key in gpu_keys):
+        raise EdgeportError(f"{source}: a discrete GPU needs all of vram_gb, vram_bandwidth_gbs and pcie_gbs")
     budget = need(data, "budget", dict)
 
     def optional(key: str) -> float | None:
@@ -193,6 +195,7 @@ def parse(data: dict, source: str) -> Target:
         qnn_part_gb=_optional_positive(data, "qnn_part_gb", source),
         vram_gb=_optional_positive(data, "vram_gb", source),
         vram_bandwidth_gbs=_optional_positive(data, "vram_bandwidth_gbs", source),
+        pcie_gbs=_optional_positive(data, "pcie_gbs", source),
         cpu_arch=_optional_choice(data, "cpu_arch", CPU_ARCHS, source),
         budget=Budget(
             prompt_tokens=need(budget, "prompt_tokens", int, "budget."),

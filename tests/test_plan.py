@@ -556,6 +556,11 @@ def test_the_split_gives_more_layers_and_speed_to_more_vram():
     assert [s.gpu_layers for s in steps] == sorted(s.gpu_layers for s in steps)
     assert [s.decode_tps for s in steps] == sorted(s.decode_tps for s in steps)
     assert len({s.gpu_layers for s in steps}) == 4
+    # a prompt copies the layers left in RAM over PCIe once per 512-token batch: fewer left, a shorter TTFT
+    assert [s.ttft_s for s in steps] == sorted((s.ttft_s for s in steps), reverse=True)
+    prefill_alone = laptop.budget.prompt_tokens / steps[0].prefill_tps
+    copy = (62 - steps[0].gpu_layers) * steps[0].weight_bytes / 62 / (laptop.pcie_gbs * GB)
+    assert steps[0].ttft_s - prefill_alone == pytest.approx(copy, rel=0.1)
     eight_b = make_plan(config_source(LLAMA_8B), laptop).step("gguf")
     assert eight_b.gpu_layers == 32 and eight_b.meets_budget  # 8B at 4 bits fits the 8 GB card whole
 
@@ -563,7 +568,7 @@ def test_the_split_gives_more_layers_and_speed_to_more_vram():
 def test_a_profile_with_half_a_gpu_is_refused(tmp_path):
     text = (targets._profiles() / "rtx-4060-laptop.toml").read_text().replace("vram_bandwidth_gbs = 272\n", "")
     (tmp_path / "gpu.toml").write_text(text)
-    with pytest.raises(EdgeportError, match="needs both vram_gb and vram_bandwidth_gbs"):
+    with pytest.raises(EdgeportError, match="needs all of vram_gb, vram_bandwidth_gbs and pcie_gbs"):
         targets.load(str(tmp_path / "gpu.toml"))
 
 

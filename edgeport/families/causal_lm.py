@@ -16,6 +16,7 @@ Mixture-of-experts models hold every expert in memory but read only the routed o
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -636,13 +637,14 @@ def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine:
         prefill_roofline_tps=prefill_roofline,
         decode_tps=split.decode_tps if split else efficiency.decode_tps(decode_roofline),
         decode_roofline_tps=decode_roofline,
-        ttft_s=prompt / prefill,
+        ttft_s=prompt / prefill + (split.copy_seconds(prompt, target) if split else 0),
         room=room_text(peak, target) + (f"; {split.describe(target)}" if split else ""),
         split=split,
     )
 
 
 VRAM_USABLE = 0.9  # of a discrete GPU's memory: the driver, the display and the CUDA context keep the rest
+UBATCH_TOKENS = 512  # llama.cpp's n_ubatch: the tokens of a prompt computed at once
 
 
 @dataclass(frozen=True)
@@ -655,9 +657,16 @@ class Split:
     layers: int
     vram: int  # bytes
     ram: int  # bytes, the process's share of system memory
+    ram_layers: int  # bytes of the decoder layers left in RAM
     all_in_vram: int  # bytes every layer and the output projection would take there
     decode_tps: float
     decode_roofline_tps: float
+
+    def copy_seconds(self, prompt: int, target: Target) -> float:
+        """What a prompt adds to prefill: llama.cpp computes a matrix product over 32 tokens or more on the GPU,
+        copying the weights of the layers held in RAM across PCIe for each batch of UBATCH_TOKENS (ggml-cuda's
+        offload_op; described in ikawrakow/ik_llama.cpp#405 and #520)."""
+        return math.ceil(prompt / UBATCH_TOKENS) * self.ram_layers / (target.pcie_gbs * GB)
 
     def describe(self, target: Target) -> str:
         where = f"n_gpu_layers={self.gpu_layers} of {self.layers}"
@@ -696,6 +705,7 @@ def offload(size: ModelSize, quant, engine: Engine, target: Target, gpu, cpu) ->
         layers=layers,
         vram=int(vram(gpu_layers)),
         ram=int(total - gpu_layers * (layer + kv_layer) - (head if on_gpu else 0)),
+        ram_layers=int((layers - gpu_layers) * layer),
         all_in_vram=int(vram(layers)),
         decode_tps=1 / expected,
         decode_roofline_tps=1 / (gpu_s + cpu_s),
