@@ -108,24 +108,40 @@ def skipped(reason: str) -> Parity:
     return Parity(status="not checked", method="not run", bounds={}, not_checked=[reason])
 
 
+ROWS = 16  # logits rows measured at a time: a row of a 128k vocabulary is 1 MB in float64
+
+
+def by_rows(measure, *arrays: np.ndarray) -> np.ndarray:
+    """`measure` of each row of `arrays` (one value per row), a few rows at a time: the float64 copies of whole
+    [tokens, vocab] logits would cost the parity run half a gigabyte beside the artifact at a 128k vocabulary."""
+    return np.concatenate([measure(*(a[i : i + ROWS] for a in arrays)) for i in range(0, len(arrays[0]), ROWS)])
+
+
 def kl_divergence(ref_logits: np.ndarray, art_logits: np.ndarray) -> np.ndarray:
     """KL(source || artifact) per position, in nats."""
-    log_p = log_softmax(ref_logits)
-    log_q = log_softmax(art_logits)
-    return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+    def kl(ref: np.ndarray, art: np.ndarray) -> np.ndarray:
+        log_p, log_q = log_softmax(ref), log_softmax(art)
+        return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+    return by_rows(kl, ref_logits, art_logits)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    return by_rows(cos, a, b)
 
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of each next token."""
-    log_probs = log_softmax(logits[:-1])
-    nll = -log_probs[np.arange(len(ids) - 1), ids[1:]]
-    return float(np.exp(nll.mean()))
+
+    def nll(rows: np.ndarray, following: np.ndarray) -> np.ndarray:
+        return -np.take_along_axis(log_softmax(rows), following[:, None], -1)[:, 0]
+
+    return float(np.exp(by_rows(nll, logits[:-1], np.asarray(ids[1:])).mean()))
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

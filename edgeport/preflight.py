@@ -35,7 +35,8 @@ class Rate:
     per_param: float = 0.0  # bytes per parameter of the model
     per_source_byte: float = 0.0
     per_artifact_byte: float = 0.0
-    per_block_param: float = 0.0  # bytes per parameter of the largest block read at a time
+    per_block_param: float = 0.0  # bytes per parameter of the largest block of weights
+    per_paged_param: float = 0.0  # bytes per parameter of the largest block the paged reference holds
     per_part_param: float = 0.0  # bytes per parameter of the largest part a converter builds at a time
     per_unit_param: float = 0.0  # bytes per parameter of the largest unit the NPU shape is exported in
     per_npu_part_param: float = 0.0  # bytes per parameter of the NPU shape's largest part as built
@@ -183,7 +184,8 @@ class Model:
     family: str
     params: int
     source_bytes: int
-    block_params: int  # the largest block the paged reference reads at once
+    block_params: int  # the largest block of weights (a layer, or a vocabulary's table where larger)
+    paged_params: int  # the largest block the paged reference holds at once
     vocab: int
     pageable: bool
     cache_bytes: int  # a float32 KV cache over the plan's context
@@ -205,6 +207,7 @@ def model_of(source, context_length: int, target: Target) -> Model:
         params=size.params,
         source_bytes=stored or 2 * size.params,
         block_params=footprint.block_params,
+        paged_params=footprint.paged_params,
         vocab=family.dims(source.config).vocab,
         pageable=footprint.pageable,
         cache_bytes=footprint.cache_bytes,
@@ -254,6 +257,7 @@ def _cost(
         + rate.per_source_byte * model.source_bytes
         + rate.per_artifact_byte * artifact
         + rate.per_block_param * model.block_params
+        + rate.per_paged_param * model.paged_params
         + rate.per_part_param * model.part_params
         + rate.per_unit_param * model.unit_params
         + rate.per_npu_part_param * npu_part

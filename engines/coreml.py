@@ -245,14 +245,15 @@ class PackageWeights:
         stem = f"model_{name.replace('.', '_')}.npy"
         return next((folder / stem for folder in self.folders if (folder / stem).is_file()), None)
 
-    def read(self, name: str):
+    def read(self, name: str, rows: slice | None = None):
+        """The weight `name` in float32, or only `rows` of its first dimension."""
         import torch
 
         file = self._file(name)
         if file is not None:
-            return torch.from_numpy(np.load(file).astype(np.float32))
+            return torch.from_numpy(np.load(file, mmap_mode="r")[rows or slice(None)].astype(np.float32))
         if name in self.checkpoint and len(self.checkpoint.spans[name][1].shape) == 1:
-            return self.checkpoint.read(name).half().float()
+            return self.checkpoint.read(name, rows).half().float()
         raise EdgeportError(f"{self.path}: the packages have no weight for {name}; convert again")
 
 

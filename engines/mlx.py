@@ -100,31 +100,33 @@ class MLXCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
 
-    def read(self, name: str):
+    def read(self, name: str, rows: slice | None = None):
+        """The tensor `name` in float32 (dequantized), or only `rows` of its first dimension."""
         import torch
 
         mx, layer = self.mx, name.removesuffix(".weight")
         weight = self.arrays[name]
+        start, stop, _ = (rows or slice(None)).indices(weight.shape[0])
         if f"{layer}.scales" not in self.arrays:
-            widened = weight.astype(mx.float32)
+            widened = weight[start:stop].astype(mx.float32)
             mx.eval(widened)
             return torch.from_numpy(np.asarray(memoryview(widened)))
         settings = self.quantization.get(layer)  # mixed recipes give some layers their own bits
         settings = settings if isinstance(settings, dict) else self.quantization
         scales, biases = self.arrays[f"{layer}.scales"], self.arrays.get(f"{layer}.biases")
-        out = torch.empty((weight.shape[0], scales.shape[1] * settings["group_size"]), dtype=torch.float32)
-        for start in range(0, weight.shape[0], DEQUANTIZE_ROWS):  # a slice at a time: one float32 copy in all
-            rows = slice(start, start + DEQUANTIZE_ROWS)
+        out = torch.empty((stop - start, scales.shape[1] * settings["group_size"]), dtype=torch.float32)
+        for first in range(start, stop, DEQUANTIZE_ROWS):  # a slice at a time: one float32 copy in all
+            part_rows = slice(first, min(first + DEQUANTIZE_ROWS, stop))
             part = mx.dequantize(
-                weight[rows],
-                scales=scales[rows],
-                biases=None if biases is None else biases[rows],
+                weight[part_rows],
+                scales=scales[part_rows],
+                biases=None if biases is None else biases[part_rows],
                 group_size=settings["group_size"],
                 bits=settings["bits"],
                 mode=settings.get("mode", "affine"),
             ).astype(mx.float32)
             mx.eval(part)
-            out[rows] = torch.from_numpy(np.asarray(memoryview(part)))
+            out[first - start : part_rows.stop - start] = torch.from_numpy(np.asarray(memoryview(part)))
         return out
 
 
@@ -142,13 +144,13 @@ class MLXWhisperCheckpoint(MLXCheckpoint):
     def __contains__(self, name: str) -> bool:
         return name == MLXWhisperLayout.ENCODER_POSITIONS or MLXWhisperLayout.weight_name(name) in self.arrays
 
-    def read(self, name: str):
+    def read(self, name: str, rows: slice | None = None):
         import torch
         from mlx_whisper.whisper import sinusoids
 
         if name == MLXWhisperLayout.ENCODER_POSITIONS:
-            return torch.from_numpy(np.asarray(sinusoids(*self.positions).astype(self.mx.float32)))
-        value = super().read(MLXWhisperLayout.weight_name(name))
+            return torch.from_numpy(np.asarray(sinusoids(*self.positions).astype(self.mx.float32)))[rows or slice(None)]
+        value = super().read(MLXWhisperLayout.weight_name(name), rows)
         if name.startswith("model.encoder.conv") and name.endswith(".weight"):
             value = value.permute(0, 2, 1).contiguous()  # MLX's [out, kernel, in] -> torch's [out, in, kernel]
         return value

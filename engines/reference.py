@@ -1,10 +1,11 @@
 """The source in transformers on the CPU in float32: the reference every artifact's parity is measured against.
 
 A float32 copy of a whole model is twice a bf16 source: 32 GB for an 8B model. So the reference runs the model
-paged: built empty (on PyTorch's meta device), each block's weights (a decoder layer, the embedding, the output
-projection) read from the safetensors files in float32 when the block runs and let go when it returns. Memory then
-holds one block at a time, and the logits are the same to the bit as the whole model's, since each block computes
-on the same float32 weights. It is mlx-lm's lazy loading, done for transformers."""
+paged: built empty (on PyTorch's meta device), each block's weights (a decoder layer, a norm) read from the
+safetensors files in float32 when the block runs and let go when it returns; the vocabulary's tables (the embedding,
+the output projection) a slice of rows at a time. Memory then holds one block at a time, and the logits are the same
+to the bit as the whole model's, since each block computes on the same float32 weights. It is mlx-lm's lazy loading,
+done for transformers."""
 
 import functools
 import inspect
@@ -35,15 +36,21 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.spans and self.spans[name][1].dtype in STORED
 
-    def read(self, name: str):
+    def read(self, name: str, rows: slice | None = None):
+        """The tensor `name` in float32, or only `rows` of its first dimension."""
         import torch
 
         file, span = self.spans[name]
         stored = getattr(torch, STORED[span.dtype])
-        out = torch.empty(span.shape, dtype=torch.float32)
+        shape, skipped = span.shape, 0
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            row_values = int(np.prod(shape[1:]))
+            shape, skipped = (stop - start, *shape[1:]), start * row_values * stored.itemsize
+        out = torch.empty(shape, dtype=torch.float32)
         flat, done = out.view(-1), 0
         with open(file, "rb") as f:
-            f.seek(span.start)
+            f.seek(span.start + skipped)
             while done < flat.numel():
                 count = min(SLICE_VALUES, flat.numel() - done)
                 raw = bytearray(count * stored.itemsize)
@@ -78,7 +85,9 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[
     for name, block in _blocks(model):
         if only is not None and not only(name):
             continue
-        if pages(name):
+        if pages(name) and _streams(block):
+            _stream_rows(block, keys[f"{name}.weight"], checkpoint)
+        elif pages(name):
             block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
         else:
@@ -204,6 +213,42 @@ def _read(block, name: str, keys: dict, checkpoint) -> None:
         owner, _, leaf = local.rpartition(".")
         module = block.get_submodule(owner) if owner else block
         module._parameters[leaf] = torch.nn.Parameter(checkpoint.read(keys[f"{name}.{local}"]), requires_grad=False)
+
+
+def _streams(block) -> bool:
+    """A token embedding or an output projection as torch's own modules compute them: a table that `_stream_rows`
+    can read a slice of rows at a time (a subclass may compute more, e.g. Gemma 3's scaled embedding)."""
+    import torch
+
+    plain = type(block) is torch.nn.Embedding or (type(block) is torch.nn.Linear and block.bias is None)
+    return plain and block.weight.numel() > SLICE_VALUES
+
+
+def _stream_rows(block, key: str, checkpoint) -> None:
+    """Run `block` (see `_streams`) reading its table from `checkpoint` a slice of rows at a time: a vocabulary's
+    table in float32 is the largest block of a model (Llama-3.2-1B's 1.05 GB, Llama-3.1-8B's 2.1 GB), and a slice
+    of it gives the same figures (the embedding copies rows; each logit is the same dot product)."""
+    import torch
+
+    vocab, width = block.weight.shape
+    step = max(1, SLICE_VALUES // width)
+    slices = [slice(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+
+    def embed(ids):
+        out = torch.empty((*ids.shape, width))
+        for rows in slices:
+            hit = (ids >= rows.start) & (ids < rows.stop)
+            if hit.any():
+                out[hit] = checkpoint.read(key, rows)[ids[hit] - rows.start]
+        return out
+
+    def project(hidden):
+        out = torch.empty((*hidden.shape[:-1], vocab))
+        for rows in slices:
+            out[..., rows] = torch.nn.functional.linear(hidden, checkpoint.read(key, rows))
+        return out
+
+    block.forward = embed if isinstance(block, torch.nn.Embedding) else project
 
 
 def _release(block) -> None:

@@ -100,6 +100,16 @@ def test_weights_read_back_are_the_int4_blocks_of_the_source(gpu_package, tiny_l
     assert len(np.unique(stored.reshape(blocks.shape)[0, 0])) <= 16
 
 
+def test_rows_of_the_packages_tables_read_alone_are_those_rows_of_the_whole(gpu_package, tiny_llama):
+    from edgeport.engines.coreml import PackageWeights
+    from edgeport.source import open_source
+
+    out, _ = gpu_package
+    weights = PackageWeights(open_source(str(tiny_llama)), out / "coreml", ["model-01-of-01.mlpackage"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(weights.read(name, slice(5, 12)), weights.read(name)[5:12])
+
+
 @pytest.mark.parametrize(
     "quant, storage",
     [

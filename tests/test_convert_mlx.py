@@ -87,6 +87,17 @@ def test_the_artifacts_weights_in_transformers_compute_what_mlx_lm_does(q4_outpu
     np.testing.assert_allclose(in_transformers.logits(ids), in_mlx, atol=1e-4 * np.abs(in_mlx).max())
 
 
+def test_rows_of_the_artifacts_tables_read_alone_are_those_rows_of_the_whole(q4_output, monkeypatch):
+    """The paged parity reads a vocabulary's table a slice of rows at a time: dequantized, those rows are the same."""
+    from edgeport.engines import mlx
+
+    monkeypatch.setattr(mlx, "DEQUANTIZE_ROWS", 3)  # slices that cross the dequantizer's own
+    out, _ = q4_output
+    checkpoint = mlx.MLXCheckpoint(out / "mlx")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(checkpoint.read(name, slice(5, 12)), checkpoint.read(name)[5:12])
+
+
 def test_q4_parity_is_measured_and_judged_by_the_table(q4_output):
     _, result = q4_output
     parity = result["artifacts"][0]["parity"]

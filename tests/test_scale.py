@@ -187,6 +187,29 @@ def test_the_paged_reference_is_the_whole_model_to_the_bit(model_type, extra, tm
     np.testing.assert_array_equal(paged_logits, TorchRunner(source, source.load_reference()).logits(ids))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_vocabulary_tables_are_read_a_slice_of_rows_at_a_time_to_the_bit(tied, tmp_path, monkeypatch):
+    from edgeport.engines import reference
+
+    monkeypatch.setattr(reference, "SLICE_VALUES", 7 * 64)  # 7 rows of the tiny model's tables at a time
+    source = open_source(str(make_model(tmp_path / "m", "llama", tie_word_embeddings=tied)))
+    reads = []
+
+    class Counting(reference.Checkpoint):
+        def read(self, name, rows=None):
+            value = super().read(name, rows)
+            reads.append((name, value.numel()))
+            return value
+
+    model = paged(source, lambda block: True, Counting(source.path))
+    ids = list(range(3, 90))
+    np.testing.assert_array_equal(
+        TorchRunner(source, model).logits(ids), TorchRunner(source, source.load_reference()).logits(ids)
+    )
+    tables = [count for name, count in reads if "embed" in name or "lm_head" in name]
+    assert len(tables) > 2 and max(tables) <= 7 * 64
+
+
 def test_a_checkpoint_the_model_renames_on_loading_is_read_whole(tmp_path):
     """transformers fuses MoE experts when it loads them: those tensors are not the checkpoint's, so no paging."""
     source = open_source(
@@ -478,6 +501,7 @@ def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
             size.params,
             2 * size.params,
             footprint.block_params,
+            footprint.paged_params,
             128256,
             True,
             footprint.cache_bytes if cache else 0,
@@ -516,7 +540,9 @@ def test_the_npu_shapes_parity_is_estimated_by_its_largest_part_as_built():
         assert footprint.npu_part_params[name] == max(span.params for span in spans)
         source = SimpleNamespace(family=family, config=LLAMA_3_1_8B)
         assert len(npu_layout(source, get(name, "onnx"), target).parts) == len(spans)
-    model = preflight.Model("causal-lm", 8_030_261_248, 16 * 10**9, 0, 128256, True, 0, 0, 0, footprint.npu_part_params)
+    model = preflight.Model(
+        "causal-lm", 8_030_261_248, 16 * 10**9, 0, 0, 128256, True, 0, 0, 0, footprint.npu_part_params
+    )
 
     def parity_peak(name: str) -> int:
         step = SimpleNamespace(format="onnx", quantization=name, unit="npu", weight_bytes=0)

@@ -426,8 +426,9 @@ class CausalLM:
         return model_size(text_config(config))
 
     def footprint(self, config: dict, context_length: int, target: Target) -> Footprint:
-        """A block is a layer or the embedding (or output projection), whichever is larger; transformers fuses MoE
-        experts when loading, so their checkpoint cannot be paged. A part is the largest span of PART_PARAMS, a unit the
+        """A block is a layer or the embedding (or output projection), whichever is larger; the paged reference
+        holds a layer (it streams the tables); transformers fuses MoE experts when loading, so their checkpoint
+        cannot be paged. A part is the largest span of PART_PARAMS, a unit the
         largest the NPU shape is exported in, an NPU part the largest of the target's NPU shape."""
         d, size = self.dims(config), self.size(config)
         per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
@@ -439,7 +440,7 @@ class CausalLM:
             for quant in map(quantization.lookup, quantization.LADDERS["onnx"])
             if quant.activation_bits
         }
-        return Footprint(max(d.vocab * d.hidden, per_layer), not d.experts, cache, part, unit, npu_parts)
+        return Footprint(max(d.vocab * d.hidden, per_layer), per_layer, not d.experts, cache, part, unit, npu_parts)
 
     def parts(self, config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
         return layer_spans(text_config(config), capacity, quant)

@@ -192,7 +192,8 @@ class Whisper:
         w, size = self.dims(config), self.size(config)
         layer = (size.encoder_params - w.frames * w.d_model) // max(w.encoder_layers, 1)
         cache = 2 * 4 * w.decoder_layers * (w.tokens + w.frames) * w.d_model
-        return Footprint(size.params - size.encoder_params + layer, True, cache, size.params, size.params)
+        held = size.params - size.encoder_params + layer
+        return Footprint(held, held, True, cache, size.params, size.params)
 
     def context_length(self, source, target: Target) -> int:
         return source.config["max_target_positions"]
