@@ -19,6 +19,7 @@ from edgeport.layouts import CoreMLModel, CoreMLWhisper, Layout
 from edgeport.machine import ON_MAC
 
 NEEDS_MACOS = "Core ML prediction needs macOS"
+DECOMPRESS_VALUES = 2**24  # values of a blockwise weight decompressed at a time
 
 
 def unavailable_here() -> str | None:
@@ -224,7 +225,7 @@ class PackageWeights:
             folder.mkdir()
             for stem, op in weight_ops(package).items():
                 if stem.startswith("model_"):
-                    np.save(folder / f"{stem}.npy", decompressed(op).astype(np.float16))
+                    save_decompressed(op, folder / f"{stem}.npy")
             self.folders.append(folder)
 
     def paged(self, pages):
@@ -301,6 +302,27 @@ def weight_ops(package: Path) -> dict:
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 found.setdefault(re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name), op)
     return found
+
+
+def save_decompressed(op, file: Path) -> None:
+    """`op`'s weight decompressed to fp16 into a .npy `file`; a blockwise-quantized one a slice of rows at a time,
+    by coremltools' own `decompress` (whole, a vocabulary's int4 table takes four copies of itself in fp16 and
+    float32: 3 GB at a 128k vocabulary)."""
+    data = op.data.val if op.op_type == "constexpr_blockwise_shift_scale" else None
+    scale = op.scale.val if data is not None else None
+    if data is None or scale is None:
+        np.save(file, decompressed(op).astype(np.float16))
+        return
+    offset = None if op.offset is None else op.offset.val
+    per_scale = data.shape[0] // scale.shape[0]  # rows of data to a row of scales
+    step = max(1, DECOMPRESS_VALUES // (data[0].size * per_scale)) * per_scale
+    out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=data.shape)
+    for start in range(0, data.shape[0], step):
+        scales = slice(start // per_scale, (start + step) // per_scale)
+        rows = op.decompress(data[start : start + step], scale[scales], None if offset is None else offset[scales])
+        out[start : start + step] = rows
+    out.flush()
+    del out
 
 
 def decompressed(op) -> np.ndarray:

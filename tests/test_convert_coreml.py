@@ -100,6 +100,19 @@ def test_weights_read_back_are_the_int4_blocks_of_the_source(gpu_package, tiny_l
     assert len(np.unique(stored.reshape(blocks.shape)[0, 0])) <= 16
 
 
+def test_weights_decompressed_a_slice_of_rows_at_a_time_are_coremltools_whole(gpu_package, tmp_path, monkeypatch):
+    from edgeport.engines import coreml as engine
+
+    monkeypatch.setattr(engine, "DECOMPRESS_VALUES", 5 * 64)  # a few rows of the tiny model's matrices
+    out, _ = gpu_package
+    ops = engine.weight_ops(out / "coreml" / "model-01-of-01.mlpackage")
+    blockwise = {stem: op for stem, op in ops.items() if op.op_type == "constexpr_blockwise_shift_scale"}
+    assert "model_lm_head_weight" in blockwise
+    for stem, op in blockwise.items():
+        engine.save_decompressed(op, tmp_path / f"{stem}.npy")
+        np.testing.assert_array_equal(np.load(tmp_path / f"{stem}.npy"), engine.decompressed(op).astype(np.float16))
+
+
 def test_rows_of_the_packages_tables_read_alone_are_those_rows_of_the_whole(gpu_package, tiny_llama):
     from edgeport.engines.coreml import PackageWeights
     from edgeport.source import open_source
