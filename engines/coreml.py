@@ -295,13 +295,19 @@ def read_weights(package: Path, names: list[str]) -> dict[str, np.ndarray]:
 def weight_ops(package: Path) -> dict:
     """The package's constants by the name of the parameter they came from: the converter names each weight after
     its parameter, dots made underscores, "model_" before it; vectors folded into other ops (norm scales) keep no
-    name and are not found."""
+    name and are not found, and a compressed weight's own inputs (its data, its scales) are not weights."""
     found = {}
     for function in _program(package).functions.values():
         for op in function.operations:
-            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+            constant = op.op_type == "const" or op.op_type.startswith("constexpr_")
+            if constant and not _decompressed_by_others(op):
                 found.setdefault(re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name), op)
     return found
+
+
+def _decompressed_by_others(op) -> bool:
+    users = op.outputs[0].child_ops
+    return bool(users) and all(user.op_type.startswith("constexpr_") for user in users)
 
 
 def save_decompressed(op, file: Path) -> None:
@@ -316,13 +322,13 @@ def save_decompressed(op, file: Path) -> None:
     offset = None if op.offset is None else op.offset.val
     per_scale = data.shape[0] // scale.shape[0]  # rows of data to a row of scales
     step = max(1, DECOMPRESS_VALUES // (data[0].size * per_scale)) * per_scale
-    out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=data.shape)
-    for start in range(0, data.shape[0], step):
-        scales = slice(start // per_scale, (start + step) // per_scale)
-        rows = op.decompress(data[start : start + step], scale[scales], None if offset is None else offset[scales])
-        out[start : start + step] = rows
-    out.flush()
-    del out
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": data.shape}
+    with open(file, "wb") as out:  # written, not mapped: a mapping's pages would count as this process's memory
+        np.lib.format.write_array_header_1_0(out, header)
+        for start in range(0, data.shape[0], step):
+            scales = slice(start // per_scale, (start + step) // per_scale)
+            rows = op.decompress(data[start : start + step], scale[scales], None if offset is None else offset[scales])
+            np.ascontiguousarray(rows, np.float16).tofile(out)
 
 
 def decompressed(op) -> np.ndarray:
