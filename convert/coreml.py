@@ -20,7 +20,6 @@ flexible function takes the caches as inputs and returns the updated ones.
 Off macOS the packages cannot predict; they are checked by structure and by their weights read back (see parity).
 """
 
-import gc
 import importlib
 import tempfile
 from collections import Counter
@@ -43,6 +42,7 @@ from edgeport.engines.reference import part_forward, part_of, running_only  # no
 from edgeport.errors import EdgeportError  # noqa: E402
 from edgeport.families.causal_lm import PART_PARAMS, LayerSpan  # noqa: E402
 from edgeport.layouts import ANE_PREFILL_CHUNK, CoreMLChunk, CoreMLModel  # noqa: E402
+from edgeport.machine import release_freed_memory  # noqa: E402
 from edgeport.plan import GB, Step  # noqa: E402
 from edgeport.quiet import converting  # noqa: E402
 from edgeport.source import Source  # noqa: E402
@@ -99,7 +99,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
             else:
                 _convert(model, chunk, layout, None, deployment, quant).save(str(package))
             del model
-            gc.collect()
+            release_freed_memory()  # a chunk's leftovers go before the next chunk is read
     copy_app_files(source.path, dest)
     layout.write(dest)
     packages = {chunk.package: describe(dest / chunk.package) for chunk in layout.chunks}
@@ -125,9 +125,9 @@ def chunk_spans(source: Source, quant, target: Target) -> list[LayerSpan]:
 
 
 def _chunk_weights(source: Source, chunk: CoreMLChunk):
-    """The source's model with only `chunk`'s blocks read, its matrices in fp16; None where the checkpoint cannot
-    be read a block at a time."""
-    model = part_of(source, chunk.first_layer, chunk.end_layer, attn_implementation=ATTENTION)
+    """The source's model with only `chunk`'s blocks read, its matrices in fp16 (read so: a float32 copy of a chunk
+    first would double what it holds); None where the checkpoint cannot be read a block at a time."""
+    model = part_of(source, chunk.first_layer, chunk.end_layer, matrices=torch.float16, attn_implementation=ATTENTION)
     return model and in_half(model)
 
 

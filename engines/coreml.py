@@ -339,6 +339,9 @@ def decompressed(op) -> np.ndarray:
 def describe(package: Path) -> dict:
     """The saved package as a reader finds it: its interface, and every weight matrix by how it is stored (for one
     function: a multifunction package's functions share their weights)."""
+    from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
+    from coremltools.converters.mil.mil import types
+
     ct = coremltools()
     description = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
 
@@ -370,15 +373,15 @@ def describe(package: Path) -> dict:
                 "states": features(description.state),
             }
         }
-    function = next(iter(_program(package).functions.values()))
-    ops = Counter(op.op_type for op in function.operations)
-    packed = {v.name for op in function.operations if op.op_type.startswith("constexpr_") for v in op.inputs.values()}
-    weights = Counter()
-    for op in function.operations:
-        if op.op_type.startswith("constexpr_"):
-            weights[op.op_type] += 1
-        elif op.op_type == "const" and _is_matrix(op.outputs[0].shape) and op.outputs[0].name not in packed:
-            weights[f"const {op.outputs[0].dtype.__name__}"] += 1
+    ops, weights = Counter(), Counter()
+    for op in _operations(package):
+        ops[op.type] += 1
+        if op.type.startswith("constexpr_"):
+            weights[op.type] += 1
+        elif op.type == "const":
+            value = proto_to_types(op.outputs[0].type)
+            if types.is_tensor(value) and _is_matrix(value.get_shape()):
+                weights[f"const {types.builtin_to_string(value.get_primitive())}"] += 1
     return {
         "functions": interface,
         "weight_matrices_by_storage": dict(weights),
@@ -390,6 +393,15 @@ def describe(package: Path) -> dict:
 def _is_matrix(shape) -> bool:
     """At least two dimensions of more than one element: a weight, not a scalar shaped [1, 1, 1, 1]."""
     return sum(d > 1 for d in shape) >= 2
+
+
+def _operations(package: Path) -> list:
+    """The operations of the package's first function as its specification lists them, without its weights (a
+    multifunction package's functions share them): loading the program would read every weight, 1 GB for one of
+    Llama-3.2-1B's packages."""
+    spec = coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
+    function = next(iter(spec.mlProgram.functions.values()))
+    return list(function.block_specializations[function.opset].operations)
 
 
 def _program(package: Path):

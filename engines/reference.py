@@ -36,8 +36,9 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.spans and self.spans[name][1].dtype in STORED
 
-    def read(self, name: str, rows: slice | None = None):
-        """The tensor `name` in float32, or only `rows` of its first dimension."""
+    def read(self, name: str, rows: slice | None = None, dtype=None):
+        """The tensor `name` in float32 (or `dtype`, converted a slice at a time), or only `rows` of its first
+        dimension."""
         import torch
 
         file, span = self.spans[name]
@@ -47,7 +48,7 @@ class Checkpoint:
             start, stop, _ = rows.indices(shape[0])
             row_values = int(np.prod(shape[1:]))
             shape, skipped = (stop - start, *shape[1:]), start * row_values * stored.itemsize
-        out = torch.empty(shape, dtype=torch.float32)
+        out = torch.empty(shape, dtype=dtype or torch.float32)
         flat, done = out.view(-1), 0
         with open(file, "rb") as f:
             f.seek(span.start + skipped)
@@ -60,10 +61,18 @@ class Checkpoint:
         return out
 
 
-def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[[str], bool] | None = None, **options):
+def paged(
+    source,
+    pages: Callable[[str], bool],
+    checkpoint=None,
+    only: Callable[[str], bool] | None = None,
+    matrices=None,
+    **options,
+):
     """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from `checkpoint` (by
     default the source's own safetensors) each time they run; the others are read once, now, or, where `only` is
-    given and does not hold, left on the meta device (a converter that builds the model part by part). A block is
+    given and does not hold, left on the meta device (a converter that builds the model part by part); the
+    matrices of those read once (linear layers' and embeddings' weights) in `matrices` where given. A block is
     an item of a ModuleList (a layer) or a module outside one that holds weights itself (an embedding, a norm, the
     output projection). `options` go to `from_config` (e.g. attn_implementation). None where the checkpoint's
     tensors are not the model's own: transformers converts some when loading (fused MoE experts), and a checkpoint
@@ -91,7 +100,7 @@ def paged(source, pages: Callable[[str], bool], checkpoint=None, only: Callable[
             block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
         else:
-            _read(block, name, keys, checkpoint)
+            _read(block, name, keys, checkpoint, matrices)
     return model.eval()
 
 
@@ -102,11 +111,13 @@ def whole(source, **options):
     return paged(source, lambda block: False, **options) or source.load_reference(**options)
 
 
-def part_of(source, first: int, end: int, embedding: bool | None = None, head: bool | None = None, **options):
-    """The source's model with only decoder layers [first, end) read (in float32), with the embedding where the
-    part starts the decoder (or `embedding`) and the final norm and output projection where it ends it (or `head`);
-    the rest stays on the meta device. `options` go to `from_config`. None where the checkpoint cannot be read a
-    block at a time."""
+def part_of(
+    source, first: int, end: int, embedding: bool | None = None, head: bool | None = None, matrices=None, **options
+):
+    """The source's model with only decoder layers [first, end) read (in float32; its matrices in `matrices` where
+    given), with the embedding where the part starts the decoder (or `embedding`) and the final norm and output
+    projection where it ends it (or `head`); the rest stays on the meta device. `options` go to `from_config`. None
+    where the checkpoint cannot be read a block at a time."""
     layers = source.family.dims(source.config).layers
     embedding = first == 0 if embedding is None else embedding
     head = end == layers if head is None else head
@@ -117,7 +128,7 @@ def part_of(source, first: int, end: int, embedding: bool | None = None, head: b
             return first <= int(layer.group(1)) < end
         return embedding if "embed" in block else head
 
-    return paged(source, lambda block: False, only=in_part, **options)
+    return paged(source, lambda block: False, only=in_part, matrices=matrices, **options)
 
 
 def kv_cache(model, cache) -> dict:
@@ -206,13 +217,16 @@ def _blocks(model) -> list[tuple[str, object]]:
     return found
 
 
-def _read(block, name: str, keys: dict, checkpoint) -> None:
+def _read(block, name: str, keys: dict, checkpoint, matrices=None) -> None:
     import torch
 
     for local, _ in list(block.named_parameters()):
         owner, _, leaf = local.rpartition(".")
         module = block.get_submodule(owner) if owner else block
-        module._parameters[leaf] = torch.nn.Parameter(checkpoint.read(keys[f"{name}.{local}"]), requires_grad=False)
+        key = keys[f"{name}.{local}"]
+        matrix = matrices and leaf == "weight" and isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+        value = checkpoint.read(key, dtype=matrices) if matrix else checkpoint.read(key)
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
 def _streams(block) -> bool:

@@ -210,6 +210,20 @@ def test_the_vocabulary_tables_are_read_a_slice_of_rows_at_a_time_to_the_bit(tie
     assert len(tables) > 2 and max(tables) <= 7 * 64
 
 
+def test_a_part_read_with_its_matrices_in_fp16_is_the_float32_part_rounded(tmp_path):
+    """Core ML's converter reads its chunks' matrices in fp16 (not a float32 chunk first): the same fp16 weights."""
+    import torch
+
+    from edgeport.engines.reference import part_of
+
+    source = open_source(str(make_model(tmp_path / "m", "llama", tie_word_embeddings=True)))
+    half, full = part_of(source, 0, 2, matrices=torch.float16), part_of(source, 0, 2)
+    pairs = list(zip(half.named_parameters(), full.named_parameters(), strict=True))
+    assert any(h.dtype == torch.float16 for (_, h), _ in pairs) and any(h.dtype == torch.float32 for (_, h), _ in pairs)
+    for (name, h), (_, f) in pairs:
+        assert torch.equal(h, f.to(h.dtype)) and (h.dtype == torch.float16) == (h.dim() == 2), name
+
+
 def test_a_checkpoint_the_model_renames_on_loading_is_read_whole(tmp_path):
     """transformers fuses MoE experts when it loads them: those tensors are not the checkpoint's, so no paging."""
     source = open_source(
