@@ -91,6 +91,7 @@ def paged(
     keys = _checkpoint_keys(model, checkpoint)
     if keys is None:
         return None
+    held = {}  # what was read once, by checkpoint key: tied parameters stay one (Whisper's output projection)
     for name, block in _blocks(model):
         if only is not None and not only(name):
             continue
@@ -100,7 +101,7 @@ def paged(
             block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
         else:
-            _read(block, name, keys, checkpoint, matrices)
+            _read(block, name, keys, checkpoint, matrices, held)
     return model.eval()
 
 
@@ -217,16 +218,21 @@ def _blocks(model) -> list[tuple[str, object]]:
     return found
 
 
-def _read(block, name: str, keys: dict, checkpoint, matrices=None) -> None:
+def _read(block, name: str, keys: dict, checkpoint, matrices=None, held: dict | None = None) -> None:
+    """Read `block`'s parameters (its matrices in `matrices` where given); one already `held` (by checkpoint key)
+    is shared, not read again."""
     import torch
 
+    held = {} if held is None else held
     for local, _ in list(block.named_parameters()):
         owner, _, leaf = local.rpartition(".")
         module = block.get_submodule(owner) if owner else block
         key = keys[f"{name}.{local}"]
-        matrix = matrices and leaf == "weight" and isinstance(module, torch.nn.Linear | torch.nn.Embedding)
-        value = checkpoint.read(key, dtype=matrices) if matrix else checkpoint.read(key)
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        if key not in held:
+            matrix = matrices and leaf == "weight" and isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+            value = checkpoint.read(key, dtype=matrices) if matrix else checkpoint.read(key)
+            held[key] = torch.nn.Parameter(value, requires_grad=False)
+        module._parameters[leaf] = held[key]
 
 
 def _streams(block) -> bool:

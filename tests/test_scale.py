@@ -239,6 +239,7 @@ def test_whispers_encoder_layers_are_paged_and_the_rest_held(tmp_path):
     devices = {name: p.device.type for name, p in runner.model.named_parameters()}
     assert {d for n, d in devices.items() if n.startswith("model.encoder.layers.")} == {"meta"}
     assert {d for n, d in devices.items() if not n.startswith("model.encoder.layers.")} == {"cpu"}
+    assert runner.model.proj_out.weight is runner.model.model.decoder.embed_tokens.weight  # tied: held once
     mel = np.random.default_rng(0).standard_normal((1, source.config["num_mel_bins"], 3000)).astype(np.float32)
     encoded, expected = runner.encode(mel), whole.encode(mel)
     assert (encoded == expected).all()
