@@ -16,7 +16,7 @@ from edgeport.engines.reference import Checkpoint, TorchRunner, TorchWhisper, pa
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
 from edgeport.layouts import CoreMLModel, CoreMLWhisper, Layout
-from edgeport.machine import ON_MAC
+from edgeport.machine import ON_MAC, release_freed_memory
 
 NEEDS_MACOS = "Core ML prediction needs macOS"
 DECOMPRESS_VALUES = 2**24  # values of a blockwise weight decompressed at a time
@@ -223,9 +223,8 @@ class PackageWeights:
         for package in self.packages:
             folder = Path(self.scratch.name) / package.name
             folder.mkdir()
-            for stem, op in weight_ops(package).items():
-                if stem.startswith("model_"):
-                    save_decompressed(op, folder / f"{stem}.npy")
+            _save_weights(package, folder)
+            release_freed_memory()  # one package's program at a time
             self.folders.append(folder)
 
     def paged(self, pages):
@@ -308,6 +307,12 @@ def weight_ops(package: Path) -> dict:
 def _decompressed_by_others(op) -> bool:
     users = op.outputs[0].child_ops
     return bool(users) and all(user.op_type.startswith("constexpr_") for user in users)
+
+
+def _save_weights(package: Path, folder: Path) -> None:
+    for stem, op in weight_ops(package).items():
+        if stem.startswith("model_"):
+            save_decompressed(op, folder / f"{stem}.npy")
 
 
 def save_decompressed(op, file: Path) -> None:
