@@ -51,8 +51,8 @@ class Rate:
 
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
-# peak GB: the reference 0.86 / 1.63–1.73 / 2.28–2.37 / 2.81–3.00 (it was 2.01 / 2.68 / 3.59 before freed blocks were
-# given back); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
+# peak GB: the reference 0.70 / 0.77–0.80 / 1.10 / 1.58, a layer at a time (1.63–1.73 / 2.28–2.37 / 2.81–3.00 while
+# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
 # 1.06 / 3.3 / 4.71 / 8.45; the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a weight at a time, the largest
 # first: the output projection's float32 copies make the peak); ONNX CPU parity 1.00 / 3.84 / 7.47 / 14.75 while
 # onnxruntime-genai's copy of the weights was loaded beside the graph's (without it, in process: - / 1.94 / 3.72).
@@ -69,8 +69,8 @@ class Rate:
 # convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's weights in transformers) 0.90 / 3.37 (q8: 2.63); the
 # Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
 REFERENCE = {
-    "causal-lm": Rate(0.70, per_block_param=3.6, seconds=4, seconds_per_gparam=20),
-    "whisper": Rate(0.71, per_block_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
+    "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
+    "whisper": Rate(0.71, per_paged_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
 }
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
@@ -95,9 +95,10 @@ CONVERT = {
     ("causal-lm", "gguf"): Rate(0.35, per_block_param=6.8, seconds=10, seconds_per_gparam=37, temporary_per_param=2),
     ("causal-lm", "coreml", "gpu"): Rate(0.5, per_part_param=6.4, seconds=20, seconds_per_gparam=125),
     # the Neural Engine's packages: two functions (prefill, decode) converted per chunk, then merged (Llama-3.2-1B:
-    # 4.18 GB; 9.12 while coremltools' weight sharing compared float64 copies)
+    # 3.01 GB; 4.18 while each package's description loaded its weights, 9.12 while coremltools' weight sharing
+    # compared float64 copies)
     ("causal-lm", "coreml", "npu"): Rate(
-        0.57, per_part_param=9.4, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
+        0.57, per_part_param=6.4, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
     ),
     ("whisper", "mlx"): Rate(0.32, per_param=2.0, seconds=1, seconds_per_gparam=5),
     ("whisper", "mlx", "quantized"): Rate(0.32, per_param=3.1, seconds=2, seconds_per_gparam=15),
@@ -109,22 +110,28 @@ CONVERT = {
 PARITY = {
     # off a Mac, the artifact's weights dequantized and run in transformers: 39 s / 171–228 / 436 / 796 s for the
     # four sizes (it was predicted at a quarter of that)
+    # the artifact's arrays held, a layer dequantized at a time, the vocabulary's tables a slice at a time:
+    # Llama-3.2-1B's 1.82 GB (2.65–2.76 while the tables were read whole)
     ("causal-lm", "mlx", "quantized"): Rate(
-        0.81, per_param=0.49, per_block_param=6.6, seconds=30, seconds_per_gparam=100
+        0.55, per_artifact_byte=1, per_paged_param=9, seconds=30, seconds_per_gparam=100
     ),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
-    ("causal-lm", "onnx", "cpu"): Rate(0.65, per_param=0.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
+    # the metrics computed a few rows at a time since: 1.24B 2.03 GB (2.84 before)
+    ("causal-lm", "onnx", "cpu"): Rate(0.3, per_param=0.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
     # a part of the NPU shape at a time: Llama-3.2-1B's largest at w4a16 (993M parameters) 2.84 GB (3.92 while
     # onnxruntime's arena kept each call's dequantized weights; Llama-3.1-8B's, 1527M, 5.50 GB then)
     ("causal-lm", "onnx", "npu"): Rate(1.0, per_npu_part_param=1.85, seconds=5, seconds_per_gparam=40),
     # llama.cpp holds the file in memory (not mapped) and every position's logits over its 512-token context:
-    # 2.35 / 3.62 / 6.54 GB, 15 / 16 / 33 s for the three shapes at Q4_K_M.
-    ("causal-lm", "gguf"): Rate(1.5, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
+    # 1.85 GB (1.24B), 15 / 16 / 33 s for the three shapes at Q4_K_M (2.35 / 3.62 / 6.54 GB before the metrics went
+    # a few rows at a time).
+    ("causal-lm", "gguf"): Rate(1.0, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
     ("causal-lm", "coreml", "gpu"): Rate(
         0.9, per_artifact_byte=1, per_block_param=4, seconds=10, seconds_per_gparam=130, temporary_per_param=2
     ),
+    # a package's program (both functions) loaded to decompress its weights, one package at a time: Llama-3.2-1B's
+    # 1.63 GB (3.60 while the previous package's program stayed loaded and each table was decompressed whole)
     ("causal-lm", "coreml", "npu"): Rate(
-        1.0, per_artifact_byte=3, seconds=10, seconds_per_gparam=130, temporary_per_param=2
+        0.6, per_part_param=2.7, seconds=10, seconds_per_gparam=130, temporary_per_param=2
     ),
     ("whisper", "mlx"): Rate(0.78, per_param=1.26, per_artifact_byte=0.97, seconds=12, seconds_per_gparam=290),
     ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
