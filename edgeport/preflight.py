@@ -70,7 +70,7 @@ class Rate:
 # Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
 REFERENCE = {
     "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
-    "whisper": Rate(0.71, per_paged_param=5.2, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
+    "whisper": Rate(0.47, per_paged_param=4.9, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
 }
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
@@ -104,7 +104,7 @@ CONVERT = {
     ("whisper", "mlx", "quantized"): Rate(0.32, per_param=3.1, seconds=2, seconds_per_gparam=15),
     ("whisper", "onnx"): Rate(1.05, per_param=3.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
-    ("whisper", "coreml"): Rate(1.15, per_param=4.5, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
+    ("whisper", "coreml"): Rate(1.15, per_param=2.4, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),
 }
 PARITY = {
