@@ -52,22 +52,23 @@ class Rate:
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
 # peak GB: the reference 0.70 / 0.77–0.80 / 1.10 / 1.58, a layer at a time (1.63–1.73 / 2.28–2.37 / 2.81–3.00 while
-# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity
-# 1.06 / 3.3 / 4.71 / 8.45; the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a weight at a time, the largest
-# first: the output projection's float32 copies make the peak); ONNX CPU parity 1.00 / 3.84 / 7.47 / 14.75 while
-# onnxruntime-genai's copy of the weights was loaded beside the graph's (without it, in process: - / 1.94 / 3.72).
-# Core ML converts a chunk of at most PART_PARAMS at a time: 2.55 / 3.56 / 6.52 GB for the GPU's packages (largest
-# chunks of 384M, 495M and 743M parameters), 4.18 GB for the 1.24B's Neural Engine packages (two functions each); its
-# parity off a Mac holds the package's weights and one block decompressed in float32 (3.12 / 4.12 / 7.10 GB for the
-# GPU's, 3.57 / 7.09 for the Neural Engine's two-function packages). The NPU shape builds a unit at a time.
+# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity - / 1.82 (1.06
+# / 3.3 / 4.71 / 8.45 while the tables were read whole); the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a
+# weight at a time, the largest first: the output projection's float32 copies make the peak); ONNX CPU parity - /
+# 2.03 (1.00 / 3.84 / 7.47 / 14.75 while onnxruntime-genai's copy of the weights was loaded beside the graph's).
+# Core ML converts a chunk of at most PART_PARAMS at a time: 2.55–2.60 / 3.56 / 6.52 GB for the GPU's packages
+# (largest chunks of 384M, 495M and 743M parameters), 3.01 GB for the 1.24B's Neural Engine packages (two functions
+# each); its parity off a Mac loads one package's program at a time to decompress its weights, then runs paged like
+# the reference (1.63 GB for the 1.24B's Neural Engine packages). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
-# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.71
-# / 1.67 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.28, parity 0.45 / 1.39–1.88; ONNX int8 convert
-# 1.23 / 4.20 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16
-# while onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.30; Core ML convert 1.41 /
-# 4.79 (its matrices read in fp16; 7.97 in float32; int8 4.24), parity (paged like the reference) - / 1.73–2.95; MLX
-# convert 0.40 / 1.95 (q8: 2.81), parity (the artifact's weights in transformers) 0.90 / 3.37 (q8: 2.63); the
-# Snapdragon graphs 1.21 / 6.40 (torch exporting the float encoder), their parity 0.77 / 2.89.
+# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.62
+# / 1.40 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.19, parity 0.45 / 1.88; ONNX int8 convert 1.23 /
+# 3.94 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16 while
+# onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 1.41 / 2.81
+# (fp16; int8 3.32; 4.82 / 6.98 while each package's description loaded its weights, 7.97 with float32 matrices),
+# parity (paged like the reference) - / 1.67–2.95; MLX convert 0.40 / 1.96 (q8: 2.81), parity (the artifact's weights
+# in transformers) 0.90 / 3.12 (q8: 2.36); the Snapdragon graphs 1.21 / 6.39 (torch exporting the float encoder), their
+# parity 0.77 / 2.96.
 REFERENCE = {
     "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.47, per_paged_param=4.9, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips

@@ -83,7 +83,8 @@ def _in_transformers(source, folder: Path):
 
 class MLXCheckpoint:
     """An MLX folder's weights as a paged reference reads them: quantized ones dequantized in their scales' dtype
-    (as mlx-lm's `dequantize_model` does), every one widened to float32."""
+    (as mlx-lm's `dequantize_model` does), every one widened to float32. Each read loads what it needs afresh (MLX
+    loads lazily: an array keeps its data once computed, so arrays held here would end up the whole artifact)."""
 
     def __init__(self, folder: Path):
         import json
@@ -93,27 +94,28 @@ class MLXCheckpoint:
         self.mx = mx
         mx.set_cache_limit(0)  # a freed buffer goes back to the system, not to MLX's cache
         self.quantization = json.loads((folder / "config.json").read_text()).get("quantization") or {}
-        self.arrays = {}
+        self.files = {}
         for file in sorted(folder.glob("*.safetensors")):
-            self.arrays.update(mx.load(str(file)))
+            self.files.update(dict.fromkeys(mx.load(str(file)), file))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.arrays
+        return name in self.files
 
     def read(self, name: str, rows: slice | None = None):
         """The tensor `name` in float32 (dequantized), or only `rows` of its first dimension."""
         import torch
 
         mx, layer = self.mx, name.removesuffix(".weight")
-        weight = self.arrays[name]
+        weight = self._array(name)
         start, stop, _ = (rows or slice(None)).indices(weight.shape[0])
-        if f"{layer}.scales" not in self.arrays:
+        if f"{layer}.scales" not in self.files:
             widened = weight[start:stop].astype(mx.float32)
             mx.eval(widened)
             return torch.from_numpy(np.asarray(memoryview(widened)))
         settings = self.quantization.get(layer)  # mixed recipes give some layers their own bits
         settings = settings if isinstance(settings, dict) else self.quantization
-        scales, biases = self.arrays[f"{layer}.scales"], self.arrays.get(f"{layer}.biases")
+        scales = self._array(f"{layer}.scales")
+        biases = self._array(f"{layer}.biases") if f"{layer}.biases" in self.files else None
         out = torch.empty((stop - start, scales.shape[1] * settings["group_size"]), dtype=torch.float32)
         for first in range(start, stop, DEQUANTIZE_ROWS):  # a slice at a time: one float32 copy in all
             part_rows = slice(first, min(first + DEQUANTIZE_ROWS, stop))
@@ -129,6 +131,9 @@ class MLXCheckpoint:
             out[first - start : part_rows.stop - start] = torch.from_numpy(np.asarray(memoryview(part)))
         return out
 
+    def _array(self, name: str):
+        return self.mx.load(str(self.files[name]))[name]  # lazy: read when computed, let go with the array
+
 
 class MLXWhisperCheckpoint(MLXCheckpoint):
     """An mlx-whisper folder's weights under the transformers names they were converted from; the encoder's
@@ -142,7 +147,7 @@ class MLXWhisperCheckpoint(MLXCheckpoint):
         self.positions = (dims["n_audio_ctx"], dims["n_audio_state"])
 
     def __contains__(self, name: str) -> bool:
-        return name == MLXWhisperLayout.ENCODER_POSITIONS or MLXWhisperLayout.weight_name(name) in self.arrays
+        return name == MLXWhisperLayout.ENCODER_POSITIONS or MLXWhisperLayout.weight_name(name) in self.files
 
     def read(self, name: str, rows: slice | None = None):
         import torch
