@@ -67,8 +67,8 @@ class Rate:
 # onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 1.41 / 2.81
 # (fp16; int8 3.32; 4.82 / 6.98 while each package's description loaded its weights, 7.97 with float32 matrices),
 # parity (paged like the reference) - / 1.67–2.95; MLX convert 0.40 / 1.96 (q8: 2.81), parity (the artifact's weights
-# in transformers) 0.90 / 3.12 (q8: 2.36); the Snapdragon graphs 1.21 / 6.39 (torch exporting the float encoder), their
-# parity 0.77 / 2.96.
+# in transformers) - / 1.49 (0.90 / 3.12 while the artifact's arrays were held); the Snapdragon graphs 1.21 / 6.39
+# (torch exporting the float encoder), their parity 0.77 / 2.96.
 REFERENCE = {
     "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.47, per_paged_param=4.9, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
@@ -126,15 +126,18 @@ PARITY = {
     # 1.85 GB (1.24B), 15 / 16 / 33 s for the three shapes at Q4_K_M (2.35 / 3.62 / 6.54 GB before the metrics went
     # a few rows at a time).
     ("causal-lm", "gguf"): Rate(1.0, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
+    # as the Neural Engine's (below), a one-function package at a time: Llama-3.2-3B's 1.57 GB (4.12 before)
     ("causal-lm", "coreml", "gpu"): Rate(
-        0.9, per_artifact_byte=1, per_block_param=4, seconds=10, seconds_per_gparam=130, temporary_per_param=2
+        0.55, per_part_param=2.0, seconds=10, seconds_per_gparam=130, temporary_per_param=2
     ),
     # a package's program (both functions) loaded to decompress its weights, one package at a time: Llama-3.2-1B's
     # 1.63 GB (3.60 while the previous package's program stayed loaded and each table was decompressed whole)
     ("causal-lm", "coreml", "npu"): Rate(
         0.6, per_part_param=2.7, seconds=10, seconds_per_gparam=130, temporary_per_param=2
     ),
-    ("whisper", "mlx"): Rate(0.78, per_param=1.26, per_artifact_byte=0.97, seconds=12, seconds_per_gparam=290),
+    # paged like the reference, each weight loaded from the artifact when read: turbo fp16 1.49 GB (3.12 while the
+    # artifact's arrays were held)
+    ("whisper", "mlx"): Rate(0.47, per_paged_param=5.3, seconds=12, seconds_per_gparam=290),
     ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
     # the packages' weights decompressed a package at a time: the encoder's whole (fp16 2.95 GB, int8 1.73 for turbo)
     ("whisper", "coreml"): Rate(0.51, per_artifact_byte=1.5, seconds=20, seconds_per_gparam=400, temporary_per_param=2),
