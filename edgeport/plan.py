@@ -42,10 +42,9 @@ class Footprint:
     """What converting a model holds at once beside its weights, for the preflight (edgeport.preflight): the largest
     block of weights (a layer, or the embedding or output projection where larger), the largest the paged reference
     holds at a time (it reads the vocabulary's tables a slice at a time), whether it can page at all, a float32 KV
-    cache over the
-    context, the largest part a converter that works part by part builds at once (Core ML's chunks), the largest
-    unit the NPU shape's converter exports, calibrates and quantizes at once, and the largest part of the NPU shape
-    as built for the target, by quantization (its parity runs a part at a time)."""
+    cache over the context, the largest part a converter that works part by part builds at once (Core ML's chunks),
+    the largest unit the NPU shape's converter exports, calibrates and quantizes at once, and the largest part of the
+    NPU shape as built for the target, by quantization (its parity runs a part at a time)."""
 
     block_params: int
     paged_params: int

@@ -428,8 +428,8 @@ class CausalLM:
     def footprint(self, config: dict, context_length: int, target: Target) -> Footprint:
         """A block is a layer or the embedding (or output projection), whichever is larger; the paged reference
         holds a layer (it streams the tables); transformers fuses MoE experts when loading, so their checkpoint
-        cannot be paged. A part is the largest span of PART_PARAMS, a unit the
-        largest the NPU shape is exported in, an NPU part the largest of the target's NPU shape."""
+        cannot be paged. A part is the largest span of PART_PARAMS, a unit the largest the NPU shape is exported in,
+        an NPU part the largest of the target's NPU shape."""
         d, size = self.dims(config), self.size(config)
         per_layer = (size.matrix_params - d.vocab * d.hidden * (1 if d.tied else 2)) // d.layers
         cache = 2 * 4 * d.layers * d.kv_heads * d.head_dim * context_length
