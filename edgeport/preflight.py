@@ -52,11 +52,11 @@ class Rate:
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
 # peak GB: the reference 0.70 / 0.77–0.80 / 1.10 / 1.58, a layer at a time (1.63–1.73 / 2.28–2.37 / 2.81–3.00 while
-# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity - / 1.82 (1.06
-# / 3.3 / 4.71 / 8.45 while the tables were read whole); the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its int4 pass a
-# weight at a time, the largest first: the output projection's float32 copies make the peak); ONNX CPU parity - /
-# 2.03 (1.00 / 3.84 / 7.47 / 14.75 while onnxruntime-genai's copy of the weights was loaded beside the graph's).
-# Core ML converts a chunk of at most PART_PARAMS at a time: 2.55–2.60 / 3.56 / 6.52 GB for the GPU's packages
+# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity - / 1.12 /
+# 1.39 (1.06 / 3.3 / 4.71 / 8.45 while the tables were read whole); the ONNX builder 0.96 / 4.65 / 7.96 / 11.1 (its
+# int4 pass a weight at a time, the largest first: the output projection's float32 copies make the peak); ONNX CPU
+# parity - / 2.03 (1.00 / 3.84 / 7.47 / 14.75 while onnxruntime-genai's copy of the weights was loaded beside the
+# graph's). Core ML converts a chunk of at most PART_PARAMS at a time: 2.53–2.60 / 3.34 / 6.52 GB for the GPU's packages
 # (largest chunks of 384M, 495M and 743M parameters), 3.01 GB for the 1.24B's Neural Engine packages (two functions
 # each); its parity off a Mac loads one package's program at a time to decompress its weights, then runs paged like
 # the reference (1.63 GB for the 1.24B's Neural Engine packages). The NPU shape builds a unit at a time.
@@ -111,11 +111,10 @@ CONVERT = {
 PARITY = {
     # off a Mac, the artifact's weights dequantized and run in transformers: 39 s / 171–228 / 436 / 796 s for the
     # four sizes (it was predicted at a quarter of that)
-    # the artifact's arrays held, a layer dequantized at a time, the vocabulary's tables a slice at a time:
-    # Llama-3.2-1B's 1.82 GB (2.65–2.76 while the tables were read whole)
-    ("causal-lm", "mlx", "quantized"): Rate(
-        0.55, per_artifact_byte=1, per_paged_param=9, seconds=30, seconds_per_gparam=100
-    ),
+    # a layer dequantized at a time, each weight loaded from the artifact when read, the vocabulary's tables a slice
+    # at a time: Llama-3.2-1B / 3B 1.12 / 1.39 GB (1.82 while the artifact's arrays were held, 2.65–2.76 while the
+    # tables were read whole)
+    ("causal-lm", "mlx", "quantized"): Rate(0.55, per_paged_param=9, seconds=30, seconds_per_gparam=100),
     ("causal-lm", "mlx", "float"): Rate(0.6, per_artifact_byte=1, per_param=4, seconds_per_gparam=400),
     # the metrics computed a few rows at a time since: 1.24B 2.03 GB (2.84 before)
     ("causal-lm", "onnx", "cpu"): Rate(0.3, per_param=0.4, per_block_param=5.7, seconds=2, seconds_per_gparam=10),
