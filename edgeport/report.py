@@ -183,7 +183,8 @@ def plan_table(plan) -> Grid:
         budget = "—" if s.meets_budget is None else "[green]met[/]" if s.meets_budget else "[red]missed[/]"
         row = [f"{s.format} {s.unit}", s.quantization, _gb(s.weight_bytes / GB), memory, *family.plan_speeds(s)]
         grid.rows.append([*row, budget])
-        rooflines = f" (rooflines: {family.plan_rooflines(s)})" if s.decode_roofline_tps else ""
+        known = s.decode_roofline_tps and s.prefill_roofline_tps  # a manifest written by hand may lack one
+        rooflines = f" (rooflines: {family.plan_rooflines(s)})" if known else ""
         grid.notes.append(f"{s.format} {s.quantization}: {s.verdict}{rooflines}")
     grid.notes += list(dict.fromkeys(s.calibration for s in plan.steps if s.calibration))
     if plan.source_quantization:
