@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib.metadata import version
 from importlib.util import find_spec
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from edgeport import quantization
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.engines.loop import hf_tokenizer
 from edgeport.engines.onnx import PartRunner, part_calls, providers
-from edgeport.engines.reference import part_forward, part_of, running_only
+from edgeport.engines.reference import part_forward, part_of, running_only, vocab_rows
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import UNIT_PARAMS, LayerSpan
 from edgeport.layouts import MASK_VALUE, QNN_PREFILL_CHUNK, OnnxCPU, OnnxNPU, OnnxPart, builds_qnn_shape
@@ -152,27 +153,32 @@ def _npu_shape(source: Source, quant, target: Target, dest: Path) -> tuple[OnnxN
         floats, quantized = Path(tmp) / "float", Path(tmp) / "quantized"
         for part in layout.parts:
             quantized.mkdir()
-            spans = export_units(source, part)
-            units = [unit_graphs(span) for span in spans]
-            for span, unit in zip(spans, units, strict=True):
-                floats.mkdir()
-                model = part_of(source, span.start, span.stop, span.embedding, span.head, attn_implementation="eager")
-                if model is None:
-                    whole = whole or source.load_reference(attn_implementation="eager")
-                    model = whole
-                export_part(model, unit, layout, floats, span.embedding, span.head)
-                del model
-                release_freed_memory()  # the exported model goes before the next stage, as each stage's leftovers do
-                feeds = RecordedFeeds(floats / "calibration")
-                given = part_calls(PartRunner(floats, layout, unit, providers(False), feeds.record), calls, given)
-                release_freed_memory()
-                for graph, file in (("prefill", unit.prefill), ("decode", unit.decode)):
-                    qdq_quantize(floats / file, quantized / file, feeds.files[graph], quant)
-                    weights_apart(quantized / file)
+            groups = [list(group) for _, group in groupby(export_units(source, part), key=_unit_key)]
+            for group in groups:  # one unit, or the row slices of one table, each given the same inputs
+                runs = []
+                for span in group:  # all exported and calibrated first: the slices are quantized in one range
+                    model = part_of(
+                        source, span.start, span.stop, span.embedding, span.head, rows=span.rows,
+                        attn_implementation="eager",
+                    )  # fmt: skip
+                    if model is None:
+                        whole = whole or source.load_reference(attn_implementation="eager")
+                        model = whole
+                    with vocab_rows(model, span.rows):
+                        runs.append(_calibrated(model, span, layout, floats, calls, given))
+                    del model
                     release_freed_memory()
-                shutil.rmtree(floats)
+                overrides = _one_range(group, runs)
+                for run in runs:
+                    for graph, file in (("prefill", run.unit.prefill), ("decode", run.unit.decode)):
+                        qdq_quantize(run.folder / file, quantized / file, run.feeds.files[graph], quant, overrides)
+                        weights_apart(quantized / file)
+                        release_freed_memory()
+                    shutil.rmtree(run.folder)
+                given = _handed_on(group[0], [run.outputs for run in runs])
             for width in (layout.prefill_chunk, 1):
-                join_graphs([quantized / unit.graph(width) for unit in units], quantized / part.graph(width))
+                files = [_joined_slices(group, width, quantized) for group in groups]
+                join_graphs(files, quantized / part.graph(width))
             share_weights(quantized, dest, [part.prefill, part.decode], part.weights)
             shutil.rmtree(quantized)
     copy_app_files(source.path, dest)
@@ -243,7 +249,139 @@ def unit_graphs(span: LayerSpan) -> OnnxPart:
     name = f"layers-{span.start}-{span.stop}"
     if span.start == span.stop:
         name = "embedding" if span.embedding else "head"
+    if span.rows:
+        name += "-rows-{}-{}".format(*span.rows)
     return OnnxPart(f"prefill-{name}.onnx", f"decode-{name}.onnx", span.start, span.stop)
+
+
+@dataclass
+class _Calibrated:
+    """A unit exported as float graphs into `folder` and run over the calibration calls: the inputs each graph
+    saw (`feeds`), what it handed on, and the range of its vocabulary's table where it holds only a slice of one."""
+
+    unit: OnnxPart
+    folder: Path
+    feeds: "RecordedFeeds"
+    outputs: list[np.ndarray]
+    table_range: tuple[float, float] | None
+
+
+def _calibrated(model, span: LayerSpan, layout: OnnxNPU, floats: Path, calls, given) -> _Calibrated:
+    unit = unit_graphs(span)
+    folder = floats / unit.prefill.removesuffix(".onnx")
+    folder.mkdir(parents=True)
+    table = model.get_input_embeddings().weight if span.rows and span.embedding else None
+    table_range = (table.min().item(), table.max().item()) if table is not None else None
+    export_part(model, unit, layout, folder, span.embedding, span.head)
+    release_freed_memory()  # what the exporter copied goes before the next stage, as each stage's leftovers do
+    feeds = RecordedFeeds(folder / "calibration")
+    outputs = part_calls(PartRunner(folder, layout, unit, providers(False), feeds.record), calls, given)
+    release_freed_memory()
+    return _Calibrated(unit, folder, feeds, outputs, table_range)
+
+
+def _one_range(group: list[LayerSpan], runs: list[_Calibrated]) -> dict:
+    """The quantizer's overrides that give the row slices of one table the range of the whole: the embedding's
+    rows that of the whole table (so each slice's rows quantize as the whole table's do), the head's logits that of
+    all the logits calibrated."""
+    if len(group) == 1:
+        return {}
+    if group[0].head:
+        low = min(float(np.min(out)) for run in runs for out in run.outputs)
+        high = max(float(np.max(out)) for run in runs for out in run.outputs)
+        return {"logits": [{"rmin": np.float32(low), "rmax": np.float32(high)}]}
+    low, high = min(run.table_range[0] for run in runs), max(run.table_range[1] for run in runs)
+    graph = onnx.load(runs[0].folder / runs[0].unit.prefill, load_external_data=False).graph
+    table = next(node.input[0] for node in graph.node if node.op_type == "Gather")
+    return {table: [{"rmin": np.float32(low), "rmax": np.float32(high)}]}
+
+
+def _unit_key(span: LayerSpan) -> tuple:
+    """What the row slices of one table share, and no two other units do."""
+    return span.start, span.stop, span.embedding, span.head
+
+
+def _handed_on(span: LayerSpan, outputs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """What a unit, or the row slices of one table, hand to the next unit for each calibration call: the
+    embedding's slices' rows summed (each is zero but for its own tokens), the head's logits in vocabulary order."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if span.head:
+        return [np.concatenate(calls, axis=-1) for calls in zip(*outputs, strict=True)]
+    return [np.sum(calls, axis=0) for calls in zip(*outputs, strict=True)]
+
+
+def _joined_slices(group: list[LayerSpan], width: int, folder: Path) -> Path:
+    """The quantized graph of `width` of a unit, or of the row slices of one table joined as one."""
+    files = [folder / unit_graphs(span).graph(width) for span in group]
+    if len(files) == 1:
+        return files[0]
+    dest = folder / unit_graphs(replace(group[0], rows=None)).graph(width)
+    join_slices(files, dest, "Concat" if group[0].head else "Sum")
+    return dest
+
+
+def join_slices(files: list[Path], dest: Path, combine: str) -> None:
+    """The graphs of one table's row slices as one graph written to `dest` beside them: all read the same inputs,
+    and their outputs are combined by `combine` (the embedding's summed, the head's logits concatenated), then
+    quantized in the range of all of them together: the whole table's (the embedding's rows keep their table's
+    quantization), or the whole vocabulary's logits as calibrated. Every name inside a slice gets a prefix."""
+    joined = onnx.load(files[0], load_external_data=False)
+    graph, pieces = joined.graph, []
+    output = _copy(graph.output[0])
+    del graph.node[:], graph.initializer[:], graph.value_info[:], graph.output[:]
+    for k, file in enumerate(files):
+        piece = onnx.load(file, load_external_data=False).graph
+        inner = {name for node in piece.node for name in node.output} | {t.name for t in piece.initializer}
+        _rename(piece, {name: f"slice{k}/{name}" for name in inner - {v.name for v in piece.input}})
+        for node in piece.node:
+            node.name = f"slice{k}/{node.name}"
+        graph.node.extend(piece.node)
+        graph.initializer.extend(piece.initializer)
+        graph.value_info.extend(piece.value_info)
+        graph.input.extend(v for v in piece.input if v.name not in {i.name for i in graph.input})
+        pieces.append(piece.output[0])
+    name, attributes = output.name, {"axis": -1} if combine == "Concat" else {}
+    scale, zero_point = _range_of_all(graph, [p.name for p in pieces])
+    graph.initializer.extend([scale, zero_point])
+    graph.node.extend(
+        [
+            onnx.helper.make_node(
+                combine, [p.name for p in pieces], [f"{name}_joined"], f"{name}_{combine}", **attributes
+            ),
+            onnx.helper.make_node(
+                "QuantizeLinear", [f"{name}_joined", scale.name, zero_point.name], [f"{name}_q"], f"{name}_q"
+            ),
+            onnx.helper.make_node("DequantizeLinear", [f"{name}_q", scale.name, zero_point.name], [name], f"{name}_dq"),
+        ]
+    )
+    if combine == "Concat":  # the vocabulary's dimension is the slices' together
+        last = output.type.tensor_type.shape.dim[-1]
+        last.dim_value = sum(p.type.tensor_type.shape.dim[-1].dim_value for p in pieces)
+    graph.value_info.extend(pieces)
+    graph.output.append(output)
+    onnx.save(joined, dest)
+
+
+def _range_of_all(graph: onnx.GraphProto, names: list[str]) -> tuple[onnx.TensorProto, onnx.TensorProto]:
+    """The scale and zero point, of the same type, that represent every value the quantized outputs `names` can
+    take (each the output of a DequantizeLinear), as onnxruntime's quantizer computes them for a range."""
+    made_by = {node.output[0]: node for node in graph.node}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if not uses_external_data(t)}
+    low, high, zero_type = np.inf, -np.inf, None
+    for name in names:
+        scale, zero_point = (constants[i] for i in made_by[name].input[1:3])
+        zero_type = onnx.helper.np_dtype_to_tensor_dtype(zero_point.dtype)
+        qmin, qmax = quant_utils.get_qmin_qmax_for_qType(zero_type)
+        ends = (np.array([qmin, qmax], np.float64) - zero_point) * scale
+        low, high = min(low, ends.min()), max(high, ends.max())
+    qmin, qmax = quant_utils.get_qmin_qmax_for_qType(zero_type)
+    zero_point, scale = quant_utils.compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax)
+    prefix = names[0].split("/", 1)[-1]
+    return (
+        onnx.numpy_helper.from_array(np.asarray(scale, np.float32), f"{prefix}_joined_scale"),
+        onnx.helper.make_tensor(f"{prefix}_joined_zero_point", zero_type, [], [int(zero_point)]),
+    )
 
 
 def join_graphs(files: list[Path], dest: Path) -> None:
@@ -289,12 +427,12 @@ def _read_as_handed(graph: onnx.GraphProto, span: onnx.GraphProto, link: str) ->
     whole table at every call instead of gathering from it (2.2 GB more for Llama-3.2-1B's)."""
     if next((n.op_type for n in graph.node if link in n.output), None) != "DequantizeLinear":
         return
-    again = [n for n in span.node if n.op_type == "QuantizeLinear" and n.input[0] == link]
-    back = [n for n in span.node if again and again[0].output[0] in n.input]
-    if len(again) != 1 or not back or any(n.op_type != "DequantizeLinear" for n in back):
+    again = [n for n in span.node if n.op_type == "QuantizeLinear" and n.input[0] == link]  # one a slice of a table
+    back = [n for n in span.node if any(q.output[0] in n.input for q in again)]
+    if not again or not back or any(n.op_type != "DequantizeLinear" for n in back):
         return
     dropped = {id(n) for n in (*again, *back)}
-    gone = {again[0].output[0], *(n.output[0] for n in back)}
+    gone = {*(q.output[0] for q in again), *(n.output[0] for n in back)}
     kept = [n for n in span.node if id(n) not in dropped]
     del span.node[:]
     span.node.extend(kept)
@@ -358,9 +496,10 @@ def export_part(
         _annotate_shapes(file)
 
 
-def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
+def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant, overrides: dict | None = None) -> None:
     """A float graph QDQ-quantized as QNN runs it: `quant.bits` weights per channel (or in blocks of
-    `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`."""
+    `quant.group_size`), 16-bit activations with ranges calibrated on `feeds`, and the quantizer's tensor
+    `overrides`."""
     large = weights_apart(exported) >= onnx.checker.MAXIMUM_PROTOBUF
     prepared = exported.with_suffix(".prepared.onnx")
     if not qnn.qnn_preprocess_model(exported, prepared, save_as_external_data=True):  # writes only changes
@@ -371,7 +510,7 @@ def qdq_quantize(exported: Path, dest: Path, feeds: list[Path], quant) -> None:
         activation_type=QuantType.QUInt16,
         weight_type=QuantType.QUInt8 if quant.bits == 8 else QuantType.QInt4,
         per_channel=True,
-        init_overrides=_sensitive_layers(prepared, quant),
+        init_overrides=_sensitive_layers(prepared, quant) | (overrides or {}),
     )
     config.use_external_data_format = large  # the quantized graph keeps its weights in it where it can
     if quant.group_size:  # opset-21 block-wise weights: what QNN's low-power block quantization runs

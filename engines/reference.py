@@ -67,12 +67,14 @@ def paged(
     checkpoint=None,
     only: Callable[[str], bool] | None = None,
     matrices=None,
+    rows: tuple[int, int] | None = None,
     **options,
 ):
     """`source`'s model in float32 whose blocks named so that `pages(name)` holds are read from `checkpoint` (by
     default the source's own safetensors) each time they run; the others are read once, now, or, where `only` is
     given and does not hold, left on the meta device (a converter that builds the model part by part); the
-    matrices of those read once (linear layers' and embeddings' weights) in `matrices` where given. A block is
+    matrices of those read once (linear layers' and embeddings' weights) in `matrices` where given, and only their
+    `rows` where given (a part of the embedding or the head alone). A block is
     an item of a ModuleList (a layer) or a module outside one that holds weights itself (an embedding, a norm, the
     output projection). `options` go to `from_config` (e.g. attn_implementation). None where the checkpoint's
     tensors are not the model's own: transformers converts some when loading (fused MoE experts), and a checkpoint
@@ -101,7 +103,7 @@ def paged(
             block.register_forward_pre_hook(lambda module, args, name=name: _read(module, name, keys, checkpoint))
             block.register_forward_hook(lambda module, args, out: _release(module))
         else:
-            _read(block, name, keys, checkpoint, matrices, held)
+            _read(block, name, keys, checkpoint, matrices, held, rows)
     return model.eval()
 
 
@@ -113,15 +115,25 @@ def whole(source, **options):
 
 
 def part_of(
-    source, first: int, end: int, embedding: bool | None = None, head: bool | None = None, matrices=None, **options
+    source,
+    first: int,
+    end: int,
+    embedding: bool | None = None,
+    head: bool | None = None,
+    matrices=None,
+    rows: tuple[int, int] | None = None,
+    **options,
 ):
     """The source's model with only decoder layers [first, end) read (in float32; its matrices in `matrices` where
     given), with the embedding where the part starts the decoder (or `embedding`) and the final norm and output
-    projection where it ends it (or `head`); the rest stays on the meta device. `options` go to `from_config`. None
-    where the checkpoint cannot be read a block at a time."""
+    projection where it ends it (or `head`); the rest stays on the meta device. A part of the embedding or the head
+    alone may read only `rows` of its table (for `vocab_rows`). `options` go to `from_config`. None where the
+    checkpoint cannot be read a block at a time."""
     layers = source.family.dims(source.config).layers
     embedding = first == 0 if embedding is None else embedding
     head = end == layers if head is None else head
+    if rows is not None and first != end:
+        raise ValueError("only a part without layers reads a slice of the vocabulary")
 
     def in_part(block: str) -> bool:
         layer = re.search(r"\.layers\.(\d+)$", block)
@@ -129,7 +141,40 @@ def part_of(
             return first <= int(layer.group(1)) < end
         return embedding if "embed" in block else head
 
-    return paged(source, lambda block: False, only=in_part, matrices=matrices, **options)
+    return paged(source, lambda block: False, only=in_part, matrices=matrices, rows=rows, **options)
+
+
+@contextmanager
+def vocab_rows(model, rows: tuple[int, int] | None):
+    """`model`'s token embedding and output projection computing over only `rows` of the vocabulary while inside:
+    the projection gives those tokens' logits, the embedding those tokens' rows and zeros for every other token
+    (from a row of zeros after them, so that the table's lookup stays the module's last step). The NPU shape exports
+    a table too large for one unit so, a slice at a time. A table read whole is cut to its rows; one that part_of
+    read with `rows` holds only them."""
+    import torch
+
+    if rows is None:
+        yield model
+        return
+    start, stop = rows
+    embedding, cut = model.get_input_embeddings(), []
+    for module in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+        if module.weight.is_meta:
+            continue
+        cut.append((module, module.weight))
+        table = module.weight if module.weight.shape[0] == stop - start else module.weight[start:stop]
+        if module is embedding:
+            table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+        module._parameters["weight"] = torch.nn.Parameter(table, requires_grad=False)
+    if any(module is embedding for module, _ in cut):
+        lookup = embedding.forward  # the module's own (a scaled embedding scales its rows)
+        embedding.forward = lambda ids: lookup(torch.where((ids >= start) & (ids < stop), ids - start, stop - start))
+    try:
+        yield model
+    finally:
+        for module, weight in cut:
+            module._parameters["weight"] = weight
+        vars(embedding).pop("forward", None)
 
 
 def kv_cache(model, cache) -> dict:
@@ -218,9 +263,9 @@ def _blocks(model) -> list[tuple[str, object]]:
     return found
 
 
-def _read(block, name: str, keys: dict, checkpoint, matrices=None, held: dict | None = None) -> None:
-    """Read `block`'s parameters (its matrices in `matrices` where given); one already `held` (by checkpoint key)
-    is shared, not read again."""
+def _read(block, name: str, keys: dict, checkpoint, matrices=None, held: dict | None = None, rows=None) -> None:
+    """Read `block`'s parameters (its matrices in `matrices` where given, and only their `rows` where given); one
+    already `held` (by checkpoint key) is shared, not read again."""
     import torch
 
     held = {} if held is None else held
@@ -229,8 +274,9 @@ def _read(block, name: str, keys: dict, checkpoint, matrices=None, held: dict | 
         module = block.get_submodule(owner) if owner else block
         key = keys[f"{name}.{local}"]
         if key not in held:
-            matrix = matrices and leaf == "weight" and isinstance(module, torch.nn.Linear | torch.nn.Embedding)
-            value = checkpoint.read(key, dtype=matrices) if matrix else checkpoint.read(key)
+            matrix = leaf == "weight" and isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+            part = slice(*rows) if matrix and rows else None
+            value = checkpoint.read(key, part, matrices) if matrix and matrices else checkpoint.read(key, part)
             held[key] = torch.nn.Parameter(value, requires_grad=False)
         module._parameters[leaf] = held[key]
 

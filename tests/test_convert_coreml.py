@@ -227,22 +227,22 @@ def test_layer_spans_are_the_fewest_within_the_bound_and_balanced():
     assert [s.stop - s.start for s in spans] == [2, 2]
 
 
-def test_the_npu_shapes_units_hold_the_embedding_and_the_head_alone_where_they_are_large():
+def test_the_npu_shapes_units_hold_the_embedding_and_the_head_alone_in_slices_of_rows_where_they_are_large():
     from edgeport.families.causal_lm import UNIT_PARAMS, split_span
 
-    layer, table = 218_112_000, 128256 * 4096  # Llama-3.1-8B's: the table is larger than two layers
+    layer, vocab = 218_112_000, 128256  # Llama-3.1-8B's: each table larger than a layer, a layer than a unit
     units = split_span(LLAMA_3_1_8B, 0, 32, UNIT_PARAMS)
-    assert [(u.start, u.stop, u.embedding, u.head) for u in units[:2]] == [(0, 0, True, False), (0, 1, False, False)]
-    assert [(u.start, u.stop, u.embedding, u.head) for u in units[-2:]] == [
-        (31, 32, False, False),
-        (32, 32, False, True),
-    ]
-    assert len(units) == 34 and units[0].params == table and units[-1].params == table + 4096
-    assert sum(u.params for u in units) == 8_030_261_248
+    tables = [u for u in units if u.start == u.stop]
+    assert [(u.start, u.embedding, u.head) for u in tables] == [(0, True, False)] * 5 + [(32, False, True)] * 5
+    for kind in (tables[:5], tables[5:]):  # even slices of rows, in order, covering the vocabulary once
+        assert [u.rows for u in kind] == [(i * 25652, min((i + 1) * 25652, vocab)) for i in range(5)]
+    assert all(u.params <= UNIT_PARAMS for u in tables)
+    assert [(u.start, u.stop, u.params) for u in units[5:-5]] == [(i, i + 1, layer) for i in range(32)]
+    assert sum(u.params for u in units) == 8_030_261_248 + 4 * 4096  # the head's slices each with the final norm
     # a part in the middle has neither; a small model's embedding and head go with its layers
     assert [(u.start, u.stop) for u in split_span(LLAMA_3_1_8B, 4, 8, 2.5 * layer)] == [(4, 6), (6, 8)]
     small = {**LLAMA_3_1_8B, "num_hidden_layers": 2, "vocab_size": 8}
-    assert [(u.embedding, u.head) for u in split_span(small, 0, 2, 1e12)] == [(True, True)]
+    assert [(u.embedding, u.head, u.rows) for u in split_span(small, 0, 2, 1e12)] == [(True, True, None)]
 
 
 def chunky_target(tmp_path, chunk_gb=1e-7):

@@ -172,21 +172,24 @@ def test_joined_spans_run_as_one_part_as_they_ran_apart(float_static, tiny_llama
 
 def test_a_part_quantized_in_spans_is_one_pair_of_graphs(tiny_llama, tmp_path, monkeypatch):
     """A part larger than the converter holds at once is exported, calibrated and quantized a unit at a time (the
-    embedding and the head each alone), then joined: one pair of graphs and one weights file, giving the logits the
-    part built whole gives."""
+    embedding and the head each alone, a slice of the vocabulary's rows at a time where larger than a unit), then
+    joined: one pair of graphs and one weights file, giving the logits the part built whole gives."""
     from types import SimpleNamespace
 
     source = open_source(str(tiny_llama))
     target = replace(targets.load("snapdragon-8-elite"), context_length=256)
     step = SimpleNamespace(quantization="w4a16")
     whole = onnx_convert.convert(source, step, target, tmp_path / "whole")
-    monkeypatch.setattr(onnx_convert, "UNIT_PARAMS", 1)  # the embedding, each layer and the head a unit of its own
+    dims = source.family.dims(source.config)
+    half = dims.vocab // 2  # an even vocabulary
+    monkeypatch.setattr(onnx_convert, "UNIT_PARAMS", (half + 1) * dims.hidden)  # half a table; each layer alone
     units = onnx_convert.export_units(source, whole.layout.parts[0])
-    assert [(u.start, u.stop, u.embedding, u.head) for u in units] == [
-        (0, 0, True, False),
-        (0, 1, False, False),
-        (1, 2, False, False),
-        (2, 2, False, True),
+    slices = [(0, half), (half, dims.vocab)]
+    assert [(u.start, u.stop, u.embedding, u.head, u.rows) for u in units] == [
+        *[(0, 0, True, False, rows) for rows in slices],
+        (0, 1, False, False, None),
+        (1, 2, False, False, None),
+        *[(2, 2, False, True, rows) for rows in slices],
     ]
     spans = onnx_convert.convert(source, step, target, tmp_path / "spans")
     assert [(p.first_layer, p.end_layer) for p in spans.layout.parts] == [(0, 2)]
@@ -194,14 +197,17 @@ def test_a_part_quantized_in_spans_is_one_pair_of_graphs(tiny_llama, tmp_path, m
         "decode-01-of-01.onnx",
         "prefill-01-of-01.onnx",
     ]
-    # each unit reads the hidden states as the one before hands them over, quantized once, in the range the whole
-    # part's graph gives them (the embedding's: its table's own)
+    # each unit reads the hidden states as the one before hands them over, never quantizing them twice; the
+    # embedding's slices are summed (then quantized by the first layer) and the head's logits concatenated
     graph = onnx.load(tmp_path / "spans" / "prefill-01-of-01.onnx", load_external_data=False).graph
-    links = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0].endswith("/hidden_states")]
-    assert not links
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    twice = [n for n in graph.node if n.op_type == "QuantizeLinear" and made_by.get(n.input[0]) == "DequantizeLinear"]
+    assert not twice
+    joins = [(n.op_type, len(n.input)) for n in graph.node if n.op_type in ("Sum", "Concat") and "slice" in n.input[0]]
+    assert joins == [("Sum", 2), ("Concat", 2)]
     ids = StaticKVRunner(tmp_path / "whole").tokenizer.encode("It was the age of wisdom, it was the age of foolishness")
     whole_logits, spans_logits = (StaticKVRunner(tmp_path / name).logits(ids) for name in ("whole", "spans"))
-    np.testing.assert_allclose(spans_logits, whole_logits, atol=1e-3)
+    np.testing.assert_allclose(spans_logits, whole_logits, atol=1e-5)  # the slices quantize as the whole
     assert np.abs(whole_logits - reference_logits(tiny_llama, ids)).max() > 1e-3  # the comparison can fail
 
 

@@ -224,6 +224,40 @@ def test_a_part_read_with_its_matrices_in_fp16_is_the_float32_part_rounded(tmp_p
         assert torch.equal(h, f.to(h.dtype)) and (h.dtype == torch.float16) == (h.dim() == 2), name
 
 
+@pytest.mark.parametrize("model_type, tied", [("llama", False), ("llama", True), ("gemma3_text", True)])
+def test_a_slice_of_the_vocabulary_gives_its_rows_and_logits_and_zeros_for_other_tokens(model_type, tied, tmp_path):
+    """The NPU shape exports a large table a slice of rows at a time: the embedding gives the slice's tokens their
+    rows (scaled where the model scales them) and every other token zeros; the head gives the slice's logits; a
+    part read with the rows alone computes as the whole model cut to them, which is as it was after."""
+    import torch
+
+    from edgeport.engines.reference import part_of, vocab_rows
+
+    folder = make_model(
+        tmp_path / "m", model_type, tie_word_embeddings=tied, **({"head_dim": 16} if "gemma" in model_type else {})
+    )
+    source = open_source(str(folder))
+    whole = source.load_reference()
+    ids = torch.tensor([[3, 40, 41, 90, 200, 5]])
+    rows = (40, 91)
+    inside = (ids >= rows[0]) & (ids < rows[1])
+    with torch.no_grad():
+        embedded, logits = whole.get_input_embeddings()(ids), whole(ids).logits
+        hidden = whole.model(ids).last_hidden_state
+        for model in (whole, part_of(source, 0, 0, embedding=True, head=False, rows=rows)):
+            with vocab_rows(model, rows):
+                got = model.get_input_embeddings()(ids)
+            torch.testing.assert_close(got[inside], embedded[inside], rtol=0, atol=0)
+            assert not got[~inside].any()
+        head = part_of(source, 2, 2, embedding=False, head=True, rows=rows)
+        for model in (whole, head):
+            with vocab_rows(model, rows):
+                sliced = model.lm_head(hidden)  # the final norm is in the hidden states
+            torch.testing.assert_close(sliced, logits[..., rows[0] : rows[1]], rtol=0, atol=0)
+        torch.testing.assert_close(whole.get_input_embeddings()(ids), embedded, rtol=0, atol=0)  # whole again
+        assert whole.lm_head.weight.shape[0] == whole.config.vocab_size
+
+
 def test_a_checkpoint_the_model_renames_on_loading_is_read_whole(tmp_path):
     """transformers fuses MoE experts when it loads them: those tensors are not the checkpoint's, so no paging."""
     source = open_source(
@@ -495,19 +529,19 @@ def test_the_estimates_follow_the_models_shape(tmp_path):
 
 
 def test_core_ml_and_the_npu_shape_are_estimated_by_their_largest_part():
-    """Core ML converts a part of at most PART_PARAMS at a time, the NPU shape a unit of at most UNIT_PARAMS (or the
-    embedding or the head alone): a model twice as deep with the same largest part costs them what it costs the
-    reference to read, not twice the memory."""
+    """Core ML converts a part of at most PART_PARAMS at a time, the NPU shape a unit of at most UNIT_PARAMS (or a
+    layer alone, the vocabulary's tables in slices of rows): a model twice as deep with the same largest part costs
+    them what it costs the reference to read, not twice the memory."""
     from edgeport import preflight
     from edgeport.families.causal_lm import PART_PARAMS
     from edgeport.targets import load
 
     family, target = FAMILIES["causal-lm"], load("snapdragon-8-elite")
     footprint = family.footprint(LLAMA_3_1_8B, 4096, target)
-    # the last part: a layer, the output projection and the final norm; the largest unit: the head alone
+    # the last part: a layer, the output projection and the final norm; the largest unit: a layer alone
     largest = 218_112_000 + 128256 * 4096 + 4096
     assert footprint.part_params == max(s.params for s in family.parts(LLAMA_3_1_8B, PART_PARAMS)) == largest
-    assert footprint.unit_params == 128256 * 4096 + 4096
+    assert footprint.unit_params == 218_112_000
 
     def model_of(config, cache: bool) -> preflight.Model:
         size, footprint = family.size(config), family.footprint(config, 4096, target)

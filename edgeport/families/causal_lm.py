@@ -17,7 +17,7 @@ Mixture-of-experts models hold every expert in memory but read only the routed o
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,9 +35,9 @@ from edgeport.texts import chat_ids, reference_paragraph
 # conversion of an 8B model within the memory of the machine that converts it.
 PART_PARAMS = 400_000_000
 # The most parameters the NPU shape's converter exports, calibrates and quantizes at once (a unit): torch's exporter
-# and onnxruntime's calibrator and quantizer each hold about three float32 copies of what they work on, so an 8B
-# model's embedding table and output projection (525M parameters each) are units of their own.
-UNIT_PARAMS = 200_000_000
+# holds four float32 copies of what it exports and onnxruntime's quantizer about as many, so a vocabulary's table
+# larger than this (Llama-3.2-1B's 263M parameters) is a unit a slice of rows at a time.
+UNIT_PARAMS = 128_000_000
 ACTIVATION_CHUNK = 512  # prompt tokens whose activations the plan counts alive at once during prefill
 FAST_TEXT_TOKENS = 64  # --parity fast: the first prompt and this much of the perplexity text
 
@@ -263,13 +263,15 @@ def _kv_layout(hf, d: "LMDims") -> tuple[int, tuple[tuple[int, int], ...]]:
 class LayerSpan:
     """Layers [start, stop) of the decoder, built on their own, after the token embedding where `embedding` and
     before the final norm and the output projection (its own copy where the two are tied) where `head`. A span may
-    hold the embedding or the head alone."""
+    hold the embedding or the head alone, and then only `rows` of the vocabulary: the head gives those tokens'
+    logits, the embedding those tokens' rows and zeros for the others."""
 
     start: int
     stop: int
     params: int
     embedding: bool
     head: bool
+    rows: tuple[int, int] | None = None
 
 
 def layer_spans(config: dict, capacity: float, quant: quantization.Quantization | None = None) -> list[LayerSpan]:
@@ -305,7 +307,22 @@ def split_span(config: dict, first: int, end: int, max_params: float) -> list[La
         layers = first + max(start, low) - low, first + min(stop, high) - low
         return LayerSpan(*layers, sum(blocks[start:stop]), embedding=start < low, head=stop > high)
 
-    return [span(start, stop) for start, stop in _balanced(blocks, max_params)]
+    spans = [span(start, stop) for start, stop in _balanced(blocks, max_params)]
+    return [piece for s in spans for piece in _row_slices(s, d, max_params)]
+
+
+def _row_slices(span: LayerSpan, d: LMDims, max_params: float) -> list[LayerSpan]:
+    """`span` as is, or where it holds only a vocabulary's table larger than `max_params`, that table in the fewest
+    even slices of rows within it (the head's each with the final norm)."""
+    if span.start != span.stop or span.params <= max_params:
+        return [span]
+    most = max(1, int((max_params - (d.hidden if span.head else 0)) // d.hidden))
+    step = math.ceil(d.vocab / math.ceil(d.vocab / most))
+    return [
+        replace(span, params=span.params - (d.vocab - (stop - start)) * d.hidden, rows=(start, stop))
+        for start in range(0, d.vocab, step)
+        for stop in [min(start + step, d.vocab)]
+    ]
 
 
 def _span_params(config: dict) -> list[int]:
