@@ -7,11 +7,12 @@
   prefill graph over QNN_PREFILL_CHUNK tokens and a decode graph over one, both reading a fixed-length KV cache
   that the app keeps (the graphs return only the new keys and values). As Qualcomm AI Hub's exports are, the model
   comes in parts of consecutive layers (the target's `qnn_part_gb`, and PART_PARAMS), each with its two graphs.
-  A part is built in units (UNIT_PARAMS of layers; the embedding and the output projection alone where larger):
-  each is exported from its own blocks, run over a real summary request (prefill chunks, then decode steps) on the
-  inputs the previous unit gave, and QDQ-quantized for QNN with onnxruntime's QNN helpers, calibrated on what it
-  saw; then the next unit, and the part's units are joined into its two graphs. Memory holds one unit and one
-  calibration call. `npu.json` (the OnnxNPU layout) records the parts, the shapes and the names.
+  A part is built in units (UNIT_PARAMS of layers, a larger layer alone; the embedding and the output projection
+  alone, a slice of the vocabulary's rows at a time where larger): each is exported from its own blocks, run over a
+  real summary request (prefill chunks, then decode steps) on the inputs the previous unit gave, and QDQ-quantized
+  for QNN with onnxruntime's QNN helpers, calibrated on what it saw; then the next unit, and the part's units are
+  joined into its two graphs (a table's slices first, to the same logits as the table whole). Memory holds one
+  unit and one calibration call. `npu.json` (the OnnxNPU layout) records the parts, the shapes and the names.
 """
 
 import hashlib
@@ -238,9 +239,9 @@ def npu_layout(source: Source, quant, target: Target) -> OnnxNPU:
 
 
 def export_units(source: Source, part: OnnxPart) -> list[LayerSpan]:
-    """`part` in the units it is exported, calibrated and quantized in, each of at most UNIT_PARAMS parameters (the
-    embedding or the output projection alone where larger), so that memory holds one unit's float graphs and not a
-    whole part's; join_graphs makes them one."""
+    """`part` in the units it is exported, calibrated and quantized in, each of at most UNIT_PARAMS parameters (a
+    larger layer alone; the embedding or the output projection in slices of rows), so that memory holds one unit's
+    float graphs and not a whole part's; join_slices and join_graphs make them one."""
     return source.family.units(source.config, part.first_layer, part.end_layer, UNIT_PARAMS)
 
 

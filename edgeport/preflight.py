@@ -77,10 +77,10 @@ REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.38, per_source_byte=0.38, seconds=2, seconds_per_gparam=10),
     ("causal-lm", "onnx", "cpu"): Rate(0.49, per_param=0.39, per_block_param=14.6, seconds=6, seconds_per_gparam=48),
-    # The NPU shape builds a unit at a time (UNIT_PARAMS of layers, or the embedding or the output projection alone):
-    # torch exporting its float32 graphs, and onnxruntime running, calibrating and quantizing them, each hold about
-    # three copies of it. Llama-3.2-1B's largest unit (its 263M-parameter output projection): 4.80 GB, 606 s (5.48 GB
-    # while onnxruntime's arena kept each calibration call's buffers; the 8B's 9.92 then, not rerun since).
+    # The NPU shape builds a unit at a time (UNIT_PARAMS of layers, a larger layer alone, the vocabulary's tables in
+    # slices of rows): torch exporting its float32 graphs, and onnxruntime running, calibrating and quantizing them,
+    # each hold three to four copies of it. Llama-3.2-1B's largest unit (two layers, 122M parameters): 2.97 GB, 567 s
+    # (4.80 GB while its 263M-parameter output projection was one unit; the 8B's 9.92 then, not rerun since).
     ("causal-lm", "onnx", "npu"): Rate(
         2.0,
         per_unit_param=11.4,
