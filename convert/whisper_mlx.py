@@ -49,6 +49,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         mismatched = ", ".join(sorted(set(weights) ^ expected)[:3])
         raise EdgeportError(f"{source.ref}: its weights do not map onto mlx-whisper's model ({mismatched})")
     model.update(tree_unflatten(list(weights.items())))
+    del weights  # the model alone holds the (lazily loaded) weights, so that each is freed once quantized
     layout = {"model_type": "whisper", **asdict(dims)}
     if not quant.is_float:
         layout["quantization"] = {"group_size": quant.group_size, "bits": quant.bits}
