@@ -300,8 +300,12 @@ def weight_ops(package: Path) -> dict:
         for op in function.operations:
             constant = op.op_type == "const" or op.op_type.startswith("constexpr_")
             if constant and not _decompressed_by_others(op):
-                found.setdefault(re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", op.name), op)
+                found.setdefault(_parameter_stem(op.name), op)
     return found
+
+
+def _parameter_stem(name: str) -> str:
+    return re.sub(r"(_promoted)?(_to_fp16)?(_quantized|_palettized)?$", "", name)
 
 
 def _decompressed_by_others(op) -> bool:
@@ -310,9 +314,40 @@ def _decompressed_by_others(op) -> bool:
 
 
 def _save_weights(package: Path, folder: Path) -> None:
-    for stem, op in weight_ops(package).items():
+    operations = _operations(package)
+    if not any(op.type.startswith("constexpr_") for op in operations):
+        _save_stored(package, operations, folder)
+        return
+    for stem, op in weight_ops(package).items():  # compressed: coremltools decompresses them from the program
         if stem.startswith("model_"):
             save_decompressed(op, folder / f"{stem}.npy")
+
+
+def _save_stored(package: Path, operations: list, folder: Path) -> None:
+    """A package of plain float weights, each read from its weight file alone into fp16 .npy files: loading its
+    program would hold every weight at once (1.3 GB for Whisper large-v3-turbo's encoder)."""
+    from coremltools.libmilstoragepython import _BlobStorageReader
+    from coremltools.proto import MIL_pb2
+
+    readers = {}
+    for op in operations:
+        if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
+            continue
+        value, stem = op.attributes["val"], _parameter_stem(op.outputs[0].name)
+        if not stem.startswith("model_"):
+            continue
+        tensor, blob = value.type.tensorType, value.blobFileValue
+        file = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.rsplit("/", 1)[-1]
+        reader = readers.setdefault(file, _BlobStorageReader(str(file)))
+        if tensor.dataType == MIL_pb2.DataType.FLOAT16:
+            data = reader.read_fp16_data(blob.offset).view(np.float16)
+        elif tensor.dataType == MIL_pb2.DataType.FLOAT32:
+            data = reader.read_float_data(blob.offset).astype(np.float16)
+        else:
+            raise EdgeportError(f"{package}: {op.outputs[0].name} is stored as {tensor.dataType}, not as a float")
+        shape = [dimension.constant.size for dimension in tensor.dimensions]
+        if not (folder / f"{stem}.npy").exists():  # the first of a name, as weight_ops takes it
+            np.save(folder / f"{stem}.npy", data.reshape(shape))
 
 
 def save_decompressed(op, file: Path) -> None:

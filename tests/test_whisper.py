@@ -321,6 +321,26 @@ def test_m2_air_gets_core_ml_encoder_and_stateful_decoder_checked_by_weights(mac
     assert code == 3 and "needs macOS" in err
 
 
+def test_plain_fp16_packages_are_read_from_their_weight_files_as_their_programs_hold_them(mac_output, tmp_path):
+    """Parity off a Mac reads an uncompressed package's weights one at a time from its weight file, without loading
+    its program (which holds them all): the same arrays, by the same names, as the program's."""
+    from edgeport.engines import coreml
+
+    out, _ = mac_output
+    for package in ("encoder.mlpackage", "decoder.mlpackage"):
+        stored = tmp_path / package
+        stored.mkdir()
+        coreml._save_weights(out / "coreml" / package, stored)
+        program = {
+            stem: op for stem, op in coreml.weight_ops(out / "coreml" / package).items() if stem.startswith("model_")
+        }
+        assert sorted(f.stem for f in stored.glob("*.npy")) == sorted(program) and len(program) > 10
+        for stem, op in program.items():
+            read = np.load(stored / f"{stem}.npy")
+            assert read.dtype == np.float16
+            np.testing.assert_array_equal(read, coreml.decompressed(op).astype(np.float16), err_msg=stem)
+
+
 def test_m2_air_gets_an_mlx_whisper_folder(mac_output):
     import mlx_whisper
 
