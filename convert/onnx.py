@@ -369,14 +369,13 @@ def _range_of_all(graph: onnx.GraphProto, names: list[str]) -> tuple[onnx.Tensor
     take (each the output of a DequantizeLinear), as onnxruntime's quantizer computes them for a range."""
     made_by = {node.output[0]: node for node in graph.node}
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if not uses_external_data(t)}
-    low, high, zero_type = np.inf, -np.inf, None
-    for name in names:
+    low, high = np.inf, -np.inf
+    for name in names:  # the slices' outputs are all of one type
         scale, zero_point = (constants[i] for i in made_by[name].input[1:3])
         zero_type = onnx.helper.np_dtype_to_tensor_dtype(zero_point.dtype)
         qmin, qmax = quant_utils.get_qmin_qmax_for_qType(zero_type)
         ends = (np.array([qmin, qmax], np.float64) - zero_point) * scale
         low, high = min(low, ends.min()), max(high, ends.max())
-    qmin, qmax = quant_utils.get_qmin_qmax_for_qType(zero_type)
     zero_point, scale = quant_utils.compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax)
     prefix = names[0].split("/", 1)[-1]
     return (

@@ -338,7 +338,9 @@ def _save_stored(package: Path, operations: list, folder: Path) -> None:
             continue
         tensor, blob = value.type.tensorType, value.blobFileValue
         file = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.rsplit("/", 1)[-1]
-        reader = readers.setdefault(file, _BlobStorageReader(str(file)))
+        if file not in readers:
+            readers[file] = _BlobStorageReader(str(file))
+        reader = readers[file]
         if tensor.dataType == MIL_pb2.DataType.FLOAT16:
             data = reader.read_fp16_data(blob.offset).view(np.float16)
         elif tensor.dataType == MIL_pb2.DataType.FLOAT32:
