@@ -5,16 +5,18 @@ Run as `python -m edgeport.convert.onnx_builder <the builder's own arguments>`.
 The builder quantizes by serializing the whole graph, every weight in float32, into one protobuf for onnxruntime's
 MatMulNBitsQuantizer: 10.5 GB at its peak for Llama-3.2-1B (4.3x its bf16 weights), more than an 8B model can have
 on the machines it is converted on. Here the same quantizer (onnxruntime's DefaultWeightOnlyQuantizer, configured as
-the builder configures it) is given one weight at a time, largest first, and its node takes the float MatMul's place
-before the next weight is read; the checkpoint's pages that reading made resident are handed back as it goes. The
-graph and the weights written are the builder's own, byte for byte (a test compares them). Where the builder is
-asked for what this pass does not cover (QDQ, another algorithm, per-node bits), its own pass runs.
+the builder configures it) is given one weight at a time, largest first, a MatMul's a slice of its columns at a
+time, and its node takes the float MatMul's place before the next weight is read; the checkpoint's pages that
+reading made resident are handed back as it goes. The graph and the weights written are the builder's own, byte for
+byte (a test compares them). Where the builder is asked for what this pass does not cover (QDQ, another algorithm,
+per-node bits), its own pass runs.
 """
 
 import ctypes
 import gc
 import sys
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime_genai.models  # noqa: F401  (puts the builder's own modules on sys.path, as `-m` would)
@@ -26,6 +28,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 )
 
 _builders_own_pass = Model.to_nbits
+SLICE_COLUMNS = 4096  # a MatMul's output columns quantized at a time
 
 
 def _is_plain(model: Model) -> bool:
@@ -55,21 +58,15 @@ def _quantizer(model: Model) -> DefaultWeightOnlyQuantizer:
 
 
 def _quantize_node(graph: ir.Graph, node: ir.Node, quantizer: DefaultWeightOnlyQuantizer) -> None:
-    """Give the quantizer a graph holding only this node's weight, then put its node and initializers in place."""
+    """Quantize this node's weight, then put the quantizer's node and initializers in its place."""
     weight = _weight(node)
-    alone = onnx.GraphProto(initializer=[ir.serde.serialize_tensor(weight.const_value)])
-    (proto,) = quantizer.quantize(ir.serde.serialize_node(node), [alone])  # one node, for a 2-D weight
+    proto, quantized = _quantized(node, weight, quantizer)
     given = {value.name: value for value in node.inputs if value is not None}
     added = {}
-    for tensor in alone.initializer:
-        if tensor.name != weight.name:
-            # A copy: a view would keep the whole message, the float weight with it, alive.
-            const = ir.tensor(onnx.numpy_helper.to_array(tensor).copy(), name=tensor.name)
-            added[tensor.name] = ir.Value(
-                name=tensor.name, shape=const.shape, type=ir.TensorType(const.dtype), const_value=const
-            )
-            graph.register_initializer(added[tensor.name])
-    del alone, tensor
+    for name, array in quantized.items():
+        const = ir.tensor(array, name=name)
+        added[name] = ir.Value(name=name, shape=const.shape, type=ir.TensorType(const.dtype), const_value=const)
+        graph.register_initializer(added[name])
     inputs = [added[name] if name in added else given[name] for name in proto.input]
     attributes = ir.convenience.convert_attributes(
         {a.name: onnx.helper.get_attribute_value(a) for a in proto.attribute}
@@ -79,7 +76,34 @@ def _quantize_node(graph: ir.Graph, node: ir.Node, quantizer: DefaultWeightOnlyQ
     if not weight.uses():
         graph.initializers.pop(weight.name)
     gc.collect()
-    _page_out_the_source()
+
+
+def _quantized(node: ir.Node, weight: ir.Value, quantizer) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """The quantizer's node and its new initializers, for a graph that holds only this node's weight.
+
+    A MatMul's weight [K, N] is given SLICE_COLUMNS output columns at a time: MatMulNBits quantizes each column's
+    blocks on their own, so the slices' arrays, stacked, are the whole weight's. The quantizer makes four float
+    copies of what it is given (4.6 GB for Llama-3.2-1B's output projection, given whole); here only the float
+    weight is whole.
+    """
+    floats = weight.const_value.numpy()
+    _page_out_the_source()  # read into the float copy
+    if node.op_type == "MatMul":
+        parts = [floats[:, start : start + SLICE_COLUMNS] for start in range(0, floats.shape[1], SLICE_COLUMNS)]
+    else:
+        parts = [floats]
+    slices = []
+    for part in parts:
+        alone = onnx.GraphProto(initializer=[ir.serde.serialize_tensor(ir.tensor(part.copy(), name=weight.name))])
+        (proto,) = quantizer.quantize(ir.serde.serialize_node(node), [alone])
+        # Copies: a view would keep the whole message, the float slice with it, alive.
+        slices.append(
+            {t.name: onnx.numpy_helper.to_array(t).copy() for t in alone.initializer if t.name != weight.name}
+        )
+        del alone
+    if len(slices) > 1:
+        next(a for a in proto.attribute if a.name == "N").i = floats.shape[1]
+    return proto, {name: np.concatenate([arrays[name] for arrays in slices]) for name in slices[0]}
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now, as memory pressure would; contents are unchanged
@@ -118,15 +142,20 @@ def to_nbits_a_weight_at_a_time(self: Model) -> ir.Model:
     if not _is_plain(self) or any(len(_weight(node).shape) != 2 for node in nodes):
         return _builders_own_pass(self)
     quantizer = _quantizer(self)
-    # Largest first: the output projection's float copies come while the fewest source pages are resident.
+    _page_out_the_source()  # what building the graph read (Llama-3.2-3B: 1.0 GB, its fused attention weights')
+    # Largest first: the output projection's float copy comes while the fewest quantized weights are held.
     for node in sorted(nodes, key=lambda node: _weight(node).const_value.size, reverse=True):
         _quantize_node(graph, node, quantizer)
     self.model.opset_imports.setdefault("com.microsoft", 1)
     return self.model
 
 
-if __name__ == "__main__":
+def main() -> None:
     import runpy
 
     Model.to_nbits = to_nbits_a_weight_at_a_time
     runpy.run_module("builder", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

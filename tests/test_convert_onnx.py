@@ -75,8 +75,8 @@ def test_cpu_shape_is_the_genai_builders_model_and_matches_the_source(cpu_output
     assert manifest.verify_files(manifest.read(out), out) == []
 
 
-def build_cpu_shape(module: str, model_folder, out):
-    command = [sys.executable, "-m", module, "-i", str(model_folder), "-o", str(out), "-p", "int4", "-e", "cpu"]
+def build_cpu_shape(builder: list[str], model_folder, out):
+    command = [sys.executable, *builder, "-i", str(model_folder), "-o", str(out), "-p", "int4", "-e", "cpu"]
     command += [
         "-c",
         str(out.parent / "cache"),
@@ -94,12 +94,15 @@ def build_cpu_shape(module: str, model_folder, out):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_the_int4_pass_a_weight_at_a_time_writes_what_the_builders_own_pass_writes(tied, tmp_path):
     """edgeport runs onnxruntime-genai's builder with its int4 pass given one weight at a time (the builder's own
-    pass holds every weight in float32 at once): the graph and every weight must come out the same."""
+    pass holds every weight in float32 at once), a MatMul's in slices of its output columns (here 100 of the
+    vocabulary's 384, 100 of the MLP's 128, the last slices ragged): the graph and every weight must come out the
+    same."""
     model_folder = make_model(tmp_path / "model", "llama", tie_word_embeddings=tied)
     own_nodes, own_weights, own_opsets = build_cpu_shape(
-        "onnxruntime_genai.models.builder", model_folder, tmp_path / "own"
+        ["-m", "onnxruntime_genai.models.builder"], model_folder, tmp_path / "own"
     )
-    nodes, weights, opsets = build_cpu_shape("edgeport.convert.onnx_builder", model_folder, tmp_path / "ours")
+    in_slices = "import edgeport.convert.onnx_builder as b; b.SLICE_COLUMNS = 100; b.main()"
+    nodes, weights, opsets = build_cpu_shape(["-c", in_slices], model_folder, tmp_path / "ours")
     assert sum(op == "MatMulNBits" for op, *_ in nodes) == 2 * 5 + 1
     assert nodes == own_nodes and opsets == own_opsets
     assert weights.keys() == own_weights.keys()
