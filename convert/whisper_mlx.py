@@ -3,6 +3,7 @@ own names (the layout's `weight_name`), float16 or affine-quantized.
 """
 
 import json
+import struct
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -61,9 +62,11 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
                 isinstance(m, nn.Linear | nn.Embedding) and m.weight.shape[-1] % quant.group_size == 0
             ),
         )
+    arrays = dict(tree_flatten(model.parameters()))
+    del model  # the arrays alone hold what is still to be read and quantized
     dest.mkdir()
     copy_app_files(source.path, dest)  # the tokenizer, feature extractor and generation settings
-    mx.save_safetensors(str(dest / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+    save_an_array_at_a_time(dest / "weights.safetensors", arrays)
     (dest / "config.json").write_text(json.dumps(layout, indent=2))  # mlx-whisper's config, not transformers'
     engine = f"mlx {mx.__version__}, mlx-whisper {version('mlx-whisper')} layout"
     return Artifact("mlx", quant.name, dest, engine, MLXWhisper(), {"layout": "mlx-whisper"})
@@ -81,3 +84,41 @@ def mlx_weights(folder: Path, dtype) -> dict[str, mx.array]:
                 value = value.transpose(0, 2, 1)  # [out, in, kernel] -> MLX's [out, kernel, in]
             weights[name] = value.astype(dtype)
     return weights
+
+
+SAFETENSORS_DTYPES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.uint64: "U64",
+    mx.int8: "I8",
+    mx.int16: "I16",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+}
+
+
+def save_an_array_at_a_time(path: Path, arrays: dict[str, mx.array]) -> None:
+    """The safetensors file mx.save_safetensors writes, each (lazy) array read, computed, written and freed in
+    turn: MLX's own writer computes them all first, the whole model in memory (1.96 GB for Whisper large-v3-turbo's
+    1.62 GB of weights). `arrays` is emptied."""
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name, array in arrays.items():
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data 8-byte aligned, as the format's writers pad it
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in list(arrays):
+            array = mx.contiguous(arrays.pop(name))
+            mx.eval(array)
+            file.write(memoryview(array))

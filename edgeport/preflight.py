@@ -68,7 +68,7 @@ class Rate:
 # 3.94 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16 while
 # onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 1.41 / 2.81
 # (fp16; int8 3.32; 4.82 / 6.98 while each package's description loaded its weights, 7.97 with float32 matrices),
-# parity (paged like the reference) - / 1.67–2.95; MLX convert 0.40 / 1.96 (q8: 2.81), parity (the artifact's weights
+# parity (paged like the reference) - / 1.67–2.95; MLX convert 0.37 / 0.49 (q8: 0.57), parity (the artifact's weights
 # in transformers) - / 1.49 (0.90 / 3.12 while the artifact's arrays were held); the Snapdragon graphs 1.21 / 6.39
 # (torch exporting the float encoder), their parity 0.77 / 2.96.
 REFERENCE = {
@@ -103,9 +103,11 @@ CONVERT = {
     ("causal-lm", "coreml", "npu"): Rate(
         0.57, per_part_param=6.4, seconds=40, seconds_per_gparam=300, temporary_per_part_param=1.5
     ),
-    ("whisper", "mlx"): Rate(0.32, per_param=2.0, seconds=1, seconds_per_gparam=5),
-    # each weight freed once quantized: turbo q8 1.24 GB (2.81 while the loaded float16 weights were all held)
-    ("whisper", "mlx", "quantized"): Rate(0.32, per_param=1.15, seconds=2, seconds_per_gparam=15),
+    # an array at a time read, quantized, written and freed: tiny.en / turbo fp16 0.37 / 0.49 GB, q8 0.39 / 0.57 (fp16
+    # 0.40 / 1.96 while MLX's writer computed every array first; q8 turbo 2.81 while the loaded float16 weights were
+    # all held beside the quantized ones, 1.24 while the quantized ones were)
+    ("whisper", "mlx"): Rate(0.36, per_param=0.16, seconds=1, seconds_per_gparam=5),
+    ("whisper", "mlx", "quantized"): Rate(0.38, per_param=0.23, seconds=2, seconds_per_gparam=15),
     ("whisper", "onnx"): Rate(1.05, per_param=3.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
     ("whisper", "coreml"): Rate(1.15, per_param=2.4, seconds=12, seconds_per_gparam=70, temporary_per_param=2),

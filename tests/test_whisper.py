@@ -376,6 +376,36 @@ def test_mlx_whisper_parity_off_a_mac_computes_what_mlx_whisper_computes(quant, 
     assert np.allclose(logits[0], logits[1], atol=3e-3), np.abs(logits[0] - logits[1]).max()
 
 
+def test_mlx_weights_written_an_array_at_a_time_read_back_as_mlxs_own_file(tmp_path):
+    """The MLX Whisper file is written an array at a time (MLX's writer computes every array first): what MLX and
+    the safetensors library read back is what mx.save_safetensors would have written, for each dtype an artifact
+    holds, a transposed (non-contiguous) array and a lazy one alike."""
+    import mlx.core as mx
+    from safetensors import safe_open
+
+    from edgeport.convert.whisper_mlx import save_an_array_at_a_time
+
+    packed, scales, biases = mx.quantize(mx.random.normal((8, 64)), group_size=32, bits=8)
+    arrays = {
+        "conv": mx.random.normal((3, 5)).astype(mx.float16).transpose(1, 0),
+        "embedding": mx.random.normal((4, 64)).astype(mx.bfloat16),
+        "positions": mx.arange(7).astype(mx.float32) * 2,
+        "heads": mx.array([[1, 3], [2, 5]], dtype=mx.int64),
+        "packed": packed,
+        "scales": scales,
+        "biases": biases,
+    }
+    mx.save_safetensors(str(tmp_path / "mlx.safetensors"), arrays)
+    save_an_array_at_a_time(tmp_path / "ours.safetensors", dict(arrays))
+    theirs, ours = mx.load(str(tmp_path / "mlx.safetensors")), mx.load(str(tmp_path / "ours.safetensors"))
+    assert ours.keys() == theirs.keys() == arrays.keys()
+    for name, array in theirs.items():
+        assert ours[name].dtype == array.dtype and mx.array_equal(ours[name], array).item(), name
+    with safe_open(tmp_path / "ours.safetensors", "numpy") as read:
+        assert read.metadata() == {"format": "mlx"}
+        np.testing.assert_array_equal(read.get_tensor("positions"), np.arange(7) * 2)
+
+
 @pytest.fixture(scope="module")
 def snapdragon_output(tiny_whisper, tmp_path_factory):
     out = tmp_path_factory.mktemp("whisper") / "snapdragon"
