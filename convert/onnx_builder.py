@@ -12,9 +12,7 @@ byte (a test compares them). Where the builder is asked for what this pass does 
 per-node bits), its own pass runs.
 """
 
-import ctypes
 import gc
-import sys
 
 import numpy as np
 import onnx
@@ -26,6 +24,8 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
     DefaultWeightOnlyQuantizer,
     QuantFormat,
 )
+
+from edgeport.machine import page_out_checkpoints
 
 _builders_own_pass = Model.to_nbits
 SLICE_COLUMNS = 4096  # a MatMul's output columns quantized at a time
@@ -87,7 +87,7 @@ def _quantized(node: ir.Node, weight: ir.Value, quantizer) -> tuple[onnx.NodePro
     weight is whole.
     """
     floats = weight.const_value.numpy()
-    _page_out_the_source()  # read into the float copy
+    page_out_checkpoints()  # read into the float copy
     if node.op_type == "MatMul":
         parts = [floats[:, start : start + SLICE_COLUMNS] for start in range(0, floats.shape[1], SLICE_COLUMNS)]
     else:
@@ -106,28 +106,6 @@ def _quantized(node: ir.Node, weight: ir.Value, quantizer) -> tuple[onnx.NodePro
     return proto, {name: np.concatenate([arrays[name] for arrays in slices]) for name in slices[0]}
 
 
-_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now, as memory pressure would; contents are unchanged
-
-
-def _page_out_the_source() -> None:
-    """Hand back the pages of the memory-mapped checkpoint that reading weights made resident.
-
-    transformers maps each safetensors file and keeps it mapped while any of its tensors lives, so every page a
-    weight was read from stays counted in this process until the end: the whole source by the last layer. Those
-    pages are clean copies of the file; paging them out changes nothing a later read sees (it reads the file again).
-    """
-    if sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
-                start, end = (int(address, 16) for address in fields[0].split("-"))
-                libc.madvise(start, end - start, _MADV_PAGEOUT)  # an older kernel refuses it: nothing is lost
-
-
 def _weight(node: ir.Node) -> ir.Value | None:
     """The node's constant weight, if it has one."""
     weight = node.inputs[0 if node.op_type == "Gather" else 1]
@@ -142,7 +120,7 @@ def to_nbits_a_weight_at_a_time(self: Model) -> ir.Model:
     if not _is_plain(self) or any(len(_weight(node).shape) != 2 for node in nodes):
         return _builders_own_pass(self)
     quantizer = _quantizer(self)
-    _page_out_the_source()  # what building the graph read (Llama-3.2-3B: 1.0 GB, its fused attention weights')
+    page_out_checkpoints()  # what building the graph read (Llama-3.2-3B: 1.0 GB, its fused attention weights')
     # Largest first: the output projection's float copy comes while the fewest quantized weights are held.
     for node in sorted(nodes, key=lambda node: _weight(node).const_value.size, reverse=True):
         _quantize_node(graph, node, quantizer)

@@ -21,6 +21,7 @@ from edgeport.convert.coreml import ct, ct_convert, deployment_of, in_half
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
 from edgeport.engines.coreml import describe
 from edgeport.layouts import CoreMLWhisper
+from edgeport.machine import blocks_over, page_out_checkpoints
 from edgeport.plan import Step
 from edgeport.quiet import converting
 from edgeport.source import Source
@@ -50,6 +51,8 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
             quant,
         )
         encoder.save(str(dest / "encoder.mlpackage"))
+        del encoder
+        page_out_checkpoints()  # the encoder's weights, read from the source while it was traced and converted
         token = [
             ct.TensorType("input_ids", shape=(1, 1), dtype=np.int32),
             ct.TensorType("position", shape=(1,), dtype=np.int32),
@@ -117,6 +120,6 @@ def _convert(wrapper, inputs: list, outputs: list, states: list | None, deployme
     example = tuple(
         torch.zeros(i.shape.shape, dtype=torch.int32 if types.is_int(i.dtype) else torch.float32) for i in inputs
     )
-    with torch.no_grad():
+    with torch.no_grad(), blocks_over(2**20):  # the trace's activations handed back as they are freed
         traced = torch.jit.trace(wrapper.eval(), example, check_trace=False)
     return ct_convert(traced, inputs, outputs, states, deployment, quant)

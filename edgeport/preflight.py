@@ -66,11 +66,12 @@ class Rate:
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.62
 # / 1.40 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.19, parity 0.45 / 1.88; ONNX int8 convert 1.23 /
 # 3.94 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16 while
-# onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 1.41 / 2.81
-# (fp16; int8 3.32; 4.82 / 6.98 while each package's description loaded its weights, 7.97 with float32 matrices),
-# parity (paged like the reference) - / 1.67–2.95; MLX convert 0.37 / 0.49 (q8: 0.57), parity (the artifact's weights
-# in transformers) - / 1.49 (0.90 / 3.12 while the artifact's arrays were held); the Snapdragon graphs 1.21 / 6.39
-# (torch exporting the float encoder), their parity 0.77 / 2.96.
+# onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 0.67 / 2.04
+# (fp16; int8 2.54; 2.81 / 3.32 while the trace's freed activations stayed in glibc's heap; 4.82 / 6.98 while each
+# package's description loaded its weights, 7.97 with float32 matrices), parity (paged like the reference) - /
+# 1.67–2.95; MLX convert 0.37 / 0.49 (q8: 0.57), parity (the artifact's weights in transformers) - / 1.49 (0.90 / 3.12
+# while the artifact's arrays were held); the Snapdragon graphs 1.21 / 6.39 (torch exporting the float encoder), their
+# parity 0.77 / 2.96.
 REFERENCE = {
     "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.47, per_paged_param=4.9, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
@@ -110,7 +111,10 @@ CONVERT = {
     ("whisper", "mlx", "quantized"): Rate(0.38, per_param=0.23, seconds=2, seconds_per_gparam=15),
     ("whisper", "onnx"): Rate(1.05, per_param=3.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
     ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
-    ("whisper", "coreml"): Rate(1.15, per_param=2.4, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
+    # the source's float16 weights mapped, traced with the trace's activations handed back as freed (0.8 GB more for
+    # turbo's encoder while glibc's heap kept them), then read into the program: tiny.en / turbo fp16 0.67 / 2.04 GB,
+    # int8 0.68 / 2.54 (its compression pass adds the int8 weights while the mapped float16 ones stay resident)
+    ("whisper", "coreml"): Rate(0.6, per_param=2.1, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),
 }
 PARITY = {
