@@ -51,17 +51,17 @@ class Rate:
 
 
 # Fitted (least relative error) to the 135M fixture and the 1.24B, 3.21B and 8.03B Llama shapes (`bench/scale.json`),
-# peak GB: the reference 0.70 / 0.77–0.80 / 1.10 / 1.58, a layer at a time (1.63–1.73 / 2.28–2.37 / 2.81–3.00 while
-# it read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity - / 1.12 /
-# 1.39 (1.06 / 3.3 / 4.71 / 8.45 while the tables were read whole); the ONNX builder 0.69 / 2.04 / 3.63 / 10.07 (its
-# int4 pass a weight at a time, a MatMul's a slice of columns at a time: the quantized weights it holds until the
-# graph is saved make the peak, with the float32 table saved last; 0.96 / 4.65 / 7.96 / 11.1 while the output
-# projection was quantized whole, four float32 copies of it); ONNX CPU
-# parity - / 2.03 (1.00 / 3.84 / 7.47 / 14.75 while onnxruntime-genai's copy of the weights was loaded beside the
-# graph's). Core ML converts a chunk of at most PART_PARAMS at a time: 2.53–2.60 / 3.34 / 6.52 GB for the GPU's packages
-# (largest chunks of 384M, 495M and 743M parameters), 3.01 GB for the 1.24B's Neural Engine packages (two functions
-# each); its parity off a Mac loads one package's program at a time to decompress its weights, then runs paged like
-# the reference (1.63 GB for the 1.24B's Neural Engine packages). The NPU shape builds a unit at a time.
+# peak GB: the reference 0.70 / 0.77–0.80 / 1.10 / 1.58, a layer at a time (1.63–1.73 / 2.28–2.37 / 2.81–3.00 while it
+# read the vocabulary's tables whole); mlx convert 0.46 / 1.63 / 2.95 / 5.67; quantized MLX parity - / 1.12 / 1.39 (1.06
+# / 3.3 / 4.71 / 8.45 while the tables were read whole); the ONNX CPU convert 0.69 / 2.34 / 3.89 / 10.07 (the builder's
+# int4 pass a weight at a time, a MatMul's a slice of columns at a time: the quantized weights it holds until the graph
+# is saved make the peak, with the float32 table saved last; 0.96 / 4.65 / 7.96 / 11.1 while the output projection was
+# quantized whole, four float32 copies of it); ONNX CPU parity - / 2.02 / 3.82 / 7.55 (1.00 / 3.84 / 7.47 / 14.75 while
+# onnxruntime-genai's copy of the weights was loaded beside the graph's). Core ML converts a chunk of at most
+# PART_PARAMS at a time: 2.53–2.60 / 3.34 / 6.52 GB for the GPU's packages (largest chunks of 384M, 495M and 743M
+# parameters), 3.01 GB for the 1.24B's Neural Engine packages (two functions each); its parity off a Mac loads one
+# package's program at a time to decompress its weights, then runs paged like the reference (1.63 GB for the 1.24B's
+# Neural Engine packages). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
 # decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.62
 # / 1.40 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.19, parity 0.45 / 1.88; ONNX int8 convert 1.23 /
@@ -79,7 +79,7 @@ REFERENCE = {
 REFERENCE_WHOLE = Rate(0.69, per_param=4, seconds=4, seconds_per_gparam=20)  # a checkpoint that cannot be paged
 CONVERT = {
     ("causal-lm", "mlx"): Rate(0.38, per_source_byte=0.38, seconds=2, seconds_per_gparam=10),
-    ("causal-lm", "onnx", "cpu"): Rate(0.53, per_param=1.07, seconds=6, seconds_per_gparam=45),
+    ("causal-lm", "onnx", "cpu"): Rate(0.55, per_param=0.98, per_block_param=1.4, seconds=6, seconds_per_gparam=45),
     # The NPU shape builds a unit at a time (UNIT_PARAMS of layers, a larger layer alone, the vocabulary's tables in
     # slices of rows): torch exporting its float32 graphs, and onnxruntime running, calibrating and quantizing them,
     # each hold three to four copies of it. Llama-3.2-1B's largest unit (two layers, 122M parameters): 2.97 GB, 567 s
