@@ -94,7 +94,7 @@ def _quantized(node: ir.Node, weight: ir.Value, quantizer) -> tuple[onnx.NodePro
         parts = [floats]
     slices = []
     for part in parts:
-        alone = onnx.GraphProto(initializer=[ir.serde.serialize_tensor(ir.tensor(part.copy(), name=weight.name))])
+        alone = onnx.GraphProto(initializer=[ir.serde.serialize_tensor(ir.tensor(part, name=weight.name))])
         (proto,) = quantizer.quantize(ir.serde.serialize_node(node), [alone])
         # Copies: a view would keep the whole message, the float slice with it, alive.
         slices.append(
