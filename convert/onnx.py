@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnx.external_data_helper import set_external_data, uses_external_data
+from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
 from onnxruntime.quantization import CalibrationDataReader, QuantType, qdq_quantizer, quant_utils, quantize_static
 from onnxruntime.quantization.calibrate import MinMaxCalibrater, TensorsData, save_tensors_data
 from onnxruntime.quantization.execution_providers import qnn
@@ -743,15 +743,20 @@ def _sensitive_layers(model_file: Path, quant) -> dict:
 
 
 def share_weights(source: Path, dest: Path, graphs: list[str], data_name: str) -> None:
-    """Write a part's graphs from `source` to `dest` with their weights in one external data file there,
-    `data_name`, each tensor once. The prefill and decode graphs quantize the same weights to the same bytes (a
-    weight's scales come from the weight alone), so the part downloads and sits on disk once. Offsets are
-    page-aligned, so onnxruntime can map the file."""
+    """Write `graphs` (a part's prefill and decode graphs, or a Whisper graph) from `source` to `dest` with their
+    weights in one external data file there, `data_name`, each tensor once, read a tensor at a time from the files
+    the graphs name (a part's are over 2 GB). A part's prefill and decode graphs quantize the same weights to the
+    same bytes (a weight's scales come from the weight alone), so the part downloads and sits on disk once. Offsets
+    are page-aligned, so onnxruntime can map the file."""
     stored: dict[tuple[str, bytes], tuple[int, int]] = {}
     with open(dest / data_name, "wb") as data:
         for name in graphs:
-            model = onnx.load(source / name)  # with the weights the quantizer wrote beside it, over 2 GB
+            model = onnx.load(source / name, load_external_data=False)
             for tensor in model.graph.initializer:
+                if uses_external_data(tensor):
+                    load_external_data_for_tensor(tensor, str(source))
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
                 if not tensor.HasField("raw_data") or len(tensor.raw_data) < SHARED_MIN_BYTES:
                     continue  # scales and zero points stay in the graph
                 key = (tensor.name, hashlib.sha256(tensor.raw_data).digest())

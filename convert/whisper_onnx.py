@@ -6,15 +6,19 @@ keys and values), in the shape the target's compute unit runs.
 - NPU shape (w8a16): static shapes, as an NPU compiles them: one token per call over a fixed cache of
   max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
   QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
+
+The encoder is built as the causal LM's NPU parts are: in spans of layers of at most UNIT_PARAMS (the convolutions
+with the first, the final norm and the cross-attention projections last, alone), each read from the checkpoint on
+its own, exported, quantized (calibrated on what the spans before it handed on), and joined into one graph; the
+decoder is read without the encoder. Memory holds one span in float32, not the whole model (3.2 GB for large-v3-turbo).
 `whisper.json` (the OnnxWhisper layout) records the shapes, names and the mask convention; the ONNX engine's
 `WhisperONNXRunner` is the app's loop.
 """
 
 import importlib
-import stat
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -25,13 +29,15 @@ from onnxruntime.quantization import QuantType, onnx_quantizer, quant_utils, qua
 from edgeport import quantization
 from edgeport.audio import parity_clips, windows
 from edgeport.convert import Artifact, copy_app_files
-from edgeport.convert.onnx import OPSET, RecordedFeeds, qdq_quantize, weights_apart
+from edgeport.convert.onnx import OPSET, RecordedFeeds, join_graphs, qdq_quantize, share_weights, weights_apart
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
-from edgeport.engines.reference import whole
+from edgeport.engines.reference import paged
 from edgeport.errors import EdgeportError
-from edgeport.families.whisper import COMPONENTS
+from edgeport.families.causal_lm import UNIT_PARAMS
+from edgeport.families.whisper import COMPONENTS, WhisperDims
 from edgeport.layouts import MASK_VALUE, OnnxWhisper, builds_qnn_shape
+from edgeport.machine import release_freed_memory
 from edgeport.plan import Step
 from edgeport.quiet import converting
 from edgeport.source import Source
@@ -56,43 +62,121 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         raise EdgeportError(f"ONNX Whisper for a CPU comes as fp16 or int8, not {quant.name}")
     dest.mkdir()
     with tempfile.TemporaryDirectory(prefix="edgeport-onnx-whisper-") as tmp, converting():
-        float_dir = Path(tmp)
-        layout = export(source, float_dir, static=npu)
-        layout.write(float_dir)
-        copy_app_files(source.path, float_dir)
+        floats, quantized = Path(tmp) / "float", Path(tmp) / "quantized"
+        floats.mkdir(), quantized.mkdir()
+        graphs = export(source, floats, static=npu)
+        copy_app_files(source.path, floats)
         if npu:
-            feeds = _calibration_feeds(float_dir)
-            for graph in COMPONENTS:
-                qdq_quantize(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", feeds[graph], quant)
-        else:
-            for graph in COMPONENTS:
-                _cpu_precision(float_dir / f"{graph}.onnx", dest / f"{graph}.onnx", quant)
+            feeds = _calibration_feeds(floats, graphs)
+        for graph in [*graphs.encoder, graphs.decoder]:
+            if npu:
+                qdq_quantize(floats / graph, quantized / graph, feeds[graph], quant)
+                weights_apart(quantized / graph)
+            else:
+                _cpu_precision(floats / graph, quantized / graph, quant)
+            release_freed_memory()
+        join_graphs([quantized / graph for graph in graphs.encoder], quantized / "encoder.onnx")
+        for graph in COMPONENTS:
+            share_weights(quantized, dest, [f"{graph}.onnx"], f"{graph}.onnx.data")
     copy_app_files(source.path, dest)
-    layout = replace(layout, weights=quant.name)
+    layout = replace(graphs.layout, weights=quant.name)
     layout.write(dest)
     engine = f"torch.onnx {torch.__version__} + onnxruntime.quantization {onnxruntime.__version__}"
     return Artifact("onnx", quant.name, dest, engine, layout, {"shape": layout.shape, **asdict(layout)})
 
 
-def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
-    """Export the float encoder and decoder graphs into `folder`; return their layout."""
-    model = whole(source)
+@dataclass(frozen=True)
+class FloatGraphs:
+    """What `export` writes: the encoder's spans in order (join_graphs makes them one graph) and the decoder, each
+    a graph with its weights in a file beside it, and the layout of the two graphs they make."""
+
+    encoder: list[str]
+    decoder: str
+    layout: OnnxWhisper
+
+
+def encoder_spans(dims: WhisperDims) -> list[tuple[int, int]]:
+    """The encoder's layers in spans of at most UNIT_PARAMS (a larger layer alone), then (layers, layers): the
+    final norm and the decoder's cross-attention projections, which read every decoder layer."""
+    d, layers = dims.d_model, dims.encoder_layers
+    per_span = max(1, UNIT_PARAMS // (4 * d * d + 2 * d * dims.encoder_ffn))
+    return [(first, min(first + per_span, layers)) for first in range(0, layers, per_span)] + [(layers, layers)]
+
+
+def export(source: Source, folder: Path, static: bool) -> FloatGraphs:
+    """Export the float encoder, a span at a time, and the decoder into `folder`."""
     dims = source.family.dims(source.config)
-    frames = dims.frames
+    read = _reader(source)
+    encoder = []
+    for first, end in encoder_spans(dims):
+        graph = f"encoder-layers-{first}-{end}.onnx"
+        model = read(lambda block, first=first, end=end: _in_span(block, first, end))
+        start = torch.zeros(1, dims.mels, 2 * dims.frames) if first == 0 else torch.zeros(1, dims.frames, dims.d_model)
+        with torch.no_grad():
+            torch.onnx.export(
+                CrossKV(model, first, end, cross=first == end),
+                (start,),
+                str(folder / graph),
+                input_names=["input_features" if first == 0 else "hidden_states"],
+                output_names=["cross_key", "cross_value"] if first == end else ["output_hidden_states"],
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        weights_apart(folder / graph)
+        encoder.append(graph)
+        del model
+        release_freed_memory()
+    _export_decoder(read(lambda block: not block.startswith("model.encoder.")), dims, folder, static)
+    release_freed_memory()
+    layout = OnnxWhisper(
+        static=static,
+        decoder_cache=dims.tokens - 1 if static else None,
+        layers=dims.decoder_layers,
+        heads=dims.decoder_heads,
+        head_dim=dims.head_dim,
+        frames=dims.frames,
+        mask_value=MASK_VALUE,
+        encoder={"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
+        decoder={"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
+        cache="keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
+        "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
+        "attention_mask is 0 where a position is filled and mask_value elsewhere)",
+    )
+    layout.write(folder)
+    return FloatGraphs(encoder, "decoder.onnx", layout)
+
+
+def _reader(source: Source):
+    """Read the source's model in float32 with only the blocks `wanted(name)` holds: a span's, paged from the
+    checkpoint; or the whole model, read once, where the checkpoint cannot be read a block at a time."""
+    whole = None
+
+    def read(wanted):
+        nonlocal whole
+        model = paged(source, lambda block: False, only=wanted)
+        if model is None:
+            whole = whole or source.load_reference()
+            return whole
+        return model
+
+    return read
+
+
+def _in_span(block: str, first: int, end: int) -> bool:
+    """Whether the encoder's span [first, end) reads `block`: its layers, the convolutions and positions where it
+    starts the encoder, and where it holds no layers (the last) the final norm and the decoder's layers, of which it
+    runs the cross-attention projections."""
+    if block.startswith("model.encoder.layers."):
+        return first <= int(block.rsplit(".", 1)[1]) < end
+    if first == end:
+        return block == "model.encoder.layer_norm" or block.startswith("model.decoder.layers.")
+    return first == 0 and block.startswith("model.encoder.") and block != "model.encoder.layer_norm"
+
+
+def _export_decoder(model, dims: WhisperDims, folder: Path, static: bool) -> None:
     past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape
     tokens = 1
     with torch.no_grad():
-        torch.onnx.export(
-            CrossKV(model),
-            (torch.zeros(1, dims.mels, 2 * frames),),
-            str(folder / "encoder.onnx"),
-            input_names=["input_features"],
-            output_names=["cross_key", "cross_value"],
-            opset_version=OPSET,
-            dynamo=False,
-        )
-        for weight in model.model.encoder.parameters():  # exported: the decoder's export would carry a copy along
-            weight.data = torch.empty(0)  # (left on the CPU: transformers 5.25 takes the model's device from them)
         torch.onnx.export(
             DecoderStep(model),
             (
@@ -122,20 +206,7 @@ def export(source: Source, folder: Path, static: bool) -> OnnxWhisper:
                 "new_value": {3: "tokens"},
             },
         )
-    return OnnxWhisper(
-        static=static,
-        decoder_cache=dims.tokens - 1 if static else None,
-        layers=dims.decoder_layers,
-        heads=dims.decoder_heads,
-        head_dim=dims.head_dim,
-        frames=frames,
-        mask_value=MASK_VALUE,
-        encoder={"inputs": ["input_features"], "outputs": ["cross_key", "cross_value"]},
-        decoder={"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
-        cache="keys and values are [layers, 1, heads, length, head_dim]; a decoder call returns only the new "
-        "tokens' entries, which the app appends (CPU shape) or writes after the filled ones (NPU shape, whose "
-        "attention_mask is 0 where a position is filled and mask_value elsewhere)",
-    )
+    weights_apart(folder / "decoder.onnx")
 
 
 def _cpu_precision(exported: Path, dest: Path, quant) -> None:
@@ -154,12 +225,11 @@ def _cpu_precision(exported: Path, dest: Path, quant) -> None:
                 op_types_to_quantize=["MatMul", "Gather"],
                 use_external_data_format=True,
             )
-        weights = dest.with_name(f"{dest.name}.data")
-        weights.chmod(stat.S_IMODE(dest.stat().st_mode))  # onnx writes it for its owner alone
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        onnx.save(convert_float_to_float16(onnx.load(exported), keep_io_types=True), dest)
+        half = convert_float_to_float16(onnx.load(exported), keep_io_types=True)
+        onnx.save(half, dest, save_as_external_data=True, location=f"{dest.name}.data")
 
 
 @contextmanager
@@ -201,22 +271,32 @@ def _weights_read_once(folder: Path):
             setattr(module, name, original)
 
 
-def _calibration_feeds(float_dir: Path) -> dict[str, list[Path]]:
-    """What each float graph sees while transcribing the first windows of the parity speech."""
-    feeds = RecordedFeeds(float_dir / "calibration")
+def _calibration_feeds(folder: Path, graphs: FloatGraphs) -> dict[str, list[Path]]:
+    """What each float graph in `folder` sees while transcribing the first windows of the parity speech: the
+    encoder's spans run one after another, each on what the one before handed on, then the decoder on the last's
+    keys and values."""
+    feeds = RecordedFeeds(folder / "calibration")
     calls = 0
 
     def record(graph: str, feed) -> None:
         nonlocal calls
-        if graph == "decoder":
-            calls += 1
-            if (calls - 1) % CALIBRATION_STRIDE:  # the window's first call, then every 4th
-                return
-        feeds.record(graph, feed)
+        calls += 1
+        if (calls - 1) % CALIBRATION_STRIDE:  # the window's first call, then every 4th
+            return
+        feeds.record(f"{graph}.onnx", feed)
 
+    runner = WhisperONNXRunner(folder, on_call=record, encoder=False)
     audio = parity_clips()[0].audio
-    runner = WhisperONNXRunner(float_dir, on_call=record)
-    for start, end in windows(audio)[:CALIBRATION_WINDOWS]:
+    handed = [[runner.mel(audio[start:end])] for start, end in windows(audio)[:CALIBRATION_WINDOWS]]
+    for graph in graphs.encoder:
+        span = onnxruntime.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
+        given = [{span.get_inputs()[0].name: inputs[0]} for inputs in handed]
+        for feed in given:
+            feeds.record(graph, lambda feed=feed: feed)
+        handed = [span.run(None, feed) for feed in given]
+        del span
+        release_freed_memory()
+    for encoded in handed:
         calls = 0
-        runner.decode(runner.encode(runner.mel(audio[start:end])))
+        runner.decode(encoded)
     return feeds.files

@@ -25,15 +25,28 @@ def _attention(q, keys, values, heads: int, mask=None):
 
 class CrossKV(torch.nn.Module):
     """input_features [1, mels, 3000] -> cross_key, cross_value [layers, 1, heads, 1500, head_dim]: the encoder,
-    then what every decoder layer's cross-attention needs of its output, computed once per window."""
+    then what every decoder layer's cross-attention needs of its output, computed once per window. Given a span
+    [first, end) of the encoder's layers, only that span: from the previous span's hidden states where it does not
+    start the encoder (the convolutions and positions come first where it does), ending with the final norm and the
+    decoder's cross-attention projections only with `cross`. The ONNX converter exports the encoder a span at a
+    time, with one span's weights in memory, and those projections as a span of their own."""
 
-    def __init__(self, model):
+    def __init__(self, model, first: int = 0, end: int | None = None, cross: bool = True):
         super().__init__()
         self.model = model
         self.heads = model.config.decoder_attention_heads
+        self.first, self.end, self.cross = first, len(model.model.encoder.layers) if end is None else end, cross
 
-    def forward(self, input_features):
-        hidden = self.model.model.encoder(input_features).last_hidden_state
+    def forward(self, inputs):
+        encoder, gelu = self.model.model.encoder, torch.nn.functional.gelu
+        hidden = inputs
+        if self.first == 0:
+            hidden = gelu(encoder.conv2(gelu(encoder.conv1(inputs)))).permute(0, 2, 1) + encoder.embed_positions.weight
+        for layer in encoder.layers[self.first : self.end]:
+            hidden = layer(hidden, None)
+        if not self.cross:
+            return hidden
+        hidden = encoder.layer_norm(hidden)
         layers = self.model.model.decoder.layers
         keys = [_split_heads(layer.encoder_attn.k_proj(hidden), self.heads) for layer in layers]
         values = [_split_heads(layer.encoder_attn.v_proj(hidden), self.heads) for layer in layers]

@@ -263,13 +263,16 @@ class WhisperONNXRunner(WhisperRunner):
     this loop keeps. The NPU shape is fed one token at a time over its fixed cache, with QNN's EP where
     onnxruntime-qnn provides one."""
 
-    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None):
+    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None, encoder: bool = True):
+        """`encoder=False`: the decoder alone, for a caller that computes what the encoder hands it (the
+        converter, which builds the encoder a span at a time)."""
         import onnxruntime as ort
 
         super().__init__(path)
         self.layout = OnnxWhisper.read(path)
         chosen = providers(npu)
-        self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=chosen)
+        if encoder:
+            self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=chosen)
         self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), providers=chosen)
         self.providers = self.decoder.get_providers()
         self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]})"

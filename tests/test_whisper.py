@@ -20,6 +20,7 @@ from transformers import WhisperForConditionalGeneration
 from edgeport import quantization, targets
 from edgeport.audio import SAMPLE_RATE, load_audio, parity_clips, windows
 from edgeport.convert import copy_app_files, whisper_onnx
+from edgeport.convert.onnx import join_graphs
 from edgeport.convert.whisper_torch import CrossKV, DecoderStep, StatefulDecoder
 from edgeport.engines import mlx as mlx_engine
 from edgeport.engines.mlx import MLXWhisper
@@ -190,9 +191,21 @@ def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path):
+def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path, monkeypatch):
+    monkeypatch.setattr(whisper_onnx, "UNIT_PARAMS", 1)  # a span per encoder layer, each read on its own
+    reads = []
+    paged = whisper_onnx.paged
+    monkeypatch.setattr(whisper_onnx, "paged", lambda *a, only, **k: reads.append(only) or paged(*a, only=only, **k))
     _, features, expected = reference_logits(tiny_whisper)
-    whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static).write(tmp_path)
+    graphs = whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static)
+    spans = [(0, 1), (1, 2), (2, 2)]
+    assert graphs.encoder == [f"encoder-layers-{first}-{end}.onnx" for first, end in spans]
+    layers = [f"model.encoder.layers.{i}" for i in range(2)]
+    for (first, end), only in zip(spans, reads[:-1], strict=True):  # each span read only its own blocks
+        assert [block for block in layers if only(block)] == layers[first:end]
+        assert only("model.encoder.conv1") == (first == 0) and only("model.decoder.layers.0") == (first == 2)
+    assert reads[-1]("model.decoder.embed_tokens") and not any(reads[-1](block) for block in layers)  # the decoder
+    join_graphs([tmp_path / graph for graph in graphs.encoder], tmp_path / "encoder.onnx")
     copy_app_files(tiny_whisper, tmp_path)
     runner = WhisperONNXRunner(tmp_path)
     runner.begin(runner.encode(features))
@@ -204,12 +217,13 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
     exported, theirs, ours = tmp_path / "float", tmp_path / "theirs", tmp_path / "ours"
     for folder in (exported, theirs, ours):
         folder.mkdir()
-    whisper_onnx.export(open_source(str(tiny_whisper)), exported, static=False)
+    graphs = whisper_onnx.export(open_source(str(tiny_whisper)), exported, static=False)
+    names = [*graphs.encoder, graphs.decoder]
     int8 = quantization.get("int8", "onnx")
-    for graph in ("encoder", "decoder"):
+    for graph in names:
         whisper_onnx.quantize_dynamic(
-            exported / f"{graph}.onnx",
-            theirs / f"{graph}.onnx",
+            exported / graph,
+            theirs / graph,
             weight_type=whisper_onnx.QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul", "Gather"],
@@ -218,18 +232,14 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
     loads = []
     load = onnx.load_external_data_for_model
     monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a: loads.append(1) or load(*a))
-    for graph in ("encoder", "decoder"):
-        whisper_onnx._cpu_precision(exported / f"{graph}.onnx", ours / f"{graph}.onnx", int8)
-    assert len(loads) == 2  # each graph's weights read once
-    for name in ("encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data"):
+    for graph in names:
+        whisper_onnx._cpu_precision(exported / graph, ours / graph, int8)
+    assert len(loads) == len(names)  # each graph's weights read once
+    for name in [file for graph in names for file in (graph, f"{graph}.data")]:
         assert (ours / name).read_bytes() == (theirs / name).read_bytes()
-        assert (ours / name).stat().st_mode == (ours / "encoder.onnx").stat().st_mode  # readable as the graph is
-    assert sorted(p.name for p in exported.iterdir()) == [
-        "decoder.onnx",
-        "decoder.onnx.data",
-        "encoder.onnx",
-        "encoder.onnx.data",
-    ]
+    assert sorted(p.name for p in exported.iterdir()) == sorted(
+        [*names, *(f"{graph}.data" for graph in names), "whisper.json"]
+    )
 
 
 # Converters, parity, bench and check
