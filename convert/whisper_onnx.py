@@ -7,10 +7,12 @@ keys and values), in the shape the target's compute unit runs.
   max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
   QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
 
-The encoder is built as the causal LM's NPU parts are: in spans of layers of at most UNIT_PARAMS (the convolutions
-with the first, the final norm and the cross-attention projections last, alone), each read from the checkpoint on
-its own, exported, quantized (calibrated on what the spans before it handed on), and joined into one graph; the
-decoder is read without the encoder. Memory holds one span in float32, not the whole model (3.2 GB for large-v3-turbo).
+Both are built as the causal LM's NPU parts are, in units: the encoder in spans of layers of at most SPAN_PARAMS
+(the convolutions with the first, the final norm and the cross-attention projections last, alone), the decoder as
+its embedding, its layers and its output projection. Each unit is read from the checkpoint on its own, exported,
+quantized (calibrated on what the units before it handed on) and the units are joined into the graph. Memory holds
+one unit in float32, not the whole model (3.2 GB for large-v3-turbo): torch's exporter holds about four copies of
+what it exports.
 `whisper.json` (the OnnxWhisper layout) records the shapes, names and the mask convention; the ONNX engine's
 `WhisperONNXRunner` is the app's loop.
 """
@@ -30,11 +32,10 @@ from edgeport import quantization
 from edgeport.audio import parity_clips, windows
 from edgeport.convert import Artifact, copy_app_files
 from edgeport.convert.onnx import OPSET, RecordedFeeds, join_graphs, qdq_quantize, share_weights, weights_apart
-from edgeport.convert.whisper_torch import CrossKV, DecoderStep
+from edgeport.convert.whisper_torch import DECODER_UNITS, CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.engines.reference import paged
 from edgeport.errors import EdgeportError
-from edgeport.families.causal_lm import UNIT_PARAMS
 from edgeport.families.whisper import COMPONENTS, WhisperDims
 from edgeport.layouts import MASK_VALUE, OnnxWhisper, builds_qnn_shape
 from edgeport.machine import release_freed_memory
@@ -45,6 +46,24 @@ from edgeport.targets import Target
 
 DECODER_INPUTS = ["input_ids", "position_ids", "attention_mask", "past_key", "past_value", "cross_key", "cross_value"]
 DECODER_OUTPUTS = ["logits", "new_key", "new_value"]
+DECODER_BLOCKS = {  # what each of the decoder's units reads (its output projection is the token embedding)
+    "embedding": ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    "layers": ("model.decoder.layers.",),
+    "head": ("model.decoder.layer_norm", "model.decoder.embed_tokens"),
+}
+DYNAMIC_AXES = {  # the CPU shape's
+    "input_ids": {1: "tokens"},
+    "position_ids": {1: "tokens"},
+    "hidden_states": {1: "tokens"},
+    "attention_mask": {2: "tokens", 3: "attended"},
+    "past_key": {3: "past"},
+    "past_value": {3: "past"},
+    "output_hidden_states": {1: "tokens"},
+    "logits": {1: "tokens"},
+    "new_key": {3: "tokens"},
+    "new_value": {3: "tokens"},
+}
+SPAN_PARAMS = 64_000_000  # the most encoder parameters exported at a time
 CALIBRATION_WINDOWS = 2  # windows of parity speech the NPU graphs are calibrated on, every decoding step covered
 CALIBRATION_STRIDE = 4  # every 4th decoder call is calibrated: all positions are covered, a quarter of the copies
 
@@ -68,15 +87,15 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
         copy_app_files(source.path, floats)
         if npu:
             feeds = _calibration_feeds(floats, graphs)
-        for graph in [*graphs.encoder, graphs.decoder]:
-            if npu:
-                qdq_quantize(floats / graph, quantized / graph, feeds[graph], quant)
-                weights_apart(quantized / graph)
-            else:
-                _cpu_precision(floats / graph, quantized / graph, quant)
-            release_freed_memory()
-        join_graphs([quantized / graph for graph in graphs.encoder], quantized / "encoder.onnx")
         for graph in COMPONENTS:
+            for unit in graphs.units[graph]:
+                if npu:
+                    qdq_quantize(floats / unit, quantized / unit, feeds[unit], quant)
+                    weights_apart(quantized / unit)
+                else:
+                    _cpu_precision(floats / unit, quantized / unit, quant)
+                release_freed_memory()
+            join_graphs([quantized / unit for unit in graphs.units[graph]], quantized / f"{graph}.onnx")
             share_weights(quantized, dest, [f"{graph}.onnx"], f"{graph}.onnx.data")
     copy_app_files(source.path, dest)
     layout = replace(graphs.layout, weights=quant.name)
@@ -87,47 +106,58 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
 
 @dataclass(frozen=True)
 class FloatGraphs:
-    """What `export` writes: the encoder's spans in order (join_graphs makes them one graph) and the decoder, each
-    a graph with its weights in a file beside it, and the layout of the two graphs they make."""
+    """What `export` writes: each graph's units in order (join_graphs makes them one), each with its weights in a
+    file beside it, and the layout of the graphs they make."""
 
-    encoder: list[str]
-    decoder: str
+    units: dict[str, list[str]]  # "encoder", "decoder" -> the units' graph files
     layout: OnnxWhisper
 
 
 def encoder_spans(dims: WhisperDims) -> list[tuple[int, int]]:
-    """The encoder's layers in spans of at most UNIT_PARAMS (a larger layer alone), then (layers, layers): the
+    """The encoder's layers in spans of at most SPAN_PARAMS (a larger layer alone), then (layers, layers): the
     final norm and the decoder's cross-attention projections, which read every decoder layer."""
     d, layers = dims.d_model, dims.encoder_layers
-    per_span = max(1, UNIT_PARAMS // (4 * d * d + 2 * d * dims.encoder_ffn))
+    per_span = max(1, SPAN_PARAMS // (4 * d * d + 2 * d * dims.encoder_ffn))
     return [(first, min(first + per_span, layers)) for first in range(0, layers, per_span)] + [(layers, layers)]
 
 
 def export(source: Source, folder: Path, static: bool) -> FloatGraphs:
-    """Export the float encoder, a span at a time, and the decoder into `folder`."""
+    """Export the float encoder and decoder, a unit at a time, into `folder`."""
     dims = source.family.dims(source.config)
     read = _reader(source)
-    encoder = []
+    units = {"encoder": [], "decoder": []}
     for first, end in encoder_spans(dims):
-        graph = f"encoder-layers-{first}-{end}.onnx"
         model = read(lambda block, first=first, end=end: _in_span(block, first, end))
-        start = torch.zeros(1, dims.mels, 2 * dims.frames) if first == 0 else torch.zeros(1, dims.frames, dims.d_model)
-        with torch.no_grad():
-            torch.onnx.export(
-                CrossKV(model, first, end, cross=first == end),
-                (start,),
-                str(folder / graph),
-                input_names=["input_features" if first == 0 else "hidden_states"],
-                output_names=["cross_key", "cross_value"] if first == end else ["output_hidden_states"],
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        weights_apart(folder / graph)
-        encoder.append(graph)
+        units["encoder"].append(f"encoder-layers-{first}-{end}.onnx")
+        given = (
+            {"input_features": torch.zeros(1, dims.mels, 2 * dims.frames)}
+            if first == 0
+            else {"hidden_states": torch.zeros(1, dims.frames, dims.d_model)}
+        )
+        outputs = ["cross_key", "cross_value"] if first == end else ["output_hidden_states"]
+        _export(CrossKV(model, first, end, cross=first == end), given, outputs, folder / units["encoder"][-1])
         del model
         release_freed_memory()
-    _export_decoder(read(lambda block: not block.startswith("model.encoder.")), dims, folder, static)
-    release_freed_memory()
+    past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape
+    examples = {
+        "input_ids": torch.zeros(1, 1, dtype=torch.int32),
+        "position_ids": torch.zeros(1, 1, dtype=torch.int32),
+        "hidden_states": torch.zeros(1, 1, dims.d_model),
+        "attention_mask": torch.zeros(1, 1, 1, past + 1),
+        "past_key": torch.zeros(dims.cache_shape(past)),
+        "past_value": torch.zeros(dims.cache_shape(past)),
+        "cross_key": torch.zeros(dims.cross_shape),
+        "cross_value": torch.zeros(dims.cross_shape),
+    }
+    for unit, (inputs, outputs) in DECODER_UNITS.items():
+        model = read(lambda block, unit=unit: block.startswith(DECODER_BLOCKS[unit]))
+        units["decoder"].append(f"decoder-{unit}.onnx")
+        axes = None if static else DYNAMIC_AXES
+        _export(
+            DecoderStep(model, unit), {n: examples[n] for n in inputs}, outputs, folder / units["decoder"][-1], axes
+        )
+        del model
+        release_freed_memory()
     layout = OnnxWhisper(
         static=static,
         decoder_cache=dims.tokens - 1 if static else None,
@@ -143,11 +173,26 @@ def export(source: Source, folder: Path, static: bool) -> FloatGraphs:
         "attention_mask is 0 where a position is filled and mask_value elsewhere)",
     )
     layout.write(folder)
-    return FloatGraphs(encoder, "decoder.onnx", layout)
+    return FloatGraphs(units, layout)
+
+
+def _export(module, given: dict, outputs: list[str], file: Path, axes: dict | None = None) -> None:
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(given.values()),
+            str(file),
+            input_names=list(given),
+            output_names=outputs,
+            opset_version=OPSET,
+            dynamo=False,
+            dynamic_axes=axes and {name: axes[name] for name in [*given, *outputs] if name in axes},
+        )
+    weights_apart(file)
 
 
 def _reader(source: Source):
-    """Read the source's model in float32 with only the blocks `wanted(name)` holds: a span's, paged from the
+    """Read the source's model in float32 with only the blocks `wanted(name)` holds: a unit's, paged from the
     checkpoint; or the whole model, read once, where the checkpoint cannot be read a block at a time."""
     whole = None
 
@@ -171,42 +216,6 @@ def _in_span(block: str, first: int, end: int) -> bool:
     if first == end:
         return block == "model.encoder.layer_norm" or block.startswith("model.decoder.layers.")
     return first == 0 and block.startswith("model.encoder.") and block != "model.encoder.layer_norm"
-
-
-def _export_decoder(model, dims: WhisperDims, folder: Path, static: bool) -> None:
-    past = dims.tokens - 1 if static else 3  # the example's length; dynamic in the CPU shape
-    tokens = 1
-    with torch.no_grad():
-        torch.onnx.export(
-            DecoderStep(model),
-            (
-                torch.zeros(1, tokens, dtype=torch.int32),
-                torch.zeros(1, tokens, dtype=torch.int32),
-                torch.zeros(1, 1, tokens, past + tokens),
-                torch.zeros(dims.cache_shape(past)),
-                torch.zeros(dims.cache_shape(past)),
-                torch.zeros(dims.cross_shape),
-                torch.zeros(dims.cross_shape),
-            ),
-            str(folder / "decoder.onnx"),
-            input_names=DECODER_INPUTS,
-            output_names=DECODER_OUTPUTS,
-            opset_version=OPSET,
-            dynamo=False,
-            dynamic_axes=None
-            if static
-            else {
-                "input_ids": {1: "tokens"},
-                "position_ids": {1: "tokens"},
-                "attention_mask": {2: "tokens", 3: "attended"},
-                "past_key": {3: "past"},
-                "past_value": {3: "past"},
-                "logits": {1: "tokens"},
-                "new_key": {3: "tokens"},
-                "new_value": {3: "tokens"},
-            },
-        )
-    weights_apart(folder / "decoder.onnx")
 
 
 def _cpu_precision(exported: Path, dest: Path, quant) -> None:
@@ -272,31 +281,58 @@ def _weights_read_once(folder: Path):
 
 
 def _calibration_feeds(folder: Path, graphs: FloatGraphs) -> dict[str, list[Path]]:
-    """What each float graph in `folder` sees while transcribing the first windows of the parity speech: the
-    encoder's spans run one after another, each on what the one before handed on, then the decoder on the last's
-    keys and values."""
+    """What each float unit in `folder` sees while transcribing the first windows of the parity speech: the
+    encoder's spans run one after another, each on what the one before handed on for every window, then the
+    decoder's units together, as the decoder joined, on the last span's keys and values."""
     feeds = RecordedFeeds(folder / "calibration")
+    decoder = _Units(folder, graphs.units["decoder"], feeds)
     calls = 0
 
-    def record(graph: str, feed) -> None:
+    def every_4th(graph: str, feed) -> None:
         nonlocal calls
         calls += 1
-        if (calls - 1) % CALIBRATION_STRIDE:  # the window's first call, then every 4th
-            return
-        feeds.record(f"{graph}.onnx", feed)
+        decoder.recording = (calls - 1) % CALIBRATION_STRIDE == 0  # the window's first call, then every 4th
 
-    runner = WhisperONNXRunner(folder, on_call=record, encoder=False)
+    runner = WhisperONNXRunner(folder, on_call=every_4th, sessions=(None, decoder))
     audio = parity_clips()[0].audio
-    handed = [[runner.mel(audio[start:end])] for start, end in windows(audio)[:CALIBRATION_WINDOWS]]
-    for graph in graphs.encoder:
-        span = onnxruntime.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
-        given = [{span.get_inputs()[0].name: inputs[0]} for inputs in handed]
-        for feed in given:
-            feeds.record(graph, lambda feed=feed: feed)
-        handed = [span.run(None, feed) for feed in given]
+    handed = [{"input_features": runner.mel(audio[start:end])} for start, end in windows(audio)[:CALIBRATION_WINDOWS]]
+    for graph in graphs.units["encoder"]:
+        span = _Units(folder, [graph], feeds)
+        handed = [span.outputs(given) for given in handed]
         del span
         release_freed_memory()
     for encoded in handed:
         calls = 0
-        runner.decode(encoded)
+        runner.decode([encoded["cross_key"], encoded["cross_value"]])
     return feeds.files
+
+
+class _Units:
+    """Float units run one after another as the graph they join would run: each on the inputs it names, of those
+    given and those the units before it returned (a unit's `output_hidden_states` is the next one's
+    `hidden_states`). While `recording`, what each unit is given is recorded for its calibration."""
+
+    def __init__(self, folder: Path, graphs: list[str], feeds: RecordedFeeds):
+        self.sessions = [
+            (graph, onnxruntime.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"]))
+            for graph in graphs
+        ]
+        self.feeds, self.recording = feeds, True
+
+    def outputs(self, given: dict) -> dict:
+        known = dict(given)
+        for graph, session in self.sessions:
+            feed = {i.name: known[i.name] for i in session.get_inputs()}
+            if self.recording:
+                self.feeds.record(graph, lambda feed=feed: feed)
+            names = [o.name for o in session.get_outputs()]
+            known |= dict(zip(names, session.run(None, feed), strict=True))
+            known["hidden_states"] = known.pop("output_hidden_states", None)
+        return known
+
+    def run(self, names: list[str] | None, given: dict) -> list:  # as an onnxruntime session runs the decoder
+        known = self.outputs(given)
+        return [known[name] for name in names or DECODER_OUTPUTS]
+
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]

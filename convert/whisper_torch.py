@@ -56,9 +56,18 @@ class CrossKV(torch.nn.Module):
 def decoder_step(model, input_ids, position_ids, attention_mask, cross_key, cross_value, cache):
     """Logits of `input_ids` at `position_ids`; `cache(layer, keys, values)` takes the new tokens' self-attention
     keys and values and returns everything they attend to."""
-    decoder, heads = model.model.decoder, model.config.decoder_attention_heads
-    x = decoder.embed_tokens(input_ids.long()) + decoder.embed_positions.weight[position_ids.long()]
-    for i, layer in enumerate(decoder.layers):
+    hidden = embedded(model, input_ids, position_ids)
+    return logits(model, decoder_layers(model, hidden, attention_mask, cross_key, cross_value, cache))
+
+
+def embedded(model, input_ids, position_ids):
+    decoder = model.model.decoder
+    return decoder.embed_tokens(input_ids.long()) + decoder.embed_positions.weight[position_ids.long()]
+
+
+def decoder_layers(model, x, attention_mask, cross_key, cross_value, cache):
+    heads = model.config.decoder_attention_heads
+    for i, layer in enumerate(model.model.decoder.layers):
         attn = layer.self_attn
         h = layer.self_attn_layer_norm(x)
         keys, values = cache(i, _split_heads(attn.k_proj(h), heads), _split_heads(attn.v_proj(h), heads))
@@ -68,27 +77,58 @@ def decoder_step(model, input_ids, position_ids, attention_mask, cross_key, cros
         x = x + cross.out_proj(_attention(cross.q_proj(h), cross_key[i], cross_value[i], heads))
         h = layer.final_layer_norm(x)
         x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+    return x
+
+
+def logits(model, x):
+    decoder = model.model.decoder
     table = decoder.embed_tokens.weight  # Whisper's output projection is tied; in fp16 where the converter halves it
     return (decoder.layer_norm(x).to(table.dtype) @ table.T).float()
 
 
+DECODER_UNITS = {  # inputs and outputs of each unit of the decoder DecoderStep exports
+    "embedding": (["input_ids", "position_ids"], ["output_hidden_states"]),
+    "layers": (
+        ["hidden_states", "attention_mask", "past_key", "past_value", "cross_key", "cross_value"],
+        ["output_hidden_states", "new_key", "new_value"],
+    ),
+    "head": (["hidden_states"], ["logits"]),
+}
+
+
 class DecoderStep(torch.nn.Module):
     """The decoder over a past passed in: returns the logits and only the new tokens' keys and values
-    ([layers, 1, heads, tokens, head_dim]), which the app appends or writes into its cache."""
+    ([layers, 1, heads, tokens, head_dim]), which the app appends or writes into its cache.
 
-    def __init__(self, model):
+    Or one unit of it (`unit`), as the ONNX converter exports it, a unit's weights at a time: "embedding"
+    (input_ids, position_ids -> hidden states), "layers" (hidden states, attention_mask, past_key, past_value,
+    cross_key, cross_value -> hidden states, new keys and values) or "head" (hidden states -> logits)."""
+
+    def __init__(self, model, unit: str | None = None):
         super().__init__()
         self.model = model
+        self.unit = unit
 
-    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value, cross_key, cross_value):
+    def forward(self, *inputs):
+        if self.unit == "embedding":
+            return embedded(self.model, *inputs)
+        if self.unit == "head":
+            return logits(self.model, *inputs)
+        if self.unit is None:
+            input_ids, position_ids, *inputs = inputs
+            hidden = embedded(self.model, input_ids, position_ids)
+        else:
+            hidden, *inputs = inputs
+        attention_mask, past_key, past_value, cross_key, cross_value = inputs
         new = []
 
         def cache(i, k, v):
             new.append((k, v))
             return torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
 
-        logits = decoder_step(self.model, input_ids, position_ids, attention_mask, cross_key, cross_value, cache)
-        return logits, torch.stack([k for k, _ in new]), torch.stack([v for _, v in new])
+        hidden = decoder_layers(self.model, hidden, attention_mask, cross_key, cross_value, cache)
+        keys, values = torch.stack([k for k, _ in new]), torch.stack([v for _, v in new])
+        return (hidden if self.unit else logits(self.model, hidden)), keys, values
 
 
 class StatefulDecoder(torch.nn.Module):

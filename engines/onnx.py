@@ -263,17 +263,17 @@ class WhisperONNXRunner(WhisperRunner):
     this loop keeps. The NPU shape is fed one token at a time over its fixed cache, with QNN's EP where
     onnxruntime-qnn provides one."""
 
-    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None, encoder: bool = True):
-        """`encoder=False`: the decoder alone, for a caller that computes what the encoder hands it (the
-        converter, which builds the encoder a span at a time)."""
+    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None, sessions=None):
+        """`sessions`: what runs the encoder and the decoder, in place of sessions of encoder.onnx and decoder.onnx
+        (the converter's float graphs built in units; no encoder where it computes what the encoder hands on)."""
         import onnxruntime as ort
 
         super().__init__(path)
         self.layout = OnnxWhisper.read(path)
         chosen = providers(npu)
-        if encoder:
-            self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), providers=chosen)
-        self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), providers=chosen)
+        self.encoder, self.decoder = sessions or (
+            ort.InferenceSession(str(path / f"{graph}.onnx"), providers=chosen) for graph in ("encoder", "decoder")
+        )
         self.providers = self.decoder.get_providers()
         self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]})"
         self.on_call = on_call

@@ -192,20 +192,28 @@ def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path, monkeypatch):
-    monkeypatch.setattr(whisper_onnx, "UNIT_PARAMS", 1)  # a span per encoder layer, each read on its own
+    monkeypatch.setattr(whisper_onnx, "SPAN_PARAMS", 1)  # a span per encoder layer, each read on its own
     reads = []
     paged = whisper_onnx.paged
     monkeypatch.setattr(whisper_onnx, "paged", lambda *a, only, **k: reads.append(only) or paged(*a, only=only, **k))
     _, features, expected = reference_logits(tiny_whisper)
     graphs = whisper_onnx.export(open_source(str(tiny_whisper)), tmp_path, static=static)
     spans = [(0, 1), (1, 2), (2, 2)]
-    assert graphs.encoder == [f"encoder-layers-{first}-{end}.onnx" for first, end in spans]
+    assert graphs.units["encoder"] == [f"encoder-layers-{first}-{end}.onnx" for first, end in spans]
+    assert graphs.units["decoder"] == ["decoder-embedding.onnx", "decoder-layers.onnx", "decoder-head.onnx"]
     layers = [f"model.encoder.layers.{i}" for i in range(2)]
-    for (first, end), only in zip(spans, reads[:-1], strict=True):  # each span read only its own blocks
+    for (first, end), only in zip(spans, reads[:3], strict=True):  # each unit read only its own blocks
         assert [block for block in layers if only(block)] == layers[first:end]
         assert only("model.encoder.conv1") == (first == 0) and only("model.decoder.layers.0") == (first == 2)
-    assert reads[-1]("model.decoder.embed_tokens") and not any(reads[-1](block) for block in layers)  # the decoder
-    join_graphs([tmp_path / graph for graph in graphs.encoder], tmp_path / "encoder.onnx")
+    embedding, decoder_layers, head = reads[3:]
+    assert [embedding("model.decoder.embed_tokens"), decoder_layers("model.decoder.layers.1"), head("proj_out")] == [
+        True,
+        True,
+        False,  # the table, read as the embedding
+    ]
+    assert not any(read(block) for read in reads[3:] for block in layers)
+    for graph in ("encoder", "decoder"):
+        join_graphs([tmp_path / unit for unit in graphs.units[graph]], tmp_path / f"{graph}.onnx")
     copy_app_files(tiny_whisper, tmp_path)
     runner = WhisperONNXRunner(tmp_path)
     runner.begin(runner.encode(features))
@@ -218,7 +226,7 @@ def test_int8_reads_the_float_weights_once_to_onnxruntimes_own_bytes(tiny_whispe
     for folder in (exported, theirs, ours):
         folder.mkdir()
     graphs = whisper_onnx.export(open_source(str(tiny_whisper)), exported, static=False)
-    names = [*graphs.encoder, graphs.decoder]
+    names = [*graphs.units["encoder"], *graphs.units["decoder"]]
     int8 = quantization.get("int8", "onnx")
     for graph in names:
         whisper_onnx.quantize_dynamic(
