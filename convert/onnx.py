@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from onnxruntime.quantization import CalibrationDataReader, QuantType, qdq_quantizer, quant_utils, quantize_static
 from onnxruntime.quantization.calibrate import MinMaxCalibrater, TensorsData, save_tensors_data
 from onnxruntime.quantization.execution_providers import qnn
@@ -753,22 +753,36 @@ def share_weights(source: Path, dest: Path, graphs: list[str], data_name: str) -
         for name in graphs:
             model = onnx.load(source / name, load_external_data=False)
             for tensor in model.graph.initializer:
-                if uses_external_data(tensor):
-                    load_external_data_for_tensor(tensor, str(source))
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                    del tensor.external_data[:]
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < SHARED_MIN_BYTES:
-                    continue  # scales and zero points stay in the graph
-                key = (tensor.name, hashlib.sha256(tensor.raw_data).digest())
+                raw = _raw_bytes(tensor, source)
+                if len(raw) < SHARED_MIN_BYTES:  # scales and zero points stay in the graph
+                    if uses_external_data(tensor):
+                        tensor.raw_data, tensor.data_location = raw, onnx.TensorProto.DEFAULT
+                        del tensor.external_data[:]
+                    continue
+                key = (tensor.name, hashlib.sha256(raw).digest())
                 if key not in stored:
                     offset = -(-data.tell() // PAGE_BYTES) * PAGE_BYTES
                     data.seek(offset)
-                    data.write(tensor.raw_data)
-                    stored[key] = (offset, len(tensor.raw_data))
-                set_external_data(tensor, data_name, *stored[key])
+                    data.write(raw)
+                    stored[key] = (offset, len(raw))
+                offset, length = stored[key]
                 tensor.ClearField("raw_data")
+                del tensor.external_data[:]  # onnx's set_external_data wants the bytes in the message
+                for field, value in (("location", data_name), ("offset", offset), ("length", length)):
+                    tensor.external_data.add(key=field, value=str(value))
                 tensor.data_location = onnx.TensorProto.EXTERNAL
             onnx.save(model, dest / name)
+
+
+def _raw_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    """A tensor's raw bytes, read from the file beside its graph where it keeps them there: never into the graph's
+    message, whose memory protobuf keeps until the whole message goes."""
+    if not uses_external_data(tensor):
+        return tensor.raw_data
+    where = ExternalDataInfo(tensor)
+    with open(folder / where.location, "rb") as file:
+        file.seek(where.offset or 0)
+        return file.read(where.length if where.length is not None else -1)
 
 
 def weights_apart(model_file: Path) -> int:

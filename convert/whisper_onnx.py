@@ -7,8 +7,8 @@ keys and values), in the shape the target's compute unit runs.
   max_target_positions - 1 entries that an additive mask opens as it fills. Both graphs are QDQ-quantized for
   QNN, calibrated on the parity speech, exactly as the causal LM's NPU graphs are.
 
-Both are built as the causal LM's NPU parts are, in units: the encoder in spans of layers of at most SPAN_PARAMS
-(the convolutions with the first, the final norm and the cross-attention projections last, alone), the decoder as
+Both are built as the causal LM's NPU parts are, in units: the encoder in spans of layers (WhisperDims.encoder_spans:
+the convolutions with the first, the final norm and the cross-attention projections last, alone), the decoder as
 its embedding, its layers and its output projection. Each unit is read from the checkpoint on its own, exported,
 quantized (calibrated on what the units before it handed on) and the units are joined into the graph. Memory holds
 one unit in float32, not the whole model (3.2 GB for large-v3-turbo): torch's exporter holds about four copies of
@@ -35,8 +35,9 @@ from edgeport.convert.onnx import OPSET, RecordedFeeds, join_graphs, qdq_quantiz
 from edgeport.convert.whisper_torch import DECODER_UNITS, CrossKV, DecoderStep
 from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.engines.reference import paged
+from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
-from edgeport.families.whisper import COMPONENTS, WhisperDims
+from edgeport.families.whisper import COMPONENTS
 from edgeport.layouts import MASK_VALUE, OnnxWhisper, builds_qnn_shape
 from edgeport.machine import release_freed_memory
 from edgeport.plan import Step
@@ -63,7 +64,6 @@ DYNAMIC_AXES = {  # the CPU shape's
     "new_key": {3: "tokens"},
     "new_value": {3: "tokens"},
 }
-SPAN_PARAMS = 64_000_000  # the most encoder parameters exported at a time
 CALIBRATION_WINDOWS = 2  # windows of parity speech the NPU graphs are calibrated on, every decoding step covered
 CALIBRATION_STRIDE = 4  # every 4th decoder call is calibrated: all positions are covered, a quarter of the copies
 
@@ -113,20 +113,12 @@ class FloatGraphs:
     layout: OnnxWhisper
 
 
-def encoder_spans(dims: WhisperDims) -> list[tuple[int, int]]:
-    """The encoder's layers in spans of at most SPAN_PARAMS (a larger layer alone), then (layers, layers): the
-    final norm and the decoder's cross-attention projections, which read every decoder layer."""
-    d, layers = dims.d_model, dims.encoder_layers
-    per_span = max(1, SPAN_PARAMS // (4 * d * d + 2 * d * dims.encoder_ffn))
-    return [(first, min(first + per_span, layers)) for first in range(0, layers, per_span)] + [(layers, layers)]
-
-
 def export(source: Source, folder: Path, static: bool) -> FloatGraphs:
     """Export the float encoder and decoder, a unit at a time, into `folder`."""
     dims = source.family.dims(source.config)
     read = _reader(source)
     units = {"encoder": [], "decoder": []}
-    for first, end in encoder_spans(dims):
+    for first, end in dims.encoder_spans():
         model = read(lambda block, first=first, end=end: _in_span(block, first, end))
         units["encoder"].append(f"encoder-layers-{first}-{end}.onnx")
         given = (
@@ -285,7 +277,15 @@ def _calibration_feeds(folder: Path, graphs: FloatGraphs) -> dict[str, list[Path
     encoder's spans run one after another, each on what the one before handed on for every window, then the
     decoder's units together, as the decoder joined, on the last span's keys and values."""
     feeds = RecordedFeeds(folder / "calibration")
-    decoder = _Units(folder, graphs.units["decoder"], feeds)
+    audio = parity_clips()[0].audio
+    mel = WhisperRunner(folder).mel
+    handed = [{"input_features": mel(audio[start:end])} for start, end in windows(audio)[:CALIBRATION_WINDOWS]]
+    for graph in graphs.units["encoder"]:
+        span = _Units(folder, [graph], feeds)
+        handed = [span.outputs(given) for given in handed]
+        del span
+        release_freed_memory()
+    decoder = _Units(folder, graphs.units["decoder"], feeds)  # now, not beside an encoder span
     calls = 0
 
     def every_4th(graph: str, feed) -> None:
@@ -294,13 +294,6 @@ def _calibration_feeds(folder: Path, graphs: FloatGraphs) -> dict[str, list[Path
         decoder.recording = (calls - 1) % CALIBRATION_STRIDE == 0  # the window's first call, then every 4th
 
     runner = WhisperONNXRunner(folder, on_call=every_4th, sessions=(None, decoder))
-    audio = parity_clips()[0].audio
-    handed = [{"input_features": runner.mel(audio[start:end])} for start, end in windows(audio)[:CALIBRATION_WINDOWS]]
-    for graph in graphs.units["encoder"]:
-        span = _Units(folder, [graph], feeds)
-        handed = [span.outputs(given) for given in handed]
-        del span
-        release_freed_memory()
     for encoded in handed:
         calls = 0
         runner.decode([encoded["cross_key"], encoded["cross_value"]])

@@ -28,6 +28,7 @@ from edgeport.engines.onnx import WhisperONNXRunner
 from edgeport.engines.reference import TorchWhisper
 from edgeport.engines.whisper import start_tokens, transcribe
 from edgeport.errors import EdgeportError
+from edgeport.families import whisper as whisper_family
 from edgeport.families.whisper import WhisperDims, whisper_size
 from edgeport.layouts import MLXWhisper as MLXWhisperLayout
 from edgeport.parity import BOUNDS, wer
@@ -192,7 +193,7 @@ def test_the_export_wrappers_compute_what_transformers_does(tiny_whisper):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_the_float_onnx_graphs_compute_what_transformers_does(static, tiny_whisper, tmp_path, monkeypatch):
-    monkeypatch.setattr(whisper_onnx, "SPAN_PARAMS", 1)  # a span per encoder layer, each read on its own
+    monkeypatch.setattr(whisper_family, "SPAN_PARAMS", 1)  # a span per encoder layer, each read on its own
     reads = []
     paged = whisper_onnx.paged
     monkeypatch.setattr(whisper_onnx, "paged", lambda *a, only, **k: reads.append(only) or paged(*a, only=only, **k))

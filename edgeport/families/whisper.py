@@ -35,6 +35,9 @@ SWEEP = {
     "coreml": ("fp16", "int8-channel", "int4-block32", "palettize4"),
 }
 COMPONENTS = ("encoder", "decoder")  # the graphs or packages every Whisper artifact but CTranslate2's holds
+# The most encoder parameters the ONNX converter exports at a time: torch's exporter holds about four float32 copies
+# of what it exports (2.5 GB for six of large-v3-turbo's layers).
+SPAN_PARAMS = 64_000_000
 PARITY_LANGUAGE = "en"  # the parity clips are English readings: no detection stands between the two transcripts
 
 
@@ -85,6 +88,26 @@ class WhisperDims:
     def cross_shape(self) -> tuple[int, int, int, int, int]:
         """The encoder's keys (or values) as every decoder layer's cross-attention reads them."""
         return self.cache_shape(self.frames)
+
+    def encoder_spans(self) -> list[tuple[int, int]]:
+        """The encoder's layers in spans of at most SPAN_PARAMS (a larger layer alone), as the ONNX converter
+        builds them, then (layers, layers): the final norm and the decoder's cross-attention projections, which
+        read every decoder layer."""
+        per_span = max(1, SPAN_PARAMS // self.encoder_layer_params)
+        layers = self.encoder_layers
+        return [(first, min(first + per_span, layers)) for first in range(0, layers, per_span)] + [(layers, layers)]
+
+    @property
+    def encoder_layer_params(self) -> int:
+        return 4 * self.d_model**2 + 2 * self.d_model * self.encoder_ffn
+
+    @property
+    def unit_params(self) -> int:
+        """The largest unit the ONNX converter reads and exports at once: a span of the encoder's layers, the
+        decoder's layers (read also for their cross-attention projections), or the token embedding."""
+        span = max(end - first for first, end in self.encoder_spans()) * self.encoder_layer_params
+        decoder = self.decoder_layers * (8 * self.d_model**2 + 2 * self.d_model * self.decoder_ffn)
+        return max(span, decoder, self.vocab * self.d_model)
 
 
 @dataclass(frozen=True)
@@ -187,13 +210,13 @@ class Whisper:
         return whisper_size(config)
 
     def footprint(self, config: dict, context_length: int, target: Target) -> Footprint:
-        """The paged reference holds the decoder whole and reads the encoder a layer at a time; Whisper is converted
-        whole."""
+        """The paged reference holds the decoder whole and reads the encoder a layer at a time; the ONNX converter
+        builds a unit at a time, the others the whole model."""
         w, size = self.dims(config), self.size(config)
         layer = (size.encoder_params - w.frames * w.d_model) // max(w.encoder_layers, 1)
         cache = 2 * 4 * w.decoder_layers * (w.tokens + w.frames) * w.d_model
         held = size.params - size.encoder_params + layer
-        return Footprint(held, held, True, cache, size.params, size.params)
+        return Footprint(held, held, True, cache, size.params, w.unit_params)
 
     def context_length(self, source, target: Target) -> int:
         return source.config["max_target_positions"]
