@@ -63,15 +63,16 @@ class Rate:
 # package's program at a time to decompress its weights, then runs paged like the reference (1.63 GB for the 1.24B's
 # Neural Engine packages). The NPU shape builds a unit at a time.
 # Whisper's rest on tiny.en (38M parameters, real weights) and the large-v3-turbo shape (809M, random weights, which
-# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.62
-# / 1.40 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.19, parity 0.45 / 1.88; ONNX int8 convert 1.23 /
-# 3.94 (the float model read and exported; 6.56 while the quantized encoder was serialized into its graph, 9.16 while
-# onnxruntime's quantize_dynamic read the float weights three times), parity 0.64 / 2.06; Core ML convert 0.67 / 2.04
+# decode every window to the 448-token limit, so its times are upper bounds): peak GB tiny / turbo, the reference 0.62 /
+# 1.40 (the decoder held, the encoder paged); ct2 convert 0.66 / 3.19, parity 0.45 / 1.88; ONNX int8 convert 0.85 /
+# 2.05, a unit at a time (1.23 / 3.94 while the float model was read and exported whole; 6.56 while the quantized
+# encoder was serialized into its graph, 9.16 while onnxruntime's quantize_dynamic read the float weights three times),
+# parity 0.54 / 1.80 (0.64 / 2.06 while the encoder's arena kept a window's activations); Core ML convert 0.67 / 2.04
 # (fp16; int8 2.54; 2.81 / 3.32 while the trace's freed activations stayed in glibc's heap; 4.82 / 6.98 while each
 # package's description loaded its weights, 7.97 with float32 matrices), parity (paged like the reference) - /
 # 1.67–2.95; MLX convert 0.37 / 0.49 (q8: 0.57), parity (the artifact's weights in transformers) - / 1.49 (0.90 / 3.12
-# while the artifact's arrays were held); the Snapdragon graphs 1.21 / 6.39 (torch exporting the float encoder), their
-# parity 0.77 / 2.96.
+# while the artifact's arrays were held); the Snapdragon graphs 0.81 / 2.06, a unit at a time (1.21 / 6.39 while torch
+# exported the float encoder whole), their parity 0.62 / 2.39 (0.77 / 2.96 with the encoder's arena).
 REFERENCE = {
     "causal-lm": Rate(0.55, per_paged_param=3.6, seconds=4, seconds_per_gparam=20),
     "whisper": Rate(0.47, per_paged_param=4.9, seconds=20, seconds_per_gparam=230),  # transcribes the parity clips
@@ -109,8 +110,11 @@ CONVERT = {
     # all held beside the quantized ones, 1.24 while the quantized ones were)
     ("whisper", "mlx"): Rate(0.36, per_param=0.16, seconds=1, seconds_per_gparam=5),
     ("whisper", "mlx", "quantized"): Rate(0.38, per_param=0.23, seconds=2, seconds_per_gparam=15),
-    ("whisper", "onnx"): Rate(1.05, per_param=3.9, seconds=16, seconds_per_gparam=140, temporary_per_param=4),
-    ("whisper", "onnx", "npu"): Rate(0.95, per_param=6.7, seconds=11, seconds_per_gparam=440, temporary_per_param=4),
+    # a unit at a time (WhisperDims.unit_params): torch exporting the largest, turbo's decoder layers, makes the peak
+    ("whisper", "onnx"): Rate(0.57, per_unit_param=14.1, seconds=9, seconds_per_gparam=128, temporary_per_param=4),
+    ("whisper", "onnx", "npu"): Rate(
+        0.52, per_unit_param=14.8, seconds=8, seconds_per_gparam=298, temporary_per_param=4
+    ),
     # the source's float16 weights mapped, traced with the trace's activations handed back as freed (0.8 GB more for
     # turbo's encoder while glibc's heap kept them), then read into the program: tiny.en / turbo fp16 0.67 / 2.04 GB,
     # int8 0.68 / 2.54 (its compression pass adds the int8 weights while the mapped float16 ones stay resident)
@@ -146,7 +150,10 @@ PARITY = {
     # paged like the reference, each weight loaded from the artifact when read: turbo fp16 1.49 GB (3.12 while the
     # artifact's arrays were held)
     ("whisper", "mlx"): Rate(0.47, per_paged_param=5.3, seconds=12, seconds_per_gparam=290),
-    ("whisper", "onnx"): Rate(0.56, per_param=2.15, seconds=5, seconds_per_gparam=50),
+    # the artifact's weights in onnxruntime's sessions, and a window's encoder activations; the QDQ graphs' weights
+    # dequantized as each call runs
+    ("whisper", "onnx", "cpu"): Rate(0.47, per_artifact_byte=1.64, seconds=2, seconds_per_gparam=27),
+    ("whisper", "onnx", "npu"): Rate(0.53, per_artifact_byte=2.29, seconds=1, seconds_per_gparam=87),
     # paged like the reference, the packages' weights saved a weight at a time (a compressed package's decompressed
     # from its program): turbo fp16 1.65 GB (2.95 while the encoder's program was loaded whole), int8 1.67
     ("whisper", "coreml"): Rate(0.63, per_paged_param=5.3, seconds=20, seconds_per_gparam=400, temporary_per_param=2),
