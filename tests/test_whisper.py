@@ -273,8 +273,12 @@ def test_host_gets_ctranslate2_and_onnx_int8_judged_by_wer(host_output, tiny_whi
         assert parity["status"] == ("passed" if metrics["wer_delta"] <= BOUNDS["int8"].wer_delta else "failed")
         assert parity["not_checked"] == []
     onnx_artifact = result["artifacts"][1]
-    decoder = onnx.load(out / onnx_artifact["path"] / "decoder.onnx")
+    folder = out / onnx_artifact["path"]
+    decoder = onnx.load(folder / "decoder.onnx")
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in decoder.graph.node}
+    for graph in ("encoder", "decoder"):  # each graph's units joined, its weights in one file, as readable as it
+        assert sorted(p.name for p in folder.glob(f"{graph}*")) == [f"{graph}.onnx", f"{graph}.onnx.data"]
+        assert (folder / f"{graph}.onnx.data").stat().st_mode == (folder / f"{graph}.onnx").stat().st_mode
 
 
 def test_faster_whisper_runs_the_ctranslate2_artifact(host_output):
