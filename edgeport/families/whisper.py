@@ -99,15 +99,20 @@ class WhisperDims:
 
     @property
     def encoder_layer_params(self) -> int:
+        """A layer's matrices: attention's four projections and the MLP's two."""
         return 4 * self.d_model**2 + 2 * self.d_model * self.encoder_ffn
+
+    @property
+    def decoder_layer_params(self) -> int:
+        """A layer's matrices: self- and cross-attention's four projections each and the MLP's two."""
+        return 8 * self.d_model**2 + 2 * self.d_model * self.decoder_ffn
 
     @property
     def unit_params(self) -> int:
         """The largest unit the ONNX converter reads and exports at once: a span of the encoder's layers, the
         decoder's layers (read also for their cross-attention projections), or the token embedding."""
         span = max(end - first for first, end in self.encoder_spans()) * self.encoder_layer_params
-        decoder = self.decoder_layers * (8 * self.d_model**2 + 2 * self.d_model * self.decoder_ffn)
-        return max(span, decoder, self.vocab * self.d_model)
+        return max(span, self.decoder_layers * self.decoder_layer_params, self.vocab * self.d_model)
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,8 @@ def whisper_size(config: dict) -> WhisperSize:
     w = WhisperDims.from_config(config)
     d, frames, tokens = w.d_model, w.frames, w.tokens
     convs = 3 * w.mels * d + 3 * d * d
-    encoder_matrix = convs + w.encoder_layers * (4 * d * d + 2 * d * w.encoder_ffn)
-    decoder_matrix = w.vocab * d + w.decoder_layers * (8 * d * d + 2 * d * w.decoder_ffn)
+    encoder_matrix = convs + w.encoder_layers * w.encoder_layer_params
+    decoder_matrix = w.vocab * d + w.decoder_layers * w.decoder_layer_params
     # positions, then per layer the biases (k_proj has none) and norms, then the conv biases and final norms
     vectors = (
         (frames + tokens) * d + w.encoder_layers * (8 * d + w.encoder_ffn) + w.decoder_layers * (13 * d + w.decoder_ffn)
