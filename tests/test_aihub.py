@@ -6,7 +6,6 @@ running the uploaded QDQ graph with onnxruntime, so the device comparison is com
 
 import json
 import shutil
-import tempfile
 import types
 from pathlib import Path
 
@@ -65,7 +64,8 @@ class FakeTargetModel:
         return filename
 
 
-def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (Family)",)):
+def fake_hub(folder: Path, configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (Family)",)):
+    """A stand-in for the qai_hub client that keeps what it is given under `folder` (the test's own)."""
     hub = types.SimpleNamespace(count=0, calls=[], UserError=qai_hub.UserError, Error=qai_hub.Error)
 
     def get_devices(name=""):
@@ -74,7 +74,8 @@ def fake_hub(configured=True, fail_compile=False, devices=("Samsung Galaxy S24 (
             raise qai_hub.UserError(f"Failed to load client configuration file (api_token = {SECRET})")
         return [types.SimpleNamespace(name=d) for d in devices if d == name]
 
-    uploaded = Path(tempfile.mkdtemp(prefix="fake-aihub-"))
+    uploaded = folder / "uploaded"
+    uploaded.mkdir()
 
     def submit_compile_job(model, device, name, options):
         """Takes a copy of what it is given, as the client uploads it then: a graph, or a folder of a graph and
@@ -122,7 +123,7 @@ def two_part_target(tmp_path):
 
 
 def test_compiles_profiles_and_runs_each_graph_of_each_part_on_the_targets_device(tiny_llama, tmp_path, monkeypatch):
-    hub = fake_hub()
+    hub = fake_hub(tmp_path)
     monkeypatch.setattr(aihub, "hub", hub)
     code, stdout, err = convert(tiny_llama, tmp_path / "o", target=two_part_target(tmp_path))
     assert code == 0, err
@@ -153,7 +154,7 @@ def test_compiles_profiles_and_runs_each_graph_of_each_part_on_the_targets_devic
 
 
 def test_without_a_configured_client_the_local_artifacts_are_still_built(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(aihub, "hub", fake_hub(configured=False))
+    monkeypatch.setattr(aihub, "hub", fake_hub(tmp_path, configured=False))
     code, stdout, err = convert(tiny_llama, tmp_path / "o")
     assert code == 0, err
     assert "qai-hub configure --api_token" in err and SECRET not in err + stdout
@@ -169,7 +170,7 @@ def test_the_real_client_without_configuration_is_reported_not_raised(tiny_llama
 
 
 def test_a_failed_job_is_recorded_and_the_build_kept(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(aihub, "hub", fake_hub(fail_compile=True))
+    monkeypatch.setattr(aihub, "hub", fake_hub(tmp_path, fail_compile=True))
     code, stdout, err = convert(tiny_llama, tmp_path / "o")
     assert code == 0, err
     result = json.loads(stdout)["artifacts"][0]["details"]["aihub"]
@@ -182,7 +183,7 @@ def test_a_failed_job_is_recorded_and_the_build_kept(tiny_llama, tmp_path, monke
     [("m2-air", "names no Qualcomm AI Hub device"), ("snapdragon-8-gen-3", "has no device named")],
 )
 def test_bad_aihub_requests(target, message, tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(aihub, "hub", fake_hub(devices=()))
+    monkeypatch.setattr(aihub, "hub", fake_hub(tmp_path, devices=()))
     code, _, err = run_cli("convert", str(tiny_llama), "-t", target, "--out", str(tmp_path / "o"), "--aihub")
     if target == "m2-air":
         assert code == 3 and message in err and not (tmp_path / "o").exists()
