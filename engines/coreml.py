@@ -2,6 +2,7 @@
 passed in and out before), and, anywhere, the package read as data: its interface, how each weight is stored, and
 the weights themselves decompressed, which is how parity checks a package where it cannot run."""
 
+import inspect
 import re
 import tempfile
 import time
@@ -16,7 +17,7 @@ from edgeport.engines.reference import Checkpoint, TorchRunner, TorchWhisper, pa
 from edgeport.engines.whisper import WhisperRunner
 from edgeport.errors import EdgeportError
 from edgeport.layouts import CoreMLModel, CoreMLWhisper, Layout
-from edgeport.machine import ON_MAC, release_freed_memory
+from edgeport.machine import ON_MAC
 
 NEEDS_MACOS = "Core ML prediction needs macOS"
 DECOMPRESS_VALUES = 2**24  # values of a blockwise weight decompressed at a time
@@ -211,7 +212,7 @@ class PackageWeightsWhisper(TorchWhisper):
 
 class PackageWeights:
     """Core ML packages' weights as the paged reference reads a checkpoint. Each package's weights are decompressed
-    once, one package at a time, into fp16 .npy files in a scratch folder (the precision Core ML computes them in;
+    once, one weight at a time, into fp16 .npy files in a scratch folder (the precision Core ML computes them in;
     removed with this object), then read from there by name as blocks run. A vector the converter folded into
     another op (a norm scale) comes from the source, rounded to fp16; a missing matrix is an error."""
 
@@ -224,7 +225,6 @@ class PackageWeights:
             folder = Path(self.scratch.name) / package.name
             folder.mkdir()
             _save_weights(package, folder)
-            release_freed_memory()  # one package's program at a time
             self.folders.append(folder)
 
     def paged(self, pages):
@@ -314,54 +314,64 @@ def _decompressed_by_others(op) -> bool:
 
 
 def _save_weights(package: Path, folder: Path) -> None:
-    operations = _operations(package)
-    if not any(op.type.startswith("constexpr_") for op in operations):
-        _save_stored(package, operations, folder)
-        return
-    for stem, op in weight_ops(package).items():  # compressed: coremltools decompresses them from the program
-        if stem.startswith("model_"):
-            save_decompressed(op, folder / f"{stem}.npy")
+    """Each of the package's weights read from its weight file alone, decompressed by coremltools where it is
+    compressed, into an fp16 .npy file in `folder`. Loading the package's program would hold every weight at once,
+    and the weight file's pages besides: 1.6 GB for Whisper large-v3-turbo's int8 encoder, whose weights are 0.64."""
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
-
-def _save_stored(package: Path, operations: list, folder: Path) -> None:
-    """A package of plain float weights, each read from its weight file alone into fp16 .npy files: loading its
-    program would hold every weight at once (1.3 GB for Whisper large-v3-turbo's encoder)."""
-    from coremltools.libmilstoragepython import _BlobStorageReader
-    from coremltools.proto import MIL_pb2
-
-    readers = {}
+    spec = _specification(package)
+    operations = _operations(spec)
+    constants = {op.outputs[0].name: op for op in operations if op.type == "const"}
+    inputs_of_constexpr = {
+        argument.name
+        for op in operations
+        if op.type.startswith("constexpr_")
+        for given in op.inputs.values()
+        for argument in given.arguments
+    }
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
     for op in operations:
-        if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
+        if op.type != "const" and not op.type.startswith("constexpr_"):
             continue
-        value, stem = op.attributes["val"], _parameter_stem(op.outputs[0].name)
-        if not stem.startswith("model_"):
-            continue
-        tensor, blob = value.type.tensorType, value.blobFileValue
-        file = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.rsplit("/", 1)[-1]
-        if file not in readers:
-            readers[file] = _BlobStorageReader(str(file))
-        reader = readers[file]
-        if tensor.dataType == MIL_pb2.DataType.FLOAT16:
-            data = reader.read_fp16_data(blob.offset).view(np.float16)
-        elif tensor.dataType == MIL_pb2.DataType.FLOAT32:
-            data = reader.read_float_data(blob.offset).astype(np.float16)
+        stem = _parameter_stem(op.outputs[0].name)
+        file = folder / f"{stem}.npy"
+        if not stem.startswith("model_") or op.outputs[0].name in inputs_of_constexpr or file.exists():
+            continue  # not a weight, a compressed weight's own data or scales, or a name already read
+        if op.type == "const":
+            value = _value(op.attributes["val"], weights)
+            if not np.issubdtype(value.dtype, np.floating):
+                raise EdgeportError(f"{package}: {op.outputs[0].name} is stored as {value.dtype}, not as a float")
+            np.save(file, value.astype(np.float16))
         else:
-            raise EdgeportError(f"{package}: {op.outputs[0].name} is stored as {tensor.dataType}, not as a float")
-        shape = [dimension.constant.size for dimension in tensor.dimensions]
-        if not (folder / f"{stem}.npy").exists():  # the first of a name, as weight_ops takes it
-            np.save(folder / f"{stem}.npy", data.reshape(shape))
+            versions = SSAOpRegistry.core_ops[op.type]  # the op's definition for the package's iOS version
+            kind = versions[max(v for v in versions if v <= spec.specificationVersion)]
+            given = {name: _argument(value, constants) for name, value in op.inputs.items()} | dict(op.attributes)
+            parameters = inspect.signature(kind.decompress).parameters
+            save_decompressed(kind, {name: _value(given.get(name), weights) for name in parameters}, file)
 
 
-def save_decompressed(op, file: Path) -> None:
-    """`op`'s weight decompressed to fp16 into a .npy `file`; a blockwise-quantized one a slice of rows at a time,
-    by coremltools' own `decompress` (whole, a vocabulary's int4 table takes four copies of itself in fp16 and
-    float32: 3 GB at a 128k vocabulary)."""
-    data = op.data.val if op.op_type == "constexpr_blockwise_shift_scale" else None
-    scale = op.scale.val if data is not None else None
-    if data is None or scale is None:
-        np.save(file, decompressed(op).astype(np.float16))
+def _argument(given, constants: dict):
+    """An op's input as a value: given inline, or the const op it names."""
+    (argument,) = given.arguments
+    return argument.value if argument.HasField("value") else constants[argument.name].attributes["val"]
+
+
+def _value(value, weights: Path):
+    """A MIL value as coremltools reads it, a weight from its file with a reader of its own (which maps the file and
+    keeps its pages until it goes)."""
+    from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
+
+    return None if value is None else _load_value(TranscriptionContext(str(weights)), value)
+
+
+def save_decompressed(kind, values: dict, file: Path) -> None:
+    """A weight compressed as the op `kind` (its definition in coremltools) stores it, decompressed to fp16 into a
+    .npy `file`; a blockwise-quantized one a slice of rows at a time (whole, a vocabulary's int4 table takes four
+    copies of itself in fp16 and float32: 3 GB at a 128k vocabulary)."""
+    if kind.__name__ != "constexpr_blockwise_shift_scale":
+        np.save(file, np.asarray(kind.decompress(**values), np.float32).astype(np.float16))
         return
-    offset = None if op.offset is None else op.offset.val
+    data, scale, offset = values["data"], values["scale"], values["offset"]
     per_scale = data.shape[0] // scale.shape[0]  # rows of data to a row of scales
     step = max(1, DECOMPRESS_VALUES // (data[0].size * per_scale)) * per_scale
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": data.shape}
@@ -369,7 +379,8 @@ def save_decompressed(op, file: Path) -> None:
         np.lib.format.write_array_header_1_0(out, header)
         for start in range(0, data.shape[0], step):
             scales = slice(start // per_scale, (start + step) // per_scale)
-            rows = op.decompress(data[start : start + step], scale[scales], None if offset is None else offset[scales])
+            offsets = None if offset is None else offset[scales]
+            rows = kind.decompress(data[start : start + step], scale[scales], offsets)
             np.ascontiguousarray(rows, np.float16).tofile(out)
 
 
@@ -384,8 +395,8 @@ def describe(package: Path) -> dict:
     from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
     from coremltools.converters.mil.mil import types
 
-    ct = coremltools()
-    description = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
+    spec = _specification(package)
+    description = spec.description
 
     def features(items) -> list[dict]:
         found = []
@@ -416,7 +427,7 @@ def describe(package: Path) -> dict:
             }
         }
     ops, weights = Counter(), Counter()
-    for op in _operations(package):
+    for op in _operations(spec):
         ops[op.type] += 1
         if op.type.startswith("constexpr_"):
             weights[op.type] += 1
@@ -437,11 +448,14 @@ def _is_matrix(shape) -> bool:
     return sum(d > 1 for d in shape) >= 2
 
 
-def _operations(package: Path) -> list:
+def _specification(package: Path):
+    return coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
+
+
+def _operations(spec) -> list:
     """The operations of the package's first function as its specification lists them, without its weights (a
     multifunction package's functions share them): loading the program would read every weight, 1 GB for one of
     Llama-3.2-1B's packages."""
-    spec = coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
     function = next(iter(spec.mlProgram.functions.values()))
     return list(function.block_specializations[function.opset].operations)
 

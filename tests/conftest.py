@@ -4,6 +4,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeport.texts import default_article, reference_paragraph
@@ -198,3 +199,18 @@ def run_cli(*args: str):
         sys.argv = old_argv
         report.out.file, report.err.file = sys.stdout, sys.stderr
     return code, out.getvalue(), err.getvalue()
+
+
+def assert_weights_read_alone_are_the_programs(package, folder):
+    """Parity off a Mac reads each weight of `package` alone from its weight file, decompressed: the same arrays, by
+    the same names, as the package's program holds (which loading holds all at once)."""
+    from edgeport.engines import coreml as engine
+
+    folder.mkdir()
+    engine._save_weights(package, folder)
+    program = {stem: op for stem, op in engine.weight_ops(package).items() if stem.startswith("model_")}
+    assert sorted(f.stem for f in folder.glob("*.npy")) == sorted(program) and len(program) > 5
+    for stem, op in program.items():
+        expected = engine.decompressed(op).astype(np.float16)
+        np.testing.assert_array_equal(np.load(folder / f"{stem}.npy"), expected, err_msg=stem)
+    return program

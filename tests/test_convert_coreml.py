@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA_3_1_8B, run_cli
+from conftest import LLAMA_3_1_8B, assert_weights_read_alone_are_the_programs, run_cli
 from transformers import AutoModelForCausalLM
 
 from edgeport.convert import coreml
@@ -100,17 +100,15 @@ def test_weights_read_back_are_the_int4_blocks_of_the_source(gpu_package, tiny_l
     assert len(np.unique(stored.reshape(blocks.shape)[0, 0])) <= 16
 
 
-def test_weights_decompressed_a_slice_of_rows_at_a_time_are_coremltools_whole(gpu_package, tmp_path, monkeypatch):
+def test_weights_read_alone_and_decompressed_a_slice_of_rows_at_a_time_are_the_programs(
+    gpu_package, tmp_path, monkeypatch
+):
     from edgeport.engines import coreml as engine
 
     monkeypatch.setattr(engine, "DECOMPRESS_VALUES", 5 * 64)  # a few rows of the tiny model's matrices
     out, _ = gpu_package
-    ops = engine.weight_ops(out / "coreml" / "model-01-of-01.mlpackage")
-    blockwise = {stem: op for stem, op in ops.items() if op.op_type == "constexpr_blockwise_shift_scale"}
-    assert "model_lm_head_weight" in blockwise
-    for stem, op in blockwise.items():
-        engine.save_decompressed(op, tmp_path / f"{stem}.npy")
-        np.testing.assert_array_equal(np.load(tmp_path / f"{stem}.npy"), engine.decompressed(op).astype(np.float16))
+    program = assert_weights_read_alone_are_the_programs(out / "coreml" / "model-01-of-01.mlpackage", tmp_path / "w")
+    assert program["model_lm_head_weight"].op_type == "constexpr_blockwise_shift_scale"
 
 
 def test_rows_of_the_packages_tables_read_alone_are_those_rows_of_the_whole(gpu_package, tiny_llama):
@@ -164,6 +162,8 @@ def test_before_ios_18_the_cache_is_inputs_and_outputs(quant, storage, tiny_llam
     assert [o["name"] for o in main["outputs"]] == ["logits", "keyCacheOut", "valueCacheOut"]
     assert main["states"] == [] and details["sdpa_ops"] == 0  # the fused op is iOS 18's
     assert set(details["weight_matrices_by_storage"]) == {storage}
+    (package,) = (tmp_path / "coreml").glob("*.mlpackage")
+    assert_weights_read_alone_are_the_programs(package, tmp_path / "weights")
     with pytest.raises(Exception, match="int4-block32 needs iOS 18"):
         coreml.convert(source, make_plan(source, target, ["coreml"]).steps[0], target, tmp_path / "again")
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import soundfile
 import torch
-from conftest import convert, package_path, run_cli
+from conftest import assert_weights_read_alone_are_the_programs, convert, package_path, run_cli
 from ctranslate2.converters import TransformersConverter
 from safetensors.torch import load_file
 from transformers import WhisperForConditionalGeneration
@@ -345,23 +345,9 @@ def test_m2_air_gets_core_ml_encoder_and_stateful_decoder_checked_by_weights(mac
 
 
 def test_plain_fp16_packages_are_read_from_their_weight_files_as_their_programs_hold_them(mac_output, tmp_path):
-    """Parity off a Mac reads an uncompressed package's weights one at a time from its weight file, without loading
-    its program (which holds them all): the same arrays, by the same names, as the program's."""
-    from edgeport.engines import coreml
-
     out, _ = mac_output
     for package in ("encoder.mlpackage", "decoder.mlpackage"):
-        stored = tmp_path / package
-        stored.mkdir()
-        coreml._save_weights(out / "coreml" / package, stored)
-        program = {
-            stem: op for stem, op in coreml.weight_ops(out / "coreml" / package).items() if stem.startswith("model_")
-        }
-        assert sorted(f.stem for f in stored.glob("*.npy")) == sorted(program) and len(program) > 10
-        for stem, op in program.items():
-            read = np.load(stored / f"{stem}.npy")
-            assert read.dtype == np.float16
-            np.testing.assert_array_equal(read, coreml.decompressed(op).astype(np.float16), err_msg=stem)
+        assert_weights_read_alone_are_the_programs(out / "coreml" / package, tmp_path / package)
 
 
 def test_m2_air_gets_an_mlx_whisper_folder(mac_output):
@@ -505,6 +491,8 @@ def test_an_iphone_gets_8_bit_whisper(tiny_whisper, tmp_path):
     # every projection and the embedding 8-bit; the two convolutions and the position table stay fp16
     assert coreml["details"]["encoder"]["weight_matrices_by_storage"]["const fp16"] == 3
     assert set(coreml["details"]["decoder"]["weight_matrices_by_storage"]) == {"constexpr_blockwise_shift_scale"}
+    for package in ("encoder.mlpackage", "decoder.mlpackage"):
+        assert_weights_read_alone_are_the_programs(tmp_path / "iphone" / "coreml" / package, tmp_path / package)
     assert json.loads((tmp_path / "iphone" / "mlx" / "config.json").read_text())["quantization"]["bits"] == 8
 
 
