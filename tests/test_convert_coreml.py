@@ -168,6 +168,19 @@ def test_before_ios_18_the_cache_is_inputs_and_outputs(quant, storage, tiny_llam
         coreml.convert(source, make_plan(source, target, ["coreml"]).steps[0], target, tmp_path / "again")
 
 
+def test_each_weight_compressed_hands_back_the_checkpoint_pages_it_was_read_from(tiny_llama, tmp_path, monkeypatch):
+    from edgeport import targets
+    from edgeport.plan import make_plan
+    from edgeport.source import open_source
+
+    paged_out = []
+    monkeypatch.setattr(coreml, "page_out_checkpoints", lambda: paged_out.append(1))
+    source, target = open_source(str(tiny_llama)), targets.load("m2-air")
+    artifact = coreml.convert(source, make_plan(source, target, ["coreml"]).steps[0], target, tmp_path / "coreml")
+    compressed = artifact.details["weight_matrices_by_storage"]["constexpr_blockwise_shift_scale"]
+    assert len(paged_out) >= compressed > 0
+
+
 @pytest.mark.parametrize("stateless", [False, True])
 def test_the_traced_wrapper_computes_what_the_source_does(stateless, tiny_qwen2):
     """What Core ML runs, run in torch: chunked prefill then decode over the cache, against one full pass."""
