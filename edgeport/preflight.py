@@ -116,9 +116,10 @@ CONVERT = {
         0.52, per_unit_param=14.8, seconds=8, seconds_per_gparam=298, temporary_per_param=4
     ),
     # the source's float16 weights mapped, traced with the trace's activations handed back as freed (0.8 GB more for
-    # turbo's encoder while glibc's heap kept them), then read into the program: tiny.en / turbo fp16 0.67 / 2.04 GB,
-    # int8 0.68 / 2.54 (its compression pass adds the int8 weights while the mapped float16 ones stay resident)
-    ("whisper", "coreml"): Rate(0.6, per_param=2.1, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
+    # turbo's encoder while glibc's heap kept them), then read into the program: tiny.en / turbo fp16 0.67 / 2.03 GB,
+    # int8 0.68 / 2.03 (2.40–2.54 while the compression pass added the int8 weights beside every mapped float16 page
+    # the trace had read; each is handed back once its weight is compressed)
+    ("whisper", "coreml"): Rate(0.6, per_param=1.77, seconds=12, seconds_per_gparam=70, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.54, per_param=3.3, seconds=4, seconds_per_gparam=15),
 }
 PARITY = {
@@ -154,9 +155,10 @@ PARITY = {
     # dequantized as each call runs
     ("whisper", "onnx", "cpu"): Rate(0.47, per_artifact_byte=1.64, seconds=2, seconds_per_gparam=27),
     ("whisper", "onnx", "npu"): Rate(0.53, per_artifact_byte=2.29, seconds=1, seconds_per_gparam=87),
-    # paged like the reference, the packages' weights saved a weight at a time (a compressed package's decompressed
-    # from its program): turbo fp16 1.65 GB (2.95 while the encoder's program was loaded whole), int8 1.67
-    ("whisper", "coreml"): Rate(0.63, per_paged_param=5.3, seconds=20, seconds_per_gparam=400, temporary_per_param=2),
+    # paged like the reference, the packages' weights read back and decompressed a weight at a time: turbo fp16 / int8
+    # 1.46 / 1.49 GB in 61 / 64 s (1.65 / 1.67 while a compressed package's program was loaded to decompress them and
+    # the weight file's pages stayed mapped; 2.95 while an fp16 encoder's program was loaded whole)
+    ("whisper", "coreml"): Rate(0.63, per_paged_param=4.35, seconds=20, seconds_per_gparam=55, temporary_per_param=2),
     ("whisper", "ct2"): Rate(0.4, per_param=1.83, seconds=1, seconds_per_gparam=90),
 }
 
