@@ -48,7 +48,10 @@ def runner(layout: Layout, folder: Path):
 
 
 def parity_runner(layout: Layout, folder: Path, quantized: bool, source):
-    opened = runner(layout, folder)
+    if isinstance(layout, OnnxWhisper):
+        opened = WhisperONNXRunner(folder, npu=True, one_at_a_time=True)
+    else:
+        opened = runner(layout, folder)
     return opened, ON_CPU_EP if layout.for_qnn and opened.providers[0] != QNN else None
 
 
@@ -263,32 +266,48 @@ class WhisperONNXRunner(WhisperRunner):
     this loop keeps. The NPU shape is fed one token at a time over its fixed cache, with QNN's EP where
     onnxruntime-qnn provides one."""
 
-    def __init__(self, path: Path, npu: bool = False, on_call: CallHook | None = None, sessions=None):
+    def __init__(
+        self,
+        path: Path,
+        npu: bool = False,
+        on_call: CallHook | None = None,
+        sessions=None,
+        one_at_a_time: bool = False,
+    ):
         """`sessions`: what runs the encoder and the decoder, in place of sessions of encoder.onnx and decoder.onnx
-        (the converter's float graphs built in units; no encoder where it computes what the encoder hands on)."""
+        (the converter's float graphs built in units; no encoder where it computes what the encoder hands on).
+        `one_at_a_time`: hold only the graph running, the encoder's or the decoder's, each opened as it is needed
+        (a second or two a window): parity's way, which then holds the weights of one of them at a time."""
         import onnxruntime as ort
 
         super().__init__(path)
-        self.layout = OnnxWhisper.read(path)
-        chosen = providers(npu)
-        # The encoder runs once a window, on activations of up to 180 MB (large-v3-turbo's attention): onnxruntime's
-        # arena would keep 0.7 GB of them between windows, and saves 5 % of the encoder's time. The decoder's many
-        # small calls keep it.
-        once_a_window = ort.SessionOptions()
-        once_a_window.enable_cpu_mem_arena = False
-        self.encoder, self.decoder = sessions or (
-            ort.InferenceSession(str(path / "encoder.onnx"), once_a_window, providers=chosen),
-            ort.InferenceSession(str(path / "decoder.onnx"), providers=chosen),
-        )
+        self.path, self.layout = path, OnnxWhisper.read(path)
+        self.chosen, self.one_at_a_time = providers(npu), one_at_a_time
+        if sessions is None:
+            sessions = (None if one_at_a_time else self._open("encoder"), self._open("decoder"))
+        self.encoder, self.decoder = sessions
         self.providers = self.decoder.get_providers()
         self.engine = f"onnxruntime {ort.__version__} ({self.providers[0]})"
         self.on_call = on_call
+
+    def _open(self, graph: str):
+        import onnxruntime as ort
+
+        # The encoder runs once a window, on activations of up to 180 MB (large-v3-turbo's attention): onnxruntime's
+        # arena would keep 0.7 GB of them between windows, and saves 5 % of the encoder's time. The decoder's many
+        # small calls keep it.
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = graph == "decoder"
+        return ort.InferenceSession(str(self.path / f"{graph}.onnx"), options, providers=self.chosen)
 
     def encode(self, mel: np.ndarray):
         feeds = {"input_features": mel}
         if self.on_call:
             self.on_call("encoder", lambda: feeds)
-        return self.encoder.run(None, feeds)
+        if not self.one_at_a_time:
+            return self.encoder.run(None, feeds)
+        self.decoder = None
+        return self._open("encoder").run(None, feeds)
 
     def begin(self, encoded) -> None:
         self.cross_key, self.cross_value = encoded
@@ -323,6 +342,8 @@ class WhisperONNXRunner(WhisperRunner):
                 "decoder",
                 lambda: {**feeds, "past_key": feeds["past_key"].copy(), "past_value": feeds["past_value"].copy()},
             )
+        if self.decoder is None:
+            self.decoder = self._open("decoder")
         logits, new_key, new_value = self.decoder.run(None, feeds)
         if layout.static:
             self.cache[0, ..., n, :] = new_key[..., 0, :]

@@ -484,6 +484,24 @@ def test_the_windows_on_snapdragon_example_transcribes_as_edgeport_does(snapdrag
     assert done.stdout.strip() == transcribe(runner, load_audio(audio)).text
 
 
+def test_parity_holds_one_of_the_two_graphs_at_a_time_and_transcribes_as_with_both(snapdragon_output):
+    from edgeport.engines import onnx as onnx_engine
+    from edgeport.layouts import read
+
+    out, _ = snapdragon_output
+    runner, _ = onnx_engine.parity_runner(read("whisper", "onnx", out / "onnx"), out / "onnx", True, None)
+    opened, open_graph = [], runner._open
+
+    def open_alone(graph):
+        opened.append((graph, runner.decoder is None))
+        return open_graph(graph)
+
+    runner._open = open_alone
+    audio = load_audio(package_path("moonshine_voice", "assets/two_cities.wav"))  # two windows
+    assert transcribe(runner, audio).text == transcribe(WhisperONNXRunner(out / "onnx"), audio).text
+    assert opened == [("encoder", True), ("decoder", True)] * 2 and runner.encoder is None
+
+
 def test_an_iphone_gets_8_bit_whisper(tiny_whisper, tmp_path):
     result = convert(tiny_whisper, tmp_path / "iphone", "iphone-15-pro", "--allow-parity-fail")
     coreml, mlx = result["artifacts"]
