@@ -292,6 +292,28 @@ def test_faster_whisper_runs_the_ctranslate2_artifact(host_output):
     assert info.duration == pytest.approx(10.0, abs=0.1)
 
 
+def test_ctranslate2_transcribes_the_same_with_its_weights_unpacked_as_parity_loads_them(host_output):
+    """CTranslate2 reads CT2_PACKED_GEMM once per process: each way in a process of its own."""
+    import subprocess
+
+    out, result = host_output
+    (ct2,) = [a for a in result["artifacts"] if a["format"] == "ct2"]
+    assert ct2["parity"]["method"].endswith("weights unpacked)")
+    script = (
+        "import sys; from edgeport.audio import parity_clips; from edgeport.engines.ct2 import CT2Whisper; "
+        "from edgeport.engines.whisper import transcribe; "
+        "runner = CT2Whisper(__import__('pathlib').Path(sys.argv[1]), packed=sys.argv[2] == 'packed'); "
+        "print(runner.engine); print(transcribe(runner, parity_clips()[0].audio).text)"
+    )
+    command = [sys.executable, "-c", script, str(out / "ct2")]
+    packed, unpacked = (
+        subprocess.run([*command, way], capture_output=True, text=True, check=True).stdout.split("\n", 1)
+        for way in ("packed", "unpacked")
+    )
+    assert unpacked[0].endswith("weights unpacked)") and not packed[0].endswith("unpacked)")
+    assert packed[1] == unpacked[1] and len(packed[1]) > 20
+
+
 def test_bench_transcribes_and_check_judges_rtf_and_wer(host_output, tmp_path):
     out, _ = host_output
     reference = tmp_path / "beckett.txt"
