@@ -385,10 +385,10 @@ class _PagingOut:
 
 
 @register_pass(namespace="edgeport")
-class linear_quantize_weights(_PagingOut, _quantization_passes.linear_quantize_weights):  # the pass edgeport::linear_quantize_weights
-    pass
+class linear_quantize_weights(_PagingOut, _quantization_passes.linear_quantize_weights):
+    """coremltools' compression::linear_quantize_weights, paging out: edgeport::linear_quantize_weights."""
 
 
 @register_pass(namespace="edgeport")
 class palettize_weights(_PagingOut, _quantization_passes.palettize_weights):
-    pass
+    """coremltools' compression::palettize_weights, paging out: edgeport::palettize_weights."""
