@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,13 @@ LLAMA_3_1_8B = {  # meta-llama/Llama-3.1-8B's config.json, the parts the plan re
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
-    """Converted sources and host measurements go to a per-session cache, never the user's."""
+    """Converted sources and host measurements go to a per-session cache, never the user's; temporary files (what
+    a library leaves there, as coremltools leaves every package it converts in the test's own process) to a
+    per-session folder pytest removes, never the machine's /tmp."""
     os.environ["EDGEPORT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None  # read again from TMPDIR
 
 
 @pytest.fixture(autouse=True, scope="session")
