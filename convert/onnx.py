@@ -276,7 +276,7 @@ def _calibrated(model, span: LayerSpan, layout: OnnxNPU, floats: Path, calls, gi
     export_part(model, unit, layout, folder, span.embedding, span.head)
     release_freed_memory()  # what the exporter copied goes before the next stage, as each stage's leftovers do
     feeds = RecordedFeeds(folder / "calibration")
-    outputs = part_calls(PartRunner(folder, layout, unit, providers(False), feeds.record), calls, given)
+    outputs = list(part_calls(PartRunner(folder, layout, unit, providers(False), feeds.record), calls, given))
     release_freed_memory()
     return _Calibrated(unit, folder, feeds, outputs, table_range)
 

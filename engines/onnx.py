@@ -195,15 +195,14 @@ def _no_arena():
     return options
 
 
-def part_calls(runner: PartRunner, calls: list[tuple[int, int]], given: list[np.ndarray]) -> list[np.ndarray]:
+def part_calls(runner: PartRunner, calls: list[tuple[int, int]], given: list[np.ndarray]) -> Iterator[np.ndarray]:
     """One part over a sequence of calls from an empty cache, each (real tokens, graph width) on its input in
-    `given` (token ids, or the previous part's outputs); returns the part's outputs, in order."""
-    outputs, filled = [], 0
+    `given` (token ids, or the previous part's outputs); yields the part's outputs, in order."""
+    filled = 0
     runner.reset()
     for (real, width), x in zip(calls, given, strict=True):
-        outputs.append(runner.call(x, filled, width, real))
+        yield runner.call(x, filled, width, real)
         filled += real
-    return outputs
 
 
 class StaticKVRunner:
@@ -229,10 +228,18 @@ class StaticKVRunner:
         chunks = [ids[i : i + width] for i in range(0, len(ids), width)]
         calls = [(len(chunk), width) for chunk in chunks]
         given = [np.array([chunk + [0] * (width - len(chunk))], np.int32) for chunk in chunks]
-        for part in self.parts:
-            given = part_calls(part, calls, given)
+        *inner, last = self.parts
+        for part in inner:
+            given = list(part_calls(part, calls, given))
             part.sessions.clear()  # its weights go before the next part's come
-        return np.concatenate([out[0, :real] for (real, _), out in zip(calls, given, strict=True)])
+        logits, filled = None, 0
+        for (real, _), out in zip(calls, part_calls(last, calls, given), strict=True):  # a call's logits at a time
+            if logits is None:
+                logits = np.empty((len(ids), out.shape[-1]), out.dtype)
+            logits[filled : filled + real] = out[0, :real]
+            filled += real
+        last.sessions.clear()
+        return logits
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Token]:
         self.reset()
