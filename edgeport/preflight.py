@@ -139,17 +139,10 @@ PARITY = {
     # 1.85 GB (1.24B), 15 / 16 / 33 s for the three shapes at Q4_K_M (2.35 / 3.62 / 6.54 GB before the metrics went
     # a few rows at a time).
     ("causal-lm", "gguf"): Rate(1.0, per_artifact_byte=1.02, seconds=10, seconds_per_gparam=3),
-    # each weight read back alone from its package, then run paged like the reference, which makes the peak (0.2–0.4 GB
-    # over it): Llama-3.2-1B 1.00 GB (1.25 while each package's program was loaded to decompress its weights), 3B /
-    # 8B 1.53 / 2.09 then
-    ("causal-lm", "coreml", "gpu"): Rate(
-        0.9, per_paged_param=3.6, seconds=10, seconds_per_gparam=130, temporary_per_param=2
-    ),
-    # a package's program (both functions) loaded to decompress its weights, one package at a time: Llama-3.2-1B's
-    # 1.63 GB (3.60 while the previous package's program stayed loaded and each table was decompressed whole)
-    ("causal-lm", "coreml", "npu"): Rate(
-        0.6, per_part_param=2.7, seconds=10, seconds_per_gparam=130, temporary_per_param=2
-    ),
+    # either shape's packages: each weight read back alone, then run paged like the reference, which makes the peak
+    # (0.2–0.4 GB over it): Llama-3.2-1B 1.00 GB for the GPU's and the Neural Engine's alike (1.25 / 1.63 while each
+    # package's program was loaded to decompress its weights; 3B 1.53 / 2.04 and 8B 2.09 then)
+    ("causal-lm", "coreml"): Rate(0.9, per_paged_param=3.6, seconds=10, seconds_per_gparam=130, temporary_per_param=2),
     # paged like the reference, each weight loaded from the artifact when read: turbo fp16 1.49 GB (3.12 while the
     # artifact's arrays were held)
     ("whisper", "mlx"): Rate(0.47, per_paged_param=5.3, seconds=12, seconds_per_gparam=290),
