@@ -34,7 +34,6 @@ from edgeport.engines.gguf import MODEL_FILE, quiet_llama_cpp, tokenizer_agreeme
 from edgeport.errors import EdgeportError
 from edgeport.families.causal_lm import text_config
 from edgeport.layouts import GGUFModel
-from edgeport.machine import cpu_arch
 from edgeport.plan import Step
 from edgeport.source import Source
 from edgeport.targets import Target
@@ -114,14 +113,6 @@ class Architecture:
         )
 
 
-def backend(target: Target, unit: str) -> str:
-    """What llama.cpp runs the file with on `target`: Metal on a Mac's GPU, CUDA on a GeForce card, else the kernels
-    of the target's CPU (this machine's, for `host`)."""
-    if unit == "gpu":
-        return "CUDA" if target.vram_gb else "Metal"
-    return target.cpu_arch or cpu_arch()
-
-
 def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
     """Write `source` as one GGUF file at `dest` (which must not exist), quantized by llama.cpp's quantizer."""
     quant = quantization.get(step.quantization, "gguf")
@@ -138,9 +129,7 @@ def convert(source: Source, step: Step, target: Target, dest: Path) -> Artifact:
             f"({agreement.mismatch}); this tokenizer is not one the GGUF writer maps yet"
         )
     copy_app_files(source.path, dest)
-    layout = GGUFModel(
-        compute_unit=step.unit, file_type=FILE_TYPES[quant.name].name, backend=backend(target, step.unit)
-    )
+    layout = GGUFModel(compute_unit=step.unit, file_type=FILE_TYPES[quant.name].name, backend=target.backend(step.unit))
     layout.write(dest)
     return Artifact(
         format="gguf",

@@ -16,7 +16,7 @@ from pathlib import Path
 from edgeport import quantization
 from edgeport.errors import EdgeportError
 from edgeport.files import cache_dir, made, read_json
-from edgeport.machine import CPU_ARCHS
+from edgeport.machine import CPU_ARCHS, cpu_arch
 
 UNITS = ("cpu", "gpu", "npu")
 SPREAD_LIMIT = 1.5  # slowest repeat of a host measurement over the fastest, beyond which something else was running
@@ -65,6 +65,14 @@ class Target:
     vram_bandwidth_gbs: float | None = None
     pcie_gbs: float | None = None  # the link from RAM to that GPU, one way: prompt batches copy RAM's layers over it
     cpu_arch: str | None = None  # the CPU's instruction set (arm64, x86_64) where it differs from this machine's
+
+    def backend(self, unit: str) -> str | None:
+        """What runs a GPU or CPU engine's kernels here: Metal on a Mac's GPU, CUDA on a GeForce card, the target's
+        CPU instruction set on its cores (this machine's, for `host`); None for an NPU, which has one of each.
+        llama.cpp builds for each."""
+        if unit == "gpu":
+            return "CUDA" if self.vram_gb else "Metal"
+        return self.cpu_arch or cpu_arch() if unit == "cpu" else None
 
     @property
     def usable_ram_gb(self) -> float:
