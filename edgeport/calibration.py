@@ -12,11 +12,15 @@ sampling) that weighs most on small models. Per engine (a format on a compute un
                            rows: its decode and prefill efficiencies, each on its part)
 
 both fitted by least squares on the relative error over the engine's rows (the fixed cost only where at least
-FIXED_COST_ROWS rows say so). An engine without a row keeps its rooflines, and says so."""
+FIXED_COST_ROWS rows say so). An engine without a row keeps its rooflines, and says so.
+
+A device with DEVICE_ROWS decode rows of an engine gets its own fit; so does a backend (llama.cpp on Metal or on
+CUDA, on x86-64 or Arm cores) with as many, where the engine's rows span more than one: the plan takes the device's,
+else its backend's, else the engine's."""
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -68,6 +72,10 @@ class Efficiency:
     speech_rows: int = 0
     sources: tuple[str, ...] = ()
     device: str | None = None  # fitted on this device's own rows, not on every device's
+    backend: str | None = None  # fitted on the rows of devices with this backend (Metal, CUDA, arm64...) only
+    # where the engine has no rows of a kind (decode, prefill): the other engines on its unit whose rows gave it
+    borrowed: tuple[str, ...] = ()
+    lenders: tuple[str, ...] = ()
 
     def decode_tps(self, roofline_tps: float) -> float:
         return 1 / (1 / (roofline_tps * self.decode) + self.token_s)
@@ -76,24 +84,30 @@ class Efficiency:
         return roofline_tps * self.prefill
 
     def describe(self, engine: Engine) -> str:
-        if not self.decode_rows and not self.prefill_rows and not self.speech_rows:
+        if not self.decode_rows and not self.prefill_rows and not self.speech_rows and not self.borrowed:
             return f"{engine.name}: no measurement yet, so the rooflines themselves"
         fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
-        whose = f"{self.device}'s own " if self.device else ""
         shares, counts = [], []
-        if self.decode_rows or self.prefill_rows:
+        if self.decode_rows or self.prefill_rows or self.borrowed:
             shares.append(
                 f"decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at {self.prefill:.0%} of "
                 "the compute roofline"
             )
+        if self.decode_rows or self.prefill_rows:
             counts.append(f"{self.decode_rows} decode and {self.prefill_rows} prefill")
         if self.speech_rows:
             shares.append(f"transcription at {self.speech:.0%} of the RTF roofline")
             counts.append(f"{self.speech_rows} transcription")
-        return (
-            f"{engine.name}: {'; '.join(shares)}; fitted on {whose}{' and '.join(counts)} measurements "
-            f"({'; '.join(self.sources)})"
-        )
+        text = f"{engine.name}: {'; '.join(shares)}"
+        if counts:
+            whose = f"{self.device}'s own " if self.device else f"{self.backend} devices' " if self.backend else ""
+            text += f"; fitted on {whose}{' and '.join(counts)} measurements ({'; '.join(self.sources)})"
+        if self.borrowed:
+            text += (
+                f"; {' and '.join(self.borrowed)} borrowed from the other engines on its unit "
+                f"({', '.join(self.lenders)}), having no such measurement of its own: a guess until one is measured"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class Measurement:
 class Device:
     bandwidth_gbs: float
     tflops: dict[str, float]
+    backends: dict[str, str] = field(default_factory=dict)  # per unit: what runs the kernels there (Target.backend)
 
 
 @dataclass(frozen=True)
@@ -176,11 +191,15 @@ def data() -> Data:
 
     text = (resources.files("edgeport.data") / "measurements.toml").read_text()
     raw = tomllib.loads(text)
-    devices = {name: Device(d["bandwidth_gbs"], d["tflops"]) for name, d in raw.get("devices", {}).items()}
+    devices = {
+        name: Device(d["bandwidth_gbs"], d["tflops"], d.get("backends", {}))
+        for name, d in raw.get("devices", {}).items()
+    }
     for name in targets.names():
         if name != "host":
             target = targets.load(name)
-            devices[name] = Device(target.bandwidth_gbs, target.tflops)
+            backends = {unit: target.backend(unit) for unit in target.tflops if target.backend(unit)}
+            devices[name] = Device(target.bandwidth_gbs, target.tflops, backends)
     configs = {name: m["config"] for name, m in raw["models"].items()}
     rows = []
     for i, row in enumerate(raw["measurements"]):
@@ -205,21 +224,61 @@ def data() -> Data:
 
 
 def fit(measurements: list[Measurement], data: Data) -> dict[tuple[str, str, str | None], Efficiency]:
-    """Each engine's efficiencies from its rows of `measurements`, keyed (format, unit, None); and, where a device
-    has DEVICE_ROWS decode rows of an engine, that device's own, keyed (format, unit, device): a laptop's NPU may
-    draw a smaller share of its memory bus than a phone's does."""
+    """Each engine's efficiencies from its rows of `measurements`, keyed (format, unit, None); where a device has
+    DEVICE_ROWS decode rows of an engine, that device's own, keyed (format, unit, device): a laptop's NPU may draw a
+    smaller share of its memory bus than a phone's does; and where the engine's rows come from several backends and
+    one has as many, that backend's, keyed (format, unit, backend): llama.cpp's Metal kernels pay more a token than
+    its CUDA ones."""
     fitted = {}
     for fmt, unit in ENGINES:
         rows = [m for m in measurements if m.engine == (fmt, unit)]
-        fitted[(fmt, unit, None)] = _fit_rows(rows, data)
+        fitted[(fmt, unit, None)] = _borrow(_fit_rows(rows, data), (fmt, unit), measurements, data)
         for device in {m.device for m in rows}:
             own = [m for m in rows if m.device == device]
-            if sum(m.kind == "decode" for m in own) >= DEVICE_ROWS:
-                fitted[(fmt, unit, device)] = _fit_rows(own, data, device)
+            if _decode_rows(own) >= DEVICE_ROWS:
+                fitted[(fmt, unit, device)] = _fit_rows(own, data, device=device)
+        backends = {m: data.devices[m.device].backends.get(unit) for m in rows}
+        if len(set(backends.values())) > 1:
+            for backend in set(backends.values()) - {None}:
+                own = [m for m in rows if backends[m] == backend]
+                if _decode_rows(own) >= DEVICE_ROWS:
+                    fitted[(fmt, unit, backend)] = _fit_rows(own, data, backend=backend)
     return fitted
 
 
-def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None) -> Efficiency:
+def _borrow(own: Efficiency, engine: tuple[str, str], measurements: list[Measurement], data: Data) -> Efficiency:
+    """`own` with the decode or prefill shares it has no rows for taken from the other engines on its unit (on the
+    backends its own rows ran on, if any): a real engine on the same silicon reaches some share of its rooflines,
+    which is nearer the truth than all of them."""
+    missing = tuple(kind for kind in ("decode", "prefill") if not getattr(own, f"{kind}_rows"))
+    unit = engine[1]
+    backends = {data.devices[m.device].backends.get(unit) for m in measurements if m.engine == engine}
+    lent = [
+        m
+        for m in measurements
+        if m.unit == unit
+        and m.engine != engine
+        and m.kind in missing
+        and (not backends or data.devices[m.device].backends.get(unit) in backends)
+    ]
+    if not lent:
+        return own
+    other = _fit_rows(lent, data)
+    borrowed = tuple(kind for kind in missing if getattr(other, f"{kind}_rows"))
+    shares = {"decode": {"decode": other.decode, "token_s": other.token_s}, "prefill": {"prefill": other.prefill}}
+    return replace(
+        own,
+        **{k: v for kind in borrowed for k, v in shares[kind].items()},
+        borrowed=borrowed,
+        lenders=tuple(dict.fromkeys(ENGINES[m.engine].name for m in lent)),
+    )
+
+
+def _decode_rows(rows: list[Measurement]) -> int:
+    return sum(m.kind == "decode" for m in rows)
+
+
+def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None, backend: str | None = None) -> Efficiency:
     decode = [(data.roofline(m), m.value) for m in rows if m.kind == "decode"]
     prefill = [m.observed / data.roofline(m) for m in rows if m.kind == "prefill"]
     speech = [data.roofline(m) / m.observed for m in rows if m.kind == "speech"]  # RTFs: lower is faster
@@ -234,6 +293,7 @@ def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None) ->
         speech_rows=len(speech),
         sources=tuple(dict.fromkeys(_publisher(m.source) for m in rows)),
         device=device,
+        backend=backend,
     )
 
 
@@ -266,10 +326,16 @@ def efficiencies() -> dict[tuple[str, str, str | None], Efficiency]:
     return fit(list(d.measurements), d)
 
 
-def efficiency(fmt: str, unit: str, device: str | None = None, fitted: dict | None = None) -> Efficiency:
-    """The device's own efficiencies for the engine where its rows gave them, else the engine's."""
+def efficiency(
+    fmt: str, unit: str, device: str | None = None, backend: str | None = None, fitted: dict | None = None
+) -> Efficiency:
+    """The device's own efficiencies for the engine where its rows gave them, else its backend's, else the
+    engine's."""
     fitted = efficiencies() if fitted is None else fitted
-    return fitted.get((fmt, unit, device)) or fitted.get((fmt, unit, None), Efficiency())
+    for scope in (device, backend):
+        if scope is not None and (fmt, unit, scope) in fitted:
+            return fitted[(fmt, unit, scope)]
+    return fitted.get((fmt, unit, None), Efficiency())
 
 
 @dataclass(frozen=True)
@@ -296,6 +362,6 @@ def check(data: Data, held_out: bool = False) -> list[Check]:
     checks = []
     for i, m in enumerate(everything):
         efficiencies_here = fit(everything[:i] + everything[i + 1 :], data) if held_out else fitted
-        e = efficiency(m.format, m.unit, m.device, efficiencies_here)
+        e = efficiency(m.format, m.unit, m.device, data.devices[m.device].backends.get(m.unit), efficiencies_here)
         checks.append(Check(m, data.roofline(m), data.expected(m, e)))
     return checks

@@ -80,11 +80,55 @@ def test_an_engine_without_measurements_keeps_its_rooflines_and_says_so():
     assert "no measurement yet" in calibration.Efficiency().describe(ENGINES[("coreml", "npu")])
 
 
+def test_an_engine_without_rows_of_a_kind_borrows_its_units_other_engines_shares_and_says_so():
+    """Core ML on the Neural Engine has no published row: its shares are QNN's on the Hexagon NPU (a real NPU
+    engine reaches a share of its rooflines, never all of them), said to be a guess; an engine's own rows of a
+    kind are never replaced."""
+    data = calibration.data()
+    fitted = calibration.fit(list(data.measurements), data)
+    ane, qnn = fitted[("coreml", "npu", None)], fitted[("onnx", "npu", None)]
+    assert ane.borrowed == ("decode", "prefill") and ane.lenders == (ENGINES[("onnx", "npu")].name,)
+    assert (ane.decode, ane.token_s, ane.prefill) == (qnn.decode, qnn.token_s, qnn.prefill)
+    assert "a guess until one is measured" in ane.describe(ENGINES[("coreml", "npu")])
+    coreml_gpu = fitted[("coreml", "gpu", None)]  # its one decode row kept; prefill from the Metal GPU engines
+    assert coreml_gpu.borrowed == ("prefill",) and coreml_gpu.decode_rows == 1 and coreml_gpu.decode < 0.5
+    assert 0.3 < coreml_gpu.prefill < 1
+    assert not qnn.borrowed and not fitted[("mlx", "gpu", None)].borrowed
+    step = make_plan(config_source(LLAMA_3_2_3B), targets.load("iphone-15-pro")).step("coreml")
+    assert step.decode_tps < 0.8 * step.decode_roofline_tps and "borrowed" in step.calibration
+
+
 def test_a_devices_own_rows_outrank_the_engines():
     fitted = calibration.efficiencies()
     laptop = calibration.efficiency("onnx", "npu", "snapdragon-x-elite")
     assert laptop.device == "snapdragon-x-elite" and laptop == fitted[("onnx", "npu", "snapdragon-x-elite")]
     assert calibration.efficiency("onnx", "npu", "a-device-with-no-rows") == fitted[("onnx", "npu", None)]
+
+
+def test_llama_cpp_is_fitted_per_backend_where_its_rows_span_several():
+    """Rows from Metal and CUDA devices made with different fixed costs a token give each backend its own back; a
+    device of either with no rows of its own takes its backend's, and one with no backend the engine's."""
+    devices = {
+        name: Device(bandwidth, {"gpu": 20}, {"gpu": backend})
+        for name, bandwidth, backend in (("mac-a", 100, "Metal"), ("mac-b", 400, "Metal"), ("card", 900, "CUDA"))
+    }
+    data = Data((), devices, {"small": SMALL, "large": LLAMA_3_1_8B})
+    rows = []
+    for device, backend_s in (("mac-a", 0.006), ("mac-b", 0.006), ("card", 0.002)):
+        for model, quant in (("small", "Q4_K_M"), ("large", "Q4_K_M"), ("large", "fp16")):
+            row = Measurement(device, model, "gguf", "gpu", quant, 512, 0, "decode_tps", 1.0, "synthetic")
+            rows.append(replace(row, value=1 / (1 / (data.roofline(row) * 0.8) + backend_s)))
+    fitted = calibration.fit(rows, data)
+    assert fitted[("gguf", "gpu", "Metal")].token_s == pytest.approx(0.006, rel=1e-6)
+    assert fitted[("gguf", "gpu", "CUDA")].token_s == pytest.approx(0.002, rel=1e-6)
+    assert calibration.efficiency("gguf", "gpu", "mac-c", "Metal", fitted) == fitted[("gguf", "gpu", "Metal")]
+    assert calibration.efficiency("gguf", "gpu", "mac-c", None, fitted) == fitted[("gguf", "gpu", None)]
+    assert "Metal devices' own" not in fitted[("gguf", "gpu", "Metal")].describe(ENGINES[("gguf", "gpu")])
+    assert "on Metal devices'" in fitted[("gguf", "gpu", "Metal")].describe(ENGINES[("gguf", "gpu")])
+    # the bundled rows: a Mac plans llama.cpp with the Metal rows' fit, a GeForce laptop with the CUDA rows'
+    assert "Metal devices'" in make_plan(config_source(LLAMA_3_1_8B), targets.load("m2-air")).step("gguf").calibration
+    laptop = make_plan(config_source(LLAMA_3_1_8B), targets.load("rtx-4060-laptop")).step("gguf")
+    assert "CUDA devices'" in laptop.calibration
 
 
 def test_the_npu_plan_is_a_calibrated_share_of_its_rooflines():

@@ -479,7 +479,7 @@ class CausalLM:
         return target.budget.prompt_tokens
 
     def step(self, size: ModelSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
-        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
+        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name, target.backend(unit))
         ladder = {q: _figures(size, target, q, fmt, engine, efficiency, unit) for q in quantization.LADDERS[fmt]}
         f = ladder.get(quant_name) or _figures(size, target, quant_name, fmt, engine, efficiency, unit)
         usable = target.usable_ram_gb * GB
@@ -649,7 +649,14 @@ def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine:
     prefill = efficiency.prefill_tps(prefill_roofline)
     split = None
     if fmt == "gguf" and unit == "gpu" and target.vram_gb:
-        split = offload(size, quant, engine, target, efficiency, calibration.efficiency(fmt, "cpu", target.name))
+        split = offload(
+            size,
+            quant,
+            engine,
+            target,
+            efficiency,
+            calibration.efficiency(fmt, "cpu", target.name, target.backend("cpu")),
+        )
         peak, decode_roofline = split.ram, split.decode_roofline_tps
     return _Figures(
         weights=weights,

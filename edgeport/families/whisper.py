@@ -231,7 +231,7 @@ class Whisper:
 
     def step(self, size: WhisperSize, target: Target, fmt: str, quant_name: str, unit: str) -> Step:
         """The encoder's compute and the decoder's bandwidth at the calibrated shares (`speeds`)."""
-        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name)
+        engine, efficiency = ENGINES[(fmt, unit)], calibration.efficiency(fmt, unit, target.name, target.backend(unit))
         kv = size.kv_values * engine.kv_bytes
         weights, peak = _memory(size, quant_name, fmt, kv + engine.runtime_bytes)
         quant, bandwidth, tflops = quantization.get(quant_name, fmt), target.bandwidth_gbs, target.tflops[unit]
