@@ -60,22 +60,36 @@ ENGINES: dict[tuple[str, str], Engine] = {
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where one kind of share (decode, prefill, speech) came from: its rows, and whose they were."""
+
+    rows: int
+    sources: tuple[str, ...] = ()
+    device: str | None = None  # fitted on this device's own rows, not on every device's
+    backend: str | None = None  # fitted on the rows of devices with this backend (Metal, CUDA, arm64...) only
+    lenders: tuple[str, ...] = ()  # borrowed: the other engines on the unit whose rows gave it
+
+    def says(self, counts: str) -> str:
+        if self.lenders:
+            return (
+                f"{counts} borrowed from the other engines on its unit ({', '.join(self.lenders)}), having no such "
+                "measurement of its own: a guess until one is measured"
+            )
+        whose = f"{self.device}'s own " if self.device else f"{self.backend} devices' " if self.backend else ""
+        plural = "" if counts.startswith("1 ") and " and " not in counts else "s"
+        return f"fitted on {whose}{counts} measurement{plural} ({'; '.join(self.sources)})"
+
+
+@dataclass(frozen=True)
 class Efficiency:
-    """The share of each roofline an engine reaches, and the measurements that say so (none: the rooflines)."""
+    """The share of each roofline an engine reaches, and for each kind the measurements that say so (a kind
+    without an origin: its roofline)."""
 
     decode: float = 1.0
     token_s: float = 0.0
     prefill: float = 1.0
     speech: float = 1.0  # transcription: the share of Whisper's RTF roofline reached (families.whisper.speeds)
-    decode_rows: int = 0
-    prefill_rows: int = 0
-    speech_rows: int = 0
-    sources: tuple[str, ...] = ()
-    device: str | None = None  # fitted on this device's own rows, not on every device's
-    backend: str | None = None  # fitted on the rows of devices with this backend (Metal, CUDA, arm64...) only
-    # where the engine has no rows of a kind (decode, prefill): the other engines on its unit whose rows gave it
-    borrowed: tuple[str, ...] = ()
-    lenders: tuple[str, ...] = ()
+    origins: dict[str, Origin] = field(default_factory=dict)  # by kind: decode, prefill, speech
 
     def decode_tps(self, roofline_tps: float) -> float:
         return 1 / (1 / (roofline_tps * self.decode) + self.token_s)
@@ -83,31 +97,51 @@ class Efficiency:
     def prefill_tps(self, roofline_tps: float) -> float:
         return roofline_tps * self.prefill
 
+    def rows(self, kind: str) -> int:
+        """How many of the engine's own measurements gave this kind's share (0: borrowed, or the roofline)."""
+        origin = self.origins.get(kind)
+        return 0 if origin is None or origin.lenders else origin.rows
+
+    @property
+    def borrowed(self) -> tuple[str, ...]:
+        return tuple(kind for kind, origin in self.origins.items() if origin.lenders)
+
+    @property
+    def device(self) -> str | None:
+        return next((o.device for o in self.origins.values() if o.device), None)
+
+    def over(self, general: "Efficiency") -> "Efficiency":
+        """This efficiency, with each kind it has no origin for taken from `general`."""
+        taken = [kind for kind in general.origins if kind not in self.origins]
+        named = {"decode": ("decode", "token_s"), "prefill": ("prefill",), "speech": ("speech",)}
+        values = {name: getattr(general, name) for kind in taken for name in named[kind]}
+        return replace(self, **values, origins={**self.origins, **{kind: general.origins[kind] for kind in taken}})
+
     def describe(self, engine: Engine) -> str:
-        if not self.decode_rows and not self.prefill_rows and not self.speech_rows and not self.borrowed:
+        if not self.origins:
             return f"{engine.name}: no measurement yet, so the rooflines themselves"
-        fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
-        shares, counts = [], []
-        if self.decode_rows or self.prefill_rows or self.borrowed:
+        shares = []
+        if "decode" in self.origins or "prefill" in self.origins:
+            fixed = f" + {self.token_s * 1e3:.1f} ms a token" if self.token_s else ""
             shares.append(
                 f"decode at {self.decode:.0%} of the bandwidth roofline{fixed}, prefill at {self.prefill:.0%} of "
                 "the compute roofline"
             )
-        if self.decode_rows or self.prefill_rows:
-            counts.append(f"{self.decode_rows} decode and {self.prefill_rows} prefill")
-        if self.speech_rows:
+        if "speech" in self.origins:
             shares.append(f"transcription at {self.speech:.0%} of the RTF roofline")
-            counts.append(f"{self.speech_rows} transcription")
-        text = f"{engine.name}: {'; '.join(shares)}"
-        if counts:
-            whose = f"{self.device}'s own " if self.device else f"{self.backend} devices' " if self.backend else ""
-            text += f"; fitted on {whose}{' and '.join(counts)} measurements ({'; '.join(self.sources)})"
-        if self.borrowed:
-            text += (
-                f"; {' and '.join(self.borrowed)} borrowed from the other engines on its unit "
-                f"({', '.join(self.lenders)}), having no such measurement of its own: a guess until one is measured"
-            )
-        return text
+        if "decode" in self.origins and "prefill" not in self.origins:
+            shares.append("no prefill measurement: its roofline")
+        names = {"decode": "decode", "prefill": "prefill", "speech": "transcription"}
+        groups: dict[tuple, list[tuple[str, Origin]]] = {}  # kinds of one origin: same device, backend, lenders
+        for kind, origin in self.origins.items():
+            groups.setdefault((origin.device, origin.backend, origin.lenders), []).append((names[kind], origin))
+        origins = []
+        for given in groups.values():
+            first = given[0][1]
+            sources = tuple(dict.fromkeys(source for _, origin in given for source in origin.sources))
+            counts = " and ".join(name if first.lenders else f"{origin.rows} {name}" for name, origin in given)
+            origins.append(replace(first, sources=sources).says(counts))
+        return f"{engine.name}: {'; '.join(shares)}; {'; '.join(origins)}"
 
 
 @dataclass(frozen=True)
@@ -224,25 +258,27 @@ def data() -> Data:
 
 
 def fit(measurements: list[Measurement], data: Data) -> dict[tuple[str, str, str | None], Efficiency]:
-    """Each engine's efficiencies from its rows of `measurements`, keyed (format, unit, None); where a device has
-    DEVICE_ROWS decode rows of an engine, that device's own, keyed (format, unit, device): a laptop's NPU may draw a
-    smaller share of its memory bus than a phone's does; and where the engine's rows come from several backends and
-    one has as many, that backend's, keyed (format, unit, backend): llama.cpp's Metal kernels pay more a token than
-    its CUDA ones."""
+    """Each engine's efficiencies from its rows of `measurements`, keyed (format, unit, None); where the engine's
+    rows come from several backends and one has DEVICE_ROWS decode rows, that backend's, keyed (format, unit,
+    backend): llama.cpp's Metal kernels pay more a token than its CUDA ones; and where a device has as many, that
+    device's own, keyed (format, unit, device): a laptop's NPU may draw a smaller share of its memory bus than a
+    phone's does. A narrower fit takes each kind it has no rows of from the wider one."""
     fitted = {}
     for fmt, unit in ENGINES:
         rows = [m for m in measurements if m.engine == (fmt, unit)]
-        fitted[(fmt, unit, None)] = _borrow(_fit_rows(rows, data), (fmt, unit), measurements, data)
-        for device in {m.device for m in rows}:
-            own = [m for m in rows if m.device == device]
-            if _decode_rows(own) >= DEVICE_ROWS:
-                fitted[(fmt, unit, device)] = _fit_rows(own, data, device=device)
+        engine = _borrow(_fit_rows(rows, data), (fmt, unit), measurements, data)
+        fitted[(fmt, unit, None)] = engine
         backends = {m: data.devices[m.device].backends.get(unit) for m in rows}
         if len(set(backends.values())) > 1:
             for backend in set(backends.values()) - {None}:
                 own = [m for m in rows if backends[m] == backend]
                 if _decode_rows(own) >= DEVICE_ROWS:
-                    fitted[(fmt, unit, backend)] = _fit_rows(own, data, backend=backend)
+                    fitted[(fmt, unit, backend)] = _fit_rows(own, data, backend=backend).over(engine)
+        for device in {m.device for m in rows}:
+            own = [m for m in rows if m.device == device]
+            if _decode_rows(own) >= DEVICE_ROWS:
+                wider = fitted.get((fmt, unit, data.devices[device].backends.get(unit)), engine)
+                fitted[(fmt, unit, device)] = _fit_rows(own, data, device=device).over(wider)
     return fitted
 
 
@@ -250,7 +286,6 @@ def _borrow(own: Efficiency, engine: tuple[str, str], measurements: list[Measure
     """`own` with the decode or prefill shares it has no rows for taken from the other engines on its unit (on the
     backends its own rows ran on, if any): a real engine on the same silicon reaches some share of its rooflines,
     which is nearer the truth than all of them."""
-    missing = tuple(kind for kind in ("decode", "prefill") if not getattr(own, f"{kind}_rows"))
     unit = engine[1]
     backends = {data.devices[m.device].backends.get(unit) for m in measurements if m.engine == engine}
     lent = [
@@ -258,20 +293,15 @@ def _borrow(own: Efficiency, engine: tuple[str, str], measurements: list[Measure
         for m in measurements
         if m.unit == unit
         and m.engine != engine
-        and m.kind in missing
+        and m.kind in ("decode", "prefill")
+        and m.kind not in own.origins
         and (not backends or data.devices[m.device].backends.get(unit) in backends)
     ]
-    if not lent:
-        return own
     other = _fit_rows(lent, data)
-    borrowed = tuple(kind for kind in missing if getattr(other, f"{kind}_rows"))
-    shares = {"decode": {"decode": other.decode, "token_s": other.token_s}, "prefill": {"prefill": other.prefill}}
-    return replace(
-        own,
-        **{k: v for kind in borrowed for k, v in shares[kind].items()},
-        borrowed=borrowed,
-        lenders=tuple(dict.fromkeys(ENGINES[m.engine].name for m in lent)),
-    )
+    lenders = {
+        kind: tuple(dict.fromkeys(ENGINES[m.engine].name for m in lent if m.kind == kind)) for kind in other.origins
+    }
+    return own.over(replace(other, origins={k: replace(o, lenders=lenders[k]) for k, o in other.origins.items()}))
 
 
 def _decode_rows(rows: list[Measurement]) -> int:
@@ -283,17 +313,18 @@ def _fit_rows(rows: list[Measurement], data: Data, device: str | None = None, ba
     prefill = [m.observed / data.roofline(m) for m in rows if m.kind == "prefill"]
     speech = [data.roofline(m) / m.observed for m in rows if m.kind == "speech"]  # RTFs: lower is faster
     share, token_s = _decode_fit(decode) if decode else (1.0, 0.0)
+    origins = {}
+    for kind in ("decode", "prefill", "speech"):
+        mine = [m for m in rows if m.kind == kind]
+        if mine:
+            sources = tuple(dict.fromkeys(_publisher(m.source) for m in mine))
+            origins[kind] = Origin(len(mine), sources, device, backend)
     return Efficiency(
         decode=share,
         token_s=token_s,
         prefill=_geometric_mean(prefill),
         speech=_geometric_mean(speech),
-        decode_rows=len(decode),
-        prefill_rows=len(prefill),
-        speech_rows=len(speech),
-        sources=tuple(dict.fromkeys(_publisher(m.source) for m in rows)),
-        device=device,
-        backend=backend,
+        origins=origins,
     )
 
 

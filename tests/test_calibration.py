@@ -70,7 +70,7 @@ def test_the_fit_recovers_an_engines_efficiency_and_fixed_cost():
     assert fitted.decode == pytest.approx(0.6, rel=1e-6)
     assert fitted.token_s == pytest.approx(0.005, rel=1e-6)
     assert fitted.prefill == pytest.approx(0.4, rel=1e-6)
-    assert (fitted.decode_rows, fitted.prefill_rows) == (4, 4)
+    assert (fitted.rows("decode"), fitted.rows("prefill")) == (4, 4)
 
 
 def test_an_engine_without_measurements_keeps_its_rooflines_and_says_so():
@@ -87,11 +87,12 @@ def test_an_engine_without_rows_of_a_kind_borrows_its_units_other_engines_shares
     data = calibration.data()
     fitted = calibration.fit(list(data.measurements), data)
     ane, qnn = fitted[("coreml", "npu", None)], fitted[("onnx", "npu", None)]
-    assert ane.borrowed == ("decode", "prefill") and ane.lenders == (ENGINES[("onnx", "npu")].name,)
+    assert ane.borrowed == ("decode", "prefill")
+    assert {o.lenders for o in ane.origins.values()} == {(ENGINES[("onnx", "npu")].name,)}
     assert (ane.decode, ane.token_s, ane.prefill) == (qnn.decode, qnn.token_s, qnn.prefill)
     assert "a guess until one is measured" in ane.describe(ENGINES[("coreml", "npu")])
     coreml_gpu = fitted[("coreml", "gpu", None)]  # its one decode row kept; prefill from the Metal GPU engines
-    assert coreml_gpu.borrowed == ("prefill",) and coreml_gpu.decode_rows == 1 and coreml_gpu.decode < 0.5
+    assert coreml_gpu.borrowed == ("prefill",) and coreml_gpu.rows("decode") == 1 and coreml_gpu.decode < 0.5
     assert 0.3 < coreml_gpu.prefill < 1
     assert not qnn.borrowed and not fitted[("mlx", "gpu", None)].borrowed
     step = make_plan(config_source(LLAMA_3_2_3B), targets.load("iphone-15-pro")).step("coreml")
@@ -118,9 +119,20 @@ def test_llama_cpp_is_fitted_per_backend_where_its_rows_span_several():
         for model, quant in (("small", "Q4_K_M"), ("large", "Q4_K_M"), ("large", "fp16")):
             row = Measurement(device, model, "gguf", "gpu", quant, 512, 0, "decode_tps", 1.0, "synthetic")
             rows.append(replace(row, value=1 / (1 / (data.roofline(row) * 0.8) + backend_s)))
+    prefill = Measurement("mac-a", "large", "gguf", "gpu", "Q4_K_M", 512, 512, "prefill_tps", 1.0, "synthetic")
+    rows.append(replace(prefill, value=0.5 * data.roofline(prefill)))  # the only prefill row: a Mac's
     fitted = calibration.fit(rows, data)
     assert fitted[("gguf", "gpu", "Metal")].token_s == pytest.approx(0.006, rel=1e-6)
     assert fitted[("gguf", "gpu", "CUDA")].token_s == pytest.approx(0.002, rel=1e-6)
+    # a narrower fit takes what it has no rows of from the wider one: the card its prefill from the engine's rows,
+    # a Mac of its own its prefill from the Macs'
+    card = fitted[("gguf", "gpu", "CUDA")]
+    assert (
+        card.prefill == pytest.approx(0.5)
+        and card.origins["prefill"] == fitted[("gguf", "gpu", None)].origins["prefill"]
+    )
+    mac_b = fitted[("gguf", "gpu", "mac-b")]
+    assert mac_b.device == "mac-b" and mac_b.origins["prefill"] == fitted[("gguf", "gpu", "Metal")].origins["prefill"]
     assert calibration.efficiency("gguf", "gpu", "mac-c", "Metal", fitted) == fitted[("gguf", "gpu", "Metal")]
     assert calibration.efficiency("gguf", "gpu", "mac-c", None, fitted) == fitted[("gguf", "gpu", None)]
     assert "Metal devices' own" not in fitted[("gguf", "gpu", "Metal")].describe(ENGINES[("gguf", "gpu")])

@@ -355,7 +355,7 @@ def speeds(encode_roofline_s: float, decode_roofline_tps: float, efficiency: Eff
     """The encoder seconds and decode tok/s the plan expects from their rooflines: at the share of the RTF roofline
     the engine's transcription rows give, or where it has none, at the shares its causal LM rows give (the same
     engine on the same unit)."""
-    if efficiency.speech_rows:
+    if efficiency.rows("speech"):
         return encode_roofline_s / efficiency.speech, decode_roofline_tps * efficiency.speech
     return encode_roofline_s / efficiency.prefill, efficiency.decode_tps(decode_roofline_tps)
 
