@@ -12,11 +12,11 @@ sampling) that weighs most on small models. Per engine (a format on a compute un
                            rows: its decode and prefill efficiencies, each on its part)
 
 both fitted by least squares on the relative error over the engine's rows (the fixed cost only where at least
-FIXED_COST_ROWS rows say so). An engine without a row keeps its rooflines, and says so.
-
-A device with DEVICE_ROWS decode rows of an engine gets its own fit; so does a backend (llama.cpp on Metal or on
-CUDA, on x86-64 or Arm cores) with as many, where the engine's rows span more than one: the plan takes the device's,
-else its backend's, else the engine's."""
+FIXED_COST_ROWS rows say so). A backend (llama.cpp on Metal or on CUDA, on x86-64 or Arm cores) with DEVICE_ROWS
+decode rows gets its own fit where the engine's rows span more than one, and so does a device with as many: the plan
+takes the device's, else its backend's, else the engine's, each kind (decode, prefill, transcription) from the
+narrowest fit that has rows of it. An engine with no decode or prefill row borrows that share from the other engines
+on its unit, and says it is a guess; with none there either, it keeps its rooflines, and says so."""
 
 import math
 import tomllib
