@@ -41,13 +41,20 @@ class Engine:
     static_cache: bool  # fixed shapes: every token attends over the whole context, not only the tokens so far
     # What the process running it holds beside weights, KV cache and activations: the library, its compute buffers,
     # the program around it (edgeport's Python runtime). Measured for the CPU engines by bench/fit.py (peak RSS of
-    # `edgeport bench` over the plan's own figures, median of the fixture's variants); 0 where not yet measured.
+    # `edgeport bench` over the plan's own figures, median of the fixture's variants: bench/fit.json of 2026-12-05
+    # gives MLX 169 MB, onnxruntime 228, llama.cpp 306); 0 where not yet measured.
     runtime_bytes: int = 0
+    float_dtype: str | None = None  # what it widens float weights to, where it does not keep the artifact's
+
+    def holding(self, quant: quantization.Quantization) -> quantization.Quantization:
+        """`quant` as this engine holds the weights in memory."""
+        return replace(quant, dtype=self.float_dtype) if self.float_dtype and quant.is_float else quant
 
 
 ENGINES: dict[tuple[str, str], Engine] = {
     ("mlx", "gpu"): Engine("MLX on the GPU", 2, False),
-    ("mlx", "cpu"): Engine("MLX on the CPU", 2, False, runtime_bytes=260_000_000),
+    # MLX's CPU build has no fast 16-bit arithmetic: edgeport runs it in float32 (engines.mlx), float weights too
+    ("mlx", "cpu"): Engine("MLX on the CPU", 4, False, runtime_bytes=170_000_000, float_dtype="float32"),
     ("coreml", "gpu"): Engine("Core ML on the GPU", 2, True),
     ("coreml", "npu"): Engine("Core ML on the Neural Engine", 2, True),
     ("onnx", "npu"): Engine("QNN on the Hexagon NPU", 2, True),  # 16-bit activations, so a 16-bit cache

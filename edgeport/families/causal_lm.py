@@ -594,7 +594,7 @@ def weight_bytes(size: ModelSize, quant: quantization.Quantization, active: bool
 def decode_roofline_tps(size: ModelSize, quant, engine: Engine, cached_tokens: int, bandwidth_gbs: float) -> float:
     """Bandwidth over the bytes a decoded token reads: the active weights and `cached_tokens` of KV cache."""
     kv = size.kv_values(cached_tokens) * engine.kv_bytes
-    return bandwidth_gbs * GB / (weight_bytes(size, quant, active=True) + kv)
+    return bandwidth_gbs * GB / (weight_bytes(size, engine.holding(quant), active=True) + kv)
 
 
 def prefill_roofline_tps(size: ModelSize, tflops: float) -> float:
@@ -631,12 +631,13 @@ class _Figures:
 
 
 def memory(size: ModelSize, quant, engine: Engine, context: int) -> tuple[int, int, int]:
-    """Weight bytes, KV cache bytes over `context` tokens, and the peak: both, one prefill chunk's activations and
-    the engine's own runtime."""
+    """Weight bytes, KV cache bytes over `context` tokens, and the peak: the weights as the engine holds them, the
+    cache, one prefill chunk's activations and the engine's own runtime."""
     weights = int(weight_bytes(size, quant))
     kv = size.kv_values(context) * engine.kv_bytes
     activations = size.activation_bytes_per_token * min(ACTIVATION_CHUNK, context)
-    return weights, kv, weights + kv + activations + engine.runtime_bytes
+    held = int(weight_bytes(size, engine.holding(quant)))
+    return weights, kv, held + kv + activations + engine.runtime_bytes
 
 
 def _figures(size: ModelSize, target: Target, quant_name: str, fmt: str, engine: Engine, efficiency, unit: str):
