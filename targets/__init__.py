@@ -67,9 +67,9 @@ class Target:
     cpu_arch: str | None = None  # the CPU's instruction set (arm64, x86_64) where it differs from this machine's
 
     def backend(self, unit: str) -> str | None:
-        """What runs a GPU or CPU engine's kernels here: Metal on a Mac's GPU, CUDA on a GeForce card, the target's
-        CPU instruction set on its cores (this machine's, for `host`); None for an NPU, which has one of each.
-        llama.cpp builds for each."""
+        """What runs a GPU or CPU engine's kernels here (llama.cpp builds for each): Metal on a Mac's GPU, CUDA on a
+        GeForce card, the target's CPU instruction set on its cores (this machine's, for `host`); None for an NPU,
+        whose engines are each one vendor's."""
         if unit == "gpu":
             return "CUDA" if self.vram_gb else "Metal"
         return self.cpu_arch or cpu_arch() if unit == "cpu" else None
